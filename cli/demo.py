@@ -1,0 +1,151 @@
+"""``samf demo``: every step of the stack once, small but real, each one a stage a user can also run alone.
+
+data (phantoms) -> DINO ViT -> tiny Phi-3 language base -> SAMF+Ao2D fine-tune with LoRA -> merge ->
+ONNX + GGUF + Q8_0 -> bundle -> slim runtime (ONNX Runtime + llama.cpp) on held-out phantoms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import click
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = "samf-demo"
+    n_train: int = 320
+    n_test: int = 24
+    dino_steps: int = 150
+    lm_steps: int = 300
+    finetune_steps: int = 1000
+    seed: int = 0
+    show: int = 4
+    threads: int | None = None
+    progress: bool = True
+
+
+class _Stages:
+    """Prints each stage's heading and wall time; keeps the times for the summary."""
+
+    def __init__(self):
+        self.times = {}
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Ctx:
+            def __enter__(self):
+                click.secho(f"\n== {name}", bold=True)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    stages.times[name] = time.perf_counter() - self.t
+                    click.echo(f"   ({stages.times[name]:.1f} s)")
+
+        return _Ctx()
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    import numpy as np
+
+    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.prompt import report_prompt
+    from samf.train import stages as S
+    from samf.train.data import generate_phantom_dataset, load_split, text_corpus
+    from samf.train.dino import DinoConfig, pretrain_dino
+    from samf.train.evaluate import finding_accuracy, format_table
+    from samf.train.models import VisionTransformer
+
+    from .common import torch_threads
+
+    torch_threads(cfg.threads)
+    import torch
+
+    t_start = time.perf_counter()
+    data, run, bundle = (os.path.join(cfg.workdir, d) for d in ("data", "run", "bundle"))
+    stage = _Stages()
+
+    with stage("1. synthetic chest-CT phantoms"):
+        generate_phantom_dataset(data, cfg.n_train, cfg.n_test, seed=cfg.seed, progress=cfg.progress)
+        click.echo(f"   {cfg.n_train} train + {cfg.n_test} held-out scans in {data}")
+    preset = S.tiny_preset()
+    S.init_run(run, preset)
+    pre = PreprocessConfig.from_dict(preset["preprocess"])
+    train = load_split(data, "train", pre, progress=cfg.progress)
+    test = load_split(data, "test", pre, progress=cfg.progress)
+
+    with stage("2a. tokenizer (SentencePiece BPE on the report corpus)"):
+        sp = S.stage_tokenizer(run, text_corpus(train))
+        click.echo(f"   {sp.vocab_size()} pieces")
+    with stage("2b. ViT: DINO self-supervised pretraining on axial/coronal/sagittal slices"):
+        from samf.train.vlm import ImageConfig
+
+        vit = VisionTransformer(ImageConfig.from_dict(preset["image"]).vit)
+        slices = np.concatenate([e.slices for e in train])
+        losses = pretrain_dino(vit, slices, DinoConfig(steps=cfg.dino_steps, seed=cfg.seed), progress=cfg.progress,
+                               log=S.MetricsLog(run))
+        torch.save(vit.state_dict(), os.path.join(run, "vit_dino.pt"))
+        click.echo(f"   DINO loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    with stage("2c. tiny Phi-3 language base (text only)"):
+        losses = S.stage_pretrain_lm(run, train, S.LMConfig(steps=cfg.lm_steps, seed=cfg.seed), progress=cfg.progress)
+        click.echo(f"   LM loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    with stage("2d. SAMF + Ao2D fusion, aggregator, ViT, Phi-3 LoRA (peft): reports + multiple choice"):
+        losses = S.stage_finetune(run, train, S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed),
+                                  progress=cfg.progress)
+        click.echo(f"   finetune loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")
+    with stage("3. merge LoRA into a plain Hugging Face checkpoint"):
+        merged = S.stage_merge(run)
+        click.echo(f"   {merged}")
+    with stage("4-6. ONNX export + checks, GGUF (phi3) + Q8_0 quantization, bundle"):
+        from samf.export.bundle_writer import write_bundle
+
+        manifest = write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32",
+                                log=lambda m: click.echo("   " + m))
+    with stage("7. slim runtime (ONNX Runtime + llama.cpp) on held-out phantoms"):
+        from samf.runtime.pipeline import ReportPipeline
+
+        results = {}
+        for quant in ("F32", "Q8_0"):
+            pipe = ReportPipeline(bundle, quant=quant, n_threads=cfg.threads)
+            outs = [pipe.report(os.path.join(data, ex.image)) for ex in test]
+            pipe.close()
+            results[quant] = outs
+        q8 = results["Q8_0"]
+        for ex, res in list(zip(test, q8))[: cfg.show]:
+            click.echo(f"\n   scan      {ex.image}")
+            click.echo(f"   generated {res.text}")
+            click.echo(f"   reference {ex.report}")
+        keys = list(q8[0].timings)
+        mean_t = {k: float(np.mean([r.timings[k] for r in q8])) for k in keys}
+        click.echo("\n   mean per-scan timings (Q8_0): " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in mean_t.items()))
+        click.echo(f"   decode speed: {np.mean([r.tokens_per_s for r in q8]):.0f} tok/s (Q8_0), "
+                   f"{np.mean([r.tokens_per_s for r in results['F32']]):.0f} tok/s (F32)")
+
+    with stage("learning check: per-finding accuracy on held-out phantoms"):
+        from samf.train.vlm import SamfVLM
+
+        truths = [e.findings for e in test]
+        vlm = SamfVLM.from_checkpoint(merged)
+        zeroed = S.generate_reports(vlm, sp, test, zero_image=True, progress=False)
+        table = {"runtime F32": finding_accuracy([r.text for r in results["F32"]], truths),
+                 "runtime Q8_0": finding_accuracy([r.text for r in q8], truths),
+                 "zeroed image": finding_accuracy(zeroed, truths)}
+        click.echo(format_table(table))
+        same = sum(r.text == sp.decode(vlm.generate(torch.from_numpy(e.slices), sp.encode(report_prompt(0))))
+                   for r, e in zip(results["F32"], test))
+        click.echo(f"   runtime (F32 GGUF) report == PyTorch report for {same}/{len(test)} scans")
+
+    total = time.perf_counter() - t_start
+    summary = dict(total_s=total, stages_s=stage.times, accuracy=table, runtime_equals_torch=f"{same}/{len(test)}",
+                   onnx_max_abs_diff=manifest["fidelity"]["onnx_max_abs_diff"], timings_ms={k: v * 1000 for k, v in mean_t.items()})
+    with open(os.path.join(cfg.workdir, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    click.secho(f"\ndemo finished in {total / 60:.1f} min; bundle: {bundle}; summary: "
+                f"{os.path.join(cfg.workdir, 'demo_summary.json')}", bold=True)
+    click.echo(f"try: samf report {os.path.join(data, test[0].image)} --bundle {bundle}")
+    return summary

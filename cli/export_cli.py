@@ -1,0 +1,86 @@
+"""samf-export: merged checkpoint -> bundle (ONNX encoders, GGUF LLM, quantized GGUF, TensorRT plans)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .common import SamfGroup
+
+
+@click.group(cls=SamfGroup)
+def main():
+    """Export a trained SAMF model for the runtime."""
+
+
+@main.command("bundle")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--quant", "quants", multiple=True, default=("Q8_0",), show_default=True,
+              help="llama.cpp quant types to add (Q8_0, Q4_K_M, ...); repeatable")
+@click.option("--base", type=click.Choice(["F32", "F16"]), default="F32", show_default=True,
+              help="unquantized GGUF kept in the bundle (the fidelity reference)")
+def bundle(checkpoint, out_dir, quants, base):
+    """Export CHECKPOINT (RUN/merged) into a verified bundle directory."""
+    from samf.export.bundle_writer import write_bundle
+
+    m = write_bundle(checkpoint, out_dir, quants=tuple(quants), keep_unquantized=base, log=click.echo)
+    size = sum(f["size"] for f in m["files"].values())
+    click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB)")
+
+
+@main.command("onnx")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def onnx_cmd(checkpoint, out_dir):
+    """Export the ViT, aggregator and fusion to ONNX and check them against PyTorch."""
+    from samf.export.onnx_export import export_onnx
+    from samf.train.vlm import SamfVLM
+
+    diffs = export_onnx(SamfVLM.from_checkpoint(checkpoint), out_dir)
+    for k, v in diffs.items():
+        click.echo(f"{k}.onnx: max |ORT - torch| = {v:.2e}")
+
+
+@main.command("gguf")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--type", "outtype", type=click.Choice(["F32", "F16"]), default="F16", show_default=True)
+def gguf_cmd(checkpoint, out_path, outtype):
+    """Convert a merged Phi-3 checkpoint to GGUF."""
+    from samf.export.gguf_convert import convert_to_gguf
+
+    click.echo(f"wrote {convert_to_gguf(checkpoint, out_path, outtype)}")
+
+
+@main.command("quantize")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--type", "qtype", default="Q8_0", show_default=True)
+def quantize_cmd(src, dst, qtype):
+    """Quantize a GGUF with llama.cpp."""
+    from samf.engines.llama_cpp_engine import quiet_native_stderr
+    from samf.export.gguf_convert import quantize_gguf
+
+    with quiet_native_stderr():
+        quantize_gguf(src, dst, qtype)
+    click.echo(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
+
+
+@main.command("build-engines")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--max-slices", type=int, default=None, help="largest slice batch the ViT plan accepts")
+@click.option("--max-prompt-tokens", type=int, default=256, show_default=True)
+@click.option("--workspace-gib", type=float, default=4.0, show_default=True)
+def build_engines(bundle_dir, max_slices, max_prompt_tokens, workspace_gib):
+    """Build TensorRT plans for this GPU from the bundle's ONNX files and record them in its manifest."""
+    from samf.export.tensorrt_build import build_bundle_engines
+
+    entry = build_bundle_engines(bundle_dir, max_slices=max_slices, max_prompt_tokens=max_prompt_tokens,
+                                 workspace_gib=workspace_gib, log=click.echo)
+    click.echo(f"TensorRT {entry['tensorrt']} plans for {entry['gpu']} added to {bundle_dir}")
+
+
+if __name__ == "__main__":
+    main()

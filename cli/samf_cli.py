@@ -1,0 +1,117 @@
+"""samf: the workstation CLI -- a scan in, a report out; plus the end-to-end demo.
+
+Runtime commands import no torch; ``demo`` trains, so it loads the training stack lazily.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import SamfGroup
+
+bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Path(),
+                          help="bundle directory written by `samf-export bundle`")
+quant_opt = click.option("--quant", default=None, help="which GGUF in the bundle (default: the manifest's)")
+spacing_opt = click.option("--spacing", nargs=3, type=float, default=None,
+                           help="voxel spacing Z Y X in mm, for .npy volumes")
+threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for the engines")
+gpu_layers_opt = click.option("--gpu-layers", type=int, default=0, show_default=True,
+                              help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)")
+
+
+def _load(scan, spacing):
+    from samf.runtime.ct import load_scan
+
+    return load_scan(scan, spacing=tuple(spacing) if spacing else None)
+
+
+def _timings_line(t: dict) -> str:
+    return "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items())
+
+
+@click.group(cls=SamfGroup)
+@click.version_option(package_name="samf")
+def main():
+    """Turn chest CT scans into radiology reports with a SAMF bundle."""
+
+
+@main.command()
+@click.argument("scan", type=click.Path())
+@bundle_opt
+@quant_opt
+@spacing_opt
+@click.option("--request", default=None, help="the report request (default: the trained one)")
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+@threads_opt
+@gpu_layers_opt
+def report(scan, bundle_dir, quant, spacing, request, max_tokens, as_json, threads, gpu_layers):
+    """Write the findings report for SCAN (.nii, .nii.gz or .npy)."""
+    from samf.runtime.pipeline import ReportPipeline
+
+    vol = _load(scan, spacing)  # refuse a bad scan before loading any model
+    pipe = ReportPipeline(bundle_dir, quant=quant, n_threads=threads, n_gpu_layers=gpu_layers)
+    res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
+    if as_json:
+        click.echo(json.dumps(dict(scan=scan, report=res.text, timings_s=res.timings, identity=res.identity,
+                                   tokens=len(res.token_ids))))
+    else:
+        click.echo(res.text)
+        click.echo(f"[{_timings_line(res.timings)}  |  {res.tokens_per_s:.0f} tok/s  |  {res.identity['llm']}]",
+                   err=True)
+
+
+@main.command()
+@click.argument("scan", type=click.Path())
+@bundle_opt
+@quant_opt
+@spacing_opt
+@click.option("--question", required=True)
+@click.option("--choice", "choices", multiple=True, required=True, help="give exactly four, in order A-D")
+@threads_opt
+def vqa(scan, bundle_dir, quant, spacing, question, choices, threads):
+    """Answer a multiple-choice question about SCAN."""
+    from samf.runtime.pipeline import ReportPipeline
+
+    vol = _load(scan, spacing)
+    pipe = ReportPipeline(bundle_dir, quant=quant, n_threads=threads)
+    letter, res = pipe.answer(vol, question, list(choices))
+    click.echo(f"{letter or '?'}  ({res.text})")
+
+
+@main.command()
+@click.argument("scan", type=click.Path())
+@spacing_opt
+def info(scan, spacing):
+    """Print what was found in SCAN without running a model."""
+    import numpy as np
+
+    vol = _load(scan, spacing)
+    hu = vol.hu
+    click.echo(f"format   {vol.info.get('format')}\nshape    {hu.shape} (Z, Y, X)\n"
+               f"spacing  {tuple(round(s, 3) for s in vol.spacing)} mm\n"
+               f"extent   {tuple(int(n * s) for n, s in zip(hu.shape, vol.spacing))} mm\n"
+               f"HU       {float(hu.min()):.0f} .. {float(hu.max()):.0f} (median {float(np.median(hu)):.0f})")
+
+
+@main.command()
+@click.option("--workdir", default="samf-demo", show_default=True, type=click.Path(file_okay=False),
+              help="where data, run and bundle go")
+@click.option("--train", "n_train", default=320, show_default=True, help="training phantoms")
+@click.option("--test", "n_test", default=24, show_default=True, help="held-out phantoms")
+@click.option("--finetune-steps", default=1000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--show", default=4, show_default=True, help="reports printed next to their reference")
+@click.option("--threads", type=int, default=None)
+def demo(workdir, n_train, n_test, finetune_steps, seed, show, threads):
+    """The whole stack on synthetic chest CT: data, training, merge, ONNX, GGUF, bundle, runtime reports."""
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(workdir=workdir, n_train=n_train, n_test=n_test, finetune_steps=finetune_steps,
+                        seed=seed, show=show, threads=threads))
+
+
+if __name__ == "__main__":
+    main()

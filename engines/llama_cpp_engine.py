@@ -1,0 +1,187 @@
+"""llama.cpp (through llama-cpp-python) with image embeddings injected as the prompt's prefix.
+
+Pipeline for one request::
+
+    [BOS] token  ->  fused image rows (float32, n_embd wide)  ->  prompt tokens  ->  greedy decoding
+
+Must-nots (each aborts the process inside llama.cpp rather than raising): a decode batch larger than
+``n_batch``; embedding rows of the wrong width; positions past ``n_ctx``. This adapter checks all three
+before calling into C. Logits are requested for the last row of each batch only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import time
+
+import numpy as np
+
+from samf.runtime.errors import EngineUnavailable, SamfError
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise EngineUnavailable(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence llama.cpp's C-level logging (it writes to fd 2, which Python's redirects do not catch)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    saved = os.dup(fd)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+class LlamaCppLLM:
+    """A loaded GGUF model ready for embedding-prefixed greedy generation."""
+
+    def __init__(self, gguf_path: str, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, verbose: bool = False):
+        llama_cpp = _llama_cpp()
+        if not os.path.exists(gguf_path):
+            raise SamfError(f"LLM file not found: {gguf_path}")
+        self._ll = llama_cpp.llama_cpp
+        ctxmgr = contextlib.nullcontext() if verbose else quiet_native_stderr()
+        with ctxmgr:
+            try:
+                self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                           n_threads=n_threads, n_gpu_layers=n_gpu_layers, logits_all=False,
+                                           verbose=verbose)
+            except Exception as e:
+                raise SamfError(f"llama.cpp cannot load {gguf_path}: {e}") from None
+        self.n_ctx = self.llm.n_ctx()
+        self.n_batch = n_batch
+        self.n_embd = int(self._ll.llama_model_n_embd_inp(self.llm.model))
+        self.n_vocab = self.llm.n_vocab()
+        self.bos = self.llm.token_bos()
+        self.eos = self.llm.token_eos()
+
+    def tokenize(self, text: str) -> list:
+        """Prompt text -> ids, without BOS (the sequence's BOS comes before the image prefix)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def detokenize(self, ids: list) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace").strip()
+
+    # ------------------------------------------------------------------------------------ decode
+    def _decode_embd(self, rows: np.ndarray, pos0: int, want_logits: bool) -> None:
+        ll = self._ll
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        for start in range(0, len(rows), self.n_batch):
+            chunk = rows[start: start + self.n_batch]
+            n = len(chunk)
+            batch = ll.llama_batch_init(n, self.n_embd, 1)
+            try:
+                ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+                last = start + n == len(rows)
+                for i in range(n):
+                    batch.pos[i] = pos0 + start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1 if (want_logits and last and i == n - 1) else 0
+                batch.n_tokens = n
+                if ll.llama_decode(self.llm.ctx, batch) != 0:
+                    raise SamfError("llama_decode failed on the image embeddings")
+            finally:
+                ll.llama_batch_free(batch)
+
+    def _decode_tokens(self, ids: list, pos0: int) -> None:
+        ll = self._ll
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start: start + self.n_batch]
+            n = len(chunk)
+            batch = ll.llama_batch_init(n, 0, 1)
+            try:
+                last = start + n == len(ids)
+                for i, t in enumerate(chunk):
+                    batch.token[i] = t
+                    batch.pos[i] = pos0 + start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1 if (last and i == n - 1) else 0
+                batch.n_tokens = n
+                if ll.llama_decode(self.llm.ctx, batch) != 0:
+                    raise SamfError("llama_decode failed on the prompt tokens")
+            finally:
+                ll.llama_batch_free(batch)
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = self._ll.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int = 256,
+                 return_logits: bool = False) -> dict:
+        """Greedy decoding after ``[BOS] prefix prompt``; returns ids, text, timings (and step logits)."""
+        prefix = np.asarray(prefix, dtype=np.float32)
+        if prefix.ndim != 2 or prefix.shape[1] != self.n_embd:
+            raise SamfError(f"image embeddings have shape {prefix.shape}; the LLM expects [N, {self.n_embd}]")
+        total = 1 + len(prefix) + len(prompt_ids) + max_new_tokens
+        if total > self.n_ctx:
+            raise SamfError(f"request needs {total} positions but the LLM context holds {self.n_ctx}")
+        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.llm.ctx), True)
+        t0 = time.perf_counter()
+        self._decode_tokens([self.bos], 0)
+        self._decode_embd(prefix, 1, want_logits=not prompt_ids)
+        pos = 1 + len(prefix)
+        if prompt_ids:
+            self._decode_tokens(list(prompt_ids), pos)
+            pos += len(prompt_ids)
+        t1 = time.perf_counter()
+        ids, logits = [], []
+        for _ in range(max_new_tokens):
+            step = self._last_logits()
+            if return_logits:
+                logits.append(step)
+            nxt = int(step.argmax())
+            if nxt == self.eos:
+                break
+            ids.append(nxt)
+            self._decode_tokens([nxt], pos)
+            pos += 1
+        t2 = time.perf_counter()
+        out = dict(ids=ids, text=self.detokenize(ids), prefill_s=t1 - t0, decode_s=t2 - t1,
+                   prompt_tokens=1 + len(prefix) + len(prompt_ids), new_tokens=len(ids))
+        if return_logits:
+            out["logits"] = np.stack(logits) if logits else np.zeros((0, self.n_vocab), np.float32)
+        return out
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class GGUFTokenEmbeddings:
+    """Rows of a GGUF's ``token_embd`` table as float32, dequantizing where needed.
+
+    The fusion module needs the prompt's token embeddings; reading them from the same GGUF the LLM runs
+    keeps the runtime free of torch and of a second copy of the table. The file is memory-mapped once.
+    """
+
+    def __init__(self, gguf_path: str):
+        import gguf
+
+        self._dequantize = gguf.quants.dequantize
+        reader = gguf.GGUFReader(gguf_path)
+        found = [t for t in reader.tensors if t.name == "token_embd.weight"]
+        if not found:
+            raise SamfError(f"{gguf_path} has no token_embd.weight tensor")
+        self._tensor = found[0]
+
+    def __call__(self, ids: list) -> np.ndarray:
+        rows = np.asarray(self._tensor.data)[np.asarray(ids, dtype=np.int64)]
+        return self._dequantize(rows, self._tensor.tensor_type).astype(np.float32).reshape(len(ids), -1)

@@ -1,0 +1,130 @@
+"""PyTorch -> ONNX for the three encoder modules, each validated against its source right after export.
+
+Each module is described by an :class:`OnnxSpec` (inputs, outputs, dynamic axes, a dummy-input maker,
+tolerance), in the manner of Optimum's exporter; one generic routine exports, runs ``onnx.checker`` and
+compares ONNX Runtime with PyTorch on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from samf.train.vlm import SamfVLM
+
+OPSET = 17
+
+
+@dataclass
+class OnnxSpec:
+    name: str                       # file stem in the bundle: vit.onnx, …
+    module: nn.Module
+    inputs: tuple                   # input names
+    outputs: tuple                  # output names
+    dynamic_axes: dict              # name -> {axis: label}
+    dummy: Callable                 # seed -> tuple of example tensors
+    atol: float = 1e-4
+
+
+class _Vit(nn.Module):
+    def __init__(self, vlm):
+        super().__init__()
+        self.vit = vlm.encoder.vit
+
+    def forward(self, slices):        # [K, C, H, W] -> [K, D2]
+        return self.vit(slices)
+
+
+class _Aggregator(nn.Module):
+    def __init__(self, vlm):
+        super().__init__()
+        self.agg = vlm.encoder.aggregator
+
+    def forward(self, z2d):           # [B, K, D2] -> [B, N, D3]
+        return self.agg(z2d)
+
+
+class _Fusion(nn.Module):
+    def __init__(self, vlm):
+        super().__init__()
+        self.fusion = vlm.fusion
+
+    def forward(self, z2d, z3d, text, text_mask):
+        return self.fusion(z2d, z3d, text, text_mask)
+
+
+def module_specs(vlm: SamfVLM) -> list:
+    """The three exported modules of a model, with the shapes its config implies."""
+    cfg = vlm.image_cfg
+    v, a, f = cfg.vit, cfg.aggregator, cfg.fusion
+    K = a.n_slices
+
+    def g(seed):
+        return torch.Generator().manual_seed(seed)
+
+    def text_inputs(seed, B=1, T=7):
+        gen = g(seed)
+        mask = torch.ones(B, T, dtype=torch.int64)
+        mask[:, T - 2:] = 0 if B > 1 else 1
+        return (torch.randn(B, K, v.embed_dim, generator=gen), torch.randn(B, a.n_tokens, a.out_dim, generator=gen),
+                torch.randn(B, T, f.d_text, generator=gen) * 0.05, mask)
+
+    return [
+        OnnxSpec("vit", _Vit(vlm), ("slices",), ("z2d",),
+                 {"slices": {0: "slices"}, "z2d": {0: "slices"}},
+                 lambda s: (torch.randn(K, v.in_chans, v.img_size, v.img_size, generator=g(s)).clamp(-1, 1),)),
+        OnnxSpec("aggregator", _Aggregator(vlm), ("z2d",), ("z3d",),
+                 {"z2d": {0: "batch"}, "z3d": {0: "batch"}},
+                 lambda s: (torch.randn(1, K, v.embed_dim, generator=g(s)),)),
+        OnnxSpec("fusion", _Fusion(vlm), ("z2d", "z3d", "text", "text_mask"), ("fused",),
+                 {"z2d": {0: "batch"}, "z3d": {0: "batch"}, "text": {0: "batch", 1: "tokens"},
+                  "text_mask": {0: "batch", 1: "tokens"}, "fused": {0: "batch"}},
+                 lambda s: text_inputs(s, T=5 + s % 7)),
+    ]
+
+
+def export_one(spec: OnnxSpec, out_path: str) -> float:
+    """Export ``spec`` to ``out_path`` (atomically), check it, and return the max |ORT - torch| observed."""
+    import onnx
+
+    spec.module.eval()
+    tmp = out_path + ".tmp"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(spec.module, spec.dummy(0), tmp, input_names=list(spec.inputs),
+                          output_names=list(spec.outputs), dynamic_axes=spec.dynamic_axes,
+                          opset_version=OPSET, dynamo=False)
+    onnx.checker.check_model(onnx.load(tmp), full_check=True)
+    diff = validate_onnx(spec, tmp)
+    if diff > spec.atol:
+        os.remove(tmp)
+        raise RuntimeError(f"{spec.name}: ONNX Runtime differs from PyTorch by {diff:.2e} > {spec.atol:.0e}")
+    os.replace(tmp, out_path)
+    return diff
+
+
+def validate_onnx(spec: OnnxSpec, path: str, seeds=(1, 2, 3)) -> float:
+    """Max abs difference between ONNX Runtime (CPU) and PyTorch over a few fresh inputs."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for s in seeds:
+        ins = spec.dummy(s)
+        with torch.no_grad():
+            ref = spec.module(*ins).numpy()
+        got = sess.run(None, {n: t.numpy() for n, t in zip(spec.inputs, ins)})[0]
+        worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+def export_onnx(vlm: SamfVLM, out_dir: str) -> dict:
+    """Export vit/aggregator/fusion into ``out_dir``; returns ``{name: max abs diff}``."""
+    os.makedirs(out_dir, exist_ok=True)
+    return {spec.name: export_one(spec, os.path.join(out_dir, f"{spec.name}.onnx")) for spec in module_specs(vlm)}

@@ -1,0 +1,17 @@
+"""The one exception type a user sees: the CLI prints its message on one line and exits non-zero."""
+
+
+class SamfError(Exception):
+    """A problem with the user's input or environment (bad scan, broken bundle, missing engine)."""
+
+
+class ScanError(SamfError):
+    """A scan that cannot be read or is not a usable CT."""
+
+
+class BundleError(SamfError):
+    """A bundle that is missing, incomplete, altered, or built for something else."""
+
+
+class EngineUnavailable(SamfError):
+    """An inference engine whose library is not installed or cannot run here."""

@@ -1,0 +1,104 @@
+"""The report pipeline: scan -> slices -> encoder engines -> fused embeddings -> llama.cpp -> text.
+
+No torch: ONNX Runtime (or TensorRT) runs the encoders, llama.cpp the LLM. Every stage is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bundle import Bundle, read_bundle
+from .ct import Volume, load_scan
+from .errors import SamfError
+from .preprocess import preprocess
+from .prompt import REPORT_REQUESTS, format_prompt, mcq_choice_of, mcq_prompt
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list
+    timings: dict = field(default_factory=dict)   # seconds per stage
+    identity: dict = field(default_factory=dict)  # bundle/model identity
+
+    @property
+    def tokens_per_s(self) -> float:
+        d = self.timings.get("llm_decode", 0.0)
+        return len(self.token_ids) / d if d > 0 else float("nan")
+
+
+class ReportPipeline:
+    """Load a bundle once, then turn scans into reports or multiple-choice answers."""
+
+    def __init__(self, bundle: str | Bundle, quant: str | None = None, backend: str = "onnxruntime",
+                 n_threads: int | None = None, n_gpu_layers: int = 0, verify_hashes: bool = True):
+        from samf.engines import load_encoder_module
+        from samf.engines.llama_cpp_engine import GGUFTokenEmbeddings, LlamaCppLLM
+
+        t0 = time.perf_counter()
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes=verify_hashes)
+        self.pre = self.bundle.preprocess
+        if backend == "tensorrt":
+            from samf.engines.tensorrt_engine import TrtModule  # noqa: F401 - raises a clear message if absent
+            raise SamfError("this bundle has no TensorRT plans yet: run `samf-export build-engines` on the GPU machine")
+        mods = {n: load_encoder_module(backend, self.bundle.path(f"{n}.onnx"), threads=n_threads or 0)
+                for n in ("vit", "aggregator", "fusion")}
+        self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
+        llm_path = self.bundle.llm_file(quant)
+        self.llm = LlamaCppLLM(llm_path, n_ctx=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        self.embed = GGUFTokenEmbeddings(llm_path)
+        self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
+                             llm=llm_path.rsplit("/", 1)[-1], encoders=self.vit.provider)
+        self.load_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------ stages
+    def encode(self, slices: np.ndarray, timings: dict) -> tuple:
+        t = time.perf_counter()
+        z2d = self.vit(slices=slices.astype(np.float32))[None]
+        timings["vit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        z3d = self.aggregator(z2d=z2d)
+        timings["aggregator"] = time.perf_counter() - t
+        return z2d, z3d
+
+    def image_prefix(self, z2d, z3d, prompt_ids: list, timings: dict) -> np.ndarray:
+        t = time.perf_counter()
+        text = self.embed(prompt_ids)[None]
+        fused = self.fusion(z2d=z2d, z3d=z3d, text=text, text_mask=np.ones((1, len(prompt_ids)), np.int64))
+        timings["fusion"] = time.perf_counter() - t
+        return fused[0]
+
+    def _run(self, scan, prompt_text: str, max_new_tokens: int) -> Result:
+        timings: dict = {}
+        t = time.perf_counter()
+        vol = scan if isinstance(scan, Volume) else load_scan(str(scan))
+        timings["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        slices = preprocess(vol, self.pre)
+        timings["preprocess"] = time.perf_counter() - t
+        z2d, z3d = self.encode(slices, timings)
+        prompt_ids = self.llm.tokenize(prompt_text)
+        prefix = self.image_prefix(z2d, z3d, prompt_ids, timings)
+        out = self.llm.generate(prefix, prompt_ids, max_new_tokens=max_new_tokens)
+        timings["llm_prefill"] = out["prefill_s"]
+        timings["llm_decode"] = out["decode_s"]
+        timings["total"] = sum(timings.values())
+        return Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity)
+
+    # ------------------------------------------------------------------------------ entry points
+    def report(self, scan, request: str | None = None, max_new_tokens: int = 256) -> Result:
+        """The findings report for one scan (a path or a :class:`Volume`)."""
+        return self._run(scan, format_prompt(request or REPORT_REQUESTS[0]), max_new_tokens)
+
+    def answer(self, scan, question: str, choices, max_new_tokens: int = 32) -> tuple:
+        """A multiple-choice answer: (the letter picked or None, the full result)."""
+        if len(choices) != 4:
+            raise SamfError("a multiple-choice question needs exactly four choices")
+        res = self._run(scan, mcq_prompt(question, choices), max_new_tokens)
+        return mcq_choice_of(res.text), res
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,128 @@
+"""Turn a canonical HU volume into the slices the model sees; training and runtime share this exact code.
+
+For each plane (axial, coronal, sagittal) ``S`` slices are placed evenly over the body (not over the air
+around it), each sampled straight onto an ``image_size``² grid at ``pixel_spacing_mm`` centred on the
+body, i.e. resampling, cropping and resizing happen in one separable linear interpolation. Each HU window
+becomes a channel (lung, mediastinum, bone by default), mapped to [0, 1] then normalised to [-1, 1].
+numpy only, vectorised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ct import Volume
+from .errors import ScanError
+
+PLANES = ("axial", "coronal", "sagittal")
+#: (centre, width) in HU; the three standard chest windows, one channel each.
+DEFAULT_WINDOWS = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides what the model sees; written into the bundle manifest."""
+
+    image_size: int = 224                 # ViT input side (224 for DINO ViT-B/16)
+    pixel_spacing_mm: float = 1.5         # 224 px × 1.5 mm = a 336 mm field of view, a whole chest
+    slices_per_plane: int = 8             # S; the model gets 3·S slices
+    windows: tuple = DEFAULT_WINDOWS      # one channel per (centre, width) HU window
+    body_threshold_hu: float = -500.0     # voxels above this are "body" when placing slices
+    min_extent_mm: float = 40.0           # refuse scans thinner than this along any axis
+
+    @property
+    def n_slices(self) -> int:
+        return 3 * self.slices_per_plane
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["windows"] = [list(w) for w in self.windows]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        d = dict(d)
+        d["windows"] = tuple(tuple(float(v) for v in w) for w in d.get("windows", DEFAULT_WINDOWS))
+        return cls(**d)
+
+
+def _interp_axis(arr: np.ndarray, axis: int, coords: np.ndarray, fill: float) -> np.ndarray:
+    """Linear interpolation of ``arr`` along ``axis`` at fractional voxel ``coords``; outside -> ``fill``."""
+    n = arr.shape[axis]
+    i0 = np.floor(coords).astype(np.int64)
+    w = (coords - i0).astype(np.float32)
+    a0 = np.take(arr, np.clip(i0, 0, n - 1), axis=axis)
+    a1 = np.take(arr, np.clip(i0 + 1, 0, n - 1), axis=axis)
+    shape = [1] * arr.ndim
+    shape[axis] = len(coords)
+    w = w.reshape(shape)
+    out = a0 * (1.0 - w) + a1 * w
+    inside = ((coords >= 0.0) & (coords <= n - 1)).reshape(shape)
+    return np.where(inside, out, np.float32(fill)).astype(np.float32, copy=False)
+
+
+def body_box(vol: Volume, threshold: float) -> np.ndarray:
+    """[3, 2] (lo, hi) voxel index per axis of everything denser than ``threshold``."""
+    mask = vol.hu > threshold
+    box = np.zeros((3, 2))
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(mask.any(axis=other))
+        if idx.size == 0:
+            raise ScanError(f"{vol.source}: no body found (nothing above {threshold:.0f} HU)")
+        box[ax] = idx[0], idx[-1]
+    return box
+
+
+def cut_slices(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
+    """HU slices ``[3·S, H, W]``: S per plane, in radiological display orientation."""
+    hu, sp = vol.hu, np.asarray(vol.spacing, dtype=np.float64)
+    extent = np.asarray(hu.shape) * sp
+    if (extent < cfg.min_extent_mm).any() or min(hu.shape) < 2:
+        raise ScanError(f"{vol.source}: scan extent {np.round(extent).astype(int).tolist()} mm is too small "
+                        f"(every axis needs at least {cfg.min_extent_mm:.0f} mm)")
+    box = body_box(vol, cfg.body_threshold_hu)
+    centre_mm = box.mean(axis=1) * sp
+    S, n = cfg.slices_per_plane, cfg.image_size
+    half = n * cfg.pixel_spacing_mm / 2.0
+    # In-plane sampling grid in mm around the body centre, one per axis, converted to voxel coordinates.
+    offs = (np.arange(n) + 0.5) * cfg.pixel_spacing_mm - half
+    grid = [(centre_mm[a] + offs) / sp[a] for a in range(3)]
+    # Display orientation: superior/anterior at the top, patient's right on the image's left.
+    z_down, y_down, x_rl = grid[0][::-1], grid[1][::-1], grid[2][::-1]
+    air = -1024.0
+    out = []
+    for normal, (row_ax, rows), (col_ax, cols) in (
+        (0, (1, y_down), (2, x_rl)),      # axial: rows anterior→posterior, cols right→left
+        (1, (0, z_down), (2, x_rl)),      # coronal: rows superior→inferior, cols right→left
+        (2, (0, z_down), (1, y_down)),    # sagittal: rows superior→inferior, cols anterior→posterior
+    ):
+        lo, hi = box[normal]
+        pos = lo + (np.arange(S) + 0.5) / S * (hi - lo)
+        s = _interp_axis(hu, normal, pos, air)          # slices stacked along `normal`
+        s = _interp_axis(s, row_ax, rows, air)
+        s = _interp_axis(s, col_ax, cols, air)
+        # Put the slice axis first, rows second, columns third.
+        out.append(np.moveaxis(s, (normal, row_ax, col_ax), (0, 1, 2)))
+    return np.concatenate(out, axis=0)
+
+
+def apply_windows(slices_hu: np.ndarray, windows) -> np.ndarray:
+    """``[K, H, W]`` HU -> ``[K, C, H, W]`` in [-1, 1], one channel per (centre, width) window."""
+    w = np.asarray(windows, dtype=np.float32)
+    lo = (w[:, 0] - w[:, 1] / 2).reshape(1, -1, 1, 1)
+    width = w[:, 1].reshape(1, -1, 1, 1)
+    x = np.clip((slices_hu[:, None] - lo) / width, 0.0, 1.0)
+    return (x * 2.0 - 1.0).astype(np.float32)
+
+
+def preprocess(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
+    """The model input for one scan: ``[3·S, C, image_size, image_size]`` float32."""
+    return apply_windows(cut_slices(vol, cfg), cfg.windows)

@@ -1,0 +1,99 @@
+"""Datasets: the synthetic phantom set on disk, read back through the runtime's own loader and preprocessing.
+
+On-disk layout (the SAMF README's CSV plus the questions)::
+
+    DATA/scans/phantom_00000.nii.gz
+    DATA/train.csv, DATA/test.csv      image, caption, label   (label = findings as JSON)
+    DATA/questions.jsonl               {"image", "question", "choices", "answer"} per line
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from samf.runtime.ct import load_scan, save_nifti
+from samf.runtime.preprocess import PreprocessConfig, preprocess
+
+from .phantom import make_phantom
+
+CSV_FIELDS = ("image", "caption", "label")
+
+
+@dataclass
+class Example:
+    image: str
+    slices: np.ndarray            # [3·S, C, H, W], from samf.runtime.preprocess
+    report: str
+    findings: dict
+    questions: list = field(default_factory=list)
+
+
+def _write_csv(path: str, rows: list) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0,
+                             shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0), progress: bool = True) -> dict:
+    """Write ``n_train + n_test`` phantoms as NIfTI with their reports, labels and questions."""
+    os.makedirs(os.path.join(out_dir, "scans"), exist_ok=True)
+    rows = {"train": [], "test": []}
+    questions = []
+    total = n_train + n_test
+    for i in tqdm(range(total), desc="phantoms", disable=not progress, unit="scan"):
+        p = make_phantom(seed * 1_000_003 + i, shape=shape, spacing=spacing)
+        rel = f"scans/phantom_{i:05d}.nii.gz"
+        save_nifti(os.path.join(out_dir, rel), p.volume, p.spacing)
+        split = "train" if i < n_train else "test"
+        rows[split].append(dict(image=rel, caption=p.report, label=json.dumps(p.findings.to_dict())))
+        questions += [dict(image=rel, **q) for q in p.questions]
+    for split, r in rows.items():
+        _write_csv(os.path.join(out_dir, f"{split}.csv"), r)
+    tmp = os.path.join(out_dir, "questions.jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(q) + "\n" for q in questions)
+    os.replace(tmp, os.path.join(out_dir, "questions.jsonl"))
+    return {k: len(v) for k, v in rows.items()}
+
+
+def load_split(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
+               limit: int | None = None) -> list:
+    """Read a split's scans with :func:`samf.runtime.ct.load_scan` and preprocess them as the runtime does."""
+    with open(os.path.join(data_dir, f"{split}.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))[:limit]
+    qpath = os.path.join(data_dir, "questions.jsonl")
+    by_image: dict = {}
+    if os.path.exists(qpath):
+        with open(qpath) as f:
+            for line in f:
+                q = json.loads(line)
+                by_image.setdefault(q.pop("image"), []).append(q)
+    out = []
+    for r in tqdm(rows, desc=f"load {split}", disable=not progress, unit="scan"):
+        vol = load_scan(os.path.join(data_dir, r["image"]))
+        out.append(Example(image=r["image"], slices=preprocess(vol, pre), report=r["caption"],
+                           findings=json.loads(r["label"]) if r.get("label") else {},
+                           questions=by_image.get(r["image"], [])))
+    return out
+
+
+def text_corpus(examples: list) -> list:
+    """Every text the LLM reads or writes: prompts, reports, questions and answers."""
+    from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_prompt
+
+    texts = [format_prompt(r) for r in REPORT_REQUESTS]
+    for ex in examples:
+        texts.append(ex.report)
+        for q in ex.questions:
+            texts += [mcq_prompt(q["question"], q["choices"]), mcq_answer(q["answer"], q["choices"])]
+    return texts

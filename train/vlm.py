@@ -1,0 +1,167 @@
+"""The vision-language model: image encoder + SAMF fusion feeding Phi-3 through its input embeddings.
+
+This is also the PyTorch reference pipeline that the exported runtime is checked against: the sequence
+layout is :mod:`samf.runtime.prompt`'s, generation is greedy with a KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
+from .tokenizer import BOS, EOS, PAD
+
+MODULES_FILE = "samf_modules.pt"
+MODULES_CONFIG = "samf_config.json"
+
+
+@dataclass
+class TinyLLMConfig:
+    """Sizes for the in-process Phi-3 used by tests and the demo (Phi-3-mini: 3072/8192/32/32)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 512
+
+
+def build_phi3(vocab_size: int, cfg: TinyLLMConfig):
+    """A randomly initialised ``Phi3ForCausalLM`` of the given size (the real one loads from a path)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+        original_max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
+        sliding_window=None, attn_implementation="eager",
+    )
+    return Phi3ForCausalLM(config)
+
+
+def load_phi3(path: str):
+    """A Phi-3 checkpoint from a local directory (Phi-3-mini or a merged samf checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+
+
+@dataclass
+class ImageConfig:
+    """The image side of the model; saved beside the LLM as JSON."""
+
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageConfig":
+        return cls(ViTConfig(**d["vit"]), AggregatorConfig(**d["aggregator"]), FusionConfig(**d["fusion"]))
+
+
+class SamfVLM(nn.Module):
+    def __init__(self, image_cfg: ImageConfig, llm: nn.Module):
+        super().__init__()
+        self.image_cfg = image_cfg
+        self.encoder = ImageEncoder(image_cfg.vit, image_cfg.aggregator)
+        self.fusion = SAMF(image_cfg.fusion)
+        self.llm = llm
+
+    # ------------------------------------------------------------------ pieces shared with export
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def image_prefix(self, slices: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """``[B, K, C, H, W]`` slices + prompt -> ``[B, N, d_llm]`` fused embeddings for the LLM."""
+        z2d, z3d = self.encoder(slices)
+        return self.fusion(z2d, z3d, self.token_embeddings(prompt_ids), prompt_mask)
+
+    # ------------------------------------------------------------------------------- training
+    def forward(self, slices, prompts: list, answers: list, zero_image: bool = False):
+        """Mean cross-entropy over answer tokens (+EOS) for a batch of (prompt ids, answer ids)."""
+        dev = slices.device
+        B = len(prompts)
+        T = max(len(p) for p in prompts)
+        pid = torch.full((B, T), PAD, dtype=torch.long, device=dev)
+        pmask = torch.zeros((B, T), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            pid[i, : len(p)] = torch.tensor(p, device=dev)
+            pmask[i, : len(p)] = 1
+        fused = self.image_prefix(slices, pid, pmask)
+        if zero_image:
+            fused = torch.zeros_like(fused)
+        N = fused.shape[1]
+        seqs, labels = [], []
+        for i in range(B):
+            ids = [BOS]
+            tail = list(prompts[i]) + list(answers[i]) + [EOS]
+            emb_tail = self.token_embeddings(torch.tensor(tail, device=dev))
+            seqs.append(torch.cat([self.token_embeddings(torch.tensor(ids, device=dev)), fused[i], emb_tail]))
+            labels.append([-100] * (1 + N + len(prompts[i])) + list(answers[i]) + [EOS])
+        L = max(s.shape[0] for s in seqs)
+        d = seqs[0].shape[1]
+        emb = torch.zeros((B, L, d), dtype=fused.dtype, device=dev)
+        att = torch.zeros((B, L), dtype=torch.long, device=dev)
+        lab = torch.full((B, L), -100, dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):
+            emb[i, : s.shape[0]] = s
+            att[i, : s.shape[0]] = 1
+            lab[i, : s.shape[0]] = torch.tensor(labels[i], device=dev)
+        return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab).loss
+
+    # ----------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, slices: torch.Tensor, prompt: list, max_new_tokens: int = 96,
+                 zero_image: bool = False, return_logits: bool = False):
+        """Greedy decoding for one scan (``slices [K, C, H, W]``); returns token ids (and step logits)."""
+        dev = slices.device
+        pid = torch.tensor([prompt], device=dev)
+        fused = self.image_prefix(slices[None], pid, torch.ones_like(pid))
+        if zero_image:
+            fused = torch.zeros_like(fused)
+        emb = torch.cat([self.token_embeddings(torch.tensor([[BOS]], device=dev)), fused,
+                         self.token_embeddings(pid)], dim=1)
+        out = self.llm(inputs_embeds=emb, use_cache=True)
+        ids, logits = [], []
+        for _ in range(max_new_tokens):
+            step = out.logits[0, -1].float()
+            logits.append(step)
+            nxt = int(step.argmax())
+            if nxt == EOS:
+                break
+            ids.append(nxt)
+            out = self.llm(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values,
+                           use_cache=True)
+        return (ids, torch.stack(logits)) if return_logits else ids
+
+    # ---------------------------------------------------------------------------- persistence
+    def save_image_modules(self, out_dir: str) -> None:
+        """Encoder + fusion weights and their config beside an LLM checkpoint (atomic per file)."""
+        state = {"encoder": self.encoder.state_dict(), "fusion": self.fusion.state_dict()}
+        tmp = os.path.join(out_dir, MODULES_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(out_dir, MODULES_FILE))
+        with open(os.path.join(out_dir, MODULES_CONFIG + ".tmp"), "w") as f:
+            json.dump(self.image_cfg.to_dict(), f, indent=2)
+        os.replace(os.path.join(out_dir, MODULES_CONFIG + ".tmp"), os.path.join(out_dir, MODULES_CONFIG))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str) -> "SamfVLM":
+        """Load a merged checkpoint: HF Phi-3 directory + ``samf_modules.pt`` + ``samf_config.json``."""
+        with open(os.path.join(ckpt_dir, MODULES_CONFIG)) as f:
+            image_cfg = ImageConfig.from_dict(json.load(f))
+        model = cls(image_cfg, load_phi3(ckpt_dir))
+        state = torch.load(os.path.join(ckpt_dir, MODULES_FILE), map_location="cpu", weights_only=True)
+        model.encoder.load_state_dict(state["encoder"])
+        model.fusion.load_state_dict(state["fusion"])
+        return model.eval()
