@@ -21,7 +21,7 @@ class DemoConfig:
     n_test: int = 24
     dino_steps: int = 150
     lm_steps: int = 300
-    finetune_steps: int = 1000
+    finetune_steps: int = 1500
     seed: int = 0
     show: int = 4
     threads: int | None = None

@@ -17,6 +17,8 @@ quant_opt = click.option("--quant", default=None, help="which GGUF in the bundle
 spacing_opt = click.option("--spacing", nargs=3, type=float, default=None,
                            help="voxel spacing Z Y X in mm, for .npy volumes")
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for the engines")
+backend_opt = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                           show_default=True, help="engine for the ViT, aggregator and fusion")
 gpu_layers_opt = click.option("--gpu-layers", type=int, default=0, show_default=True,
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)")
 
@@ -46,13 +48,14 @@ def main():
 @click.option("--max-tokens", default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 @threads_opt
+@backend_opt
 @gpu_layers_opt
-def report(scan, bundle_dir, quant, spacing, request, max_tokens, as_json, threads, gpu_layers):
+def report(scan, bundle_dir, quant, spacing, request, max_tokens, as_json, threads, backend, gpu_layers):
     """Write the findings report for SCAN (.nii, .nii.gz or .npy)."""
     from samf.runtime.pipeline import ReportPipeline
 
     vol = _load(scan, spacing)  # refuse a bad scan before loading any model
-    pipe = ReportPipeline(bundle_dir, quant=quant, n_threads=threads, n_gpu_layers=gpu_layers)
+    pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers)
     res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(dict(scan=scan, report=res.text, timings_s=res.timings, identity=res.identity,
@@ -71,12 +74,14 @@ def report(scan, bundle_dir, quant, spacing, request, max_tokens, as_json, threa
 @click.option("--question", required=True)
 @click.option("--choice", "choices", multiple=True, required=True, help="give exactly four, in order A-D")
 @threads_opt
-def vqa(scan, bundle_dir, quant, spacing, question, choices, threads):
+@backend_opt
+@gpu_layers_opt
+def vqa(scan, bundle_dir, quant, spacing, question, choices, threads, backend, gpu_layers):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.pipeline import ReportPipeline
 
     vol = _load(scan, spacing)
-    pipe = ReportPipeline(bundle_dir, quant=quant, n_threads=threads)
+    pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers)
     letter, res = pipe.answer(vol, question, list(choices))
     click.echo(f"{letter or '?'}  ({res.text})")
 
@@ -101,7 +106,7 @@ def info(scan, spacing):
               help="where data, run and bundle go")
 @click.option("--train", "n_train", default=320, show_default=True, help="training phantoms")
 @click.option("--test", "n_test", default=24, show_default=True, help="held-out phantoms")
-@click.option("--finetune-steps", default=1000, show_default=True)
+@click.option("--finetune-steps", default=1500, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--show", default=4, show_default=True, help="reports printed next to their reference")
 @click.option("--threads", type=int, default=None)

@@ -128,7 +128,7 @@ def pretrain_lm(data_dir, run_dir, steps, threads, quiet):
 @data_opt
 @run_opt
 @steps_opt
-@click.option("--freeze-vit/--train-vit", default=False, show_default=True)
+@click.option("--freeze-vit/--train-vit", default=True, show_default=True)
 @click.option("--lora-r", default=16, show_default=True)
 @click.option("--lora-alpha", default=32, show_default=True)
 @click.option("--lr", type=float, default=None)

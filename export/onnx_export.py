@@ -35,10 +35,10 @@ class OnnxSpec:
 class _Vit(nn.Module):
     def __init__(self, vlm):
         super().__init__()
-        self.vit = vlm.encoder.vit
+        self.encoder = vlm.encoder
 
-    def forward(self, slices):        # [K, C, H, W] -> [K, D2]
-        return self.vit(slices)
+    def forward(self, slices):        # [K, C, H, W] -> [K, D2], standardised
+        return self.encoder.embed_slices(slices)
 
 
 class _Aggregator(nn.Module):

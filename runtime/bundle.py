@@ -52,13 +52,6 @@ class Bundle:
             raise BundleError(f"bundle has no {quant} LLM; it has {', '.join(sorted(llms['files']))}")
         return self.path(llms["files"][quant])
 
-    def trt_plans(self, gpu: str, trt_version: str) -> dict | None:
-        """The TensorRT plans built for this GPU and TensorRT version, or None."""
-        for entry in self.manifest.get("engines", {}).get("tensorrt", []):
-            if entry.get("gpu") == gpu and entry.get("tensorrt") == trt_version:
-                return {k: self.path(v) for k, v in entry["plans"].items()}
-        return None
-
 
 def read_bundle(root: str, verify_hashes: bool = True) -> Bundle:
     """Open and verify a bundle; raise :class:`BundleError` with one line on the first problem."""

@@ -8,6 +8,7 @@ the same anatomy. numpy + nibabel only.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ def _is_nifti(path: str) -> bool:
 
 def load_scan(path: str, spacing: tuple | None = None) -> Volume:
     """Read a scan from ``path``; raise :class:`ScanError` with a one-line reason when it is unusable."""
+    t0 = time.perf_counter()
     if not os.path.exists(path):
         raise ScanError(f"scan not found: {path}")
     if os.path.isdir(path):
@@ -46,6 +48,7 @@ def load_scan(path: str, spacing: tuple | None = None) -> Volume:
         raise ScanError(f"unsupported scan format: {os.path.basename(path)} "
                         "(expected .nii, .nii.gz or .npy)")
     check_volume(vol)
+    vol.info["load_s"] = time.perf_counter() - t0
     return vol
 
 

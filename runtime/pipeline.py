@@ -12,7 +12,7 @@ import numpy as np
 
 from .bundle import Bundle, read_bundle
 from .ct import Volume, load_scan
-from .errors import SamfError
+from .errors import EngineUnavailable, SamfError
 from .preprocess import preprocess
 from .prompt import REPORT_REQUESTS, format_prompt, mcq_choice_of, mcq_prompt
 
@@ -41,18 +41,31 @@ class ReportPipeline:
         t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes=verify_hashes)
         self.pre = self.bundle.preprocess
+        names = ("vit", "aggregator", "fusion")
         if backend == "tensorrt":
-            from samf.engines.tensorrt_engine import TrtModule  # noqa: F401 - raises a clear message if absent
-            raise SamfError("this bundle has no TensorRT plans yet: run `samf-export build-engines` on the GPU machine")
-        mods = {n: load_encoder_module(backend, self.bundle.path(f"{n}.onnx"), threads=n_threads or 0)
-                for n in ("vit", "aggregator", "fusion")}
+            mods = {n: load_encoder_module(backend, p) for n, p in self._trt_plans().items()}
+        else:
+            mods = {n: load_encoder_module(backend, self.bundle.path(f"{n}.onnx"), threads=n_threads or 0)
+                    for n in names}
         self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
         llm_path = self.bundle.llm_file(quant)
         self.llm = LlamaCppLLM(llm_path, n_ctx=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
         self.embed = GGUFTokenEmbeddings(llm_path)
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
-                             llm=llm_path.rsplit("/", 1)[-1], encoders=self.vit.provider)
+                             llm=llm_path.rsplit("/", 1)[-1], encoders=getattr(self.vit, "provider", backend))
         self.load_s = time.perf_counter() - t0
+
+    def _trt_plans(self) -> dict:
+        """The bundle's plans built with the installed TensorRT (plans are not portable across versions)."""
+        from samf.engines.tensorrt_engine import INSTALL_HINT, tensorrt_version
+
+        version = tensorrt_version()
+        if version is None:
+            raise EngineUnavailable(INSTALL_HINT)
+        for entry in self.bundle.manifest.get("engines", {}).get("tensorrt", []):
+            if entry.get("tensorrt") == version:
+                return {k: self.bundle.path(v) for k, v in entry["plans"].items()}
+        raise SamfError(f"bundle has no TensorRT {version} plans: run `samf-export build-engines` on this machine")
 
     # ------------------------------------------------------------------------------ stages
     def encode(self, slices: np.ndarray, timings: dict) -> tuple:
@@ -73,9 +86,8 @@ class ReportPipeline:
 
     def _run(self, scan, prompt_text: str, max_new_tokens: int) -> Result:
         timings: dict = {}
-        t = time.perf_counter()
         vol = scan if isinstance(scan, Volume) else load_scan(str(scan))
-        timings["load"] = time.perf_counter() - t
+        timings["load"] = vol.info.get("load_s", 0.0)
         t = time.perf_counter()
         slices = preprocess(vol, self.pre)
         timings["preprocess"] = time.perf_counter() - t

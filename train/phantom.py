@@ -125,7 +125,7 @@ def render_volume(findings: Findings, rng: np.random.Generator, shape=(64, 96, 9
     # Mediastinum between the lungs, heart in its lower anterior part, shifted to the patient's left.
     med = _ellipsoid(grid, (lung_c_z, 0.1 * body_ry, 0.0), (lung_r[0], 0.5 * body_ry, 0.2 * body_rx))
     vol[med & ~lungs["left"][2] & ~lungs["right"][2]] = HU["soft"]
-    heart_scale = 1.45 if findings.cardiomegaly else 1.0
+    heart_scale = 1.6 if findings.cardiomegaly else 1.0
     heart_r = np.array([0.16 * zext, 0.30 * body_ry, 0.26 * body_rx]) * heart_scale * jit(0.06)
     heart_c = (lung_c_z - 0.18 * zext, 0.25 * body_ry, -0.12 * body_rx)
     vol[_ellipsoid(grid, heart_c, heart_r)] = HU["blood"]

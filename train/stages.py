@@ -180,7 +180,7 @@ class FinetuneConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    freeze_vit: bool = False
+    freeze_vit: bool = True       # DINO features kept as pretrained (the paper's frozen-ViT setting)
     mcq_fraction: float = 0.3     # share of samples that are multiple-choice questions
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -223,6 +223,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     if cfg.freeze_vit:
         for p in vlm.encoder.vit.parameters():
             p.requires_grad_(False)
+    vlm.encoder.calibrate(torch.from_numpy(ex.slices) for ex in examples[:256])
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     vlm.train()

@@ -1,0 +1,57 @@
+"""Shared fixtures: one small but real training run, merged and exported, reused by the suite.
+
+Trained once per session (about a minute on 2 cores): phantoms -> tokenizer -> DINO (brief) -> tiny
+Phi-3 language base -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle (ONNX, GGUF F32, Q8_0).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+SMALL = dict(n_train=200, n_test=16, dino_steps=20, lm_steps=200, finetune_steps=600)
+
+
+@dataclass
+class Trained:
+    data: str
+    run: str
+    merged: str
+    bundle: str
+    train: list
+    test: list
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    import torch
+
+    from samf.export.bundle_writer import write_bundle
+    from samf.runtime.preprocess import PreprocessConfig
+    from samf.train import stages as S
+    from samf.train.data import generate_phantom_dataset, load_split, text_corpus
+    from samf.train.dino import DinoConfig, pretrain_dino
+    from samf.train.models import VisionTransformer
+    from samf.train.vlm import ImageConfig
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    root = tmp_path_factory.mktemp("trained")
+    data, run = str(root / "data"), str(root / "run")
+    generate_phantom_dataset(data, SMALL["n_train"], SMALL["n_test"], seed=1, progress=False)
+    preset = S.tiny_preset()
+    S.init_run(run, preset)
+    pre = PreprocessConfig.from_dict(preset["preprocess"])
+    train, test = load_split(data, "train", pre, progress=False), load_split(data, "test", pre, progress=False)
+    S.stage_tokenizer(run, text_corpus(train))
+    vit = VisionTransformer(ImageConfig.from_dict(preset["image"]).vit)
+    pretrain_dino(vit, np.concatenate([e.slices for e in train]), DinoConfig(steps=SMALL["dino_steps"]), progress=False)
+    torch.save(vit.state_dict(), os.path.join(run, "vit_dino.pt"))
+    S.stage_pretrain_lm(run, train, S.LMConfig(steps=SMALL["lm_steps"]), progress=False)
+    S.stage_finetune(run, train, S.FinetuneConfig(steps=SMALL["finetune_steps"]), progress=False)
+    merged = S.stage_merge(run)
+    bundle = str(root / "bundle")
+    write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32", log=lambda m: None)
+    return Trained(data=data, run=run, merged=merged, bundle=bundle, train=train, test=test)

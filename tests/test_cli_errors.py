@@ -1,0 +1,133 @@
+"""Bad input gets one line on stderr, a non-zero exit, no traceback; nothing the user had is damaged."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from samf.runtime.ct import save_nifti
+from samf.train.phantom import make_phantom
+
+
+def samf(*args):
+    """Run the real console entry point in a subprocess, as a user would."""
+    code = "import sys; from samf.cli.samf_cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+
+
+def assert_clean_failure(proc, *words):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def good_scan(tmp_path_factory):
+    p = tmp_path_factory.mktemp("scan") / "ok.nii.gz"
+    ph = make_phantom(5)
+    save_nifti(str(p), ph.volume, ph.spacing)
+    return str(p)
+
+
+def test_missing_scan(tmp_path):
+    assert_clean_failure(samf("report", str(tmp_path / "nope.nii.gz"), "--bundle", str(tmp_path)), "not found")
+
+
+def test_not_a_ct_file(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("hello")
+    assert_clean_failure(samf("report", str(p), "--bundle", str(tmp_path)), "unsupported")
+
+
+def test_nifti_that_is_not_ct(tmp_path):
+    p = tmp_path / "mri.nii.gz"
+    save_nifti(str(p), np.random.default_rng(0).uniform(0, 800, (20, 20, 20)).astype(np.float32), (2, 2, 2))
+    assert_clean_failure(samf("info", str(p)), "do not look like CT")
+
+
+def test_corrupt_nifti(tmp_path, good_scan):
+    raw = open(good_scan, "rb").read()
+    p = tmp_path / "truncated.nii.gz"
+    p.write_bytes(raw[: len(raw) // 3])
+    assert_clean_failure(samf("report", str(p), "--bundle", str(tmp_path)), "cannot read NIfTI")
+    q = tmp_path / "garbage.nii.gz"
+    q.write_bytes(gzip.compress(b"\x00" * 100))
+    assert_clean_failure(samf("info", str(q)), "cannot read NIfTI")
+
+
+def test_folder_without_a_bundle(tmp_path, good_scan):
+    assert_clean_failure(samf("report", good_scan, "--bundle", str(tmp_path)), "not a samf bundle")
+
+
+def test_info_describes_a_scan(good_scan):
+    proc = samf("info", good_scan)
+    assert proc.returncode == 0, proc.stderr
+    assert "(64, 96, 96)" in proc.stdout and "nifti" in proc.stdout
+
+
+@pytest.fixture()
+def bundle_copy(trained, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(trained.bundle, dst)
+    return dst
+
+
+def test_bundle_missing_artifact(bundle_copy, good_scan):
+    os.remove(bundle_copy / "fusion.onnx")
+    assert_clean_failure(samf("report", good_scan, "--bundle", str(bundle_copy)), "missing artifact fusion.onnx")
+
+
+def test_bundle_altered_artifact(bundle_copy, good_scan):
+    p = bundle_copy / "vit.onnx"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    assert_clean_failure(samf("report", good_scan, "--bundle", str(bundle_copy)), "vit.onnx", "sha256")
+
+
+def test_bundle_truncated_artifact(bundle_copy, good_scan):
+    p = bundle_copy / "llm-Q8_0.gguf"
+    p.write_bytes(p.read_bytes()[:1000])
+    assert_clean_failure(samf("report", good_scan, "--bundle", str(bundle_copy)), "llm-Q8_0.gguf", "bytes")
+
+
+def test_bundle_of_another_schema(bundle_copy, good_scan):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["schema"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    assert_clean_failure(samf("report", good_scan, "--bundle", str(bundle_copy)), "schema")
+
+
+def test_unknown_quant(trained, good_scan):
+    assert_clean_failure(samf("report", good_scan, "--bundle", trained.bundle, "--quant", "Q2_K"), "no Q2_K")
+
+
+def test_report_runs_from_the_bundle(trained, good_scan):
+    proc = samf("report", good_scan, "--bundle", trained.bundle, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["report"] and out["tokens"] > 0
+    assert {"preprocess", "vit", "aggregator", "fusion", "llm_prefill", "llm_decode"} <= set(out["timings_s"])
+
+
+def test_tensorrt_absence_is_a_clear_message(trained, tmp_path):
+    code = "import sys; from samf.cli.export_cli import main; sys.exit(main())"
+    b = tmp_path / "b"
+    shutil.copytree(trained.bundle, b)
+    before = (b / "manifest.json").read_text()
+    proc = subprocess.run([sys.executable, "-c", code, "build-engines", str(b)], capture_output=True, text=True)
+    assert_clean_failure(proc, "TensorRT is not available")
+    assert (b / "manifest.json").read_text() == before  # nothing half-written
+
+
+def test_tensorrt_backend_without_tensorrt(trained, good_scan):
+    assert_clean_failure(samf("report", good_scan, "--bundle", trained.bundle, "--backend", "tensorrt"),
+                         "TensorRT is not available")

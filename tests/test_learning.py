@@ -1,0 +1,32 @@
+"""Learning is real: the fine-tuned model reads the image (compared with zeroed image embeddings)."""
+
+import os
+
+import numpy as np
+
+from samf.train.evaluate import CHANCE, finding_accuracy
+
+
+def test_each_stage_lowered_its_loss(trained):
+    import json
+
+    rows = [json.loads(ln) for ln in open(os.path.join(trained.run, "metrics.jsonl"))]
+    for stage in ("pretrain-lm", "finetune"):
+        loss = [r["loss"] for r in rows if r["stage"] == stage]
+        assert np.mean(loss[-20:]) < 0.8 * np.mean(loss[:20]), stage
+
+
+def test_reports_state_findings_better_with_the_image_than_without(trained):
+    from samf.train.stages import generate_reports
+    from samf.train.tokenizer import load_tokenizer
+    from samf.train.vlm import SamfVLM
+
+    vlm = SamfVLM.from_checkpoint(trained.merged)
+    sp = load_tokenizer(os.path.join(trained.merged, "tokenizer.model"))
+    truths = [e.findings for e in trained.test]
+    real = finding_accuracy(generate_reports(vlm, sp, trained.test, progress=False), truths)
+    zero = finding_accuracy(generate_reports(vlm, sp, trained.test, zero_image=True, progress=False), truths)
+    print("image", real, "\nzeroed", zero)
+    assert real["effusion"] > max(zero["effusion"], CHANCE["effusion"]) + 0.2
+    gains = [real[k] - zero[k] for k in ("effusion", "emphysema", "cardiomegaly")]
+    assert np.mean(gains) > 0.1

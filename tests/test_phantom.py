@@ -1,0 +1,78 @@
+"""The synthetic phantom: deterministic, anatomically placed findings, reports that say what is there."""
+
+import numpy as np
+import pytest
+
+from samf.train.phantom import (HU, Findings, make_phantom, parse_report, render_volume, truth_of,
+                                write_questions, write_report)
+
+
+def test_same_seed_same_phantom():
+    a, b = make_phantom(7, shape=(32, 48, 48)), make_phantom(7, shape=(32, 48, 48))
+    assert np.array_equal(a.volume, b.volume)
+    assert a.report == b.report and a.questions == b.questions
+    assert not np.array_equal(a.volume, make_phantom(8, shape=(32, 48, 48)).volume)
+
+
+def test_report_round_trips_to_findings():
+    for seed in range(300):
+        p = make_phantom(seed, shape=(8, 8, 8), spacing=(40.0, 48.0, 48.0))
+        assert parse_report(p.report) == truth_of(p.findings), p.report
+
+
+def test_questions_have_one_right_answer_among_four():
+    rng = np.random.default_rng(0)
+    f = Findings(nodule=True, nodule_side="left", nodule_lobe="lower", nodule_size_mm=20, effusion="right",
+                 cardiomegaly=True, emphysema=False)
+    for q in write_questions(f, rng):
+        assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4
+        right = q["choices"]["ABCD".index(q["answer"])]
+        assert right in ("right pleural effusion", "enlarged", "left lower lobe")
+
+
+def _lung_stats(findings, seed=1):
+    rng = np.random.default_rng(seed)
+    vol = render_volume(findings, rng, shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0))
+    return vol
+
+
+def test_effusion_fills_the_dependent_part_of_the_named_lung():
+    vol = _lung_stats(Findings(effusion="left"))
+    # Patient's left is small X (RAS+); posterior is small Y; look at the lower chest.
+    z = slice(20, 34)
+    left_post = vol[z, 20:40, 10:40]
+    right_post = vol[z, 20:40, 56:86]
+    fluid = lambda v: np.mean(np.abs(v - HU["fluid"]) < 60)  # noqa: E731
+    assert fluid(left_post) > fluid(right_post) + 0.2
+
+
+def test_cardiomegaly_enlarges_the_heart():
+    # Same seed, same anatomy: the larger heart takes room from the lungs of the lower chest.
+    lung = lambda v: np.sum((v[:30] > -990) & (v[:30] < -700))  # noqa: E731
+    assert lung(_lung_stats(Findings(cardiomegaly=True))) < 0.97 * lung(_lung_stats(Findings()))
+
+
+def test_emphysema_lowers_lung_density():
+    lung = lambda v: v[(v > -990) & (v < -700)]  # noqa: E731
+    assert np.median(lung(_lung_stats(Findings(emphysema=True)))) < np.median(lung(_lung_stats(Findings()))) - 60
+
+
+@pytest.mark.parametrize("side,lobe", [("left", "upper"), ("right", "lower")])
+def test_nodule_sits_in_the_named_lobe(side, lobe):
+    f = Findings(nodule=True, nodule_side=side, nodule_lobe=lobe, nodule_size_mm=24)
+    with_n = _lung_stats(f)
+    without = _lung_stats(Findings())
+    # Soft tissue where normal lung was: the nodule.
+    diff = (np.abs(with_n - HU["nodule"]) < 50) & (without < -700)
+    zs, _, xs = np.nonzero(diff)
+    assert len(zs) > 20
+    assert (xs.mean() < 48) == (side == "left")
+    assert (zs.mean() > 32) == (lobe == "upper")
+
+
+def test_reports_state_normal_findings_too():
+    rng = np.random.default_rng(3)
+    text = write_report(Findings(), rng)
+    got = parse_report(text)
+    assert got == dict(nodule=False, nodule_side="none", nodule_lobe="none", effusion="none",
+                       cardiomegaly=False, emphysema=False)

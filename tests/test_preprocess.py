@@ -1,0 +1,83 @@
+"""Shared preprocessing: slice geometry, orientation invariance, windows, refusals."""
+
+import numpy as np
+import pytest
+
+from samf.runtime.ct import Volume, load_scan, save_nifti
+from samf.runtime.errors import ScanError
+from samf.runtime.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
+from samf.train.phantom import make_phantom
+
+CFG = PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(11)
+
+
+def test_shape_range_and_dtype(phantom):
+    x = preprocess(Volume(phantom.volume, phantom.spacing, "p"), CFG)
+    assert x.shape == (18, 3, 48, 48) and x.dtype == np.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_slices_are_placed_over_the_body_not_the_air(phantom):
+    # Pad the scan with 80 mm of air on every side: the same anatomy must be cut.
+    v = phantom.volume
+    pad = np.full((v.shape[0] + 32, v.shape[1] + 40, v.shape[2] + 40), -1000.0, np.float32)
+    pad[16:-16, 20:-20, 20:-20] = v
+    a = cut_slices(Volume(v, phantom.spacing, "a"), CFG)
+    b = cut_slices(Volume(pad, phantom.spacing, "b"), CFG)
+    # Slight differences remain from noise-driven body-box edges; anatomy must agree.
+    assert np.mean(np.abs(a - b) < 50) > 0.97
+
+
+def test_same_slices_whatever_the_file_orientation(phantom, tmp_path):
+    import nibabel as nib
+
+    ref_path = tmp_path / "ref.nii.gz"
+    save_nifti(str(ref_path), phantom.volume, phantom.spacing)
+    ref = cut_slices(load_scan(str(ref_path)), CFG)
+    img = nib.load(str(ref_path))
+    data = np.asarray(img.dataobj)
+    # Flip X and swap the X/Z axes in the array, fixing the affine so the anatomy is unchanged.
+    flipped = data[::-1].transpose(2, 1, 0)
+    aff = img.affine.copy()
+    sx, sy, sz = np.diag(aff)[:3]
+    new_aff = np.zeros((4, 4))
+    new_aff[0, 2] = -sx
+    new_aff[0, 3] = (data.shape[0] - 1) * sx
+    new_aff[1, 1] = sy
+    new_aff[2, 0] = sz
+    new_aff[3, 3] = 1
+    p = tmp_path / "permuted.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(flipped), new_aff), str(p))
+    got = cut_slices(load_scan(str(p)), CFG)
+    assert np.allclose(got, ref, atol=1e-3)
+
+
+def test_windows_become_channels():
+    hu = np.array([[[-1000.0, -600.0, 40.0, 1000.0]]], np.float32)
+    x = apply_windows(hu, ((-600, 1500), (40, 400)))
+    assert x.shape == (1, 2, 1, 4)
+    assert np.isclose(x[0, 0, 0, 1], 0.0)          # lung window centre -> 0
+    assert np.isclose(x[0, 1, 0, 2], 0.0)          # mediastinal window centre -> 0
+    assert x[0, 1, 0, 0] == -1.0 and x[0, 1, 0, 3] == 1.0
+
+
+def test_refuses_a_scan_too_thin(phantom):
+    thin = Volume(phantom.volume[:4], phantom.spacing, "thin")
+    with pytest.raises(ScanError, match="too small"):
+        preprocess(thin, CFG)
+
+
+def test_refuses_nan_and_single_slices(tmp_path, phantom):
+    v = phantom.volume.copy()
+    v[3, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", v)
+    with pytest.raises(ScanError, match="NaN"):
+        load_scan(str(tmp_path / "nan.npy"), spacing=(5, 4, 4))
+    np.save(tmp_path / "one.npy", phantom.volume[:1])
+    with pytest.raises(ScanError, match="single slice"):
+        load_scan(str(tmp_path / "one.npy"), spacing=(5, 4, 4))
