@@ -94,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with stage("2c. tiny Phi-3 language base (text only)"):
         losses = S.stage_pretrain_lm(run, train, S.LMConfig(steps=cfg.lm_steps, seed=cfg.seed), progress=cfg.progress)
         click.echo(f"   LM loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    with stage("2d. SAMF + Ao2D fusion, aggregator, ViT, Phi-3 LoRA (peft): reports + multiple choice"):
+    with stage("2d. SAMF + Ao2D fusion and aggregator (ViT frozen), Phi-3 LoRA (peft): reports + multiple choice"):
         losses = S.stage_finetune(run, train, S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed),
                                   progress=cfg.progress)
         click.echo(f"   finetune loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")

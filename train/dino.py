@@ -44,8 +44,10 @@ class DinoConfig:
 class DinoHead(nn.Module):
     def __init__(self, in_dim: int, cfg: DinoConfig):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden_dim), nn.GELU(),
-                                 nn.Linear(cfg.hidden_dim, cfg.hidden_dim), nn.GELU(),
+        # BatchNorm in the head (DINO's ``use_bn``): CLS vectors of CT slices start nearly identical, so
+        # without it the centred teacher is uniform from the first steps and the loss sits at ln(out_dim).
+        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden_dim), nn.BatchNorm1d(cfg.hidden_dim), nn.GELU(),
+                                 nn.Linear(cfg.hidden_dim, cfg.hidden_dim), nn.BatchNorm1d(cfg.hidden_dim), nn.GELU(),
                                  nn.Linear(cfg.hidden_dim, cfg.bottleneck_dim))
         self.last_layer = nn.utils.parametrizations.weight_norm(
             nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False))

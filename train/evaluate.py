@@ -40,10 +40,11 @@ def format_table(rows: dict) -> str:
     """``{name: {finding: acc}}`` as an aligned text table, chance in the last column."""
     keys = [k for k in SCORED] + ["mean"]
     names = list(rows)
-    head = f"{'finding':<14}" + "".join(f"{n:>12}" for n in names) + f"{'chance':>10}"
+    w = max(10, *(len(n) + 2 for n in names))
+    head = f"{'finding':<14}" + "".join(f"{n:>{w}}" for n in names) + f"{'chance':>10}"
     lines = [head, "-" * len(head)]
     for k in keys:
-        vals = "".join(f"{rows[n].get(k, float('nan')):>12.2f}" for n in names)
+        vals = "".join(f"{rows[n].get(k, float('nan')):>{w}.2f}" for n in names)
         ch = CHANCE.get(k, sum(CHANCE.values()) / len(CHANCE))
         lines.append(f"{k:<14}{vals}{ch:>10.2f}")
     return "\n".join(lines)
