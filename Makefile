@@ -13,6 +13,7 @@ demo: install
 	samf demo
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow" -q
 
 test-all: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
@@ -19,6 +20,8 @@ class SamfGroup(click.Group):
     def invoke(self, ctx):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # Deprecation chatter from the training libraries is for their developers, not our users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         try:
             return super().invoke(ctx)
         except SamfError as e:

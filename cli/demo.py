@@ -53,6 +53,7 @@ class _Stages:
 def run_demo(cfg: DemoConfig) -> dict:
     import numpy as np
 
+    from samf.runtime.atomic import atomic_file
     from samf.runtime.preprocess import PreprocessConfig
     from samf.runtime.prompt import report_prompt
     from samf.train import stages as S
@@ -122,7 +123,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             click.echo(f"   reference {ex.report}")
         keys = list(q8[0].timings)
         mean_t = {k: float(np.mean([r.timings[k] for r in q8])) for k in keys}
-        click.echo("\n   mean per-scan timings (Q8_0): " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in mean_t.items()))
+        click.echo("\n   mean per-scan timings (Q8_0): "
+                   + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in mean_t.items()))
         click.echo(f"   decode speed: {np.mean([r.tokens_per_s for r in q8]):.0f} tok/s (Q8_0), "
                    f"{np.mean([r.tokens_per_s for r in results['F32']]):.0f} tok/s (F32)")
 
@@ -142,8 +144,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     total = time.perf_counter() - t_start
     summary = dict(total_s=total, stages_s=stage.times, accuracy=table, runtime_equals_torch=f"{same}/{len(test)}",
-                   onnx_max_abs_diff=manifest["fidelity"]["onnx_max_abs_diff"], timings_ms={k: v * 1000 for k, v in mean_t.items()})
-    with open(os.path.join(cfg.workdir, "demo_summary.json"), "w") as f:
+                   onnx_max_abs_diff=manifest["fidelity"]["onnx_max_abs_diff"],
+                   timings_ms={k: v * 1000 for k, v in mean_t.items()})
+    with atomic_file(os.path.join(cfg.workdir, "demo_summary.json")) as f:
         json.dump(summary, f, indent=2)
     click.secho(f"\ndemo finished in {total / 60:.1f} min; bundle: {bundle}; summary: "
                 f"{os.path.join(cfg.workdir, 'demo_summary.json')}", bold=True)

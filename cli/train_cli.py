@@ -89,6 +89,7 @@ def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet):
     import numpy as np
     import torch
 
+    from samf.runtime.atomic import atomic_file
     from samf.train.dino import DinoConfig, pretrain_dino
     from samf.train.models import VisionTransformer, load_dino_weights
     from samf.train.stages import MetricsLog, read_run
@@ -102,8 +103,8 @@ def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet):
     cfg = DinoConfig(**({"steps": steps} if steps else {}))
     losses = pretrain_dino(vit, slices, cfg, progress=not quiet, log=MetricsLog(run_dir))
     out = os.path.join(run_dir, "vit_dino.pt")
-    torch.save(vit.state_dict(), out + ".tmp")
-    os.replace(out + ".tmp", out)
+    with atomic_file(out, "wb") as f:
+        torch.save(vit.state_dict(), f)
     click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; ViT saved to {out}")
 
 
@@ -182,8 +183,9 @@ def evaluate(data_dir, run_dir, split, limit, threads, quiet):
     mcq = {k: mcq_accuracy(*generate_mcq(vlm, sp, exs, zero_image=(k == "zeroed"))) for k in res}
     click.echo(format_table(res))
     click.echo("mcq accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in mcq.items()))
-    out = os.path.join(run_dir, f"eval_{split}.json")
-    with open(out, "w") as f:
+    from samf.runtime.atomic import atomic_file
+
+    with atomic_file(os.path.join(run_dir, f"eval_{split}.json")) as f:
         json.dump({"findings": res, "mcq": mcq, "n": len(exs)}, f, indent=2)
 
 

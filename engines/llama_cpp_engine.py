@@ -80,44 +80,31 @@ class LlamaCppLLM:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace").strip()
 
     # ------------------------------------------------------------------------------------ decode
-    def _decode_embd(self, rows: np.ndarray, pos0: int, want_logits: bool) -> None:
+    def _decode(self, pos0: int, tokens: list | None = None, rows: np.ndarray | None = None,
+                want_logits: bool = True) -> None:
+        """Decode token ids or embedding rows from position ``pos0``, in chunks of at most ``n_batch``;
+        logits only for the very last one."""
         ll = self._ll
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        for start in range(0, len(rows), self.n_batch):
-            chunk = rows[start: start + self.n_batch]
-            n = len(chunk)
-            batch = ll.llama_batch_init(n, self.n_embd, 1)
+        if rows is not None:
+            rows = np.ascontiguousarray(rows, dtype=np.float32)
+        total = len(rows) if rows is not None else len(tokens)
+        for start in range(0, total, self.n_batch):
+            n = min(self.n_batch, total - start)
+            batch = ll.llama_batch_init(n, self.n_embd if rows is not None else 0, 1)
             try:
-                ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-                last = start + n == len(rows)
+                if rows is not None:
+                    chunk = rows[start: start + n]
+                    ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
                 for i in range(n):
+                    if rows is None:
+                        batch.token[i] = tokens[start + i]
                     batch.pos[i] = pos0 + start + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1 if (want_logits and last and i == n - 1) else 0
+                    batch.logits[i] = 1 if (want_logits and start + i == total - 1) else 0
                 batch.n_tokens = n
                 if ll.llama_decode(self.llm.ctx, batch) != 0:
-                    raise SamfError("llama_decode failed on the image embeddings")
-            finally:
-                ll.llama_batch_free(batch)
-
-    def _decode_tokens(self, ids: list, pos0: int) -> None:
-        ll = self._ll
-        for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start: start + self.n_batch]
-            n = len(chunk)
-            batch = ll.llama_batch_init(n, 0, 1)
-            try:
-                last = start + n == len(ids)
-                for i, t in enumerate(chunk):
-                    batch.token[i] = t
-                    batch.pos[i] = pos0 + start + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1 if (last and i == n - 1) else 0
-                batch.n_tokens = n
-                if ll.llama_decode(self.llm.ctx, batch) != 0:
-                    raise SamfError("llama_decode failed on the prompt tokens")
+                    raise SamfError("llama_decode failed")
             finally:
                 ll.llama_batch_free(batch)
 
@@ -136,11 +123,11 @@ class LlamaCppLLM:
             raise SamfError(f"request needs {total} positions but the LLM context holds {self.n_ctx}")
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.llm.ctx), True)
         t0 = time.perf_counter()
-        self._decode_tokens([self.bos], 0)
-        self._decode_embd(prefix, 1, want_logits=not prompt_ids)
+        self._decode(0, tokens=[self.bos], want_logits=False)
+        self._decode(1, rows=prefix, want_logits=not prompt_ids)
         pos = 1 + len(prefix)
         if prompt_ids:
-            self._decode_tokens(list(prompt_ids), pos)
+            self._decode(pos, tokens=list(prompt_ids))
             pos += len(prompt_ids)
         t1 = time.perf_counter()
         ids, logits = [], []
@@ -152,7 +139,7 @@ class LlamaCppLLM:
             if nxt == self.eos:
                 break
             ids.append(nxt)
-            self._decode_tokens([nxt], pos)
+            self._decode(pos, tokens=[nxt])
             pos += 1
         t2 = time.perf_counter()
         out = dict(ids=ids, text=self.detokenize(ids), prefill_s=t1 - t0, decode_s=t2 - t1,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 
 from samf import __version__
+from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
 from samf.runtime.prompt import REPORT_REQUESTS, format_prompt
 
@@ -32,10 +32,7 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
     with open(os.path.join(ckpt_dir, "preprocess.json")) as f:
         preprocess = json.load(f)
     vlm = SamfVLM.from_checkpoint(ckpt_dir)
-    tmp = out_dir.rstrip("/") + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(out_dir) as tmp:
         log("export: ONNX (vit, aggregator, fusion) + ONNX Runtime check")
         diffs = export_onnx(vlm, tmp)
         log("export: " + ", ".join(f"{k} max|ORT-torch|={v:.1e}" for k, v in diffs.items()))
@@ -72,14 +69,6 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
                              for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        old = out_dir.rstrip("/") + f".old-{os.getpid()}"
-        if os.path.exists(out_dir):
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -92,8 +81,6 @@ def update_manifest(bundle_dir: str, update) -> dict:
     for name in list(manifest["files"]):
         p = os.path.join(bundle_dir, name)
         manifest["files"][name] = dict(sha256=sha256_of(p), size=os.path.getsize(p))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         json.dump(manifest, f, indent=2)
-    os.replace(tmp, path)
     return manifest

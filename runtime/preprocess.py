@@ -32,6 +32,8 @@ class PreprocessConfig:
     windows: tuple = DEFAULT_WINDOWS      # one channel per (centre, width) HU window
     body_threshold_hu: float = -500.0     # voxels above this are "body" when placing slices
     min_extent_mm: float = 40.0           # refuse scans thinner than this along any axis
+    slab: str = "thin"                    # "thin" slices, or "mip"/"mean" over the slab between neighbours
+    slab_samples: int = 5                 # planes sampled across each slab (mip/mean)
 
     @property
     def n_slices(self) -> int:
@@ -105,10 +107,19 @@ def cut_slices(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
         (2, (0, z_down), (1, y_down)),    # sagittal: rows superior→inferior, cols anterior→posterior
     ):
         lo, hi = box[normal]
-        pos = lo + (np.arange(S) + 0.5) / S * (hi - lo)
+        step = (hi - lo) / S
+        pos = lo + (np.arange(S) + 0.5) * step
+        m = 1 if cfg.slab == "thin" else cfg.slab_samples
+        if m > 1:  # m planes evenly across each slab, reduced below
+            pos = (pos[:, None] + ((np.arange(m) + 0.5) / m - 0.5)[None, :] * step).ravel()
         s = _interp_axis(hu, normal, pos, air)          # slices stacked along `normal`
         s = _interp_axis(s, row_ax, rows, air)
         s = _interp_axis(s, col_ax, cols, air)
+        if m > 1:
+            shape = list(s.shape)
+            shape[normal: normal + 1] = [S, m]
+            s = s.reshape(shape)
+            s = s.max(axis=normal + 1) if cfg.slab == "mip" else s.mean(axis=normal + 1)
         # Put the slice axis first, rows second, columns third.
         out.append(np.moveaxis(s, (normal, row_ax, col_ax), (0, 1, 2)))
     return np.concatenate(out, axis=0)

@@ -10,6 +10,8 @@ tokenizer in the runtime cut it into the same ids. The loss covers the answer an
 
 from __future__ import annotations
 
+import re
+
 #: Report requests; training samples among them, the runtime uses the first unless told otherwise.
 REPORT_REQUESTS = (
     "Write the findings of this chest CT.",
@@ -43,8 +45,5 @@ def mcq_answer(letter: str, choices) -> str:
 
 def mcq_choice_of(generated: str) -> str | None:
     """The letter a generated answer picked (M3D scores ``"X."`` in the output), or None."""
-    text = generated.strip()
-    for letter in LETTERS:
-        if text.startswith(f"{letter}.") or f" {letter}." in f" {text}"[:4]:
-            return letter
-    return None
+    m = re.search(r"\b([ABCD])\.", generated)
+    return m.group(1) if m else None

@@ -19,3 +19,28 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["runtime_equals_torch"] == "4/4"
     assert all(v <= 1e-4 for v in summary["onnx_max_abs_diff"].values())
     assert (tmp_path / "bundle" / "manifest.json").exists()
+
+
+def _cli(tool, *args):
+    mod = {"samf": "samf_cli", "samf-train": "train_cli", "samf-export": "export_cli"}[tool]
+    code = f"import sys; from samf.cli.{mod} import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{tool} {args[0]}: {proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_every_demo_step_is_a_command(tmp_path):
+    data, run, bundle = str(tmp_path / "data"), str(tmp_path / "run"), str(tmp_path / "bundle")
+    common = ["--data", data, "--run", run]
+    _cli("samf-train", "make-phantoms", "--out", data, "--train", "24", "--test", "2", "--quiet")
+    _cli("samf-train", "init", "--run", run)
+    _cli("samf-train", "tokenizer", *common)
+    assert "pretrain-2d: loss" in _cli("samf-train", "pretrain-2d", *common, "--steps", "3", "--quiet")
+    _cli("samf-train", "pretrain-lm", *common, "--steps", "5", "--quiet")
+    _cli("samf-train", "finetune", *common, "--steps", "5", "--quiet")
+    _cli("samf-train", "merge", "--run", run)
+    assert "zeroed" in _cli("samf-train", "evaluate", *common, "--limit", "2", "--quiet")
+    _cli("samf-export", "bundle", f"{run}/merged", "--out", bundle)
+    out = _cli("samf", "report", f"{data}/scans/phantom_00024.nii.gz", "--bundle", bundle, "--json")
+    assert json.loads(out)["report"] is not None

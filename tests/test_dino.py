@@ -6,7 +6,7 @@ import torch
 from samf.runtime.ct import Volume
 from samf.runtime.preprocess import PreprocessConfig, preprocess
 from samf.train.dino import DinoConfig, pretrain_dino, random_crops
-from samf.train.models import ViTConfig, VisionTransformer
+from samf.train.models import VisionTransformer, ViTConfig
 from samf.train.phantom import make_phantom
 
 

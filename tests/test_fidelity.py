@@ -93,6 +93,7 @@ def test_llama_cpp_matches_transformers_with_injected_embeddings(trained, vlm, s
         assert out["ids"] == ids_t
         assert len(ids_t) > 10  # a whole report, not a stub
         worst = max(worst, float(np.abs(out["logits"] - logits_t.numpy()).max()))
+    print(f"max |logit llama.cpp - transformers| = {worst:.2e}")
     assert worst < 1e-2, f"max logit difference {worst:.2e}"
 
 

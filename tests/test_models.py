@@ -2,8 +2,15 @@
 
 import torch
 
-from samf.train.models import (SAMF, AggregatorConfig, FusionConfig, SliceAggregator, ViTConfig,
-                               VisionTransformer, load_dino_weights)
+from samf.train.models import (
+    SAMF,
+    AggregatorConfig,
+    FusionConfig,
+    SliceAggregator,
+    VisionTransformer,
+    ViTConfig,
+    load_dino_weights,
+)
 
 
 def _fusion(ao2d=True, d=16):

@@ -3,8 +3,16 @@
 import numpy as np
 import pytest
 
-from samf.train.phantom import (HU, Findings, make_phantom, parse_report, render_volume, truth_of,
-                                write_questions, write_report)
+from samf.train.phantom import (
+    HU,
+    Findings,
+    make_phantom,
+    parse_report,
+    render_volume,
+    truth_of,
+    write_questions,
+    write_report,
+)
 
 
 def test_same_seed_same_phantom():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from samf.runtime.atomic import atomic_file
 from samf.runtime.ct import load_scan, save_nifti
 from samf.runtime.preprocess import PreprocessConfig, preprocess
 
@@ -35,12 +36,10 @@ class Example:
 
 
 def _write_csv(path: str, rows: list) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0,
@@ -59,10 +58,8 @@ def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int 
         questions += [dict(image=rel, **q) for q in p.questions]
     for split, r in rows.items():
         _write_csv(os.path.join(out_dir, f"{split}.csv"), r)
-    tmp = os.path.join(out_dir, "questions.jsonl.tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(os.path.join(out_dir, "questions.jsonl")) as f:
         f.writelines(json.dumps(q) + "\n" for q in questions)
-    os.replace(tmp, os.path.join(out_dir, "questions.jsonl"))
     return {k: len(v) for k, v in rows.items()}
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.preprocess import PreprocessConfig
 from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_prompt, report_prompt
 
@@ -68,10 +69,8 @@ def read_run(run_dir: str) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -83,19 +82,6 @@ class MetricsLog:
     def __call__(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _save_dir_atomic(out_dir: str, write) -> None:
-    """Call ``write(tmp_dir)`` then swap the finished folder into place: no half-written checkpoints."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    old = out_dir.rstrip("/") + ".old"
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -165,7 +151,8 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         log({"stage": "pretrain-lm", "step": step, "loss": losses[-1]})
-    _save_dir_atomic(os.path.join(run_dir, "lm_base"), lambda d: llm.save_pretrained(d))
+    with atomic_dir(os.path.join(run_dir, "lm_base")) as d:
+        llm.save_pretrained(d)
     return losses
 
 
@@ -246,10 +233,9 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         bar.set_postfix(loss=f"{losses[-1]:.3f}", scans_s=f"{rate:.1f}")
         log({"stage": "finetune", "step": step, "loss": losses[-1]})
 
-    def write(d):
+    with atomic_dir(os.path.join(run_dir, "finetune")) as d:
         vlm.llm.save_pretrained(d)
         vlm.save_image_modules(d)
-    _save_dir_atomic(os.path.join(run_dir, "finetune"), write)
     return losses
 
 
@@ -276,14 +262,13 @@ def stage_merge(run_dir: str) -> str:
     vlm.llm = vlm.llm.merge_and_unload()
     out = os.path.join(run_dir, "merged")
 
-    def write(d):
+    with atomic_dir(out) as d:
         vlm.llm.save_pretrained(d, safe_serialization=True)
         vlm.save_image_modules(d)
         tok = os.path.join(run_dir, "tokenizer.model")
         if os.path.exists(tok):
             shutil.copy(tok, os.path.join(d, "tokenizer.model"))
         _write_json(os.path.join(d, PREPROCESS_FILE), run["preprocess"])
-    _save_dir_atomic(out, write)
     return out
 
 

@@ -8,9 +8,10 @@ Ids: 0 <unk>, 1 <s>, 2 </s>, 3 <pad>.
 from __future__ import annotations
 
 import io
-import os
 
 import sentencepiece as spm
+
+from samf.runtime.atomic import atomic_file
 
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 
@@ -25,10 +26,8 @@ def train_tokenizer(texts, out_path: str, vocab_size: int = 512) -> spm.Sentence
         unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD, num_threads=1, minloglevel=2,
         max_sentence_length=8192,
     )
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(out_path, "wb") as f:
         f.write(buf.getvalue())
-    os.replace(tmp, out_path)
     return load_tokenizer(out_path)
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from samf.runtime.atomic import atomic_file
+
 from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
 from .tokenizer import BOS, EOS, PAD
 
@@ -148,12 +150,10 @@ class SamfVLM(nn.Module):
     def save_image_modules(self, out_dir: str) -> None:
         """Encoder + fusion weights and their config beside an LLM checkpoint (atomic per file)."""
         state = {"encoder": self.encoder.state_dict(), "fusion": self.fusion.state_dict()}
-        tmp = os.path.join(out_dir, MODULES_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(out_dir, MODULES_FILE))
-        with open(os.path.join(out_dir, MODULES_CONFIG + ".tmp"), "w") as f:
+        with atomic_file(os.path.join(out_dir, MODULES_FILE), "wb") as f:
+            torch.save(state, f)
+        with atomic_file(os.path.join(out_dir, MODULES_CONFIG)) as f:
             json.dump(self.image_cfg.to_dict(), f, indent=2)
-        os.replace(os.path.join(out_dir, MODULES_CONFIG + ".tmp"), os.path.join(out_dir, MODULES_CONFIG))
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str) -> "SamfVLM":

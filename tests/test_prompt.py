@@ -1,0 +1,33 @@
+"""The conversation template shared by training and runtime."""
+
+from samf.runtime.prompt import format_prompt, mcq_answer, mcq_choice_of, mcq_prompt
+
+
+def test_mcq_round_trip():
+    choices = ["left", "right", "both", "none"]
+    assert mcq_prompt("Which side?", choices) == (
+        "Question: Which side? Choices: A. left. B. right. C. both. D. none. Answer:")
+    assert mcq_answer("C", choices) == "C. both."
+    assert mcq_choice_of(mcq_answer("C", choices)) == "C"
+    assert mcq_choice_of("The answer is B. right.") == "B"
+    assert mcq_choice_of("no idea") is None
+
+
+def test_prompt_has_no_special_tokens():
+    p = format_prompt("Write the findings.")
+    assert "<" not in p and "\n" not in p
+
+
+def test_runtime_answers_multiple_choice(trained):
+    import os
+
+    from samf.runtime.pipeline import ReportPipeline
+
+    pipe = ReportPipeline(trained.bundle)
+    try:
+        ex = trained.test[0]
+        for q in ex.questions:
+            letter, res = pipe.answer(os.path.join(trained.data, ex.image), q["question"], q["choices"])
+            assert letter in "ABCD" and letter is not None, res.text
+    finally:
+        pipe.close()
