@@ -81,9 +81,10 @@ class LlamaCppLLM:
 
     # ------------------------------------------------------------------------------------ decode
     def _decode(self, pos0: int, tokens: list | None = None, rows: np.ndarray | None = None,
-                want_logits: bool = True) -> None:
+                want_logits: bool = True, all_logits: bool = False) -> list:
         """Decode token ids or embedding rows from position ``pos0``, in chunks of at most ``n_batch``;
-        logits only for the very last one."""
+        logits for the very last one (or, with ``all_logits``, every one: returned as a list)."""
+        out = []
         ll = self._ll
         if rows is not None:
             rows = np.ascontiguousarray(rows, dtype=np.float32)
@@ -101,15 +102,19 @@ class LlamaCppLLM:
                     batch.pos[i] = pos0 + start + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1 if (want_logits and start + i == total - 1) else 0
+                    batch.logits[i] = 1 if all_logits or (want_logits and start + i == total - 1) else 0
                 batch.n_tokens = n
                 if ll.llama_decode(self.llm.ctx, batch) != 0:
                     raise SamfError("llama_decode failed")
+                if all_logits:
+                    out += [self._logits_at(i) for i in range(n)]
             finally:
                 ll.llama_batch_free(batch)
+        return out
 
-    def _last_logits(self) -> np.ndarray:
-        ptr = self._ll.llama_get_logits_ith(self.llm.ctx, -1)
+    def _logits_at(self, i: int) -> np.ndarray:
+        """Logits of output ``i`` of the last decode (-1: the last one), copied out of llama.cpp."""
+        ptr = self._ll.llama_get_logits_ith(self.llm.ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int = 256,
@@ -132,7 +137,7 @@ class LlamaCppLLM:
         t1 = time.perf_counter()
         ids, logits = [], []
         for _ in range(max_new_tokens):
-            step = self._last_logits()
+            step = self._logits_at(-1)
             if return_logits:
                 logits.append(step)
             nxt = int(step.argmax())
@@ -147,6 +152,22 @@ class LlamaCppLLM:
         if return_logits:
             out["logits"] = np.stack(logits) if logits else np.zeros((0, self.n_vocab), np.float32)
         return out
+
+    def answer_nll(self, prefix: np.ndarray, prompt_ids: list, answer_ids: list) -> float:
+        """Mean negative log-likelihood per token of ``answer_ids`` + EOS after ``[BOS] prefix prompt``
+        (teacher forcing): how much a quantization costs, measured rather than assumed."""
+        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.llm.ctx), True)
+        self._decode(0, tokens=[self.bos], want_logits=False)
+        self._decode(1, rows=np.asarray(prefix, dtype=np.float32), want_logits=False)
+        pos = 1 + len(prefix)
+        # Logits after the last prompt token predict answer[0]; after answer[i], answer[i+1] (or EOS).
+        steps = self._decode(pos, tokens=list(prompt_ids), all_logits=True)[-1:]
+        steps += self._decode(pos + len(prompt_ids), tokens=list(answer_ids), all_logits=True)
+        logits = np.stack(steps).astype(np.float64)
+        targets = np.asarray(list(answer_ids) + [self.eos])
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        return -float(np.mean(logp[np.arange(len(targets)), targets]))
 
     def close(self) -> None:
         self.llm.close()

@@ -84,8 +84,8 @@ class ReportPipeline:
         timings["fusion"] = time.perf_counter() - t
         return fused[0]
 
-    def _run(self, scan, prompt_text: str, max_new_tokens: int) -> Result:
-        timings: dict = {}
+    def _prefix(self, scan, prompt_text: str, timings: dict) -> tuple:
+        """Scan + prompt -> (fused image embeddings, prompt ids), timing each stage."""
         vol = scan if isinstance(scan, Volume) else load_scan(str(scan))
         timings["load"] = vol.info.get("load_s", 0.0)
         t = time.perf_counter()
@@ -93,7 +93,11 @@ class ReportPipeline:
         timings["preprocess"] = time.perf_counter() - t
         z2d, z3d = self.encode(slices, timings)
         prompt_ids = self.llm.tokenize(prompt_text)
-        prefix = self.image_prefix(z2d, z3d, prompt_ids, timings)
+        return self.image_prefix(z2d, z3d, prompt_ids, timings), prompt_ids
+
+    def _run(self, scan, prompt_text: str, max_new_tokens: int) -> Result:
+        timings: dict = {}
+        prefix, prompt_ids = self._prefix(scan, prompt_text, timings)
         out = self.llm.generate(prefix, prompt_ids, max_new_tokens=max_new_tokens)
         timings["llm_prefill"] = out["prefill_s"]
         timings["llm_decode"] = out["decode_s"]
@@ -111,6 +115,11 @@ class ReportPipeline:
             raise SamfError("a multiple-choice question needs exactly four choices")
         res = self._run(scan, mcq_prompt(question, choices), max_new_tokens)
         return mcq_choice_of(res.text), res
+
+    def report_nll(self, scan, reference: str, request: str | None = None) -> float:
+        """Teacher-forced negative log-likelihood per token of a reference report for this scan."""
+        prefix, prompt_ids = self._prefix(scan, format_prompt(request or REPORT_REQUESTS[0]), {})
+        return self.llm.answer_nll(prefix, prompt_ids, self.llm.tokenize(reference))
 
     def close(self) -> None:
         self.llm.close()

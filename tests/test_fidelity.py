@@ -122,3 +122,18 @@ def test_quantized_q8_mostly_agrees(trained):
         pipe.close()
     same = sum(a == b for a, b in zip(texts["F32"], texts["Q8_0"]))
     assert same >= 4, f"Q8_0 report equals F32 report for only {same}/6 scans"
+
+
+def test_llama_cpp_loss_matches_transformers(trained, vlm, sp):
+    """Teacher-forced loss of the reference report: the runtime's figure equals the training loss."""
+    from samf.runtime.pipeline import ReportPipeline
+
+    pipe = ReportPipeline(trained.bundle, quant="F32")
+    try:
+        for ex in trained.test[:3]:
+            with torch.no_grad():
+                ref = vlm(torch.from_numpy(ex.slices)[None], [sp.encode(report_prompt(0))], [sp.encode(ex.report)])
+            got = pipe.report_nll(os.path.join(trained.data, ex.image), ex.report)
+            assert abs(got - float(ref)) < 1e-3, (got, float(ref))
+    finally:
+        pipe.close()
