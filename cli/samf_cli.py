@@ -16,6 +16,15 @@ bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Pa
 quant_opt = click.option("--quant", default=None, help="which GGUF in the bundle (default: the manifest's)")
 spacing_opt = click.option("--spacing", nargs=3, type=float, default=None,
                            help="voxel spacing Z Y X in mm, for .npy volumes")
+series_opt = click.option("--series", default=None, help="SeriesInstanceUID, for a DICOM folder with several")
+non_ct_opt = click.option("--allow-non-ct", is_flag=True, help="accept a DICOM series whose modality is not CT")
+
+
+def scan_options(f):
+    """The options that say how to read SCAN, shared by every command that takes one."""
+    for opt in (non_ct_opt, series_opt, spacing_opt):
+        f = opt(f)
+    return f
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for the engines")
 backend_opt = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                            show_default=True, help="engine for the ViT, aggregator and fusion")
@@ -23,10 +32,13 @@ gpu_layers_opt = click.option("--gpu-layers", type=int, default=0, show_default=
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)")
 
 
-def _load(scan, spacing):
+def _load(scan, spacing, series=None, allow_non_ct=False, quiet=False):
     from samf.runtime.ct import load_scan
 
-    return load_scan(scan, spacing=tuple(spacing) if spacing else None)
+    vol = load_scan(scan, spacing=tuple(spacing) if spacing else None, series=series, allow_non_ct=allow_non_ct)
+    if not quiet and vol.info.get("choice"):
+        click.echo(f"using {vol.info['choice']}", err=True)
+    return vol
 
 
 def _timings_line(t: dict) -> str:
@@ -43,18 +55,19 @@ def main():
 @click.argument("scan", type=click.Path())
 @bundle_opt
 @quant_opt
-@spacing_opt
+@scan_options
 @click.option("--request", default=None, help="the report request (default: the trained one)")
 @click.option("--max-tokens", default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 @threads_opt
 @backend_opt
 @gpu_layers_opt
-def report(scan, bundle_dir, quant, spacing, request, max_tokens, as_json, threads, backend, gpu_layers):
-    """Write the findings report for SCAN (.nii, .nii.gz or .npy)."""
+def report(scan, bundle_dir, quant, spacing, series, allow_non_ct, request, max_tokens, as_json, threads, backend,
+           gpu_layers):
+    """Write the findings report for SCAN (.nii, .nii.gz, a DICOM series folder, or .npy)."""
     from samf.runtime.pipeline import ReportPipeline
 
-    vol = _load(scan, spacing)  # refuse a bad scan before loading any model
+    vol = _load(scan, spacing, series, allow_non_ct, quiet=as_json)  # refuse a bad scan before loading any model
     pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers)
     res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
     if as_json:
@@ -70,17 +83,17 @@ def report(scan, bundle_dir, quant, spacing, request, max_tokens, as_json, threa
 @click.argument("scan", type=click.Path())
 @bundle_opt
 @quant_opt
-@spacing_opt
+@scan_options
 @click.option("--question", required=True)
 @click.option("--choice", "choices", multiple=True, required=True, help="give exactly four, in order A-D")
 @threads_opt
 @backend_opt
 @gpu_layers_opt
-def vqa(scan, bundle_dir, quant, spacing, question, choices, threads, backend, gpu_layers):
+def vqa(scan, bundle_dir, quant, spacing, series, allow_non_ct, question, choices, threads, backend, gpu_layers):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.pipeline import ReportPipeline
 
-    vol = _load(scan, spacing)
+    vol = _load(scan, spacing, series, allow_non_ct)
     pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers)
     letter, res = pipe.answer(vol, question, list(choices))
     click.echo(f"{letter or '?'}  ({res.text})")
@@ -88,17 +101,46 @@ def vqa(scan, bundle_dir, quant, spacing, question, choices, threads, backend, g
 
 @main.command()
 @click.argument("scan", type=click.Path())
-@spacing_opt
-def info(scan, spacing):
+@scan_options
+def info(scan, spacing, series, allow_non_ct):
     """Print what was found in SCAN without running a model."""
     import numpy as np
 
-    vol = _load(scan, spacing)
+    vol = _load(scan, spacing, series, allow_non_ct, quiet=True)
+    lines = [("format", vol.info.get("format"))]
+    if vol.info.get("format") == "dicom":
+        lines += [("series", vol.info["choice"]), ("images", vol.info["images"])]
+        if vol.info.get("uneven_spacing"):
+            lines.append(("warning", "slice positions are unevenly spaced; the median gap is used"))
     hu = vol.hu
-    click.echo(f"format   {vol.info.get('format')}\nshape    {hu.shape} (Z, Y, X)\n"
-               f"spacing  {tuple(round(s, 3) for s in vol.spacing)} mm\n"
-               f"extent   {tuple(int(n * s) for n, s in zip(hu.shape, vol.spacing))} mm\n"
-               f"HU       {float(hu.min()):.0f} .. {float(hu.max()):.0f} (median {float(np.median(hu)):.0f})")
+    lines += [("shape", f"{hu.shape} (Z, Y, X), canonical: Z superior, Y anterior, X patient right"),
+              ("spacing", f"{tuple(round(s, 3) for s in vol.spacing)} mm"),
+              ("extent", f"{tuple(int(n * s) for n, s in zip(hu.shape, vol.spacing))} mm"),
+              ("HU", f"{float(hu.min()):.0f} .. {float(hu.max()):.0f} (median {float(np.median(hu)):.0f})")]
+    for k, v in lines:
+        click.echo(f"{k:<9}{v}")
+
+
+@main.command()
+@click.argument("scan", type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(),
+              help="use this bundle's preprocessing (default: the paper preset's)")
+@scan_options
+def slices(scan, out_dir, bundle_dir, spacing, series, allow_non_ct):
+    """Write the slices the model will see as PNGs (one per slice and window) plus a montage per plane."""
+    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.slices_png import write_slice_pngs
+
+    vol = _load(scan, spacing, series, allow_non_ct)
+    if bundle_dir:
+        from samf.runtime.bundle import read_bundle
+
+        cfg = read_bundle(bundle_dir, verify_hashes=False).preprocess
+    else:
+        cfg = PreprocessConfig()
+    files = write_slice_pngs(vol, cfg, out_dir)
+    click.echo(f"wrote {len(files)} images to {out_dir} (montages: {', '.join(f for f in files if 'montage' in f)})")
 
 
 @main.command()

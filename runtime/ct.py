@@ -32,14 +32,26 @@ def _is_nifti(path: str) -> bool:
     return path.lower().endswith(NIFTI_SUFFIXES)
 
 
-def load_scan(path: str, spacing: tuple | None = None) -> Volume:
-    """Read a scan from ``path``; raise :class:`ScanError` with a one-line reason when it is unusable."""
+def load_scan(path: str, spacing: tuple | None = None, series: str | None = None,
+              allow_non_ct: bool = False) -> Volume:
+    """Read a scan from ``path`` (NIfTI file, DICOM series folder or .npy volume); raise
+    :class:`ScanError` with a one-line reason when it is unusable.
+
+    ``series`` picks a SeriesInstanceUID in a folder holding several; ``allow_non_ct`` lets a non-CT
+    DICOM series through (its values are then not checked as HU).
+    """
     t0 = time.perf_counter()
     if not os.path.exists(path):
         raise ScanError(f"scan not found: {path}")
     if os.path.isdir(path):
-        raise ScanError(f"{path} is a folder; DICOM series folders are not supported yet "
-                        "(give a NIfTI .nii/.nii.gz or a .npy volume)")
+        from .dicom import load_dicom_series
+
+        img, info = load_dicom_series(path, series, allow_non_ct)
+        vol = _canonical(img, path, info)
+        if not allow_non_ct:
+            check_volume(vol)
+        vol.info["load_s"] = time.perf_counter() - t0
+        return vol
     if _is_nifti(path):
         vol = _load_nifti(path)
     elif path.lower().endswith(".npy"):
@@ -69,10 +81,22 @@ def _load_nifti(path: str) -> Volume:
         data = data[..., 0]
     if data.ndim != 3:
         raise ScanError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    return _to_volume(data, img, path, {"format": "nifti"})
+
+
+def _canonical(img, path: str, info: dict) -> Volume:
+    """A nibabel image in any orientation -> canonical :class:`Volume`."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(img)
+    return _to_volume(np.asarray(img.dataobj, dtype=np.float32), img, path, info)
+
+
+def _to_volume(data: np.ndarray, img, path: str, info: dict) -> Volume:
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     # nibabel's canonical array is [X, Y, Z] (RAS); ours is [Z, Y, X].
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))
-    return Volume(hu=hu, spacing=zooms[::-1], source=path, info={"format": "nifti"})
+    return Volume(hu=hu, spacing=zooms[::-1], source=path, info=info)
 
 
 def _load_npy(path: str, spacing) -> Volume:

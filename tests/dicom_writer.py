@@ -1,0 +1,46 @@
+"""Write a canonical [Z, Y, X] HU volume as a real DICOM CT series (for tests), in LPS like a scanner."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", series_uid: str | None = None,
+                 names=None, slope: float = 1.0, intercept: float = -1024.0, shuffle_instance=True) -> str:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    os.makedirs(folder, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study = generate_uid()
+    nz, ny, nx = hu.shape
+    sz, sy, sx = spacing
+    rng = np.random.default_rng(0)
+    instance = rng.permutation(nz) + 1 if shuffle_instance else np.arange(nz) + 1
+    names = names or [f"IMG{rng.integers(1e9):09d}" for _ in range(nz)]
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    for k in range(nz):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, study
+        ds.SeriesDescription = f"test {modality}"
+        ds.InstanceNumber = int(instance[k])
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]   # columns -> patient left, rows -> posterior (LPS)
+        ds.ImagePositionPatient = [-100.0, -120.0, 50.0 + k * sz]
+        ds.PixelSpacing = [sy, sx]
+        ds.SliceThickness = sz
+        ds.Rows, ds.Columns = ny, nx
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        raw = np.round((hu[k, ::-1, ::-1] - intercept) / slope)
+        ds.PixelData = np.clip(raw, 0, 65535).astype(np.uint16).tobytes()
+        ds.save_as(os.path.join(folder, names[k]), enforce_file_format=True)
+    return series_uid

@@ -1,0 +1,99 @@
+"""DICOM series: order from positions, rescale to HU, series choice, refusals."""
+
+import shutil
+
+import numpy as np
+import pytest
+from dicom_writer import write_series
+
+from samf.runtime.ct import load_scan, save_nifti
+from samf.runtime.errors import ScanError
+from samf.train.phantom import make_phantom
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(21, shape=(24, 40, 40), spacing=(8.0, 9.0, 9.0))
+
+
+def test_series_equals_the_nifti_of_the_same_scan(phantom, tmp_path):
+    write_series(str(tmp_path / "dcm"), phantom.volume, phantom.spacing, slope=2.0, intercept=-2048.0)
+    save_nifti(str(tmp_path / "ref.nii.gz"), phantom.volume, phantom.spacing)
+    got, ref = load_scan(str(tmp_path / "dcm")), load_scan(str(tmp_path / "ref.nii.gz"))
+    assert got.spacing == pytest.approx(ref.spacing)
+    assert got.hu.shape == ref.hu.shape
+    assert np.abs(got.hu - ref.hu).max() <= 1.0  # slope 2: values rounded to even HU
+    assert got.info["format"] == "dicom" and got.info["images"] == 24
+
+
+def test_several_series_default_and_choice(phantom, tmp_path):
+    folder = tmp_path / "mixed"
+    big = write_series(str(folder / "a"), phantom.volume, phantom.spacing)
+    small = write_series(str(folder / "b"), phantom.volume[:8], phantom.spacing)
+    write_series(str(folder / "c"), phantom.volume, phantom.spacing, modality="MR")
+    v = load_scan(str(folder))
+    assert v.info["series"] == big and "3 series" in v.info["choice"]
+    assert load_scan(str(folder), series=small).hu.shape[0] == 8
+    with pytest.raises(ScanError, match="no series"):
+        load_scan(str(folder), series="1.2.3")
+
+
+def test_refusals(phantom, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScanError, match="empty folder"):
+        load_scan(str(tmp_path / "empty"))
+    (tmp_path / "notdicom").mkdir()
+    (tmp_path / "notdicom" / "readme.txt").write_text("hello")
+    with pytest.raises(ScanError, match="no DICOM"):
+        load_scan(str(tmp_path / "notdicom"))
+    write_series(str(tmp_path / "mr"), phantom.volume, phantom.spacing, modality="MR")
+    with pytest.raises(ScanError, match="not CT"):
+        load_scan(str(tmp_path / "mr"))
+    assert load_scan(str(tmp_path / "mr"), allow_non_ct=True).hu.shape == phantom.volume.shape
+
+
+def test_pydicom_ct_small_is_a_single_slice(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "one").mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "one" / "x.dcm")
+    with pytest.raises(ScanError, match="single image"):
+        load_scan(str(tmp_path / "one"))
+
+
+def test_compressed_without_decoder_names_what_to_install(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from samf.runtime.dicom import _pixels_hu
+
+    path = get_testdata_file("JPEG2000.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        arr = _pixels_hu(path)
+    except ScanError as e:  # no JPEG 2000 plugin here: the message says what to install
+        assert "JPEG 2000" in str(e) and "pip install" in str(e)
+    else:                   # a plugin is installed: the image decodes
+        assert arr.shape == (ds.Rows, ds.Columns)
+
+
+def test_cli_info_and_slices_on_a_dicom_folder(phantom, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    write_series(str(tmp_path / "dcm"), phantom.volume, phantom.spacing)
+    code = "import sys; from samf.cli.samf_cli import main; sys.exit(main())"
+    run = lambda *a: subprocess.run([sys.executable, "-c", code, *a], capture_output=True, text=True)  # noqa: E731
+    info = run("info", str(tmp_path / "dcm"))
+    assert info.returncode == 0 and "dicom" in info.stdout and "(24, 40, 40)" in info.stdout
+    out = tmp_path / "png"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    proc = run("slices", str(tmp_path / "dcm"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "mine.txt").read_text() == "keep me"   # nothing the user had is touched
+    m = Image.open(out / "montage_axial.png")
+    assert m.size == (8 * 224, 3 * 224)                   # 8 slices across, 3 windows down (paper preset)
+    assert len(list(out.glob("sagittal_*_lung.png"))) == 8
