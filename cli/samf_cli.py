@@ -18,11 +18,13 @@ spacing_opt = click.option("--spacing", nargs=3, type=float, default=None,
                            help="voxel spacing Z Y X in mm, for .npy volumes")
 series_opt = click.option("--series", default=None, help="SeriesInstanceUID, for a DICOM folder with several")
 non_ct_opt = click.option("--allow-non-ct", is_flag=True, help="accept a DICOM series whose modality is not CT")
+ctrate_opt = click.option("--ctrate-metadata", type=click.Path(dir_okay=False), default=None,
+                          help="CT-RATE metadata CSV: spacing and rescale for raw CT-RATE volumes")
 
 
 def scan_options(f):
     """The options that say how to read SCAN, shared by every command that takes one."""
-    for opt in (non_ct_opt, series_opt, spacing_opt):
+    for opt in (ctrate_opt, non_ct_opt, series_opt, spacing_opt):
         f = opt(f)
     return f
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for the engines")
@@ -32,10 +34,22 @@ gpu_layers_opt = click.option("--gpu-layers", type=int, default=0, show_default=
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)")
 
 
-def _load(scan, spacing, series=None, allow_non_ct=False, quiet=False):
+def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, quiet=False):
+    """Read SCAN with the options of :func:`scan_options`; say which DICOM series was used."""
+    import os
+
     from samf.runtime.ct import load_scan
 
-    vol = load_scan(scan, spacing=tuple(spacing) if spacing else None, series=series, allow_non_ct=allow_non_ct)
+    meta = None
+    if ctrate_metadata:
+        from samf.runtime.ctrate import read_metadata
+        from samf.runtime.errors import ScanError
+
+        meta = read_metadata(ctrate_metadata).get(os.path.basename(scan.rstrip("/")))
+        if meta is None:
+            raise ScanError(f"{os.path.basename(scan)} is not in {ctrate_metadata}")
+    vol = load_scan(scan, spacing=tuple(spacing) if spacing else None, series=series, allow_non_ct=allow_non_ct,
+                    ctrate_meta=meta)
     if not quiet and vol.info.get("choice"):
         click.echo(f"using {vol.info['choice']}", err=True)
     return vol
@@ -62,12 +76,12 @@ def main():
 @threads_opt
 @backend_opt
 @gpu_layers_opt
-def report(scan, bundle_dir, quant, spacing, series, allow_non_ct, request, max_tokens, as_json, threads, backend,
-           gpu_layers):
+def report(scan, bundle_dir, quant, request, max_tokens, as_json, threads, backend, gpu_layers, **scan_kw):
     """Write the findings report for SCAN (.nii, .nii.gz, a DICOM series folder, or .npy)."""
     from samf.runtime.pipeline import ReportPipeline
 
-    vol = _load(scan, spacing, series, allow_non_ct, quiet=as_json)  # refuse a bad scan before loading any model
+    # Refuse a bad scan before loading any model.
+    vol = _load(scan, quiet=as_json, **scan_kw)
     pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers)
     res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
     if as_json:
@@ -89,11 +103,11 @@ def report(scan, bundle_dir, quant, spacing, series, allow_non_ct, request, max_
 @threads_opt
 @backend_opt
 @gpu_layers_opt
-def vqa(scan, bundle_dir, quant, spacing, series, allow_non_ct, question, choices, threads, backend, gpu_layers):
+def vqa(scan, bundle_dir, quant, question, choices, threads, backend, gpu_layers, **scan_kw):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.pipeline import ReportPipeline
 
-    vol = _load(scan, spacing, series, allow_non_ct)
+    vol = _load(scan, **scan_kw)
     pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers)
     letter, res = pipe.answer(vol, question, list(choices))
     click.echo(f"{letter or '?'}  ({res.text})")
@@ -102,11 +116,11 @@ def vqa(scan, bundle_dir, quant, spacing, series, allow_non_ct, question, choice
 @main.command()
 @click.argument("scan", type=click.Path())
 @scan_options
-def info(scan, spacing, series, allow_non_ct):
+def info(scan, **scan_kw):
     """Print what was found in SCAN without running a model."""
     import numpy as np
 
-    vol = _load(scan, spacing, series, allow_non_ct, quiet=True)
+    vol = _load(scan, quiet=True, **scan_kw)
     lines = [("format", vol.info.get("format"))]
     if vol.info.get("format") == "dicom":
         lines += [("series", vol.info["choice"]), ("images", vol.info["images"])]
@@ -127,12 +141,12 @@ def info(scan, spacing, series, allow_non_ct):
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(),
               help="use this bundle's preprocessing (default: the paper preset's)")
 @scan_options
-def slices(scan, out_dir, bundle_dir, spacing, series, allow_non_ct):
+def slices(scan, out_dir, bundle_dir, **scan_kw):
     """Write the slices the model will see as PNGs (one per slice and window) plus a montage per plane."""
     from samf.runtime.preprocess import PreprocessConfig
     from samf.runtime.slices_png import write_slice_pngs
 
-    vol = _load(scan, spacing, series, allow_non_ct)
+    vol = _load(scan, **scan_kw)
     if bundle_dir:
         from samf.runtime.bundle import read_bundle
 

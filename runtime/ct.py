@@ -33,12 +33,13 @@ def _is_nifti(path: str) -> bool:
 
 
 def load_scan(path: str, spacing: tuple | None = None, series: str | None = None,
-              allow_non_ct: bool = False) -> Volume:
+              allow_non_ct: bool = False, ctrate_meta: dict | None = None) -> Volume:
     """Read a scan from ``path`` (NIfTI file, DICOM series folder or .npy volume); raise
     :class:`ScanError` with a one-line reason when it is unusable.
 
     ``series`` picks a SeriesInstanceUID in a folder holding several; ``allow_non_ct`` lets a non-CT
-    DICOM series through (its values are then not checked as HU).
+    DICOM series through (its values are then not checked as HU); ``ctrate_meta`` is this volume's row
+    of CT-RATE's metadata CSV (:func:`samf.runtime.ctrate.read_metadata`).
     """
     t0 = time.perf_counter()
     if not os.path.exists(path):
@@ -54,6 +55,11 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
         return vol
     if _is_nifti(path):
         vol = _load_nifti(path)
+        if ctrate_meta is not None:
+            from .ctrate import apply_metadata
+
+            vol.hu, vol.spacing = apply_metadata(vol.hu, vol.spacing, ctrate_meta)
+            vol.info["ctrate_metadata"] = True
     elif path.lower().endswith(".npy"):
         vol = _load_npy(path, spacing)
     else:

@@ -94,3 +94,37 @@ def text_corpus(examples: list) -> list:
         for q in ex.questions:
             texts += [mcq_prompt(q["question"], q["choices"]), mcq_answer(q["answer"], q["choices"])]
     return texts
+
+
+# ------------------------------------------------------------------------------------------ CT-RATE
+
+def ctrate_report(row: dict) -> str:
+    """CT-RATE's report text: findings followed by impressions."""
+    return " ".join(t.strip() for t in (row.get("Findings_EN", ""), row.get("Impressions_EN", "")) if t and t.strip())
+
+
+def load_ctrate(root: str, split_dir: str, reports_csv: str, pre: PreprocessConfig, metadata_csv: str | None = None,
+                labels_csv: str | None = None, limit: int | None = None, progress: bool = True) -> list:
+    """CT-RATE volumes of one split (``train``/``valid`` or ``*_fixed``) with their reports (and labels).
+
+    Volumes are read by the runtime's loader, with spacing/rescale from the metadata CSV when given.
+    Rows whose volume is not on disk are skipped (CT-RATE is often downloaded in part).
+    """
+    from samf.runtime.ctrate import ctrate_path, read_metadata
+
+    meta = read_metadata(metadata_csv) if metadata_csv else {}
+    labels = {}
+    if labels_csv:
+        with open(labels_csv, newline="") as f:
+            for r in csv.DictReader(f):
+                name = r.pop("VolumeName")
+                labels[name] = {k: bool(int(float(v))) for k, v in r.items()}
+    with open(reports_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if os.path.exists(ctrate_path(root, split_dir, r["VolumeName"]))]
+    out = []
+    for r in tqdm(rows[:limit], desc=f"CT-RATE {split_dir}", disable=not progress, unit="scan"):
+        name = r["VolumeName"]
+        vol = load_scan(ctrate_path(root, split_dir, name), ctrate_meta=meta.get(name))
+        out.append(Example(image=name, slices=preprocess(vol, pre), report=ctrate_report(r),
+                           findings=labels.get(name, {})))
+    return out
