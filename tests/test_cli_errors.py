@@ -4,20 +4,17 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 
 from samf.runtime.ct import save_nifti
 from samf.train.phantom import make_phantom
 
 
 def samf(*args):
-    """Run the real console entry point in a subprocess, as a user would."""
-    code = "import sys; from samf.cli.samf_cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    return run_cli("samf", *args)
 
 
 def assert_clean_failure(proc, *words):
@@ -119,11 +116,10 @@ def test_report_runs_from_the_bundle(trained, good_scan):
 
 
 def test_tensorrt_absence_is_a_clear_message(trained, tmp_path):
-    code = "import sys; from samf.cli.export_cli import main; sys.exit(main())"
     b = tmp_path / "b"
     shutil.copytree(trained.bundle, b)
     before = (b / "manifest.json").read_text()
-    proc = subprocess.run([sys.executable, "-c", code, "build-engines", str(b)], capture_output=True, text=True)
+    proc = run_cli("samf-export", "build-engines", str(b))
     assert_clean_failure(proc, "TensorRT is not available")
     assert (b / "manifest.json").read_text() == before  # nothing half-written
 

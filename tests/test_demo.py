@@ -1,18 +1,15 @@
 """`samf demo` end to end through the console script, on a reduced size (marked slow)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from cli_runner import run_cli
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    code = "import sys; from samf.cli.samf_cli import main; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-c", code, "demo", "--workdir", str(tmp_path), "--train", "60",
-                           "--test", "4", "--finetune-steps", "40", "--show", "2"],
-                          capture_output=True, text=True, timeout=900)
+    proc = run_cli("samf", "demo", "--workdir", str(tmp_path), "--train", "60", "--test", "4",
+                   "--finetune-steps", "40", "--show", "2", timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "generated" in proc.stdout and "reference" in proc.stdout
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
@@ -22,9 +19,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def _cli(tool, *args):
-    mod = {"samf": "samf_cli", "samf-train": "train_cli", "samf-export": "export_cli"}[tool]
-    code = f"import sys; from samf.cli.{mod} import main; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    proc = run_cli(tool, *args)
     assert proc.returncode == 0, f"{tool} {args[0]}: {proc.stderr[-2000:]}"
     return proc.stdout
 

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from dicom_writer import write_series
 
 from samf.runtime.ct import load_scan, save_nifti
@@ -78,20 +79,15 @@ def test_compressed_without_decoder_names_what_to_install(tmp_path):
 
 
 def test_cli_info_and_slices_on_a_dicom_folder(phantom, tmp_path):
-    import subprocess
-    import sys
-
     from PIL import Image
 
     write_series(str(tmp_path / "dcm"), phantom.volume, phantom.spacing)
-    code = "import sys; from samf.cli.samf_cli import main; sys.exit(main())"
-    run = lambda *a: subprocess.run([sys.executable, "-c", code, *a], capture_output=True, text=True)  # noqa: E731
-    info = run("info", str(tmp_path / "dcm"))
+    info = run_cli("samf", "info", str(tmp_path / "dcm"))
     assert info.returncode == 0 and "dicom" in info.stdout and "(24, 40, 40)" in info.stdout
     out = tmp_path / "png"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    proc = run("slices", str(tmp_path / "dcm"), "--out", str(out))
+    proc = run_cli("samf", "slices", str(tmp_path / "dcm"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert (out / "mine.txt").read_text() == "keep me"   # nothing the user had is touched
     m = Image.open(out / "montage_axial.png")
