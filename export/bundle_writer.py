@@ -2,7 +2,7 @@
 
 Everything is written into ``OUT.tmp-<pid>`` and renamed into place only once every artifact exists and
 has been validated, so a failed export never leaves a half bundle, and an existing bundle at ``OUT`` is
-only replaced by a complete one.
+only replaced by a complete one. A folder at ``OUT`` that is not a bundle is never replaced.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 from samf import __version__
 from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
+from samf.runtime.errors import SamfError
 from samf.runtime.prompt import REPORT_REQUESTS, format_prompt
 
 from .gguf_convert import convert_to_gguf, quantize_gguf
@@ -29,6 +30,8 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
     from samf.engines.llama_cpp_engine import quiet_native_stderr
     from samf.train.vlm import SamfVLM
 
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise SamfError(f"{out_dir} exists and is not a samf bundle; refusing to replace it (choose another --out)")
     with open(os.path.join(ckpt_dir, "preprocess.json")) as f:
         preprocess = json.load(f)
     vlm = SamfVLM.from_checkpoint(ckpt_dir)

@@ -127,3 +127,12 @@ def test_tensorrt_absence_is_a_clear_message(trained, tmp_path):
 def test_tensorrt_backend_without_tensorrt(trained, good_scan):
     assert_clean_failure(samf("report", good_scan, "--bundle", trained.bundle, "--backend", "tensorrt"),
                          "TensorRT is not available")
+
+
+def test_export_never_replaces_a_folder_that_is_not_a_bundle(trained, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    proc = run_cli("samf-export", "bundle", trained.merged, "--out", str(mine))
+    assert_clean_failure(proc, "not a samf bundle")
+    assert (mine / "notes.txt").read_text() == "precious"
