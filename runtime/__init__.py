@@ -1,6 +1,7 @@
-"""The slim runtime: CT loading, preprocessing, bundle reading and the report pipeline.
+"""The slim runtime: CT loading (NIfTI, DICOM, .npy, CT-RATE), preprocessing, bundle reading, the pipeline.
 
-Imports numpy, nibabel and the engine adapters only -- never torch, transformers or peft.
+Imports numpy, nibabel, pydicom (and Pillow for `samf slices`) and the engine adapters only -- never
+torch, transformers or peft.
 """
 
 from .errors import BundleError, EngineUnavailable, SamfError, ScanError

@@ -98,3 +98,17 @@ def test_slab_modes():
     mip = cut_slices(v, PreprocessConfig(**{**CFG.to_dict(), "windows": CFG.windows, "slab": "mip",
                                             "slab_samples": 3}))
     assert (mip >= cut_slices(v, CFG) - 1e-3).all()
+
+
+def test_samf_csv_with_absolute_paths_and_plain_labels(tmp_path, phantom):
+    from samf.train.data import load_samf_csv
+
+    scan = tmp_path / "scans" / "a.nii.gz"
+    scan.parent.mkdir()
+    save_nifti(str(scan), phantom.volume, phantom.spacing)
+    csv_path = tmp_path / "elsewhere" / "list.csv"
+    csv_path.parent.mkdir()
+    csv_path.write_text(f"image,caption,label\n{scan},{phantom.report.replace(',', ' ')},abnormal\n")
+    (ex,) = load_samf_csv(str(csv_path), CFG, progress=False)
+    assert ex.slices.shape == (18, 3, 48, 48) and ex.findings == {"label": "abnormal"}
+    assert ex.report.startswith(phantom.report.split(",")[0][:20])

@@ -65,22 +65,40 @@ def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int 
 
 def load_split(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
                limit: int | None = None) -> list:
-    """Read a split's scans with :func:`samf.runtime.ct.load_scan` and preprocess them as the runtime does."""
-    with open(os.path.join(data_dir, f"{split}.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))[:limit]
-    qpath = os.path.join(data_dir, "questions.jsonl")
+    """A split of a phantom-style dataset folder: ``SPLIT.csv`` plus ``questions.jsonl``."""
     by_image: dict = {}
+    qpath = os.path.join(data_dir, "questions.jsonl")
     if os.path.exists(qpath):
         with open(qpath) as f:
             for line in f:
                 q = json.loads(line)
                 by_image.setdefault(q.pop("image"), []).append(q)
+    return load_samf_csv(os.path.join(data_dir, f"{split}.csv"), pre, by_image, progress, limit)
+
+
+def _label(text: str):
+    """The CSV's label column: JSON (our phantoms' findings) or a plain value (the SAMF README's)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"label": text}
+    return value if isinstance(value, dict) else {"label": value}
+
+
+def load_samf_csv(csv_path: str, pre: PreprocessConfig, questions: dict | None = None, progress: bool = True,
+                  limit: int | None = None) -> list:
+    """The SAMF README's CSV (``image, caption, label``): scans read with the runtime's loader and preprocessed
+    as the runtime does. Image paths are absolute or relative to the CSV's folder."""
+    root = os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))[:limit]
     out = []
-    for r in tqdm(rows, desc=f"load {split}", disable=not progress, unit="scan"):
-        vol = load_scan(os.path.join(data_dir, r["image"]))
+    for r in tqdm(rows, desc=f"load {os.path.basename(csv_path)}", disable=not progress, unit="scan"):
+        vol = load_scan(os.path.join(root, r["image"]))
         out.append(Example(image=r["image"], slices=preprocess(vol, pre), report=r["caption"],
-                           findings=json.loads(r["label"]) if r.get("label") else {},
-                           questions=by_image.get(r["image"], [])))
+                           findings=_label(r.get("label", "")), questions=(questions or {}).get(r["image"], [])))
     return out
 
 
