@@ -158,6 +158,26 @@ def slices(scan, out_dir, bundle_dir, **scan_kw):
 
 
 @main.command()
+@bundle_opt
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="dataset folder with test.csv (e.g. samf-demo/data)")
+@click.option("--scans", default=24, show_default=True)
+@click.option("--quant", "quants", multiple=True, help="GGUF types to compare (default: all in the bundle)")
+@click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
+@threads_opt
+def bench(bundle_dir, data_dir, scans, quants, out_json, threads):
+    """Per-stage latency, decode speed and quantization cost of a bundle on held-out scans."""
+    from samf.runtime.atomic import atomic_file
+    from samf.runtime.bench import format_bench, run_bench
+
+    out = run_bench(bundle_dir, data_dir, scans, threads, quants or None)
+    click.echo(format_bench(out))
+    if out_json:
+        with atomic_file(out_json) as f:
+            json.dump(out, f, indent=2)
+
+
+@main.command()
 @click.option("--workdir", default="samf-demo", show_default=True, type=click.Path(file_okay=False),
               help="where data, run and bundle go")
 @click.option("--train", "n_train", default=320, show_default=True, help="training phantoms")

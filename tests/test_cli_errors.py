@@ -136,3 +136,15 @@ def test_export_never_replaces_a_folder_that_is_not_a_bundle(trained, tmp_path):
     proc = run_cli("samf-export", "bundle", trained.merged, "--out", str(mine))
     assert_clean_failure(proc, "not a samf bundle")
     assert (mine / "notes.txt").read_text() == "precious"
+
+
+def test_bench_reports_stages_and_quantization_cost(trained, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("samf", "bench", "--bundle", trained.bundle, "--data", trained.data, "--scans", "2",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "| Q8_0 |" in proc.stdout and "| F32 |" in proc.stdout
+    res = json.loads(out.read_text())
+    assert {r["quant"] for r in res["runs"]} == {"F32", "Q8_0"}
+    assert all(r["reference_nll"] > 0 and r["decode_tok_s"] > 0 for r in res["runs"])
+    assert res["runs"][0]["same_report_as_first"] == 1.0
