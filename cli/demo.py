@@ -58,9 +58,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from samf.runtime.prompt import report_prompt
     from samf.train import stages as S
     from samf.train.data import generate_phantom_dataset, load_split, text_corpus
-    from samf.train.dino import DinoConfig, pretrain_dino
+    from samf.train.dino import DinoConfig
     from samf.train.evaluate import finding_accuracy, format_table
-    from samf.train.models import VisionTransformer
 
     from .common import torch_threads
 
@@ -84,13 +83,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         sp = S.stage_tokenizer(run, text_corpus(train))
         click.echo(f"   {sp.vocab_size()} pieces")
     with stage("2b. ViT: DINO self-supervised pretraining on axial/coronal/sagittal slices"):
-        from samf.train.vlm import ImageConfig
-
-        vit = VisionTransformer(ImageConfig.from_dict(preset["image"]).vit)
-        slices = np.concatenate([e.slices for e in train])
-        losses = pretrain_dino(vit, slices, DinoConfig(steps=cfg.dino_steps, seed=cfg.seed), progress=cfg.progress,
-                               log=S.MetricsLog(run))
-        torch.save(vit.state_dict(), os.path.join(run, "vit_dino.pt"))
+        losses = S.stage_pretrain_2d(run, train, DinoConfig(steps=cfg.dino_steps, seed=cfg.seed),
+                                     progress=cfg.progress)
         click.echo(f"   DINO loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     with stage("2c. tiny Phi-3 language base (text only)"):
         losses = S.stage_pretrain_lm(run, train, S.LMConfig(steps=cfg.lm_steps, seed=cfg.seed), progress=cfg.progress)

@@ -86,26 +86,15 @@ def tokenizer(data_dir, run_dir, vocab_size):
 @quiet_opt
 def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet):
     """DINO self-supervised pretraining of the ViT on slices of all three planes."""
-    import numpy as np
-    import torch
-
-    from samf.runtime.atomic import atomic_file
-    from samf.train.dino import DinoConfig, pretrain_dino
-    from samf.train.models import VisionTransformer, load_dino_weights
-    from samf.train.stages import MetricsLog, read_run
-    from samf.train.vlm import ImageConfig
+    from samf.train.dino import DinoConfig
+    from samf.train.stages import stage_pretrain_2d
 
     torch_threads(threads)
-    vit = VisionTransformer(ImageConfig.from_dict(read_run(run_dir)["image"]).vit)
-    if dino_weights:
-        load_dino_weights(vit, dino_weights)
-    slices = np.concatenate([e.slices for e in _train_examples(run_dir, data_dir, progress=not quiet)])
     cfg = DinoConfig(**({"steps": steps} if steps else {}))
-    losses = pretrain_dino(vit, slices, cfg, progress=not quiet, log=MetricsLog(run_dir))
-    out = os.path.join(run_dir, "vit_dino.pt")
-    with atomic_file(out, "wb") as f:
-        torch.save(vit.state_dict(), f)
-    click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; ViT saved to {out}")
+    losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
+                               dino_weights=dino_weights, progress=not quiet)
+    click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+               f"ViT saved to {os.path.join(run_dir, 'vit_dino.pt')}")
 
 
 @main.command("pretrain-lm")

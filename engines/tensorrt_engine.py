@@ -47,7 +47,7 @@ def tensorrt_version() -> str | None:
 class TrtModule:
     """A deserialized plan; call with named numpy inputs, get the first output as numpy."""
 
-    def __init__(self, plan_path: str, **_ignored):
+    def __init__(self, plan_path: str):
         trt, cudart = _trt()
         self._trt, self._cudart = trt, cudart
         self._logger = trt.Logger(trt.Logger.WARNING)

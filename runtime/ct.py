@@ -47,13 +47,8 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
     if os.path.isdir(path):
         from .dicom import load_dicom_series
 
-        img, info = load_dicom_series(path, series, allow_non_ct)
-        vol = _canonical(img, path, info)
-        if not allow_non_ct:
-            check_volume(vol)
-        vol.info["load_s"] = time.perf_counter() - t0
-        return vol
-    if _is_nifti(path):
+        vol = _canonical(*load_dicom_series(path, series, allow_non_ct), path)
+    elif _is_nifti(path):
         vol = _load_nifti(path)
         if ctrate_meta is not None:
             from .ctrate import apply_metadata
@@ -64,8 +59,9 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
         vol = _load_npy(path, spacing)
     else:
         raise ScanError(f"unsupported scan format: {os.path.basename(path)} "
-                        "(expected .nii, .nii.gz or .npy)")
-    check_volume(vol)
+                        "(expected .nii, .nii.gz, .npy or a DICOM folder)")
+    if not (allow_non_ct and vol.info["format"] == "dicom"):  # a non-CT series is not in HU
+        check_volume(vol)
     vol.info["load_s"] = time.perf_counter() - t0
     return vol
 
@@ -74,31 +70,24 @@ def _load_nifti(path: str) -> Volume:
     import nibabel as nib  # lazy: keeps `import samf.runtime` light
 
     try:
-        img = nib.load(path)
+        img = nib.squeeze_image(nib.load(path))  # drops a trailing time axis of length 1
         if len(img.shape) < 3:
             raise ScanError(f"{path}: a {len(img.shape)}-D image, not a CT volume")
-        img = nib.as_closest_canonical(img)
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        if len(img.shape) != 3:
+            raise ScanError(f"{path}: expected a 3-D volume, got shape {img.shape}")
+        return _canonical(img, {"format": "nifti"}, path)
     except ScanError:
         raise
     except Exception as e:  # nibabel raises many types for truncated/corrupt files
         raise ScanError(f"cannot read NIfTI {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ScanError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    return _to_volume(data, img, path, {"format": "nifti"})
 
 
-def _canonical(img, path: str, info: dict) -> Volume:
-    """A nibabel image in any orientation -> canonical :class:`Volume`."""
+def _canonical(img, info: dict, path: str) -> Volume:
+    """A 3-D nibabel image in any orientation -> canonical :class:`Volume`."""
     import nibabel as nib
 
     img = nib.as_closest_canonical(img)
-    return _to_volume(np.asarray(img.dataobj, dtype=np.float32), img, path, info)
-
-
-def _to_volume(data: np.ndarray, img, path: str, info: dict) -> Volume:
+    data = np.asarray(img.dataobj, dtype=np.float32)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     # nibabel's canonical array is [X, Y, Z] (RAS); ours is [Z, Y, X].
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))

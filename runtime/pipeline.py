@@ -41,12 +41,11 @@ class ReportPipeline:
         t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes=verify_hashes)
         self.pre = self.bundle.preprocess
-        names = ("vit", "aggregator", "fusion")
         if backend == "tensorrt":
             mods = {n: load_encoder_module(backend, p) for n, p in self._trt_plans().items()}
         else:
             mods = {n: load_encoder_module(backend, self.bundle.path(f"{n}.onnx"), threads=n_threads or 0)
-                    for n in names}
+                    for n in ("vit", "aggregator", "fusion")}
         self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
         llm_path = self.bundle.llm_file(quant)
         self.llm = LlamaCppLLM(llm_path, n_ctx=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 SMALL = dict(n_train=200, n_test=16, dino_steps=20, lm_steps=200, finetune_steps=600)
@@ -33,9 +32,7 @@ def trained(tmp_path_factory) -> Trained:
     from samf.runtime.preprocess import PreprocessConfig
     from samf.train import stages as S
     from samf.train.data import generate_phantom_dataset, load_split, text_corpus
-    from samf.train.dino import DinoConfig, pretrain_dino
-    from samf.train.models import VisionTransformer
-    from samf.train.vlm import ImageConfig
+    from samf.train.dino import DinoConfig
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     root = tmp_path_factory.mktemp("trained")
@@ -46,9 +43,7 @@ def trained(tmp_path_factory) -> Trained:
     pre = PreprocessConfig.from_dict(preset["preprocess"])
     train, test = load_split(data, "train", pre, progress=False), load_split(data, "test", pre, progress=False)
     S.stage_tokenizer(run, text_corpus(train))
-    vit = VisionTransformer(ImageConfig.from_dict(preset["image"]).vit)
-    pretrain_dino(vit, np.concatenate([e.slices for e in train]), DinoConfig(steps=SMALL["dino_steps"]), progress=False)
-    torch.save(vit.state_dict(), os.path.join(run, "vit_dino.pt"))
+    S.stage_pretrain_2d(run, train, DinoConfig(steps=SMALL["dino_steps"]), progress=False)
     S.stage_pretrain_lm(run, train, S.LMConfig(steps=SMALL["lm_steps"]), progress=False)
     S.stage_finetune(run, train, S.FinetuneConfig(steps=SMALL["finetune_steps"]), progress=False)
     merged = S.stage_merge(run)

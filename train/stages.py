@@ -96,6 +96,28 @@ def stage_tokenizer(run_dir: str, texts: list, vocab_size: int = 1000):
     return train_tokenizer(texts, os.path.join(run_dir, "tokenizer.model"), vocab_size)
 
 
+# ------------------------------------------------------------------------------------ pretrain-2d
+
+def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | None = None,
+                      progress: bool = True) -> list:
+    """DINO on every slice of ``examples`` (all three planes); the ViT goes to RUN/vit_dino.pt atomically.
+
+    ``cfg`` is a :class:`samf.train.dino.DinoConfig`; ``dino_weights`` a published DINO checkpoint to start
+    from. Returns the loss per step.
+    """
+    from .dino import pretrain_dino
+    from .models import VisionTransformer, load_dino_weights
+
+    vit = VisionTransformer(ImageConfig.from_dict(read_run(run_dir)["image"]).vit)
+    if dino_weights:
+        load_dino_weights(vit, dino_weights)
+    slices = np.concatenate([e.slices for e in examples])
+    losses = pretrain_dino(vit, slices, cfg, progress=progress, log=MetricsLog(run_dir))
+    with atomic_file(os.path.join(run_dir, "vit_dino.pt"), "wb") as f:
+        torch.save(vit.state_dict(), f)
+    return losses
+
+
 # -------------------------------------------------------------------------------------- LM base
 
 @dataclass
