@@ -1,9 +1,11 @@
 """DICOM series folders: find the series, pick one, sort slices by position, rescale to HU, orient.
 
 Slices are ordered by ImagePositionPatient projected on the slice normal (not by file name or
-InstanceNumber); RescaleSlope/Intercept give HU; PixelSpacing and the positions give the spacing. The
-volume is handed to nibabel with its patient-space affine so it lands in the same canonical frame as a
-NIfTI file. numpy + pydicom (+ nibabel) only.
+InstanceNumber); RescaleSlope/Intercept give HU; PixelSpacing and the positions give the spacing. A series
+may be classic single-frame images or Enhanced CT multi-frame files, whose per-frame position, orientation,
+spacing and rescale live in functional groups; both become the same list of frames. The volume is handed to
+nibabel with its patient-space affine so it lands in the same canonical frame as a NIfTI file.
+numpy + pydicom (+ nibabel) only.
 """
 
 from __future__ import annotations
@@ -20,17 +22,66 @@ _DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or 
 
 
 @dataclass
+class Frame:
+    """One 2-D image of a series: a single-frame file (``index`` None) or one frame of a multi-frame file."""
+
+    path: str
+    index: int | None
+    position: np.ndarray            # ImagePositionPatient (LPS, mm)
+    orientation: np.ndarray         # ImageOrientationPatient: row direction, column direction
+    pixel_spacing: tuple            # (row spacing, column spacing) mm
+    slope: float = 1.0
+    intercept: float = 0.0
+
+
+@dataclass
 class Series:
     uid: str
     modality: str
     description: str
-    files: list = field(default_factory=list)   # (path, header) pairs
+    frames: list = field(default_factory=list)
+    n_files: int = 0
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.frames)
 
     def summary(self) -> str:
         return f"{self.uid} ({self.modality}, {len(self)} images{', ' + self.description if self.description else ''})"
+
+
+def _rescale(item) -> tuple:
+    return float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)
+
+
+def _frames_of(path: str, ds) -> list:
+    """The frames a header describes: one for a classic image, NumberOfFrames for an enhanced one."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+
+        def group(item, name):  # a functional group: per-frame first, then shared
+            for src in (item, shared):
+                if src is not None and name in src:
+                    return src[name].value[0]
+            raise ScanError(f"{path}: enhanced DICOM without {name}")
+
+        frames = []
+        for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence[:n]):
+            try:
+                rescale = group(item, "PixelValueTransformationSequence")
+            except ScanError:
+                rescale = ds                   # some writers keep rescale at the top level
+            frames.append(Frame(path, i, np.asarray(group(item, "PlanePositionSequence").ImagePositionPatient, float),
+                                np.asarray(group(item, "PlaneOrientationSequence").ImageOrientationPatient, float),
+                                tuple(float(v) for v in group(item, "PixelMeasuresSequence").PixelSpacing),
+                                *_rescale(rescale)))
+        return frames
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
+        return []
+    if n > 1:
+        raise ScanError(f"{path}: a {n}-frame image without per-frame positions cannot be placed in space")
+    return [Frame(path, None, np.asarray(ds.ImagePositionPatient, float), np.asarray(ds.ImageOrientationPatient, float),
+                  tuple(float(v) for v in ds.PixelSpacing), *_rescale(ds))]
 
 
 def find_series(folder: str) -> dict:
@@ -46,11 +97,15 @@ def find_series(folder: str) -> dict:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
             except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError):
                 continue
-            if "SeriesInstanceUID" not in ds or "ImagePositionPatient" not in ds:
+            if "SeriesInstanceUID" not in ds:
+                continue
+            frames = _frames_of(path, ds)
+            if not frames:
                 continue
             uid = str(ds.SeriesInstanceUID)
             s = series.setdefault(uid, Series(uid, str(ds.get("Modality", "")), str(ds.get("SeriesDescription", ""))))
-            s.files.append((path, ds))
+            s.frames += frames
+            s.n_files += 1
     return series
 
 
@@ -84,20 +139,21 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
         raise ScanError(f"series {s.uid} is {s.modality or 'of unknown modality'}, not CT (use --allow-non-ct)")
     if len(s) < 2:
         raise ScanError(f"series {s.uid} has a single image: a slice, not a volume")
-    hdr0 = s.files[0][1]
-    iop = np.asarray(hdr0.ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
+    f0 = s.frames[0]
+    if any(not np.allclose(f.orientation, f0.orientation, atol=1e-3) for f in s.frames):
+        raise ScanError(f"series {s.uid}: images with different orientations (a localizer or a reformat mixed in)")
+    row_dir, col_dir = f0.orientation[:3], f0.orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    pos = np.array([np.dot(np.asarray(h.ImagePositionPatient, float), normal) for _, h in s.files])
+    pos = np.array([np.dot(f.position, normal) for f in s.frames])
     order = np.argsort(pos)
-    files = [s.files[i] for i in order]
+    frames = [s.frames[i] for i in order]
     pos = pos[order]
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
         raise ScanError(f"series {s.uid}: several images share one position (a multi-phase or duplicated series)")
     dz = float(np.median(gaps))
-    dr, dc = (float(v) for v in hdr0.PixelSpacing)   # row spacing, column spacing
-    slices = [_pixels_hu(p) for p, _ in files]
+    dr, dc = f0.pixel_spacing
+    slices = _pixels_hu(frames)
     shapes = {a.shape for a in slices}
     if len(shapes) != 1:
         raise ScanError(f"series {s.uid}: images of different sizes {sorted(shapes)}")
@@ -107,20 +163,21 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     affine[:3, 0] = row_dir * dc
     affine[:3, 1] = col_dir * dr
     affine[:3, 2] = normal * dz
-    affine[:3, 3] = np.asarray(files[0][1].ImagePositionPatient, float)
+    affine[:3, 3] = frames[0].position
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     img = nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), affine)
-    info = dict(format="dicom", series=s.uid, modality=s.modality, images=len(files), choice=why,
-                uneven_spacing=bool(np.ptp(gaps) > 0.01 * dz), n_series=len(series))
+    info = dict(format="dicom", series=s.uid, modality=s.modality, images=len(frames), files=s.n_files,
+                choice=why, uneven_spacing=bool(np.ptp(gaps) > 0.01 * dz), n_series=len(series))
     return img, info
 
 
-def _pixels_hu(path: str) -> np.ndarray:
+def _read_pixels(path: str) -> np.ndarray:
     import pydicom
 
+    ds = None
     try:
         ds = pydicom.dcmread(path)
-        arr = ds.pixel_array.astype(np.float32)
+        return ds.pixel_array
     except (RuntimeError, NotImplementedError) as e:  # no decoder for this transfer syntax
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts))
@@ -128,6 +185,24 @@ def _pixels_hu(path: str) -> np.ndarray:
                         f"{_DECODER_HINT}") from None
     except Exception as e:
         raise ScanError(f"{path}: unreadable DICOM image ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
-    if arr.ndim != 2:
-        raise ScanError(f"{path}: a {arr.ndim}-D image; multi-frame DICOM is not supported yet")
-    return arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def _pixels_hu(frames: list) -> list:
+    """HU arrays of ``frames`` in their order; each file is decoded once however many frames it holds."""
+    multi: dict = {}   # multi-frame files, decoded once; single-frame files are read and dropped one by one
+    out = []
+    for f in frames:
+        if f.index is None:
+            arr = _read_pixels(f.path)
+        else:
+            if f.path not in multi:
+                multi[f.path] = _read_pixels(f.path)
+            arr = multi[f.path]
+        if f.index is not None:
+            if arr.ndim != 3 or f.index >= arr.shape[0]:
+                raise ScanError(f"{f.path}: pixel data holds fewer frames than its header describes")
+            arr = arr[f.index]
+        elif arr.ndim != 2:
+            raise ScanError(f"{f.path}: a {arr.ndim}-D image where one slice was expected")
+        out.append(arr.astype(np.float32) * f.slope + f.intercept)
+    return out

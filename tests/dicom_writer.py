@@ -44,3 +44,50 @@ def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", ser
         ds.PixelData = np.clip(raw, 0, 65535).astype(np.uint16).tobytes()
         ds.save_as(os.path.join(folder, names[k]), enforce_file_format=True)
     return series_uid
+
+
+def write_enhanced(path: str, hu: np.ndarray, spacing, slope: float = 1.0, intercept: float = -1024.0,
+                   frame_order=None) -> str:
+    """One Enhanced CT multi-frame file; frames stored in ``frame_order`` (default: shuffled)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    nz, ny, nx = hu.shape
+    sz, sy, sx = spacing
+    order = np.random.default_rng(1).permutation(nz) if frame_order is None else np.asarray(frame_order)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", generate_uid(), generate_uid()
+    ds.NumberOfFrames = nz
+    ds.Rows, ds.Columns = ny, nx
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+
+    def item(**kw):
+        d = Dataset()
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])])
+    shared.PixelMeasuresSequence = Sequence([item(PixelSpacing=[sy, sx], SliceThickness=sz)])
+    shared.PixelValueTransformationSequence = Sequence([item(RescaleSlope=slope, RescaleIntercept=intercept,
+                                                             RescaleType="HU")])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for k in order:
+        f = Dataset()
+        f.PlanePositionSequence = Sequence([item(ImagePositionPatient=[-100.0, -120.0, 50.0 + float(k) * sz])])
+        per_frame.append(f)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    raw = np.round((hu[order][:, ::-1, ::-1] - intercept) / slope)
+    ds.PixelData = np.clip(raw, 0, 65535).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.SeriesInstanceUID)

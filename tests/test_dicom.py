@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 from cli_runner import run_cli
-from dicom_writer import write_series
+from dicom_writer import write_enhanced, write_series
 
 from samf.runtime.ct import load_scan, save_nifti
 from samf.runtime.errors import ScanError
@@ -25,6 +25,18 @@ def test_series_equals_the_nifti_of_the_same_scan(phantom, tmp_path):
     assert got.hu.shape == ref.hu.shape
     assert np.abs(got.hu - ref.hu).max() <= 1.0  # slope 2: values rounded to even HU
     assert got.info["format"] == "dicom" and got.info["images"] == 24
+
+
+def test_enhanced_multiframe_file_equals_the_nifti(phantom, tmp_path):
+    (tmp_path / "enh").mkdir()
+    write_enhanced(str(tmp_path / "enh" / "volume.dcm"), phantom.volume, phantom.spacing, slope=2.0,
+                   intercept=-2048.0)
+    got = load_scan(str(tmp_path / "enh"))
+    save_nifti(str(tmp_path / "ref.nii.gz"), phantom.volume, phantom.spacing)
+    ref = load_scan(str(tmp_path / "ref.nii.gz"))
+    assert got.spacing == pytest.approx(ref.spacing)
+    assert np.abs(got.hu - ref.hu).max() <= 1.0       # frames were stored shuffled: order is from positions
+    assert got.info["images"] == 24 and got.info["files"] == 1
 
 
 def test_several_series_default_and_choice(phantom, tmp_path):
@@ -66,12 +78,12 @@ def test_compressed_without_decoder_names_what_to_install(tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from samf.runtime.dicom import _pixels_hu
+    from samf.runtime.dicom import _read_pixels
 
     path = get_testdata_file("JPEG2000.dcm")
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     try:
-        arr = _pixels_hu(path)
+        arr = _read_pixels(path)
     except ScanError as e:  # no JPEG 2000 plugin here: the message says what to install
         assert "JPEG 2000" in str(e) and "pip install" in str(e)
     else:                   # a plugin is installed: the image decodes
