@@ -127,10 +127,16 @@ def info(scan, **scan_kw):
         if vol.info.get("uneven_spacing"):
             lines.append(("warning", "slice positions are unevenly spaced; the median gap is used"))
     hu = vol.hu
+    assumed = " (assumed: the file does not record it; set with --spacing)" if vol.info.get("spacing_assumed") else ""
     lines += [("shape", f"{hu.shape} (Z, Y, X), canonical: Z superior, Y anterior, X patient right"),
-              ("spacing", f"{tuple(round(s, 3) for s in vol.spacing)} mm"),
-              ("extent", f"{tuple(int(n * s) for n, s in zip(hu.shape, vol.spacing))} mm"),
-              ("HU", f"{float(hu.min()):.0f} .. {float(hu.max()):.0f} (median {float(np.median(hu)):.0f})")]
+              ("spacing", f"{tuple(round(s, 3) for s in vol.spacing)} mm{assumed}"),
+              ("extent", f"{tuple(int(n * s) for n, s in zip(hu.shape, vol.spacing))} mm")]
+    if vol.intensity == "unit":
+        lines += [("plane", f"{vol.info.get('plane')} stack (from the file name)"),
+                  ("values", f"{float(hu.min()):.2f} .. {float(hu.max()):.2f}, already normalised (M3D): "
+                             "no HU windows applied")]
+    else:
+        lines.append(("HU", f"{float(hu.min()):.0f} .. {float(hu.max()):.0f} (median {float(np.median(hu)):.0f})"))
     for k, v in lines:
         click.echo(f"{k:<9}{v}")
 

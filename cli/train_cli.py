@@ -13,7 +13,8 @@ import click
 from .common import SamfGroup, torch_threads
 
 data_opt = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-                        help="dataset folder (train.csv, test.csv, scans/, questions.jsonl)")
+                        help="dataset folder: SAMF CSV / phantoms (train.csv), CT-RATE (radiology_text_reports/) "
+                             "or M3D (M3D_Cap.json)")
 run_opt = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="run folder")
 steps_opt = click.option("--steps", type=int, default=None, help="optimizer steps (default: the stage's own)")
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for torch")
@@ -22,11 +23,11 @@ quiet_opt = click.option("--quiet", is_flag=True, help="no progress bars")
 
 def _train_examples(run_dir, data_dir, split="train", progress=True):
     from samf.runtime.preprocess import PreprocessConfig
-    from samf.train.data import load_split
+    from samf.train.data import load_dataset
     from samf.train.stages import read_run
 
     pre = PreprocessConfig.from_dict(read_run(run_dir)["preprocess"])
-    return load_split(data_dir, split, pre, progress=progress)
+    return load_dataset(data_dir, split, pre, progress=progress)
 
 
 @click.group(cls=SamfGroup)

@@ -3,6 +3,10 @@
 Canonical frame (RAS+ as nibabel defines it, axes reversed): Z toward the head, Y toward the front,
 X toward the patient's right. Whatever the file's affine, "axial", "coronal" and "sagittal" then mean
 the same anatomy. numpy + nibabel only.
+
+Two intensity kinds exist. ``"hu"``: Hounsfield units (NIfTI, DICOM, CT-RATE, plain .npy). ``"unit"``: values
+already windowed and scaled to [0, 1] with no way back to HU, as in M3D's .npy volumes (PNG slices from
+Radiopaedia, min-max normalised, resized to 32×256×256, spacing lost); preprocessing then skips the HU windows.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 class Volume:
     """A CT volume in the canonical frame."""
 
-    hu: np.ndarray                  # [Z, Y, X] float32, Hounsfield units
+    hu: np.ndarray                  # [Z, Y, X] float32, Hounsfield units (or [0, 1], see ``intensity``)
     spacing: tuple                  # (sz, sy, sx) mm
     source: str = ""
     info: dict = field(default_factory=dict)
+    intensity: str = "hu"           # "hu", or "unit" for already-normalised volumes (M3D)
 
 
 def _is_nifti(path: str) -> bool:
@@ -94,21 +99,68 @@ def _canonical(img, info: dict, path: str) -> Volume:
     return Volume(hu=hu, spacing=zooms[::-1], source=path, info=info)
 
 
+#: M3D's grid (depth, rows, columns) after its resize; the physical size is lost, so by default the grid is
+#: taken to span a cube of this many mm (a chest-sized field of view). ``--spacing`` overrides it.
+M3D_SHAPE = (32, 256, 256)
+M3D_ASSUMED_FOV_MM = 336.0
+
+
 def _load_npy(path: str, spacing) -> Volume:
-    if spacing is None:
-        raise ScanError(f"{path}: a .npy volume needs its voxel spacing (--spacing Z Y X in mm)")
+    """A ``.npy`` volume: M3D's normalised ``[1, D, H, W]`` / ``[D, H, W]`` in [0, 1] (plane from the file
+    name), or a plain ``[Z, Y, X]`` HU array in the canonical frame whose spacing the user gives."""
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
         raise ScanError(f"cannot read .npy {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if data.ndim == 4 and data.shape[0] == 1:   # M3D keeps a leading channel axis
+        data = data[0]
     if data.ndim != 3:
         raise ScanError(f"{path}: expected a 3-D [Z, Y, X] array, got shape {data.shape}")
-    return Volume(hu=data.astype(np.float32), spacing=tuple(float(s) for s in spacing), source=path,
-                  info={"format": "npy"})
+    if not np.issubdtype(data.dtype, np.number):
+        raise ScanError(f"{path}: a {data.dtype} array, not image data")
+    data = data.astype(np.float32)
+    if not np.isfinite(data).all():
+        raise ScanError(f"{path}: volume has NaN or infinite voxels")
+    if data.size and float(data.min()) >= 0.0 and float(data.max()) <= 1.0:
+        return _m3d_volume(path, data, spacing)
+    if spacing is None:
+        raise ScanError(f"{path}: a .npy HU volume needs its voxel spacing (--spacing Z Y X in mm)")
+    return Volume(hu=data, spacing=tuple(float(s) for s in spacing), source=path, info={"format": "npy"})
+
+
+def m3d_plane(path: str) -> str:
+    """The plane an M3D volume was stacked in, read from its name (``Axial_C__portal_venous_phase.npy``)."""
+    name = os.path.basename(path).lower()
+    for plane in ("coronal", "sagittal"):
+        if plane in name:
+            return plane
+    return "axial"
+
+
+def _m3d_volume(path: str, data: np.ndarray, spacing) -> Volume:
+    """M3D's [stack, rows, cols] of display images -> canonical [Z, Y, X].
+
+    The images are in radiological display orientation (patient's right on the image's left; superior or
+    anterior at the top). The stack's direction is not recorded; we take it head→feet (axial),
+    front→back (coronal), right→left (sagittal), the usual viewer order. Spacing: the user's, or the grid
+    spread over a cube of :data:`M3D_ASSUMED_FOV_MM`, since M3D's resize discarded it.
+    """
+    plane = m3d_plane(path)
+    d = data[::-1, ::-1, ::-1]                       # every display axis runs against the canonical one
+    canon = {"axial": d,                             # [S→I, A→P, R→L] reversed = [Z, Y, X]
+             "coronal": d.transpose(1, 0, 2),        # [A→P, S→I, R→L] reversed, rows become Z
+             "sagittal": d.transpose(1, 2, 0)}[plane]  # [R→L, S→I, A→P] reversed -> [Z, Y, X]
+    if spacing is None:
+        spacing = tuple(M3D_ASSUMED_FOV_MM / n for n in canon.shape)
+        assumed = True
+    else:
+        spacing, assumed = tuple(float(s) for s in spacing), False
+    return Volume(hu=np.ascontiguousarray(canon), spacing=spacing, source=path, intensity="unit",
+                  info={"format": "m3d-npy", "plane": plane, "spacing_assumed": assumed})
 
 
 def check_volume(vol: Volume) -> None:
-    """Refuse what is not a CT volume in HU: non-finite voxels, a single slice, values outside CT's range."""
+    """Refuse what is not a CT volume: non-finite voxels, a single slice, values outside CT's range."""
     hu = vol.hu
     if hu.ndim != 3 or min(hu.shape) < 2:
         raise ScanError(f"{vol.source}: shape {hu.shape} is a single slice, not a volume")
@@ -117,6 +169,10 @@ def check_volume(vol: Volume) -> None:
     if not np.isfinite(hu).all():
         raise ScanError(f"{vol.source}: volume has NaN or infinite voxels")
     lo, hi = float(hu.min()), float(hu.max())
+    if vol.intensity == "unit":
+        if hi - lo < 1e-3:
+            raise ScanError(f"{vol.source}: a constant volume (all voxels {lo:.3f})")
+        return
     if lo > -500.0 or hi < 0.0 or lo < -3000.0 or hi > 40000.0:
         raise ScanError(f"{vol.source}: values {lo:.0f}..{hi:.0f} do not look like CT in Hounsfield units "
                         "(no air near -1000 HU)")

@@ -4,7 +4,8 @@ For each plane (axial, coronal, sagittal) ``S`` slices are placed evenly over th
 around it), each sampled straight onto an ``image_size``² grid at ``pixel_spacing_mm`` centred on the
 body, i.e. resampling, cropping and resizing happen in one separable linear interpolation. Each HU window
 becomes a channel (lung, mediastinum, bone by default), mapped to [0, 1] then normalised to [-1, 1].
-numpy only, vectorised.
+Volumes already normalised to [0, 1] (M3D, ``intensity == "unit"``) were windowed before we got them: their
+value goes to every channel, mapped to [-1, 1] the same way. numpy only, vectorised.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PreprocessConfig:
     slices_per_plane: int = 8             # S; the model gets 3·S slices
     windows: tuple = DEFAULT_WINDOWS      # one channel per (centre, width) HU window
     body_threshold_hu: float = -500.0     # voxels above this are "body" when placing slices
+    body_threshold_unit: float = 0.05     # the same for volumes normalised to [0, 1] (M3D)
     min_extent_mm: float = 40.0           # refuse scans thinner than this along any axis
     slab: str = "thin"                    # "thin" slices, or "mip"/"mean" over the slab between neighbours
     slab_samples: int = 5                 # planes sampled across each slab (mip/mean)
@@ -78,19 +80,22 @@ def body_box(vol: Volume, threshold: float) -> np.ndarray:
         other = tuple(a for a in range(3) if a != ax)
         idx = np.flatnonzero(mask.any(axis=other))
         if idx.size == 0:
-            raise ScanError(f"{vol.source}: no body found (nothing above {threshold:.0f} HU)")
+            unit = "HU" if vol.intensity == "hu" else "(normalised)"
+            raise ScanError(f"{vol.source}: no body found (nothing above {threshold:g} {unit})")
         box[ax] = idx[0], idx[-1]
     return box
 
 
 def cut_slices(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
-    """HU slices ``[3·S, H, W]``: S per plane, in radiological display orientation."""
+    """Slices ``[3·S, H, W]`` in the volume's values (HU, or [0, 1] for ``unit`` volumes): S per plane, in
+    radiological display orientation."""
     hu, sp = vol.hu, np.asarray(vol.spacing, dtype=np.float64)
     extent = np.asarray(hu.shape) * sp
     if (extent < cfg.min_extent_mm).any() or min(hu.shape) < 2:
         raise ScanError(f"{vol.source}: scan extent {np.round(extent).astype(int).tolist()} mm is too small "
                         f"(every axis needs at least {cfg.min_extent_mm:.0f} mm)")
-    box = body_box(vol, cfg.body_threshold_hu)
+    unit = vol.intensity == "unit"
+    box = body_box(vol, cfg.body_threshold_unit if unit else cfg.body_threshold_hu)
     centre_mm = box.mean(axis=1) * sp
     S, n = cfg.slices_per_plane, cfg.image_size
     half = n * cfg.pixel_spacing_mm / 2.0
@@ -99,7 +104,7 @@ def cut_slices(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
     grid = [(centre_mm[a] + offs) / sp[a] for a in range(3)]
     # Display orientation: superior/anterior at the top, patient's right on the image's left.
     z_down, y_down, x_rl = grid[0][::-1], grid[1][::-1], grid[2][::-1]
-    air = -1024.0
+    air = 0.0 if unit else -1024.0
     out = []
     for normal, (row_ax, rows), (col_ax, cols) in (
         (0, (1, y_down), (2, x_rl)),      # axial: rows anterior→posterior, cols right→left
@@ -136,4 +141,8 @@ def apply_windows(slices_hu: np.ndarray, windows) -> np.ndarray:
 
 def preprocess(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
     """The model input for one scan: ``[3·S, C, image_size, image_size]`` float32."""
-    return apply_windows(cut_slices(vol, cfg), cfg.windows)
+    s = cut_slices(vol, cfg)
+    if vol.intensity == "unit":   # already windowed: one value, every channel
+        x = np.clip(s, 0.0, 1.0)[:, None] * 2.0 - 1.0
+        return np.ascontiguousarray(np.broadcast_to(x, (s.shape[0], cfg.channels) + s.shape[1:]), dtype=np.float32)
+    return apply_windows(s, cfg.windows)

@@ -11,7 +11,7 @@ from samf.runtime.ct import load_scan
 from samf.runtime.ctrate import ctrate_path, read_metadata
 from samf.runtime.errors import ScanError
 from samf.runtime.preprocess import PreprocessConfig
-from samf.train.data import load_ctrate
+from samf.train.data import dataset_kind, load_ctrate, load_dataset
 from samf.train.phantom import make_phantom
 
 LABELS = ["Medical material", "Arterial wall calcification", "Cardiomegaly", "Pleural effusion"]
@@ -78,3 +78,20 @@ def test_dataset_loader(tmp_path):
     assert exs[0].slices.shape == (12, 3, 32, 32)
     assert exs[0].report.endswith("No acute findings.")
     assert set(exs[0].findings) == set(LABELS)
+
+
+def test_release_layout_is_recognised(tmp_path):
+    """The release's folder names: reports/metadata/labels in their subfolders, volumes under train/."""
+    _write_tree(tmp_path)
+    for fname, sub, new in (("reports.csv", "radiology_text_reports", "train_reports.csv"),
+                            ("metadata.csv", "metadata", "train_metadata.csv"),
+                            ("labels.csv", "multi_abnormality_labels", "train_predicted_labels.csv")):
+        (tmp_path / sub).mkdir()
+        os.replace(tmp_path / fname, tmp_path / sub / new)
+    assert dataset_kind(str(tmp_path)) == "ctrate"
+    pre = PreprocessConfig(image_size=32, pixel_spacing_mm=12.0, slices_per_plane=4)
+    exs = load_dataset(str(tmp_path), "train", pre, progress=False)
+    assert len(exs) == 2 and set(exs[1].findings) == set(LABELS)
+    assert exs[0].slices.min() >= -1.0 and exs[0].slices.max() <= 1.0   # rescaled by the metadata: real HU
+    with pytest.raises(Exception, match="valid"):
+        load_dataset(str(tmp_path), "valid", pre, progress=False)

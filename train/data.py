@@ -1,15 +1,33 @@
-"""Datasets: the synthetic phantom set on disk, read back through the runtime's own loader and preprocessing.
+"""Datasets, each read through the runtime's own loader and preprocessing, so training sees what production sees.
 
-On-disk layout (the SAMF README's CSV plus the questions)::
+:func:`load_dataset` recognises a folder by its layout:
 
-    DATA/scans/phantom_00000.nii.gz
-    DATA/train.csv, DATA/test.csv      image, caption, label   (label = findings as JSON)
-    DATA/questions.jsonl               {"image", "question", "choices", "answer"} per line
+- SAMF / phantom folder (the SAMF README's CSV plus questions)::
+
+      DATA/scans/phantom_00000.nii.gz
+      DATA/train.csv, DATA/test.csv      image, caption, label   (label = findings as JSON, or a plain value)
+      DATA/questions.jsonl               {"image", "question", "choices", "answer"} per line (optional)
+      DATA/mcq_{split}.csv               or the SAMF MCQ CSV: Question ID, Image, Question, Choice A..D,
+                                         Answer Choice, Answer (optional)
+
+- CT-RATE (the dataset folder of its release)::
+
+      DATA/train[_fixed]/train_1/train_1_a/train_1_a_1.nii.gz, DATA/valid[_fixed]/...
+      DATA/radiology_text_reports/{train,validation}_reports.csv
+      DATA/metadata/{train,validation}_metadata.csv
+      DATA/multi_abnormality_labels/{train,valid}_predicted_labels.csv   (optional)
+
+- M3D-Cap / M3D-VQA::
+
+      DATA/M3D_Cap.json                  {"train"|"validation"|"test": [{"image": "<npy>", "text": "<txt>"}]}
+      DATA/ct_quizze/000001/Axial_....npy, .../text.txt    (paths as the JSON gives them, under DATA)
+      DATA/M3D_VQA_{train,val,test}.csv  Image Path, Question, Choice A..D, Answer Choice, Answer, ... (optional)
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,11 +37,16 @@ from tqdm.auto import tqdm
 
 from samf.runtime.atomic import atomic_file
 from samf.runtime.ct import load_scan, save_nifti
+from samf.runtime.errors import SamfError
 from samf.runtime.preprocess import PreprocessConfig, preprocess
 
 from .phantom import make_phantom
 
 CSV_FIELDS = ("image", "caption", "label")
+
+
+class DataError(SamfError):
+    """A dataset folder or file that cannot be used; the message says why."""
 
 
 @dataclass
@@ -65,7 +88,7 @@ def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int 
 
 def load_split(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
                limit: int | None = None) -> list:
-    """A split of a phantom-style dataset folder: ``SPLIT.csv`` plus ``questions.jsonl``."""
+    """A split of a SAMF/phantom dataset folder: ``SPLIT.csv`` plus ``questions.jsonl`` or ``mcq_SPLIT.csv``."""
     by_image: dict = {}
     qpath = os.path.join(data_dir, "questions.jsonl")
     if os.path.exists(qpath):
@@ -73,7 +96,45 @@ def load_split(data_dir: str, split: str, pre: PreprocessConfig, progress: bool 
             for line in f:
                 q = json.loads(line)
                 by_image.setdefault(q.pop("image"), []).append(q)
+    mcq = os.path.join(data_dir, f"mcq_{split}.csv")
+    if os.path.exists(mcq):
+        for image, qs in read_mcq_csv(mcq).items():
+            by_image.setdefault(image, []).extend(qs)
     return load_samf_csv(os.path.join(data_dir, f"{split}.csv"), pre, by_image, progress, limit)
+
+
+def read_mcq_csv(csv_path: str) -> dict:
+    """``{image: [question dicts]}`` from an M3D-VQA CSV (``Image Path``) or the SAMF MCQ CSV (``Image``).
+
+    Answer letters are upper-cased (SAMF writes a-d); rows with a missing choice are skipped, since the
+    prompt always offers four.
+    """
+    out: dict = {}
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            image = r.get("Image Path") or r.get("Image")
+            choices = [(r.get(f"Choice {c}") or "").strip() for c in "ABCD"]
+            letter = (r.get("Answer Choice") or "").strip().upper()
+            if not image or not all(choices) or letter not in ("A", "B", "C", "D"):
+                continue
+            q = dict(question=r["Question"].strip(), choices=choices, answer=letter)
+            if r.get("Question Type"):
+                q["type"] = r["Question Type"]
+            out.setdefault(image, []).append(q)
+    return out
+
+
+def _read_csv(path: str, required: tuple) -> list:
+    """The rows of a CSV that must have ``required`` columns; a clear error otherwise."""
+    if not os.path.exists(path):
+        raise DataError(f"file not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            has = ", ".join(reader.fieldnames or [])
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has: {has})")
+        return list(reader)
 
 
 def _label(text: str):
@@ -92,8 +153,7 @@ def load_samf_csv(csv_path: str, pre: PreprocessConfig, questions: dict | None =
     """The SAMF README's CSV (``image, caption, label``): scans read with the runtime's loader and preprocessed
     as the runtime does. Image paths are absolute or relative to the CSV's folder."""
     root = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))[:limit]
+    rows = _read_csv(csv_path, ("image", "caption"))[:limit]
     out = []
     for r in tqdm(rows, desc=f"load {os.path.basename(csv_path)}", disable=not progress, unit="scan"):
         vol = load_scan(os.path.join(root, r["image"]))
@@ -112,6 +172,74 @@ def text_corpus(examples: list) -> list:
         for q in ex.questions:
             texts += [mcq_prompt(q["question"], q["choices"]), mcq_answer(q["answer"], q["choices"])]
     return texts
+
+
+# ------------------------------------------------------------------------------------------ any layout
+
+#: Split names accepted everywhere, and what each dataset calls them.
+_SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
+
+
+def dataset_kind(data_dir: str) -> str:
+    """``samf`` (SAMF CSV / phantoms), ``ctrate`` or ``m3d``, from the folder's layout."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"dataset folder not found: {data_dir}")
+    if os.path.isdir(os.path.join(data_dir, "radiology_text_reports")):
+        return "ctrate"
+    if os.path.exists(os.path.join(data_dir, "M3D_Cap.json")):
+        return "m3d"
+    if any(os.path.exists(os.path.join(data_dir, f"{s}.csv")) for s in ("train", "test", "valid")):
+        return "samf"
+    raise DataError(f"{data_dir}: not a dataset folder this tool knows (expected train.csv, "
+                    "radiology_text_reports/ (CT-RATE) or M3D_Cap.json (M3D))")
+
+
+def load_dataset(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
+                 limit: int | None = None) -> list:
+    """One split of any supported dataset folder, as :class:`Example` s."""
+    kind = dataset_kind(data_dir)
+    if split not in _SPLITS:
+        raise DataError(f"unknown split {split!r} (train, valid, test)")
+    if kind == "ctrate":
+        return load_ctrate_release(data_dir, _SPLITS[split], pre, progress=progress, limit=limit)
+    if kind == "m3d":
+        return load_m3d(data_dir, _SPLITS[split], pre, progress=progress, limit=limit)
+    name = split if os.path.exists(os.path.join(data_dir, f"{split}.csv")) else _SPLITS[split]
+    if not os.path.exists(os.path.join(data_dir, f"{name}.csv")):
+        raise DataError(f"{data_dir} has no {split}.csv")
+    return load_split(data_dir, name, pre, progress=progress, limit=limit)
+
+
+# ------------------------------------------------------------------------------------------ M3D
+
+def load_m3d(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
+             limit: int | None = None) -> list:
+    """M3D-Cap captions (``M3D_Cap.json``) with the M3D-VQA questions of the same volumes when present.
+
+    Volumes are M3D's normalised .npy (see :mod:`samf.runtime.ct`); entries whose files are missing are
+    skipped, as M3D is often downloaded in part.
+    """
+    with open(os.path.join(data_dir, "M3D_Cap.json")) as f:
+        index = json.load(f)
+    key = {"train": "train", "valid": "validation", "test": "test"}[split]
+    if key not in index:
+        raise DataError(f"{data_dir}/M3D_Cap.json has no {key!r} list (has: {', '.join(index)})")
+    questions: dict = {}
+    vqa_names = {"train": ("train",), "valid": ("val", "validation"), "test": ("test",)}[split]
+    for name in vqa_names:
+        path = os.path.join(data_dir, f"M3D_VQA_{name}.csv")
+        if os.path.exists(path):
+            questions = read_mcq_csv(path)
+            break
+    rows = [r for r in index[key] if os.path.exists(os.path.join(data_dir, r["image"]))][:limit]
+    out = []
+    for r in tqdm(rows, desc=f"M3D {key}", disable=not progress, unit="scan"):
+        with open(os.path.join(data_dir, r["text"]), encoding="utf-8") as f:
+            text = " ".join(f.read().split())
+        vol = load_scan(os.path.join(data_dir, r["image"]))
+        out.append(Example(image=r["image"], slices=preprocess(vol, pre), report=text, findings={},
+                           questions=questions.get(r["image"], [])))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ CT-RATE
@@ -137,8 +265,8 @@ def load_ctrate(root: str, split_dir: str, reports_csv: str, pre: PreprocessConf
             for r in csv.DictReader(f):
                 name = r.pop("VolumeName")
                 labels[name] = {k: bool(int(float(v))) for k, v in r.items()}
-    with open(reports_csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if os.path.exists(ctrate_path(root, split_dir, r["VolumeName"]))]
+    rows = [r for r in _read_csv(reports_csv, ("VolumeName", "Findings_EN", "Impressions_EN"))
+            if os.path.exists(ctrate_path(root, split_dir, r["VolumeName"]))]
     out = []
     for r in tqdm(rows[:limit], desc=f"CT-RATE {split_dir}", disable=not progress, unit="scan"):
         name = r["VolumeName"]
@@ -146,3 +274,28 @@ def load_ctrate(root: str, split_dir: str, reports_csv: str, pre: PreprocessConf
         out.append(Example(image=name, slices=preprocess(vol, pre), report=ctrate_report(r),
                            findings=labels.get(name, {})))
     return out
+
+
+def load_ctrate_release(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
+                        limit: int | None = None) -> list:
+    """CT-RATE's official split (``train`` or ``valid``; ``test`` means ``valid``, CT-RATE has no other)
+    from its release folder, preferring the fixed (already-HU) volumes when they are there."""
+    split = "valid" if split == "test" else split
+    vol_dir = next((d for d in (f"{split}_fixed", split) if os.path.isdir(os.path.join(data_dir, d))), None)
+    if vol_dir is None:
+        raise DataError(f"{data_dir} has neither {split}_fixed/ nor {split}/ volumes")
+    long = {"train": "train", "valid": "validation"}[split]
+
+    def find(folder, *prefixes, required=True):
+        for p in prefixes:
+            hits = sorted(glob.glob(os.path.join(data_dir, folder, f"{p}*.csv")))
+            if hits:
+                return hits[0]
+        if required:
+            raise DataError(f"{data_dir}/{folder}/ has no {prefixes[0]}*.csv")
+        return None
+
+    return load_ctrate(data_dir, vol_dir, find("radiology_text_reports", long, split), pre,
+                       metadata_csv=find("metadata", long, split, required=False),
+                       labels_csv=find("multi_abnormality_labels", split, long, required=False),
+                       limit=limit, progress=progress)
