@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from samf.train.phantom import (
+    EXTRAS,
     HU,
     Findings,
     make_phantom,
     parse_report,
+    parsed_truth,
     render_volume,
     truth_of,
     write_questions,
@@ -25,7 +27,8 @@ def test_same_seed_same_phantom():
 def test_report_round_trips_to_findings():
     for seed in range(300):
         p = make_phantom(seed, shape=(8, 8, 8), spacing=(40.0, 48.0, 48.0))
-        assert parse_report(p.report) == truth_of(p.findings), p.report
+        assert parse_report(p.report) == parsed_truth(p.findings), p.report
+        assert {k: parse_report(p.report)[k] for k in truth_of(p.findings)} == truth_of(p.findings)
 
 
 def test_questions_have_one_right_answer_among_four():
@@ -35,7 +38,7 @@ def test_questions_have_one_right_answer_among_four():
     for q in write_questions(f, rng):
         assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4
         right = q["choices"]["ABCD".index(q["answer"])]
-        assert right in ("right pleural effusion", "enlarged", "left lower lobe")
+        assert right in ("right pleural effusion", "enlarged", "left lower lobe", "none of these")
 
 
 def _lung_stats(findings, seed=1):
@@ -81,6 +84,48 @@ def test_nodule_sits_in_the_named_lobe(side, lobe):
 def test_reports_state_normal_findings_too():
     rng = np.random.default_rng(3)
     text = write_report(Findings(), rng)
-    got = parse_report(text)
-    assert got == dict(nodule=False, nodule_side="none", nodule_lobe="none", effusion="none",
-                       cardiomegaly=False, emphysema=False)
+    assert parse_report(text) == parsed_truth(Findings())
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_each_further_finding_is_drawn(key):
+    """Every CT-RATE finding beyond the first four changes the image where it should be (same seed)."""
+    value = {"lung_opacity": "left upper", "consolidation": "left upper", "atelectasis": "left"}.get(key, True)
+    base = render_volume(Findings(), np.random.default_rng(1))
+    vol = render_volume(Findings(**{key: value}), np.random.default_rng(1))
+    changed = np.abs(vol - base) > 150           # noise is 15 HU: 150 is far beyond it
+    assert changed.sum() >= 20
+    zs, _, xs = np.nonzero(changed)
+    if key in ("lung_opacity", "consolidation", "atelectasis"):
+        assert xs.mean() < 48                    # the patient's left: small X
+    if key == "medical_material":
+        assert vol.max() > 2000                  # metal
+    if key in ("lung_opacity", "consolidation"):
+        assert zs.mean() > 32                    # upper lobe
+
+
+def test_phantom_labels_read_back_from_reports():
+    from samf.train.labels import CTRATE_LABELS, report_labels, truth_labels
+
+    seen = set()
+    for seed in range(300):
+        p = make_phantom(seed, shape=(8, 8, 8), spacing=(40.0, 48.0, 48.0))
+        truth = truth_labels(p.findings.to_dict())
+        assert report_labels(p.report) == truth, p.report
+        seen |= {k for k, v in truth.items() if v}
+    assert seen == set(CTRATE_LABELS)            # all 18 occur in 300 phantoms
+
+
+def test_labeller_reads_ctrate_style_sentences():
+    from samf.train.labels import report_labels
+
+    def pos(t):
+        return {k for k, v in report_labels(t).items() if v}
+
+    assert pos("No pleural effusion or pneumothorax was detected.") == set()
+    assert pos("Pleural effusion was not observed. Heart size is normal.") == set()
+    assert pos("Bilateral pleural effusion is present. No nodule.") == {"Pleural effusion"}
+    assert pos("Calcified atheroma plaques are observed in the aorta and coronary arteries.") == {
+        "Arterial wall calcification", "Coronary artery wall calcification"}
+    assert pos("Subsegmental atelectasis in both lower lobes; ground-glass densities in the right lung.") == {
+        "Atelectasis", "Lung opacity"}

@@ -19,10 +19,16 @@ import numpy as np
 SIDES = ("left", "right")
 LOBES = ("upper", "lower")
 EFFUSIONS = ("none", "left", "right", "bilateral")
+#: Where a lung-parenchyma finding sits: "none" or "<side> <lobe>".
+LOCATIONS = ("none",) + tuple(f"{s} {lo}" for s in SIDES for lo in LOBES)
 
 #: Tissue densities in HU (textbook values).
 HU = dict(air=-1000.0, lung=-850.0, emphysema=-950.0, fat=-100.0, soft=40.0, blood=45.0,
-          fluid=15.0, bone=700.0, nodule=30.0)
+          fluid=15.0, bone=700.0, nodule=30.0, metal=3000.0, calcium=500.0, ground_glass=-550.0,
+          mosaic_low=-930.0, mosaic_high=-740.0, septum=-150.0, fibrosis=-50.0)
+
+#: Rate of each finding beyond the first four: rare enough that reports stay short, common enough to learn.
+EXTRA_RATE = 0.15
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,21 @@ class Findings:
     effusion: str = "none"      # none / left / right / bilateral
     cardiomegaly: bool = False
     emphysema: bool = False
+    # The rest of CT-RATE's 18 abnormalities that a phantom can show.
+    medical_material: bool = False          # a pacemaker with its lead
+    arterial_calcification: bool = False    # calcified plaques in the aortic wall
+    coronary_calcification: bool = False
+    pericardial_effusion: bool = False
+    hiatal_hernia: bool = False
+    lymphadenopathy: bool = False           # enlarged hilar nodes
+    atelectasis: str = "none"               # none / left / right (plate atelectasis at the base)
+    lung_opacity: str = "none"              # a LOCATION: ground glass
+    consolidation: str = "none"             # a LOCATION: airspace consolidation
+    mosaic_attenuation: bool = False
+    septal_thickening: bool = False         # interlobular septal thickening
+    fibrotic_sequela: bool = False          # subpleural fibrotic bands at the apices
+    bronchiectasis: bool = False
+    peribronchial_thickening: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,7 +84,22 @@ def sample_findings(rng: np.random.Generator) -> Findings:
         effusion=str(rng.choice(EFFUSIONS)),
         cardiomegaly=bool(rng.random() < 0.5),
         emphysema=bool(rng.random() < 0.5),
+        **sample_extras(rng),
     )
+
+
+def sample_extras(rng: np.random.Generator, rate: float = EXTRA_RATE) -> dict:
+    """The findings beyond the first four, each present with probability ``rate``."""
+    out = {}
+    for f in dataclasses.fields(Findings)[7:]:
+        present = bool(rng.random() < rate)
+        if f.type == "bool":
+            out[f.name] = present
+        elif f.name == "atelectasis":
+            out[f.name] = str(rng.choice(SIDES)) if present else "none"
+        else:
+            out[f.name] = str(rng.choice(LOCATIONS[1:])) if present else "none"
+    return out
 
 
 def _ellipsoid(grid, center, radii):
@@ -153,8 +189,106 @@ def render_volume(findings: Findings, rng: np.random.Generator, shape=(64, 96, 9
         rad = findings.nodule_size_mm / 2.0
         vol[_ellipsoid(grid, ncenter, (rad, rad, rad))] = HU["nodule"]
 
+    anatomy = dict(grid=grid, lungs=lungs, body=(body_ry, body_rx), heart=(heart_c, heart_r), zext=zext,
+                   lung_c_z=lung_c_z, spacing=spacing)
+    _render_extras(vol, findings, rng, anatomy)
+
     vol += rng.normal(0.0, 15.0, size=shape).astype(np.float32)
     return np.clip(vol, -1024.0, 3071.0).astype(np.float32)
+
+
+def _lobe_centre(lungs, location: str, rng) -> tuple:
+    side, lobe = location.split()
+    c, r, mask = lungs[side]
+    dz = (0.45 if lobe == "upper" else -0.4) * r[0]
+    return (c[0] + dz, c[1] + float(rng.uniform(-0.1, 0.3)) * r[1], c[2] + float(rng.uniform(-0.2, 0.2)) * r[2]), mask
+
+
+def _render_extras(vol, f: Findings, rng, a: dict) -> None:
+    """Draw the CT-RATE findings beyond the first four, each where radiologists would look for it.
+
+    Structures are at least a voxel thick at the demo's 4-5 mm so they are there to be seen.
+    """
+    grid, lungs, (body_ry, body_rx) = a["grid"], a["lungs"], a["body"]
+    Z, Y, X = grid
+    heart_c, heart_r = a["heart"]
+    vox = max(a["spacing"])
+
+    if f.mosaic_attenuation:  # lobular patches darker and brighter than normal lung
+        for side in SIDES:
+            c, r, mask = lungs[side]
+            for _ in range(10):
+                off = rng.uniform(-0.7, 0.7, size=3) * np.asarray(r)
+                rb = float(rng.uniform(15, 25))
+                dens = HU["mosaic_low"] if rng.random() < 0.5 else HU["mosaic_high"]
+                vol[_ellipsoid(grid, np.asarray(c) + off, (rb, rb, rb)) & mask] = dens
+    if f.septal_thickening:  # a reticular grid of thickened septa in the outer lung
+        for side in SIDES:
+            c, r, mask = lungs[side]
+            d = ((Z - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((X - c[2]) / r[2]) ** 2
+            net = (np.mod(Y, 20.0) < vox) | (np.mod(X, 20.0) < vox)
+            vol[mask & (d > 0.7) & net] = HU["septum"]
+    if f.fibrotic_sequela:  # irregular subpleural bands at both apices
+        for side in SIDES:
+            c, r, mask = lungs[side]
+            d = ((Z - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((X - c[2]) / r[2]) ** 2
+            bands = np.mod(Y + 0.5 * X, 12.0) < vox
+            vol[mask & (d > 0.6) & (Z > c[0] + 0.45 * r[0]) & bands] = HU["fibrosis"]
+    if f.lung_opacity != "none":
+        centre, mask = _lobe_centre(lungs, f.lung_opacity, rng)
+        rad = float(rng.uniform(22, 32))
+        vol[_ellipsoid(grid, centre, (rad, rad * 0.8, rad * 0.8)) & mask] = HU["ground_glass"]
+    if f.consolidation != "none":
+        centre, mask = _lobe_centre(lungs, f.consolidation, rng)
+        rad = float(rng.uniform(28, 38))
+        vol[_ellipsoid(grid, centre, (rad, rad * 0.9, rad * 0.7)) & mask] = HU["soft"]
+    for kind in ("bronchiectasis", "peribronchial_thickening"):
+        if not getattr(f, kind):
+            continue
+        # Airways running head-feet: dilated thin-walled (bronchiectasis) or normal calibre thick-walled.
+        lumen, wall = (7.0, vox) if kind == "bronchiectasis" else (3.0, 1.5 * vox)
+        zone = (Z < a["lung_c_z"]) if kind == "bronchiectasis" else (np.abs(Z - a["lung_c_z"]) < 40.0)
+        for side in SIDES:
+            c, r, mask = lungs[side]
+            for dy, dx in ((-0.2, -0.25), (0.25, 0.2), (0.0, 0.0)):
+                rr = np.sqrt((Y - c[1] - dy * r[1]) ** 2 + (X - c[2] - dx * r[2]) ** 2)
+                vol[mask & zone & (rr < lumen + wall)] = HU["soft"]
+                vol[mask & zone & (rr < lumen)] = HU["air"]
+    if f.atelectasis != "none":  # plate atelectasis: a flat band across the lower lobe
+        c, r, mask = lungs[f.atelectasis]
+        zc = c[0] - 0.45 * r[0]
+        vol[mask & (np.abs(Z - zc) < max(4.0, vox)) & (Y > c[1] - 0.3 * r[1])] = HU["soft"]
+    if f.lymphadenopathy:  # enlarged nodes at both hila, bulging into the lungs
+        for side, sign in (("left", -1.0), ("right", 1.0)):
+            c, r, _ = lungs[side]
+            rad = float(rng.uniform(12, 16))
+            node = _ellipsoid(grid, (c[0] + 0.1 * r[0], c[1], c[2] - sign * 0.75 * r[2]), (rad, rad, rad))
+            vol[node] = HU["soft"]
+    if f.pericardial_effusion:  # a fluid rim around the heart
+        shell = _ellipsoid(grid, heart_c, np.asarray(heart_r) + 8.0) & ~_ellipsoid(grid, heart_c, heart_r)
+        vol[shell] = HU["fluid"]
+    if f.coronary_calcification:  # calcified specks along the anterior heart surface
+        for t in np.linspace(-0.6, 0.6, 4):
+            p = (heart_c[0] + t * heart_r[0], heart_c[1] + 0.9 * heart_r[1] * np.cos(t), heart_c[2] + t * heart_r[2])
+            vol[_ellipsoid(grid, p, (vox, vox, vox))] = HU["calcium"]
+    if f.arterial_calcification:  # plaques in the descending aortic wall
+        for zz in rng.uniform(-0.3, 0.3, size=4) * a["zext"]:
+            p = (zz, -0.45 * body_ry + 10.0, -0.12 * body_rx + float(rng.choice([-10.0, 10.0])))
+            vol[_ellipsoid(grid, p, (vox, vox, vox))] = HU["calcium"]
+    if f.hiatal_hernia:  # stomach above the diaphragm behind the heart: soft wall, air-fluid inside
+        c = (heart_c[0] - 0.6 * heart_r[0], -0.3 * body_ry, -0.05 * body_rx)
+        vol[_ellipsoid(grid, c, (22.0, 18.0, 20.0))] = HU["soft"]
+        inner = _ellipsoid(grid, c, (16.0, 12.0, 14.0))
+        vol[inner & (Z > c[0])] = HU["air"]
+        vol[inner & (Z <= c[0])] = HU["fluid"]
+    if f.medical_material:  # a pacemaker in the left chest wall, its lead into the heart
+        box = (np.abs(Z - 0.3 * a["zext"]) < 12) & (np.abs(Y - 0.85 * body_ry) < max(5.0, vox)) & \
+              (np.abs(X + 0.5 * body_rx) < 18)
+        vol[box] = HU["metal"]
+        for t in np.linspace(0.0, 1.0, 12):
+            p = (0.3 * a["zext"] * (1 - t) + heart_c[0] * t, 0.85 * body_ry * (1 - t) + heart_c[1] * t,
+                 -0.5 * body_rx * (1 - t) + heart_c[2] * t)
+            vol[_ellipsoid(grid, p, (vox, vox, vox))] = HU["metal"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +334,38 @@ _CARDIO_NEG = (
 )
 
 
+#: Sentences for the findings beyond the first four; only present ones are written. ``{side}``/``{lobe}``
+#: come from the finding's location. Each names the finding the way CT-RATE reports do.
+_EXTRA_POS = {
+    "lung_opacity": ("A ground-glass opacity is seen in the {side} {lobe} lobe.",
+                     "There is a ground-glass opacity in the {side} {lobe} lobe."),
+    "consolidation": ("Consolidation is present in the {side} {lobe} lobe.",
+                      "There is an area of consolidation in the {side} {lobe} lobe."),
+    "atelectasis": ("Plate atelectasis is seen in the {side} lower lobe.",
+                    "There is atelectasis at the {side} lung base."),
+    "mosaic_attenuation": ("A mosaic attenuation pattern is seen in both lungs.",),
+    "septal_thickening": ("Interlobular septal thickening is seen in the periphery of both lungs.",),
+    "fibrotic_sequela": ("Fibrotic sequelae are seen at both lung apices.",),
+    "bronchiectasis": ("Bronchiectasis is present in both lower lobes.",
+                       "There are bronchiectatic changes in both lower lobes."),
+    "peribronchial_thickening": ("There is peribronchial thickening in both lungs.",),
+    "lymphadenopathy": ("Enlarged hilar lymph nodes are present, consistent with lymphadenopathy.",
+                        "There is bilateral hilar lymphadenopathy."),
+    "pericardial_effusion": ("A pericardial effusion is present.", "There is pericardial effusion."),
+    "coronary_calcification": ("Coronary artery calcification is present.",
+                               "There are calcifications in the coronary arteries."),
+    "arterial_calcification": ("Calcified atherosclerotic plaques are seen in the aortic wall.",
+                               "There is atherosclerotic calcification of the aorta."),
+    "hiatal_hernia": ("A hiatal hernia is seen.", "There is a hiatal hernia."),
+    "medical_material": ("A cardiac pacemaker with its lead is in place.",
+                         "A pacemaker device and lead are noted."),
+}
+EXTRAS = tuple(_EXTRA_POS)
+
+
 def write_report(f: Findings, rng: np.random.Generator) -> str:
-    """A findings paragraph: lungs, emphysema, pleura, heart, each sentence drawn from a small bank."""
+    """A findings paragraph: lungs, emphysema, pleura, heart, then any further finding, each sentence drawn
+    from a small bank."""
     pick = lambda bank: bank[int(rng.integers(len(bank)))]  # noqa: E731
     parts = []
     if f.nodule:
@@ -216,39 +380,66 @@ def write_report(f: Findings, rng: np.random.Generator) -> str:
     else:
         parts.append(pick(_EFF_POS).format(side=f.effusion))
     parts.append(pick(_CARDIO_POS if f.cardiomegaly else _CARDIO_NEG))
+    for key in EXTRAS:
+        value = getattr(f, key)
+        if value and value != "none":
+            side, _, lobe = str(value).partition(" ")
+            parts.append(pick(_EXTRA_POS[key]).format(side=side, lobe=lobe))
     return " ".join(parts)
 
 
 def parse_report(text: str) -> dict:
     """Read the findings back out of a report (generated or reference); ``None`` where it says nothing.
 
-    The inverse of :func:`write_report`, used to score generated reports finding by finding.
+    The inverse of :func:`write_report`, sentence by sentence, used to score generated reports finding by
+    finding. The further findings are only ever stated when present, so silence means absent.
     """
-    t = text.lower()
     out: dict = dict(nodule=None, nodule_side=None, nodule_lobe=None, effusion=None,
                      cardiomegaly=None, emphysema=None)
-    m = re.search(r"\b(left|right) (upper|lower) lobe", t)
-    if m:
-        out.update(nodule=True, nodule_side=m.group(1), nodule_lobe=m.group(2))
-    elif re.search(r"no pulmonary nodule|no nodule", t):
-        out.update(nodule=False, nodule_side="none", nodule_lobe="none")
-    if "bilateral pleural effusion" in t:
-        out["effusion"] = "bilateral"
-    elif re.search(r"no pleural effusion", t):
-        out["effusion"] = "none"
-    else:
-        m = re.search(r"\b(left|right) pleural effusion", t)
-        if m:
-            out["effusion"] = m.group(1)
-    if re.search(r"cardiomegaly|heart is enlarged", t):
-        out["cardiomegaly"] = True
-    elif re.search(r"heart size is normal|heart is normal in size", t):
-        out["cardiomegaly"] = False
-    if re.search(r"without emphysema|no emphysema", t):
-        out["emphysema"] = False
-    elif "emphysema" in t:
-        out["emphysema"] = True
+    out.update({k: ("none" if k in ("atelectasis", "lung_opacity", "consolidation") else False) for k in EXTRAS})
+    for t in re.split(r"(?<=\.)\s+", text.lower()):
+        loc = re.search(r"\b(left|right) (upper|lower) lobe", t)
+        side = re.search(r"\b(left|right)\b", t)
+        if "nodule" in t:
+            if re.search(r"no pulmonary nodule|no nodule", t):
+                out.update(nodule=False, nodule_side="none", nodule_lobe="none")
+            elif loc:
+                out.update(nodule=True, nodule_side=loc.group(1), nodule_lobe=loc.group(2))
+        if "pleural effusion" in t:
+            if "bilateral pleural effusion" in t:
+                out["effusion"] = "bilateral"
+            elif "no pleural effusion" in t:
+                out["effusion"] = "none"
+            elif m := re.search(r"\b(left|right) pleural effusion", t):
+                out["effusion"] = m.group(1)
+        if re.search(r"cardiomegaly|heart is enlarged", t):
+            out["cardiomegaly"] = True
+        elif re.search(r"heart size is normal|heart is normal in size", t):
+            out["cardiomegaly"] = False
+        if re.search(r"without emphysema|no emphysema", t):
+            out["emphysema"] = False
+        elif "emphysema" in t:
+            out["emphysema"] = True
+        for key, pattern in _EXTRA_KEYS.items():
+            if re.search(pattern, t):
+                if key in ("lung_opacity", "consolidation"):
+                    out[key] = f"{loc.group(1)} {loc.group(2)}" if loc else out[key]
+                elif key == "atelectasis":
+                    out[key] = side.group(1) if side else out[key]
+                else:
+                    out[key] = True
     return out
+
+
+#: How :func:`parse_report` recognises each further finding in a sentence.
+_EXTRA_KEYS = {
+    "lung_opacity": r"ground-glass opacity", "consolidation": r"consolidation", "atelectasis": r"atelectasis",
+    "mosaic_attenuation": r"mosaic", "septal_thickening": r"septal thickening", "fibrotic_sequela": r"fibrotic",
+    "bronchiectasis": r"bronchiecta", "peribronchial_thickening": r"peribronchial",
+    "lymphadenopathy": r"lymph", "pericardial_effusion": r"pericardial effusion",
+    "coronary_calcification": r"coronary", "arterial_calcification": r"aort", "hiatal_hernia": r"hiatal hernia",
+    "medical_material": r"pacemaker",
+}
 
 
 #: The findings scored per phantom; nodule side/lobe only count where a nodule is present.
@@ -258,6 +449,13 @@ SCORED = ("nodule", "nodule_side", "nodule_lobe", "effusion", "cardiomegaly", "e
 def truth_of(f: Findings) -> dict:
     d = f.to_dict()
     return {k: d[k] for k in SCORED}
+
+
+def parsed_truth(f: Findings) -> dict:
+    """What :func:`parse_report` should read from a faithful report of ``f``."""
+    d = f.to_dict()
+    d.pop("nodule_size_mm")
+    return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +482,24 @@ def write_questions(f: Findings, rng: np.random.Generator) -> list:
     wrong = [v for v in all_locs if v != loc]
     wrong = [wrong[i] for i in rng.permutation(len(wrong))]
     qs.append(_mcq(rng, "Where is the lung nodule?", loc, wrong))
+    present = [k for k in EXTRAS if getattr(f, k) not in (False, "none")]
+    absent = [EXTRA_NAMES[k] for k in EXTRAS if k not in present]
+    absent = [absent[i] for i in rng.permutation(len(absent))]
+    right = EXTRA_NAMES[present[int(rng.integers(len(present)))]] if present else "none of these"
+    qs.append(_mcq(rng, "Which of these abnormalities is seen?", right, absent[:3]))
     return qs
+
+
+#: Plain names for the further findings, as multiple-choice options.
+EXTRA_NAMES = {
+    "lung_opacity": "ground-glass opacity", "consolidation": "consolidation", "atelectasis": "atelectasis",
+    "mosaic_attenuation": "mosaic attenuation", "septal_thickening": "septal thickening",
+    "fibrotic_sequela": "fibrotic sequela", "bronchiectasis": "bronchiectasis",
+    "peribronchial_thickening": "peribronchial thickening", "lymphadenopathy": "lymphadenopathy",
+    "pericardial_effusion": "pericardial effusion", "coronary_calcification": "coronary calcification",
+    "arterial_calcification": "aortic calcification", "hiatal_hernia": "hiatal hernia",
+    "medical_material": "pacemaker",
+}
 
 
 def make_phantom(seed: int, shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0)) -> Phantom:
