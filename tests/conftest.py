@@ -1,6 +1,6 @@
 """Shared fixtures: one small but real training run, merged and exported, reused by the suite.
 
-Trained once per session (about a minute on 2 cores): phantoms -> tokenizer -> DINO (brief) -> tiny
+Trained once per session (about a minute on 2 cores): phantoms -> tokenizer -> DINO (brief) -> InfoNCE warm-up -> tiny
 Phi-3 language base -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle (ONNX, GGUF F32, Q8_0).
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-SMALL = dict(n_train=200, n_test=16, dino_steps=20, lm_steps=200, finetune_steps=600)
+SMALL = dict(n_train=200, n_test=16, dino_steps=20, warmup_steps=60, lm_steps=200, finetune_steps=600)
 
 
 @dataclass
@@ -33,6 +33,7 @@ def trained(tmp_path_factory) -> Trained:
     from samf.train import stages as S
     from samf.train.data import generate_phantom_dataset, load_split, text_corpus
     from samf.train.dino import DinoConfig
+    from samf.train.warmup import WarmupConfig
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     root = tmp_path_factory.mktemp("trained")
@@ -44,6 +45,7 @@ def trained(tmp_path_factory) -> Trained:
     train, test = load_split(data, "train", pre, progress=False), load_split(data, "test", pre, progress=False)
     S.stage_tokenizer(run, text_corpus(train))
     S.stage_pretrain_2d(run, train, DinoConfig(steps=SMALL["dino_steps"]), progress=False)
+    S.stage_warmup_3d(run, train, WarmupConfig(steps=SMALL["warmup_steps"]), progress=False)
     S.stage_pretrain_lm(run, train, S.LMConfig(steps=SMALL["lm_steps"]), progress=False)
     S.stage_finetune(run, train, S.FinetuneConfig(steps=SMALL["finetune_steps"]), progress=False)
     merged = S.stage_merge(run)

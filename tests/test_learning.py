@@ -11,7 +11,7 @@ def test_each_stage_lowered_its_loss(trained):
     import json
 
     rows = [json.loads(ln) for ln in open(os.path.join(trained.run, "metrics.jsonl"))]
-    for stage in ("pretrain-lm", "finetune"):
+    for stage in ("warmup-3d", "pretrain-lm", "finetune"):
         loss = [r["loss"] for r in rows if r["stage"] == stage]
         assert np.mean(loss[-20:]) < 0.8 * np.mean(loss[:20]), stage
 

@@ -39,6 +39,7 @@ class DinoConfig:
     center_momentum: float = 0.9
     momentum_start: float = 0.996  # EMA teacher momentum, cosine to 1.0
     seed: int = 0
+    save_every: int = 100         # steps between resumable checkpoints
 
 
 class DinoHead(nn.Module):
@@ -99,11 +100,14 @@ def _cosine(step: int, total: int, start: float, end: float) -> float:
 
 
 def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, progress: bool = True,
-                  log=None) -> list:
+                  log=None, ckpt=None) -> list:
     """Train ``vit`` in place (it ends as the teacher backbone, as DINO ships); returns the loss per step.
 
-    ``slices [M, C, H, W]``: single slices pooled from all planes of the training scans.
+    ``slices [M, C, H, W]``: single slices pooled from all planes of the training scans. ``ckpt``: a
+    :class:`samf.train.checkpoint.StageCheckpoint` to resume from and save to.
     """
+    from .checkpoint import rng_state, set_rng_state
+
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     size = vit.cfg.img_size
@@ -116,8 +120,17 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
     center = torch.zeros(1, cfg.out_dim)
     data = torch.from_numpy(slices)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
-    losses = []
-    bar = tqdm(range(cfg.steps), desc="pretrain-2d (DINO)", disable=not progress)
+    losses, start = [], 0
+    state = ckpt.load() if ckpt else None
+    if state is not None:
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        opt.load_state_dict(state["optimizer"])
+        center = state["center"]
+        losses, start = state["losses"], state["step"]
+        set_rng_state(state["rng"], gen=gen)
+    bar = tqdm(range(start, cfg.steps), desc="pretrain-2d (DINO)", disable=not progress, initial=start,
+               total=cfg.steps)
     for step in bar:
         lr = cfg.lr * (step + 1) / warm if step < warm else _cosine(step - warm, cfg.steps - warm, cfg.lr, 1e-6)
         for g in opt.param_groups:
@@ -151,5 +164,9 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if log:
             log({"stage": "pretrain-2d", "step": step, "loss": losses[-1], "lr": lr})
+        if ckpt:
+            ckpt.maybe_save(step + 1, lambda: {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                                               "optimizer": opt.state_dict(), "center": center, "losses": losses,
+                                               "rng": rng_state(gen=gen)})
     vit.load_state_dict(teacher.vit.state_dict())
     return losses

@@ -5,15 +5,22 @@ Run folder::
     RUN/run.json           preset: preprocessing, model sizes (written by ``init_run``)
     RUN/tokenizer.model    SentencePiece (tiny LLM only; a real Phi-3 brings its own)
     RUN/vit_dino.pt        pretrain-2d: DINO teacher backbone
+    RUN/aggregator_warmup.pt  warmup-3d: the aggregator after InfoNCE on frozen ViT embeddings
     RUN/lm_base/           pretrain-lm: the tiny Phi-3 taught the report language (stands in for Phi-3's
                            own pretraining; real runs start from Phi-3-mini instead)
     RUN/finetune/          finetune: LoRA adapter + image modules
     RUN/merged/            merge: plain HF checkpoint + samf_modules.pt + samf_config.json + preprocess.json
     RUN/metrics.jsonl      one JSON line per logged step or evaluation
+    RUN/config/<stage>.json   the configuration each stage last ran with
+    RUN/checkpoints/<stage>.pt  while a stage runs: its state every few steps, to resume after an interruption
+
+Multi-GPU: every stage that trains runs under ``torchrun`` (DDP; see :mod:`samf.train.distributed`); the
+same code runs single-process on CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -74,14 +81,27 @@ def _write_json(path: str, obj) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to RUN/metrics.jsonl."""
+    """Appends one JSON object per line to RUN/metrics.jsonl (rank 0 only under DDP)."""
 
     def __init__(self, run_dir: str):
+        from .distributed import is_main
+
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = is_main()
 
     def __call__(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def write_stage_config(run_dir: str, stage: str, cfg) -> dict:
+    """RUN/config/<stage>.json: what this stage ran with (a dataclass or a dict)."""
+    d = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
+    d = json.loads(json.dumps(d, default=list))
+    os.makedirs(os.path.join(run_dir, "config"), exist_ok=True)
+    _write_json(os.path.join(run_dir, "config", f"{stage}.json"), d)
+    return d
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -99,7 +119,7 @@ def stage_tokenizer(run_dir: str, texts: list, vocab_size: int = 1000):
 # ------------------------------------------------------------------------------------ pretrain-2d
 
 def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | None = None,
-                      progress: bool = True) -> list:
+                      progress: bool = True, restart: bool = False) -> list:
     """DINO on every slice of ``examples`` (all three planes); the ViT goes to RUN/vit_dino.pt atomically.
 
     ``cfg`` is a :class:`samf.train.dino.DinoConfig`; ``dino_weights`` a published DINO checkpoint to start
@@ -111,10 +131,53 @@ def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | Non
     vit = VisionTransformer(ImageConfig.from_dict(read_run(run_dir)["image"]).vit)
     if dino_weights:
         load_dino_weights(vit, dino_weights)
+    from .checkpoint import StageCheckpoint
+
+    conf = write_stage_config(run_dir, "pretrain-2d", {**asdict(cfg), "dino_weights": dino_weights})
+    ckpt = StageCheckpoint(run_dir, "pretrain-2d", conf, every=cfg.save_every, restart=restart)
     slices = np.concatenate([e.slices for e in examples])
-    losses = pretrain_dino(vit, slices, cfg, progress=progress, log=MetricsLog(run_dir))
+    losses = pretrain_dino(vit, slices, cfg, progress=progress, log=MetricsLog(run_dir), ckpt=ckpt)
     with atomic_file(os.path.join(run_dir, "vit_dino.pt"), "wb") as f:
         torch.save(vit.state_dict(), f)
+    ckpt.clear()
+    return losses
+
+
+# -------------------------------------------------------------------------------------- warmup-3d
+
+WARMUP_FILE = "aggregator_warmup.pt"
+
+
+def _image_encoder(run_dir: str, image_cfg: ImageConfig | None = None):
+    from .models import ImageEncoder
+
+    image_cfg = image_cfg or ImageConfig.from_dict(read_run(run_dir)["image"])
+    enc = ImageEncoder(image_cfg.vit, image_cfg.aggregator)
+    dino = os.path.join(run_dir, "vit_dino.pt")
+    if os.path.exists(dino):
+        enc.vit.load_state_dict(torch.load(dino, map_location="cpu", weights_only=True))
+    return enc
+
+
+def stage_warmup_3d(run_dir: str, examples: list, cfg=None, progress: bool = True) -> list:
+    """InfoNCE warm-up of the aggregator on frozen (DINO) ViT embeddings -> RUN/aggregator_warmup.pt.
+
+    See :mod:`samf.train.warmup` for which pairs are positives. Short and cheap (the ViT runs once per
+    slice), so it restarts rather than resumes.
+    """
+    from .warmup import WarmupConfig, warmup_aggregator
+
+    cfg = cfg or WarmupConfig()
+    write_stage_config(run_dir, "warmup-3d", cfg)
+    run = read_run(run_dir)
+    enc = _image_encoder(run_dir).eval()
+    enc.calibrate(torch.from_numpy(ex.slices) for ex in examples[:256])
+    with torch.no_grad():
+        z2d = torch.stack([enc.embed_slices(torch.from_numpy(ex.slices)) for ex in examples])
+    losses = warmup_aggregator(enc.aggregator, z2d, run["preprocess"]["slices_per_plane"], cfg,
+                               progress=progress, log=MetricsLog(run_dir))
+    with atomic_file(os.path.join(run_dir, WARMUP_FILE), "wb") as f:
+        torch.save({"aggregator": enc.aggregator.state_dict()}, f)
     return losses
 
 
@@ -184,13 +247,21 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
 class FinetuneConfig:
     steps: int = 400
     batch_size: int = 16
+    grad_accum: int = 1           # micro-batches per optimizer step (effective batch = batch_size × grad_accum × ranks)
     lr: float = 2e-3              # image modules and LoRA
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     freeze_vit: bool = True       # DINO features kept as pretrained (the paper's frozen-ViT setting)
-    mcq_fraction: float = 0.3     # share of samples that are multiple-choice questions
+    freeze_aggregator: bool = False
+    warmup: bool = False          # start the aggregator from warmup-3d (RUN/aggregator_warmup.pt)
+    ao2d: bool | None = None      # override the preset's Ao2D switch (the SAMF vs SAMF+Ao2D ablation)
+    tasks: str = "both"           # "both" (reports and multiple choice in one run), "report" or "mcq"
+    mcq_fraction: float = 0.3     # with tasks="both": share of samples that are multiple-choice questions
+    precision: str = "auto"       # "fp32", "bf16" (autocast) or "auto": bf16 where the GPU has it
+    grad_checkpointing: bool = False  # recompute the LLM's activations in backward (memory for time)
+    save_every: int = 100         # steps between resumable checkpoints
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -199,10 +270,10 @@ def _base_llm(run_dir: str, run: dict):
     return load_phi3(run["llm_path"] or os.path.join(run_dir, "lm_base"))
 
 
-def build_vlm(run_dir: str) -> SamfVLM:
+def build_vlm(run_dir: str, image_cfg: ImageConfig | None = None) -> SamfVLM:
     """The model before fine-tuning: DINO ViT (if pretrained), fresh aggregator/fusion, base LLM."""
     run = read_run(run_dir)
-    vlm = SamfVLM(ImageConfig.from_dict(run["image"]), _base_llm(run_dir, run))
+    vlm = SamfVLM(image_cfg or ImageConfig.from_dict(run["image"]), _base_llm(run_dir, run))
     dino = os.path.join(run_dir, "vit_dino.pt")
     if os.path.exists(dino):
         vlm.encoder.vit.load_state_dict(torch.load(dino, map_location="cpu", weights_only=True))
@@ -216,48 +287,113 @@ def _task_sample(ex, sp, rng: random.Random, mcq_fraction: float):
     return sp.encode(format_prompt(rng.choice(REPORT_REQUESTS))), sp.encode(ex.report)
 
 
-def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: bool = True) -> list:
-    """SAMF (+Ao2D) into Phi-3 with LoRA (peft); image modules trained fully, ViT unless frozen."""
+def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
+    image_cfg = ImageConfig.from_dict(read_run(run_dir)["image"])
+    if cfg.ao2d is not None:
+        image_cfg.fusion = dataclasses.replace(image_cfg.fusion, ao2d=bool(cfg.ao2d))
+    return image_cfg
+
+
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast where asked (or, with "auto", where the GPU supports it); fp32 otherwise."""
+    use = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), use
+
+
+def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: bool = True,
+                   restart: bool = False) -> list:
+    """SAMF (+Ao2D) into Phi-3 with LoRA (peft); image modules trained fully, ViT/aggregator unless frozen.
+
+    Loss only on answer tokens (:meth:`SamfVLM.forward`). Resumes from RUN/checkpoints/finetune.pt when
+    one of the same configuration exists. Under ``torchrun`` each rank draws its own batches and DDP
+    averages the gradients; rank 0 writes.
+    """
     from peft import LoraConfig, get_peft_model
 
+    from .checkpoint import StageCheckpoint, rng_state, set_rng_state
+    from .distributed import DistributedContext
+
+    if cfg.tasks not in ("both", "report", "mcq"):
+        raise ValueError(f"tasks must be both, report or mcq, not {cfg.tasks!r}")
+    dist = DistributedContext.from_env()
+    conf = write_stage_config(run_dir, "finetune", cfg) if dist.is_main else json.loads(json.dumps(asdict(cfg)))
+    ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main,
+                           enabled=True)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed * 1000 + dist.rank)
+    mcq_fraction = {"both": cfg.mcq_fraction, "report": 0.0, "mcq": 1.0}[cfg.tasks]
+    if cfg.tasks == "mcq" and not any(ex.questions for ex in examples):
+        raise ValueError("tasks='mcq' but the training data has no multiple-choice questions")
     sp = load_tokenizer(os.path.join(run_dir, "tokenizer.model"))
-    vlm = build_vlm(run_dir)
+    vlm = build_vlm(run_dir, finetune_image_config(run_dir, cfg))
+    if cfg.warmup:
+        path = os.path.join(run_dir, WARMUP_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} (run samf-train warmup-3d first, or finetune without --warmup)")
+        vlm.encoder.aggregator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["aggregator"])
     for p in vlm.llm.parameters():
         p.requires_grad_(False)
     vlm.llm = get_peft_model(vlm.llm, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"))
-    if cfg.freeze_vit:
-        for p in vlm.encoder.vit.parameters():
-            p.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for frozen, module in ((cfg.freeze_vit, vlm.encoder.vit), (cfg.freeze_aggregator, vlm.encoder.aggregator)):
+        if frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
     vlm.encoder.calibrate(torch.from_numpy(ex.slices) for ex in examples[:256])
+    vlm.to(dist.device)
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+    losses, start = [], 0
+    state = ckpt.load()
+    if state is not None:
+        vlm.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        losses, start = state["losses"], state["step"]
+        if dist.world_size == 1:
+            set_rng_state(state["rng"], rng)
+        else:  # each rank continues its own stream, reproducibly
+            rng.seed(hash((cfg.seed, dist.rank, start)))
+    model = dist.wrap(vlm)
     vlm.train()
-    log, losses = MetricsLog(run_dir), []
-    bar = tqdm(range(cfg.steps), desc="finetune (SAMF+LoRA)", disable=not progress)
-    t0 = time.time()
+    autocast, bf16 = _autocast(cfg.precision, dist.device)
+    log = MetricsLog(run_dir)
+    bar = tqdm(range(start, cfg.steps), desc="finetune (SAMF+LoRA)", disable=not (progress and dist.is_main),
+               initial=start, total=cfg.steps)
+    t0, seen = time.time(), 0
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
-        batch = [rng.choice(examples) for _ in range(cfg.batch_size)]
-        slices = torch.from_numpy(np.stack([ex.slices for ex in batch]))
-        prompts, answers = zip(*[_task_sample(ex, sp, rng, cfg.mcq_fraction) for ex in batch])
-        loss = vlm(slices, list(prompts), list(answers))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = [rng.choice(examples) for _ in range(cfg.batch_size)]
+            slices = torch.from_numpy(np.stack([ex.slices for ex in batch])).to(dist.device)
+            prompts, answers = zip(*[_task_sample(ex, sp, rng, mcq_fraction) for ex in batch])
+            with autocast, dist.no_sync_unless(model, micro == cfg.grad_accum - 1):
+                loss = model(slices, list(prompts), list(answers)) / cfg.grad_accum
+                loss.backward()
+            step_loss += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
-        rate = (step + 1) * cfg.batch_size / (time.time() - t0)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", scans_s=f"{rate:.1f}")
-        log({"stage": "finetune", "step": step, "loss": losses[-1]})
+        losses.append(step_loss)
+        seen += cfg.batch_size * cfg.grad_accum * dist.world_size
+        bar.set_postfix(loss=f"{step_loss:.3f}", scans_s=f"{seen / (time.time() - t0):.1f}")
+        log({"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16})
+        if dist.is_main:
+            ckpt.maybe_save(step + 1, lambda: {
+                "model": {k: v for k, v in vlm.state_dict().items() if k in trainable},
+                "optimizer": opt.state_dict(), "losses": losses, "rng": rng_state(rng)})
 
-    with atomic_dir(os.path.join(run_dir, "finetune")) as d:
-        vlm.llm.save_pretrained(d)
-        vlm.save_image_modules(d)
+    if dist.is_main:
+        with atomic_dir(os.path.join(run_dir, "finetune")) as d:
+            vlm.llm.save_pretrained(d)
+            vlm.save_image_modules(d)
+        ckpt.clear()
+    dist.barrier()
     return losses
 
 
@@ -265,8 +401,9 @@ def load_finetuned(run_dir: str) -> SamfVLM:
     """Base LLM + LoRA adapter + fine-tuned image modules, as ``stage_finetune`` left them."""
     from peft import PeftModel
 
-    vlm = build_vlm(run_dir)
     ft = os.path.join(run_dir, "finetune")
+    with open(os.path.join(ft, "samf_config.json")) as f:
+        vlm = build_vlm(run_dir, ImageConfig.from_dict(json.load(f)))
     vlm.llm = PeftModel.from_pretrained(vlm.llm, ft)
     state = torch.load(os.path.join(ft, "samf_modules.pt"), map_location="cpu", weights_only=True)
     vlm.encoder.load_state_dict(state["encoder"])
