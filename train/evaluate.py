@@ -48,3 +48,60 @@ def format_table(rows: dict) -> str:
         ch = CHANCE.get(k, sum(CHANCE.values()) / len(CHANCE))
         lines.append(f"{k:<14}{vals}{ch:>10.2f}")
     return "\n".join(lines)
+
+
+def evaluate_model(vlm, sp, examples: list, bertscore_model: str | None = "default", progress: bool = True,
+                   zeroed: bool = True) -> dict:
+    """Everything ``samf-train evaluate`` reports for one model on one split, as a JSON-able dict.
+
+    Reports: BLEU-1/4, METEOR, ROUGE-L, BERTScore-F1 against the references; the 18 CT-RATE labels read
+    from them (phantoms and CT-RATE); per-finding accuracy with attributes (phantoms). Multiple choice:
+    accuracy, precision, recall, F1. With ``zeroed``, the same with the image embeddings zeroed, the
+    baseline a model that uses the image must beat.
+    """
+    from .labels import truth_labels
+    from .metrics import label_metrics, mcq_metrics, report_metrics
+    from .stages import generate_mcq, generate_reports
+
+    refs = [e.report for e in examples]
+    label_truth = [truth_labels(e.findings) for e in examples]
+    phantom = all("nodule_side" in e.findings for e in examples)
+    out = {"n_scans": len(examples)}
+    for mode in ("image", "zeroed") if zeroed else ("image",):
+        z = mode == "zeroed"
+        hyps = generate_reports(vlm, sp, examples, zero_image=z, progress=progress)
+        res = {"reports": report_metrics(hyps, refs, bertscore_model) if not z else {},
+               "labels": label_metrics(hyps, label_truth),
+               "mcq": mcq_metrics(*generate_mcq(vlm, sp, examples, zero_image=z))}
+        if phantom:
+            res["findings"] = finding_accuracy(hyps, [e.findings for e in examples])
+        res["examples"] = [{"image": e.image, "generated": h} for e, h in zip(examples[:8], hyps[:8])]
+        out[mode] = res
+    return out
+
+
+def _fmt(v, scale=1.0) -> str:
+    return "n/a" if v is None else f"{v * scale:.2f}"
+
+
+def summary_row(result: dict, mode: str = "image") -> dict:
+    """The headline numbers of one evaluation (one row of a table)."""
+    r = result[mode]
+    rep, mcq = r.get("reports", {}), r["mcq"]
+    row = {k: rep.get(k) for k in ("bleu1", "bleu4", "meteor", "rougeL", "bertscore_f1")}
+    row.update({f"mcq_{k}": mcq.get(k) for k in ("accuracy", "precision", "recall", "f1")})
+    row["label_f1"] = r["labels"].get("macro", {}).get("f1") if r["labels"] else None
+    if "findings" in r:
+        row["finding_acc"] = r["findings"]["mean"]
+    return row
+
+
+def format_summary(rows: dict) -> str:
+    """``{name: summary_row}`` as a Markdown table (BLEU on 0-100, the rest on 0-1)."""
+    cols = ["bleu1", "bleu4", "meteor", "rougeL", "bertscore_f1", "mcq_accuracy", "mcq_precision", "mcq_recall",
+            "mcq_f1", "label_f1", "finding_acc"]
+    cols = [c for c in cols if any(c in r for r in rows.values())]
+    lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Training stages beyond the fixture's defaults: InfoNCE, the ablation switches, resume, bf16/accumulation,
+the offline metrics and the evaluation record."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from samf.train import stages as S
+from samf.train.ablation import SHARED
+
+
+def _cell(trained, tmp_path):
+    """A run folder with the fixture's shared stages (tokenizer, DINO, LM base, warm-up), for a fresh finetune."""
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    for f in SHARED:
+        src = os.path.join(trained.run, f)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, run / f)
+    return str(run)
+
+
+def test_info_nce_matches_its_definition():
+    from samf.train.warmup import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    an, bn = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    s = an @ bn.T / 0.1
+    row = -(torch.diag(s) - torch.logsumexp(s, 1)).mean()
+    col = -(torch.diag(s) - torch.logsumexp(s, 0)).mean()
+    assert torch.allclose(info_nce(a, b, 0.1), 0.5 * (row + col), atol=1e-5)
+    assert info_nce(a, a, 0.1) < info_nce(a, b, 0.1)      # matching pairs score lower
+
+
+def test_views_split_adjacent_slices_of_every_plane():
+    from samf.train.warmup import split_views
+
+    z = torch.ones(1, 12, 2)                              # 3 planes × 4 slices
+    a, b = split_views(z, 4)
+    assert a[0, :, 0].tolist() == [1, 0, 1, 0] * 3 and torch.equal(a + b, z)
+
+
+def test_warmup_lowered_infonce_and_was_saved(trained):
+    import json
+
+    rows = [json.loads(ln) for ln in open(os.path.join(trained.run, "metrics.jsonl"))]
+    loss = [r["loss"] for r in rows if r["stage"] == "warmup-3d"]
+    assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:10])
+    assert os.path.exists(os.path.join(trained.run, "aggregator_warmup.pt"))
+    assert json.load(open(os.path.join(trained.run, "config", "warmup-3d.json")))["tau"] == 0.1
+
+
+def test_ablation_switches_freeze_and_override(trained, tmp_path):
+    run = _cell(trained, tmp_path)
+    cfg = S.FinetuneConfig(steps=2, batch_size=2, warmup=True, freeze_aggregator=True, ao2d=False, tasks="report")
+    S.stage_finetune(run, trained.train[:8], cfg, progress=False)
+    vlm = S.load_finetuned(run)
+    assert vlm.image_cfg.fusion.ao2d is False             # the override reaches the saved model
+    warm = torch.load(os.path.join(run, "aggregator_warmup.pt"), weights_only=True)["aggregator"]
+    for k, v in vlm.encoder.aggregator.state_dict().items():
+        assert torch.equal(v, warm[k]), k                 # frozen: exactly the warm-up's weights
+    dino = torch.load(os.path.join(run, "vit_dino.pt"), weights_only=True)
+    assert all(torch.equal(v, dino[k]) for k, v in vlm.encoder.vit.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="warmup-3d"):
+        os.remove(os.path.join(run, "aggregator_warmup.pt"))
+        S.stage_finetune(run, trained.train[:8], cfg, progress=False)
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(trained, tmp_path, monkeypatch):
+    cfg = S.FinetuneConfig(steps=6, batch_size=2, save_every=2)
+    exs = trained.train[:8]
+    ref_run = _cell(trained, tmp_path / "a")
+    ref = S.stage_finetune(ref_run, exs, cfg, progress=False)
+
+    run = _cell(trained, tmp_path / "b")
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crash_on_fifth(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        S.stage_finetune(run, exs, cfg, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert os.path.exists(os.path.join(run, "checkpoints", "finetune.pt"))
+    assert not os.path.exists(os.path.join(run, "finetune"))          # nothing half-written
+    resumed = S.stage_finetune(run, exs, cfg, progress=False)
+    assert resumed == pytest.approx(ref, abs=1e-6)
+    a = S.load_finetuned(ref_run).state_dict()
+    b = S.load_finetuned(run).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not os.path.exists(os.path.join(run, "checkpoints", "finetune.pt"))
+    from samf.train.checkpoint import ResumeError, StageCheckpoint
+
+    ck = StageCheckpoint(run, "finetune", {"steps": 6}, every=1)
+    ck.maybe_save(1, lambda: {})
+    with pytest.raises(ResumeError, match="--restart"):
+        S.stage_finetune(run, exs, cfg, progress=False)
+
+
+def test_bf16_accumulation_and_checkpointing_run(trained, tmp_path):
+    run = _cell(trained, tmp_path)
+    cfg = S.FinetuneConfig(steps=2, batch_size=2, grad_accum=2, precision="bf16", grad_checkpointing=True,
+                           tasks="mcq")
+    losses = S.stage_finetune(run, trained.train[:8], cfg, progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    rows = [ln for ln in open(os.path.join(run, "metrics.jsonl")) if '"finetune"' in ln]
+    assert '"bf16": true' in rows[-1]
+
+
+def test_report_and_mcq_metrics():
+    from samf.train.metrics import label_metrics, mcq_metrics, report_metrics
+
+    refs = ["There is a left pleural effusion. Heart size is normal.", "Cardiomegaly is noted. No nodule."]
+    same = report_metrics(refs, refs)
+    assert same["bleu1"] == pytest.approx(100) and same["bleu4"] == pytest.approx(100)
+    assert same["rougeL"] == pytest.approx(1.0)
+    assert same["meteor"] is None or same["meteor"] == pytest.approx(1.0, abs=1e-3)
+    assert same["bertscore_f1"] is None or same["bertscore_f1"] == pytest.approx(1.0, abs=1e-3)
+    other = report_metrics(["No acute findings.", "Normal study."], refs, bertscore_model=None)
+    assert other["bleu4"] < 10 and other["rougeL"] < 0.3
+    assert other["bertscore_f1"] is None and "absent" in other["notes"]["bertscore_f1"]
+    m = mcq_metrics(["A. yes.", "B. no.", "I am not sure"], ["A", "C", "B"])
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert 0 <= m["f1"] <= m["accuracy"] + 0.5
+    lab = label_metrics(refs, [{"Pleural effusion": True, "Cardiomegaly": False},
+                               {"Pleural effusion": False, "Cardiomegaly": True}])
+    assert lab["macro"]["f1"] == pytest.approx(1.0)
+
+
+def test_evaluation_record_has_every_metric(trained):
+    from samf.train.evaluate import evaluate_model, format_summary, summary_row
+    from samf.train.tokenizer import load_tokenizer
+    from samf.train.vlm import SamfVLM
+
+    vlm = SamfVLM.from_checkpoint(trained.merged)
+    sp = load_tokenizer(os.path.join(trained.merged, "tokenizer.model"))
+    res = evaluate_model(vlm, sp, trained.test[:3], bertscore_model=None, progress=False)
+    for key in ("bleu1", "bleu4", "meteor", "rougeL", "bertscore_f1"):
+        assert key in res["image"]["reports"]
+    assert set(res["image"]["mcq"]) >= {"accuracy", "precision", "recall", "f1"}
+    assert len(res["image"]["labels"]["per_label"]) == 18 and "findings" in res["zeroed"]
+    assert "| image |" in format_summary({"image": summary_row(res)})

@@ -1,0 +1,113 @@
+"""The paper's ablation grid on phantoms, by one command (``samf-train ablate``).
+
+Shared stages run once (tokenizer, DINO, LM base, InfoNCE warm-up); then each cell fine-tunes from them with
+its switches and is evaluated on the held-out phantoms with the full metric set. Cells: SAMF vs SAMF+Ao2D ×
+ViT frozen vs trained × with vs without the warm-up, plus the frozen-aggregator variant (with warm-up),
+and one zeroed-image baseline row. A rerun with the same settings keeps the shared stages and finished cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from samf.runtime.atomic import atomic_file
+
+GRID = [
+    (f"{'SAMF+Ao2D' if ao2d else 'SAMF'}, ViT {'frozen' if fv else 'trained'}, {'warm-up' if wu else 'no warm-up'}",
+     dict(ao2d=ao2d, freeze_vit=fv, warmup=wu))
+    for ao2d in (False, True) for fv in (True, False) for wu in (False, True)
+] + [("SAMF+Ao2D, ViT frozen, warm-up, aggregator frozen", dict(ao2d=True, freeze_vit=True, warmup=True,
+                                                                freeze_aggregator=True))]
+
+
+@dataclass
+class AblationConfig:
+    out_dir: str = "samf-ablation"
+    data_dir: str | None = None       # phantoms; written to OUT/data when not given
+    n_train: int = 300
+    n_test: int = 24
+    dino_steps: int = 150
+    lm_steps: int = 300
+    warmup_steps: int = 200
+    finetune_steps: int = 600
+    seed: int = 0
+    progress: bool = True
+
+
+SHARED = ("run.json", "tokenizer.model", "vit_dino.pt", "lm_base", "aggregator_warmup.pt")
+
+
+def run_ablation(cfg: AblationConfig, echo=print) -> dict:
+    from samf.runtime.preprocess import PreprocessConfig
+
+    from . import stages as S
+    from .data import generate_phantom_dataset, load_dataset, text_corpus
+    from .dino import DinoConfig
+    from .evaluate import evaluate_model, format_summary, summary_row
+    from .tokenizer import load_tokenizer
+    from .warmup import WarmupConfig
+
+    t0 = time.time()
+    data = cfg.data_dir or os.path.join(cfg.out_dir, "data")
+    if not cfg.data_dir and not os.path.exists(os.path.join(data, "train.csv")):
+        generate_phantom_dataset(data, cfg.n_train, cfg.n_test, seed=cfg.seed, progress=cfg.progress)
+    base = os.path.join(cfg.out_dir, "base")
+    preset = S.tiny_preset()
+    S.init_run(base, preset)
+    pre = PreprocessConfig.from_dict(preset["preprocess"])
+    train = load_dataset(data, "train", pre, progress=cfg.progress)
+    test = load_dataset(data, "test", pre, progress=cfg.progress)
+    shared = {"dino": cfg.dino_steps, "lm": cfg.lm_steps, "warmup": cfg.warmup_steps, "seed": cfg.seed}
+    done = os.path.join(base, "shared_done.json")
+    if not (os.path.exists(done) and json.load(open(done)) == shared):  # a rerun keeps finished work
+        S.stage_tokenizer(base, text_corpus(train))
+        S.stage_pretrain_2d(base, train, DinoConfig(steps=cfg.dino_steps, seed=cfg.seed), progress=cfg.progress)
+        S.stage_pretrain_lm(base, train, S.LMConfig(steps=cfg.lm_steps, seed=cfg.seed), progress=cfg.progress)
+        S.stage_warmup_3d(base, train, WarmupConfig(steps=cfg.warmup_steps, seed=cfg.seed), progress=cfg.progress)
+        with atomic_file(done) as f:
+            json.dump(shared, f)
+    sp = load_tokenizer(os.path.join(base, "tokenizer.model"))
+
+    results, rows = {}, {}
+    for i, (name, switches) in enumerate(GRID):
+        cell = os.path.join(cfg.out_dir, "cells", f"{i:02d}")
+        result_path = os.path.join(cell, "result.json")
+        if os.path.exists(result_path):
+            res = json.load(open(result_path))
+            if res.get("finetune_steps") == cfg.finetune_steps and res.get("shared") == shared:
+                results[name], rows[name] = res, summary_row(res)
+                if "zeroed" in res:
+                    rows["zeroed image embeddings (last row's model)"] = summary_row(res, "zeroed")
+                continue
+            shutil.rmtree(cell)
+        os.makedirs(cell, exist_ok=True)
+        for f in SHARED:
+            src, dst = os.path.join(base, f), os.path.join(cell, f)
+            if not os.path.exists(dst):
+                (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+        t = time.time()
+        ft = S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed, **switches)
+        losses = S.stage_finetune(cell, train, ft, progress=cfg.progress)
+        vlm = S.load_finetuned(cell)
+        res = evaluate_model(vlm, sp, test, progress=False, zeroed=(i == len(GRID) - 1))
+        res.update(name=name, switches=switches, final_loss=sum(losses[-20:]) / len(losses[-20:]),
+                   finetune_s=time.time() - t, finetune_steps=cfg.finetune_steps, shared=shared)
+        with atomic_file(result_path) as f:
+            json.dump(res, f, indent=2)
+        results[name] = res
+        rows[name] = summary_row(res)
+        if "zeroed" in res:
+            rows["zeroed image embeddings (last row's model)"] = summary_row(res, "zeroed")
+        echo(f"{name}: loss {res['final_loss']:.3f}, finding acc {rows[name].get('finding_acc', 0):.2f}, "
+             f"MCQ acc {rows[name]['mcq_accuracy']:.2f} ({res['finetune_s']:.0f} s)")
+    table = format_summary(rows)
+    out = {"config": cfg.__dict__, "grid": results, "table": table, "wall_s": time.time() - t0}
+    with atomic_file(os.path.join(cfg.out_dir, "ablation.json")) as f:
+        json.dump(out, f, indent=2, default=str)
+    with atomic_file(os.path.join(cfg.out_dir, "ablation.md")) as f:
+        f.write(table + "\n")
+    return out
