@@ -46,12 +46,8 @@ def meteor(hyps: list, refs: list) -> float:
     from pycocoevalcap.meteor.meteor import Meteor
 
     clean = lambda t: " ".join(t.replace("\n", " ").split()) or "."  # noqa: E731 - METEOR's stdin protocol
-    scorer = Meteor()
-    try:
-        score, _ = scorer.compute_score({i: [clean(r)] for i, r in enumerate(refs)},
-                                        {i: [clean(h)] for i, h in enumerate(hyps)})
-    finally:
-        scorer.close() if hasattr(scorer, "close") else None
+    score, _ = Meteor().compute_score({i: [clean(r)] for i, r in enumerate(refs)},
+                                      {i: [clean(h)] for i, h in enumerate(hyps)})
     return float(score)
 
 

@@ -317,8 +317,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         raise ValueError(f"tasks must be both, report or mcq, not {cfg.tasks!r}")
     dist = DistributedContext.from_env()
     conf = write_stage_config(run_dir, "finetune", cfg) if dist.is_main else json.loads(json.dumps(asdict(cfg)))
-    ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main,
-                           enabled=True)
+    ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed * 1000 + dist.rank)
     mcq_fraction = {"both": cfg.mcq_fraction, "report": 0.0, "mcq": 1.0}[cfg.tasks]
