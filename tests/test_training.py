@@ -2,24 +2,20 @@
 the offline metrics and the evaluation record."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from samf.train import stages as S
-from samf.train.ablation import SHARED
+from samf.train.ablation import copy_shared
 
 
 def _cell(trained, tmp_path):
     """A run folder with the fixture's shared stages (tokenizer, DINO, LM base, warm-up), for a fresh finetune."""
-    run = tmp_path / "run"
-    run.mkdir(parents=True)
-    for f in SHARED:
-        src = os.path.join(trained.run, f)
-        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, run / f)
-    return str(run)
+    run = str(tmp_path / "run")
+    copy_shared(trained.run, run)
+    return run
 
 
 def test_info_nce_matches_its_definition():

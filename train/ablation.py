@@ -41,6 +41,15 @@ class AblationConfig:
 SHARED = ("run.json", "tokenizer.model", "vit_dino.pt", "lm_base", "aggregator_warmup.pt")
 
 
+def copy_shared(base: str, run: str) -> None:
+    """A run folder holding ``base``'s shared stages, ready for a fine-tune of its own."""
+    os.makedirs(run, exist_ok=True)
+    for f in SHARED:
+        src, dst = os.path.join(base, f), os.path.join(run, f)
+        if not os.path.exists(dst):
+            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+
+
 def run_ablation(cfg: AblationConfig, echo=print) -> dict:
     from samf.runtime.preprocess import PreprocessConfig
 
@@ -76,28 +85,18 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
     for i, (name, switches) in enumerate(GRID):
         cell = os.path.join(cfg.out_dir, "cells", f"{i:02d}")
         result_path = os.path.join(cell, "result.json")
-        if os.path.exists(result_path):
-            res = json.load(open(result_path))
-            if res.get("finetune_steps") == cfg.finetune_steps and res.get("shared") == shared:
-                results[name], rows[name] = res, summary_row(res)
-                if "zeroed" in res:
-                    rows["zeroed image embeddings (last row's model)"] = summary_row(res, "zeroed")
-                continue
-            shutil.rmtree(cell)
-        os.makedirs(cell, exist_ok=True)
-        for f in SHARED:
-            src, dst = os.path.join(base, f), os.path.join(cell, f)
-            if not os.path.exists(dst):
-                (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
-        t = time.time()
-        ft = S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed, **switches)
-        losses = S.stage_finetune(cell, train, ft, progress=cfg.progress)
-        vlm = S.load_finetuned(cell)
-        res = evaluate_model(vlm, sp, test, progress=False, zeroed=(i == len(GRID) - 1))
-        res.update(name=name, switches=switches, final_loss=sum(losses[-20:]) / len(losses[-20:]),
-                   finetune_s=time.time() - t, finetune_steps=cfg.finetune_steps, shared=shared)
-        with atomic_file(result_path) as f:
-            json.dump(res, f, indent=2)
+        res = json.load(open(result_path)) if os.path.exists(result_path) else {}
+        if res.get("finetune_steps") != cfg.finetune_steps or res.get("shared") != shared:  # not done, or stale
+            shutil.rmtree(cell, ignore_errors=True)
+            copy_shared(base, cell)
+            t = time.time()
+            ft = S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed, **switches)
+            losses = S.stage_finetune(cell, train, ft, progress=cfg.progress)
+            res = evaluate_model(S.load_finetuned(cell), sp, test, progress=False, zeroed=(i == len(GRID) - 1))
+            res.update(name=name, switches=switches, final_loss=sum(losses[-20:]) / len(losses[-20:]),
+                       finetune_s=time.time() - t, finetune_steps=cfg.finetune_steps, shared=shared)
+            with atomic_file(result_path) as f:
+                json.dump(res, f, indent=2)
         results[name] = res
         rows[name] = summary_row(res)
         if "zeroed" in res:
