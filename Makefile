@@ -20,4 +20,4 @@ test-all: install
 	$(PY) -m pytest -q
 
 ablation: install
-	samf-train ablate --out samf-ablation --finetune-steps 300
+	samf-train ablate --out samf-ablation

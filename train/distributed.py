@@ -1,6 +1,8 @@
 """Multi-GPU through torchrun + DistributedDataParallel; one process on CPU is the same code with world 1.
 
-    torchrun --nproc_per_node 8 -m samf.cli.train_cli finetune --data DATA --run RUN
+    torchrun --nproc_per_node 8 -m samf.cli.train_cli -- finetune --data DATA --run RUN
+
+(The ``--`` matters: without it torchrun's own parser reads ``--run`` as an abbreviation of its ``--run-path``.)
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; each rank then trains on its own GPU (NCCL), draws its own
 batches, and DDP averages the gradients. Without those variables nothing is initialised.
@@ -61,6 +63,16 @@ class DistributedContext:
         if sync or not hasattr(model, "no_sync"):
             return contextlib.nullcontext()
         return model.no_sync()
+
+    def mean(self, value: float) -> float:
+        """``value`` averaged over the ranks (the loss a log should show is the global one)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
 
     def barrier(self) -> None:
         if self.world_size > 1:

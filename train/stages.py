@@ -318,6 +318,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     dist = DistributedContext.from_env()
     conf = write_stage_config(run_dir, "finetune", cfg) if dist.is_main else json.loads(json.dumps(asdict(cfg)))
     ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main)
+    dist.barrier()  # no rank may read a checkpoint that rank 0 is about to clear
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed * 1000 + dist.rank)
     mcq_fraction = {"both": cfg.mcq_fraction, "report": 0.0, "mcq": 1.0}[cfg.tasks]
@@ -378,6 +379,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
             step_loss += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        step_loss = dist.mean(step_loss)
         losses.append(step_loss)
         seen += cfg.batch_size * cfg.grad_accum * dist.world_size
         bar.set_postfix(loss=f"{step_loss:.3f}", scans_s=f"{seen / (time.time() - t0):.1f}")
