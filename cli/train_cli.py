@@ -1,8 +1,9 @@
 """samf-train: the training stages, each on a data folder and a run folder.
 
 Typical order: make-phantoms, init, tokenizer, pretrain-2d, warmup-3d, pretrain-lm, finetune, merge, evaluate.
-Each training stage resumes from RUN/checkpoints/<stage>.pt after an interruption; multi-GPU runs the same
-commands under torchrun (see samf.train.distributed).
+Each training stage resumes from RUN/checkpoints/<stage>.pt after an interruption; on several GPUs pretrain-2d
+and finetune run under torchrun (``torchrun --nproc_per_node N -m samf.cli.train_cli -- finetune …``; see
+samf.train.distributed).
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ quiet_opt = click.option("--quiet", is_flag=True, help="no progress bars")
 restart_opt = click.option("--restart", is_flag=True, help="ignore this stage's checkpoint and start over")
 
 
+def _rank0() -> bool:
+    """Under torchrun only rank 0 speaks (no torch import: RANK is torchrun's variable)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _train_examples(run_dir, data_dir, split="train", progress=True):
     from samf.runtime.preprocess import PreprocessConfig
     from samf.train.data import load_dataset
     from samf.train.stages import read_run
 
     pre = PreprocessConfig.from_dict(read_run(run_dir)["preprocess"])
-    return load_dataset(data_dir, split, pre, progress=progress)
+    return load_dataset(data_dir, split, pre, progress=progress and _rank0())
 
 
 @click.group(cls=SamfGroup)
@@ -98,8 +104,9 @@ def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet, restart)
     cfg = DinoConfig(**({"steps": steps} if steps else {}))
     losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                                dino_weights=dino_weights, progress=not quiet, restart=restart)
-    click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-               f"ViT saved to {os.path.join(run_dir, 'vit_dino.pt')}")
+    if _rank0():
+        click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+                   f"ViT saved to {os.path.join(run_dir, 'vit_dino.pt')}")
 
 
 @main.command("pretrain-lm")
@@ -154,7 +161,8 @@ def warmup_3d(data_dir, run_dir, steps, tau, threads, quiet):
 @click.option("--lora-alpha", default=32, show_default=True)
 @click.option("--lora-dropout", default=0.05, show_default=True)
 @click.option("--lora-targets", default="qkv_proj,o_proj,gate_up_proj,down_proj", show_default=True)
-@click.option("--lr", type=float, default=None)
+@click.option("--lr", type=float, default=None, help="fusion, aggregator and LoRA (default 2e-3)")
+@click.option("--vit-lr", type=float, default=1e-4, show_default=True, help="the ViT, with --train-vit")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help="recompute the LLM's activations in backward")
 @click.option("--save-every", default=100, show_default=True, help="steps between resumable checkpoints")
@@ -173,7 +181,8 @@ def finetune(data_dir, run_dir, steps, lora_targets, lr, threads, quiet, restart
         kw["lr"] = lr
     losses = stage_finetune(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), FinetuneConfig(**kw),
                             progress=not quiet, restart=restart)
-    click.echo(f"finetune: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if _rank0():
+        click.echo(f"finetune: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 @main.command("merge")
@@ -221,7 +230,7 @@ def evaluate(data_dir, run_dir, split, limit, bertscore_model, threads, quiet):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="phantom dataset (default: generate one under OUT/data)")
-@click.option("--finetune-steps", default=600, show_default=True)
+@click.option("--finetune-steps", default=1500, show_default=True)
 @threads_opt
 @quiet_opt
 def ablate(out_dir, data_dir, finetune_steps, threads, quiet):

@@ -1,6 +1,8 @@
 """`samf demo` end to end through the console script, on a reduced size (marked slow)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from cli_runner import run_cli
@@ -35,6 +37,11 @@ def test_every_demo_step_is_a_command(tmp_path):
     assert "warmup-3d: InfoNCE" in _cli("samf-train", "warmup-3d", *common, "--steps", "3", "--quiet")
     _cli("samf-train", "pretrain-lm", *common, "--steps", "5", "--quiet")
     _cli("samf-train", "finetune", *common, "--steps", "5", "--warmup", "--quiet")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "samf.cli.train_cli", "--", "finetune", *common, "--steps", "2", "--quiet"],
+                         capture_output=True, text=True, timeout=600)       # the README's multi-GPU command
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("finetune: loss") == 1                        # rank 0 alone speaks
     _cli("samf-train", "merge", "--run", run)
     assert "zeroed" in _cli("samf-train", "evaluate", *common, "--limit", "2", "--quiet")
     _cli("samf-export", "bundle", f"{run}/merged", "--out", bundle)

@@ -100,24 +100,33 @@ def _cosine(step: int, total: int, start: float, end: float) -> float:
 
 
 def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, progress: bool = True,
-                  log=None, ckpt=None) -> list:
+                  log=None, ckpt=None, dist=None) -> list:
     """Train ``vit`` in place (it ends as the teacher backbone, as DINO ships); returns the loss per step.
 
     ``slices [M, C, H, W]``: single slices pooled from all planes of the training scans. ``ckpt``: a
-    :class:`samf.train.checkpoint.StageCheckpoint` to resume from and save to.
+    :class:`samf.train.checkpoint.StageCheckpoint` to resume from and save to. ``dist``: a
+    :class:`samf.train.distributed.DistributedContext` (default: from the environment). Under torchrun, as in
+    DINO's own code, each rank crops its own batch, the student is DDP-wrapped with synchronised BatchNorm
+    on GPUs, and the teacher centre is the mean over all ranks' batches, so every rank's teacher stays equal.
     """
     from .checkpoint import rng_state, set_rng_state
+    from .distributed import DistributedContext
 
+    dist = dist or DistributedContext.from_env()
+    dev = dist.device
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)  # crops stay on the CPU generator, per rank
     size = vit.cfg.img_size
     local = max(vit.cfg.patch_size * 2, size // 2 // vit.cfg.patch_size * vit.cfg.patch_size)
     student = _Net(vit, DinoHead(vit.cfg.embed_dim, cfg))
+    if dist.world_size > 1 and dev.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student.to(dev)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    center = torch.zeros(1, cfg.out_dim)
+    center = torch.zeros(1, cfg.out_dim, device=dev)
     data = torch.from_numpy(slices)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
     losses, start = [], 0
@@ -126,20 +135,24 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
-        center = state["center"]
+        center = state["center"].to(dev)
         losses, start = state["losses"], state["step"]
-        set_rng_state(state["rng"], gen=gen)
-    bar = tqdm(range(start, cfg.steps), desc="pretrain-2d (DINO)", disable=not progress, initial=start,
-               total=cfg.steps)
+        if dist.world_size == 1:
+            set_rng_state(state["rng"], gen=gen)
+        else:  # the saved state is rank 0's; every other rank reseeds its own stream, reproducibly
+            gen.manual_seed(cfg.seed + dist.rank + 1000 * start)
+    model = dist.wrap(student)
+    bar = tqdm(range(start, cfg.steps), desc="pretrain-2d (DINO)", disable=not (progress and dist.is_main),
+               initial=start, total=cfg.steps)
     for step in bar:
         lr = cfg.lr * (step + 1) / warm if step < warm else _cosine(step - warm, cfg.steps - warm, cfg.lr, 1e-6)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
         x = data[idx]
-        g_crops = random_crops(x, 2, size, cfg.global_scale, gen)
-        l_crops = random_crops(x, cfg.n_local_crops, local, cfg.local_scale, gen)
-        s_out = student(g_crops + l_crops).chunk(2 + cfg.n_local_crops)
+        g_crops = [c.to(dev) for c in random_crops(x, 2, size, cfg.global_scale, gen)]
+        l_crops = [c.to(dev) for c in random_crops(x, cfg.n_local_crops, local, cfg.local_scale, gen)]
+        s_out = model(g_crops + l_crops).chunk(2 + cfg.n_local_crops)
         with torch.no_grad():
             t_raw = teacher(g_crops)
             t_out = F.softmax((t_raw - center) / cfg.teacher_temp, dim=-1).chunk(2)
@@ -159,14 +172,16 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
             m = _cosine(step, cfg.steps, cfg.momentum_start, 1.0)
             for ps, pt in zip(student.parameters(), teacher.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-            center.mul_(cfg.center_momentum).add_(t_raw.mean(0, keepdim=True), alpha=1 - cfg.center_momentum)
-        losses.append(float(loss.detach()))
+            batch_center = dist.mean_tensor(t_raw.mean(0, keepdim=True))
+            center.mul_(cfg.center_momentum).add_(batch_center, alpha=1 - cfg.center_momentum)
+        losses.append(dist.mean(float(loss.detach())))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if log:
             log({"stage": "pretrain-2d", "step": step, "loss": losses[-1], "lr": lr})
-        if ckpt:
+        if ckpt and dist.is_main:
             ckpt.maybe_save(step + 1, lambda: {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                               "optimizer": opt.state_dict(), "center": center, "losses": losses,
-                                               "rng": rng_state(gen=gen)})
+                                               "optimizer": opt.state_dict(), "center": center.cpu(),
+                                               "losses": losses, "rng": rng_state(gen=gen)})
     vit.load_state_dict(teacher.vit.state_dict())
+    vit.to("cpu")
     return losses

@@ -21,6 +21,16 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def single_process_device(stage: str) -> torch.device:
+    """The device of a stage that runs in one process (the GPU where there is one); refused under torchrun,
+    where every rank would redo the same work and race to write the same file."""
+    from samf.runtime.errors import SamfError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SamfError(f"{stage} runs in one process: launch it without torchrun")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass
 class DistributedContext:
     rank: int = 0
@@ -73,6 +83,16 @@ class DistributedContext:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t) / self.world_size
+
+    def mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` averaged over the ranks (a new tensor; ``t`` itself when there is one rank)."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -14,8 +14,9 @@ Run folder::
     RUN/config/<stage>.json   the configuration each stage last ran with
     RUN/checkpoints/<stage>.pt  while a stage runs: its state every few steps, to resume after an interruption
 
-Multi-GPU: every stage that trains runs under ``torchrun`` (DDP; see :mod:`samf.train.distributed`); the
-same code runs single-process on CPU.
+Multi-GPU: pretrain-2d and finetune, the two stages whose cost grows with the data, run under ``torchrun``
+(DDP; see :mod:`samf.train.distributed`); the same code runs single-process on CPU. warmup-3d and pretrain-lm
+run in one process (on the GPU where there is one).
 """
 
 from __future__ import annotations
@@ -95,10 +96,14 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def write_stage_config(run_dir: str, stage: str, cfg) -> dict:
-    """RUN/config/<stage>.json: what this stage ran with (a dataclass or a dict)."""
+def write_stage_config(run_dir: str, stage: str, cfg, write: bool = True) -> dict:
+    """RUN/config/<stage>.json: what this stage ran with (a dataclass or a dict), as JSON reads it back.
+
+    ``write=False`` (the other ranks under torchrun) only returns it."""
     d = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
     d = json.loads(json.dumps(d, default=list))
+    if not write:
+        return d
     os.makedirs(os.path.join(run_dir, "config"), exist_ok=True)
     _write_json(os.path.join(run_dir, "config", f"{stage}.json"), d)
     return d
@@ -125,21 +130,26 @@ def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | Non
     ``cfg`` is a :class:`samf.train.dino.DinoConfig`; ``dino_weights`` a published DINO checkpoint to start
     from. Returns the loss per step.
     """
+    from .checkpoint import StageCheckpoint
     from .dino import pretrain_dino
+    from .distributed import DistributedContext
     from .models import VisionTransformer, load_dino_weights
 
+    dist = DistributedContext.from_env()
     vit = VisionTransformer(ImageConfig.from_dict(read_run(run_dir)["image"]).vit)
     if dino_weights:
         load_dino_weights(vit, dino_weights)
-    from .checkpoint import StageCheckpoint
-
-    conf = write_stage_config(run_dir, "pretrain-2d", {**asdict(cfg), "dino_weights": dino_weights})
-    ckpt = StageCheckpoint(run_dir, "pretrain-2d", conf, every=cfg.save_every, restart=restart)
+    conf = write_stage_config(run_dir, "pretrain-2d", {**asdict(cfg), "dino_weights": dino_weights},
+                              write=dist.is_main)
+    ckpt = StageCheckpoint(run_dir, "pretrain-2d", conf, every=cfg.save_every, restart=restart and dist.is_main)
+    dist.barrier()
     slices = np.concatenate([e.slices for e in examples])
-    losses = pretrain_dino(vit, slices, cfg, progress=progress, log=MetricsLog(run_dir), ckpt=ckpt)
-    with atomic_file(os.path.join(run_dir, "vit_dino.pt"), "wb") as f:
-        torch.save(vit.state_dict(), f)
-    ckpt.clear()
+    losses = pretrain_dino(vit, slices, cfg, progress=progress, log=MetricsLog(run_dir), ckpt=ckpt, dist=dist)
+    if dist.is_main:
+        with atomic_file(os.path.join(run_dir, "vit_dino.pt"), "wb") as f:
+            torch.save(vit.state_dict(), f)
+        ckpt.clear()
+    dist.barrier()
     return losses
 
 
@@ -165,19 +175,22 @@ def stage_warmup_3d(run_dir: str, examples: list, cfg=None, progress: bool = Tru
     See :mod:`samf.train.warmup` for which pairs are positives. Short and cheap (the ViT runs once per
     slice), so it restarts rather than resumes.
     """
+    from .distributed import single_process_device
     from .warmup import WarmupConfig, warmup_aggregator
 
+    dev = single_process_device("warmup-3d")
     cfg = cfg or WarmupConfig()
     write_stage_config(run_dir, "warmup-3d", cfg)
     run = read_run(run_dir)
     enc = _image_encoder(run_dir).eval()
     enc.calibrate(torch.from_numpy(ex.slices) for ex in examples[:256])
+    enc.to(dev)
     with torch.no_grad():
-        z2d = torch.stack([enc.embed_slices(torch.from_numpy(ex.slices)) for ex in examples])
+        z2d = torch.stack([enc.embed_slices(torch.from_numpy(ex.slices).to(dev)) for ex in examples])
     losses = warmup_aggregator(enc.aggregator, z2d, run["preprocess"]["slices_per_plane"], cfg,
                                progress=progress, log=MetricsLog(run_dir))
     with atomic_file(os.path.join(run_dir, WARMUP_FILE), "wb") as f:
-        torch.save({"aggregator": enc.aggregator.state_dict()}, f)
+        torch.save({"aggregator": enc.aggregator.cpu().state_dict()}, f)
     return losses
 
 
@@ -205,11 +218,14 @@ def _lm_samples(examples, sp) -> list:
 
 def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: bool = True) -> list:
     """Teach the randomly initialised tiny Phi-3 the report language (text only), full parameters."""
+    from .distributed import single_process_device
+
+    dev = single_process_device("pretrain-lm")
     run = read_run(run_dir)
     sp = load_tokenizer(os.path.join(run_dir, "tokenizer.model"))
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    llm = build_phi3(sp.vocab_size(), TinyLLMConfig(**run["llm"]))
+    llm = build_phi3(sp.vocab_size(), TinyLLMConfig(**run["llm"])).to(dev)
     llm.train()
     samples = _lm_samples(examples, sp)
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -228,7 +244,7 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
             ids[i, : len(s)] = torch.tensor(s)
             att[i, : len(s)] = 1
             lab[i, 1 + len(p): len(s)] = torch.tensor(a + [EOS])
-        loss = llm(input_ids=ids, attention_mask=att, labels=lab).loss
+        loss = llm(input_ids=ids.to(dev), attention_mask=att.to(dev), labels=lab.to(dev)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
@@ -237,7 +253,7 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         log({"stage": "pretrain-lm", "step": step, "loss": losses[-1]})
     with atomic_dir(os.path.join(run_dir, "lm_base")) as d:
-        llm.save_pretrained(d)
+        llm.cpu().save_pretrained(d)
     return losses
 
 
@@ -248,7 +264,9 @@ class FinetuneConfig:
     steps: int = 400
     batch_size: int = 16
     grad_accum: int = 1           # micro-batches per optimizer step (effective batch = batch_size × grad_accum × ranks)
-    lr: float = 2e-3              # image modules and LoRA
+    lr: float = 2e-3              # fusion, aggregator and LoRA
+    vit_lr: float = 1e-4          # the ViT when trained: at ``lr`` its DINO features are lost in a few hundred
+                                  # steps and every scan gets the same report (the ablation showed it)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -316,7 +334,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     if cfg.tasks not in ("both", "report", "mcq"):
         raise ValueError(f"tasks must be both, report or mcq, not {cfg.tasks!r}")
     dist = DistributedContext.from_env()
-    conf = write_stage_config(run_dir, "finetune", cfg) if dist.is_main else json.loads(json.dumps(asdict(cfg)))
+    conf = write_stage_config(run_dir, "finetune", cfg, write=dist.is_main)
     ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main)
     dist.barrier()  # no rank may read a checkpoint that rank 0 is about to clear
     torch.manual_seed(cfg.seed)
@@ -345,7 +363,10 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     vlm.encoder.calibrate(torch.from_numpy(ex.slices) for ex in examples[:256])
     vlm.to(dist.device)
     params = [p for p in vlm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    vit_ids = {id(p) for p in vlm.encoder.vit.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in vit_ids], "base_lr": cfg.lr},
+              {"params": [p for p in params if id(p) in vit_ids], "base_lr": cfg.vit_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=0.01)
     trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
     losses, start = [], 0
     state = ckpt.load()
@@ -366,7 +387,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     t0, seen = time.time(), 0
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
+            g["lr"] = _cosine_lr(step, cfg.steps, g["base_lr"], max(1, cfg.steps // 20))
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(cfg.grad_accum):

@@ -61,7 +61,7 @@ def warmup_aggregator(aggregator: nn.Module, z2d: torch.Tensor, slices_per_plane
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     d_out = aggregator.cfg.out_dim
-    head = nn.Sequential(nn.Linear(d_out, d_out), nn.GELU(), nn.Linear(d_out, cfg.proj_dim))
+    head = nn.Sequential(nn.Linear(d_out, d_out), nn.GELU(), nn.Linear(d_out, cfg.proj_dim)).to(z2d.device)
     params = list(aggregator.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     aggregator.train()
@@ -69,7 +69,7 @@ def warmup_aggregator(aggregator: nn.Module, z2d: torch.Tensor, slices_per_plane
     losses = []
     bar = tqdm(range(cfg.steps), desc="warmup-3d (InfoNCE)", disable=not progress)
     for step in bar:
-        pick = torch.tensor(rng.sample(range(z2d.shape[0]), batch))
+        pick = torch.tensor(rng.sample(range(z2d.shape[0]), batch), device=z2d.device)
         a, b = split_views(z2d[pick], slices_per_plane)
         loss = info_nce(head(aggregator(a).mean(1)), head(aggregator(b).mean(1)), cfg.tau)
         opt.zero_grad(set_to_none=True)
