@@ -100,6 +100,16 @@ def test_interrupted_finetune_resumes_to_the_same_weights(trained, tmp_path, mon
         S.stage_finetune(run, exs, cfg, progress=False)
 
 
+def test_single_process_stages_refuse_torchrun(tmp_path, monkeypatch):
+    from samf.runtime.errors import SamfError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for stage in (S.stage_warmup_3d, S.stage_pretrain_lm):
+        with pytest.raises(SamfError, match="without torchrun"):
+            stage(str(tmp_path), [], S.LMConfig() if stage is S.stage_pretrain_lm else None, progress=False)
+    assert os.listdir(tmp_path) == []                     # refused before writing anything
+
+
 def test_bf16_accumulation_and_checkpointing_run(trained, tmp_path):
     run = _cell(trained, tmp_path)
     cfg = S.FinetuneConfig(steps=2, batch_size=2, grad_accum=2, precision="bf16", grad_checkpointing=True,
@@ -143,3 +153,52 @@ def test_evaluation_record_has_every_metric(trained):
     assert set(res["image"]["mcq"]) >= {"accuracy", "precision", "recall", "f1"}
     assert len(res["image"]["labels"]["per_label"]) == 18 and "findings" in res["zeroed"]
     assert "| image |" in format_summary({"image": summary_row(res)})
+
+
+WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finetune", "pretrain-2d"])
+def test_two_ranks_average_their_gradients(trained, tmp_path, stage):
+    """torchrun with two CPU ranks (gloo): the ranks draw different batches yet keep identical weights, and
+    rank 0 -- which draws what a single process draws -- ends elsewhere than that process."""
+    import json
+    import subprocess
+    import sys
+
+    def launch(name, *launcher):
+        run, out = str(tmp_path / name / "run"), tmp_path / name / "out"
+        copy_shared(trained.run, run)
+        out.mkdir()
+        proc = subprocess.run([*launcher, WORKER, stage, run, trained.data, str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.load(open(out / f)) for f in sorted(os.listdir(out))]
+
+    (single,) = launch("single", sys.executable)
+    r0, r1 = launch("ddp", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    assert len(r0["sums"]) == len(r1["sums"]) == 3
+    assert r0["sums"] == pytest.approx(r1["sums"], rel=1e-12)      # gradients averaged: same weights
+    assert r0["losses"] == r1["losses"]                              # the logged loss is the mean over ranks
+    assert r0["sums"][0] != pytest.approx(single["sums"][0], rel=1e-9)  # rank 1's batch counted
+    assert r0["losses"][0] != pytest.approx(single["losses"][0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ablation_grid_is_one_command_and_a_rerun_keeps_its_cells(tmp_path):
+    from samf.train.ablation import GRID, AblationConfig, run_ablation
+
+    cfg = AblationConfig(out_dir=str(tmp_path / "abl"), n_train=12, n_test=2, dino_steps=2, lm_steps=2,
+                         warmup_steps=2, finetune_steps=2, progress=False)
+    first = run_ablation(cfg, echo=lambda m: None)
+    table = open(tmp_path / "abl" / "ablation.md").read()
+    for name, _ in GRID:
+        assert f"| {name} |" in table
+    assert "zeroed image embeddings" in table and "| chance (guessing) |" in table
+    cells = tmp_path / "abl" / "cells"
+    mtimes = {c: os.path.getmtime(cells / c / "result.json") for c in os.listdir(cells)}
+    assert len(mtimes) == len(GRID)
+    again = run_ablation(cfg, echo=lambda m: None)
+    assert again["table"] == first["table"]
+    assert {c: os.path.getmtime(cells / c / "result.json") for c in os.listdir(cells)} == mtimes

@@ -100,7 +100,16 @@ def format_summary(rows: dict) -> str:
     """``{name: summary_row}`` as a Markdown table (BLEU on 0-100, the rest on 0-1)."""
     cols = ["bleu1", "bleu4", "meteor", "rougeL", "bertscore_f1", "mcq_accuracy", "mcq_precision", "mcq_recall",
             "mcq_f1", "label_f1", "finding_acc"]
-    cols = [c for c in cols if any(c in r for r in rows.values())]
+    return _markdown(rows, [c for c in cols if any(c in r for r in rows.values())])
+
+
+def format_findings(rows: dict) -> str:
+    """``{name: finding_accuracy}`` as a Markdown table, one row per run and guessing's row last."""
+    chance = {**CHANCE, "mean": sum(CHANCE.values()) / len(CHANCE)}
+    return _markdown({**rows, "chance (guessing)": chance}, list(SCORED) + ["mean"])
+
+
+def _markdown(rows: dict, cols: list) -> str:
     lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
