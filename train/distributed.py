@@ -78,11 +78,7 @@ class DistributedContext:
         """``value`` averaged over the ranks (the loss a log should show is the global one)."""
         if self.world_size == 1:
             return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t) / self.world_size
+        return float(self.mean_tensor(torch.tensor([value], dtype=torch.float64, device=self.device)))
 
     def mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` averaged over the ranks (a new tensor; ``t`` itself when there is one rank)."""
