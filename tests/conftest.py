@@ -1,7 +1,7 @@
 """Shared fixtures: one small but real training run, merged and exported, reused by the suite.
 
-Trained once per session (about two minutes on 2 cores): phantoms -> tokenizer -> DINO (brief) -> InfoNCE warm-up -> tiny
-Phi-3 language base -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle (ONNX, GGUF F32, Q8_0).
+Trained once per session (about two minutes on 2 cores): phantoms -> tokenizer -> DINO (brief) -> InfoNCE
+warm-up -> tiny Phi-3 language base -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle (ONNX, GGUF F32, Q8_0).
 """
 
 from __future__ import annotations
