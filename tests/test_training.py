@@ -100,6 +100,25 @@ def test_interrupted_finetune_resumes_to_the_same_weights(trained, tmp_path, mon
         S.stage_finetune(run, exs, cfg, progress=False)
 
 
+def test_image_stages_start_from_their_seed_not_the_global_rng(trained, tmp_path):
+    """Two runs of pretrain-2d and warmup-3d give the same weights whatever the process drew before."""
+    from samf.train.dino import DinoConfig
+    from samf.train.warmup import WarmupConfig
+
+    weights = []
+    for i, name in enumerate("ab"):
+        run = _cell(trained, tmp_path / name)
+        torch.manual_seed(1234 + i)                       # what an earlier stage or test left behind
+        S.stage_pretrain_2d(run, trained.train[:4], DinoConfig(steps=2, batch_size=4), progress=False)
+        torch.rand(7)
+        S.stage_warmup_3d(run, trained.train[:8], WarmupConfig(steps=2, batch_size=4), progress=False)
+        weights.append([torch.load(os.path.join(run, f), weights_only=True)
+                        for f in ("vit_dino.pt", "aggregator_warmup.pt")])
+    (vit_a, agg_a), (vit_b, agg_b) = weights
+    assert all(torch.equal(v, vit_b[k]) for k, v in vit_a.items())
+    assert all(torch.equal(v, agg_b["aggregator"][k]) for k, v in agg_a["aggregator"].items())
+
+
 def test_single_process_stages_refuse_torchrun(tmp_path, monkeypatch):
     from samf.runtime.errors import SamfError
 

@@ -136,6 +136,7 @@ def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | Non
     from .models import VisionTransformer, load_dino_weights
 
     dist = DistributedContext.from_env()
+    torch.manual_seed(cfg.seed)  # the ViT's initial weights, the same on every rank and every run
     vit = VisionTransformer(ImageConfig.from_dict(read_run(run_dir)["image"]).vit)
     if dino_weights:
         load_dino_weights(vit, dino_weights)
@@ -182,6 +183,7 @@ def stage_warmup_3d(run_dir: str, examples: list, cfg=None, progress: bool = Tru
     cfg = cfg or WarmupConfig()
     write_stage_config(run_dir, "warmup-3d", cfg)
     run = read_run(run_dir)
+    torch.manual_seed(cfg.seed)  # the aggregator's initial weights (and the ViT's when there is no DINO run)
     enc = _image_encoder(run_dir).eval()
     enc.calibrate(torch.from_numpy(ex.slices) for ex in examples[:256])
     enc.to(dev)
