@@ -1,7 +1,7 @@
 """Shared fixtures: one small but real training run, merged and exported, reused by the suite.
 
-Trained once per session (about a minute on 2 cores): phantoms -> tokenizer -> DINO (brief) -> InfoNCE warm-up -> tiny
-Phi-3 language base -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle (ONNX, GGUF F32, Q8_0).
+Trained once per session (about two minutes on 2 cores): phantoms -> tokenizer -> DINO (brief) -> InfoNCE warm-up ->
+tiny Phi-3 language base -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle (ONNX, GGUF F32, Q8_0).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-SMALL = dict(n_train=200, n_test=16, dino_steps=20, warmup_steps=60, lm_steps=200, finetune_steps=600)
+# 48 held-out scans: on 16 one scan moves an accuracy by 0.06, which was the learning test's whole margin.
+# Every stage is seeded, so this run is the same on every machine with the same thread count.
+SMALL = dict(n_train=200, n_test=48, dino_steps=20, warmup_steps=60, lm_steps=200, finetune_steps=600)
 
 
 @dataclass
