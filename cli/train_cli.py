@@ -92,16 +92,17 @@ def tokenizer(data_dir, run_dir, vocab_size):
 @steps_opt
 @click.option("--dino-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="start from a published DINO ViT checkpoint (local file)")
+@click.option("--zero", is_flag=True, help="under torchrun: ZeRO stage 1, AdamW state sharded over the ranks")
 @threads_opt
 @quiet_opt
 @restart_opt
-def pretrain_2d(data_dir, run_dir, steps, dino_weights, threads, quiet, restart):
+def pretrain_2d(data_dir, run_dir, steps, dino_weights, zero, threads, quiet, restart):
     """DINO self-supervised pretraining of the ViT on slices of all three planes."""
     from samf.train.dino import DinoConfig
     from samf.train.stages import stage_pretrain_2d
 
     torch_threads(threads)
-    cfg = DinoConfig(**({"steps": steps} if steps else {}))
+    cfg = DinoConfig(zero=zero, **({"steps": steps} if steps else {}))
     losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                                dino_weights=dino_weights, progress=not quiet, restart=restart)
     if _rank0():
@@ -165,6 +166,7 @@ def warmup_3d(data_dir, run_dir, steps, tau, threads, quiet):
 @click.option("--vit-lr", type=float, default=1e-4, show_default=True, help="the ViT, with --train-vit")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help="recompute the LLM's activations in backward")
+@click.option("--zero", is_flag=True, help="under torchrun: ZeRO stage 1, AdamW state sharded over the ranks")
 @click.option("--save-every", default=100, show_default=True, help="steps between resumable checkpoints")
 @threads_opt
 @quiet_opt

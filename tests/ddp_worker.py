@@ -1,9 +1,11 @@
 """Run by test_training under torchrun (2 CPU ranks, gloo): one short stage, recorded per rank.
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py STAGE RUN DATA OUT
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py STAGE RUN DATA OUT [--zero] [--crash-at N]
 
-Writes OUT/rank<R>.json with the losses the stage returned and, after every optimizer step, the sum of the
-trained weights: equal on both ranks only if DDP really averaged their gradients.
+Writes OUT/rank<R>.json with the losses the stage returned and, after every optimizer step, the sum of all
+trained weights (equal on both ranks only if DDP really averaged their gradients) and how many parameters
+this rank keeps AdamW moments for (all of them, or its share under ZeRO). ``--crash-at N`` interrupts the
+run just before its N-th optimizer step, as a killed job would be; the stage checkpoints every 2 steps.
 """
 
 import json
@@ -11,33 +13,48 @@ import os
 import sys
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from samf.runtime.preprocess import PreprocessConfig
 from samf.train import stages as S
 from samf.train.data import load_split
 from samf.train.dino import DinoConfig
 
+STEPS = 4
+
 
 def main() -> None:
     stage, run, data, out = sys.argv[1:5]
-    sums = []
-    real_step = torch.optim.AdamW.step
+    zero = "--zero" in sys.argv
+    crash_at = int(sys.argv[sys.argv.index("--crash-at") + 1]) if "--crash-at" in sys.argv else None
+    record = {"sums": [], "moments": [], "params": 0}
+    # ZeRO's step runs AdamW on this rank's share, then broadcasts: record after the whole of it.
+    cls = ZeroRedundancyOptimizer if zero and os.environ.get("WORLD_SIZE", "1") != "1" else torch.optim.AdamW
+    real_step = cls.step
 
     def recorded_step(self, *a, **k):
+        if crash_at is not None and len(record["sums"]) + 1 == crash_at:
+            raise KeyboardInterrupt
         result = real_step(self, *a, **k)
+        params = [p for g in self.param_groups for p in g["params"]]
         with torch.no_grad():
-            sums.append(float(sum(p.double().sum() for g in self.param_groups for p in g["params"])))
+            record["sums"].append(float(sum(p.double().sum() for p in params)))
+        local = self.optim if isinstance(self, ZeroRedundancyOptimizer) else self
+        record["moments"].append(sum(1 for s in local.state.values() if "exp_avg" in s))
+        record["params"] = len(params)
         return result
 
-    torch.optim.AdamW.step = recorded_step
+    cls.step = recorded_step
     pre = PreprocessConfig.from_dict(S.read_run(run)["preprocess"])
     exs = load_split(data, "train", pre, progress=False)[:8]
     if stage == "finetune":
-        losses = S.stage_finetune(run, exs, S.FinetuneConfig(steps=3, batch_size=2), progress=False)
+        cfg = S.FinetuneConfig(steps=STEPS, batch_size=2, save_every=2, zero=zero)
+        losses = S.stage_finetune(run, exs, cfg, progress=False)
     else:
-        losses = S.stage_pretrain_2d(run, exs, DinoConfig(steps=3, batch_size=4), progress=False)
+        cfg = DinoConfig(steps=STEPS, batch_size=4, save_every=2, zero=zero)
+        losses = S.stage_pretrain_2d(run, exs, cfg, progress=False)
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
-        json.dump({"losses": losses, "sums": sums}, f)
+        json.dump({"losses": losses, **record}, f)
 
 
 if __name__ == "__main__":

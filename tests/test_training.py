@@ -177,31 +177,63 @@ def test_evaluation_record_has_every_metric(trained):
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 
 
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def _launch(trained, tmp_path, stage, name, *args, ranks=2, fresh=True):
+    """Run the worker (under torchrun with ``ranks`` 2) in its own run folder; its per-rank records."""
+    import json
+    import subprocess
+    import sys
+
+    base = tmp_path / name
+    run, out = base / "run", base / f"out{len(list(base.glob('out*')))}"
+    if fresh:
+        copy_shared(trained.run, str(run))
+    out.mkdir(parents=True)
+    launcher = [sys.executable, *(TORCHRUN if ranks == 2 else ())]
+    proc = subprocess.run([*launcher, WORKER, stage, str(run), trained.data, str(out), *args],
+                          capture_output=True, text=True, timeout=600)
+    return proc, [json.load(open(out / f)) for f in sorted(os.listdir(out))]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["finetune", "pretrain-2d"])
 def test_two_ranks_average_their_gradients(trained, tmp_path, stage):
     """torchrun with two CPU ranks (gloo): the ranks draw different batches yet keep identical weights, and
     rank 0 -- which draws what a single process draws -- ends elsewhere than that process."""
-    import json
-    import subprocess
-    import sys
-
-    def launch(name, *launcher):
-        run, out = str(tmp_path / name / "run"), tmp_path / name / "out"
-        copy_shared(trained.run, run)
-        out.mkdir()
-        proc = subprocess.run([*launcher, WORKER, stage, run, trained.data, str(out)],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return [json.load(open(out / f)) for f in sorted(os.listdir(out))]
-
-    (single,) = launch("single", sys.executable)
-    r0, r1 = launch("ddp", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    assert len(r0["sums"]) == len(r1["sums"]) == 3
+    proc, (single,) = _launch(trained, tmp_path, stage, "single", ranks=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, (r0, r1) = _launch(trained, tmp_path, stage, "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(r0["sums"]) == len(r1["sums"]) == 4
     assert r0["sums"] == pytest.approx(r1["sums"], rel=1e-12)      # gradients averaged: same weights
     assert r0["losses"] == r1["losses"]                              # the logged loss is the mean over ranks
     assert r0["sums"][0] != pytest.approx(single["sums"][0], rel=1e-9)  # rank 1's batch counted
     assert r0["losses"][0] != pytest.approx(single["losses"][0], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finetune", "pretrain-2d"])
+def test_zero_shards_adamw_and_a_killed_run_resumes_exactly(trained, tmp_path, stage):
+    """--zero: each rank keeps the AdamW moments of part of the weights only, the weights follow plain DDP's,
+    and a two-rank run killed after its checkpoint resumes (gathered moments, every rank's RNG) to the same
+    weights as one never stopped."""
+    proc, (d0, _) = _launch(trained, tmp_path, stage, "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, (z0, z1) = _launch(trained, tmp_path, stage, "zero", "--zero")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert z0["sums"] == pytest.approx(z1["sums"], rel=1e-12)
+    assert z0["sums"] == pytest.approx(d0["sums"], rel=1e-9) and z0["losses"] == pytest.approx(d0["losses"])
+    assert 0 < z0["moments"][-1] < d0["moments"][-1] and z0["moments"][-1] + z1["moments"][-1] == d0["moments"][-1]
+
+    proc, _ = _launch(trained, tmp_path, stage, "killed", "--zero", "--crash-at", "4")
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    proc, (k0, k1) = _launch(trained, tmp_path, stage, "killed", "--zero", fresh=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(k0["sums"]) == 2                                      # resumed after the step-2 checkpoint
+    assert k0["sums"] == k1["sums"] == z0["sums"][2:]
+    assert k0["losses"] == z0["losses"]
 
 
 @pytest.mark.slow

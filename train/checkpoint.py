@@ -33,6 +33,13 @@ def set_rng_state(state: dict, py_rng: random.Random | None = None, gen: torch.G
         gen.set_state(state["generator"])
 
 
+def rank_states(saved, world_size: int) -> list | None:
+    """The per-rank RNG states of a checkpoint when it was written by as many ranks as now, else None.
+    (Checkpoints from before per-rank states hold one dict: rank 0's of a single process.)"""
+    states = saved if isinstance(saved, list) else [saved]
+    return states if len(states) == world_size else None
+
+
 class StageCheckpoint:
     def __init__(self, run_dir: str, stage: str, config: dict, every: int = 100, restart: bool = False,
                  enabled: bool = True):
@@ -51,8 +58,12 @@ class StageCheckpoint:
                               "rerun with --restart to start this stage over")
         return state
 
+    def due(self, steps_done: int) -> bool:
+        """Whether ``maybe_save`` would write after ``steps_done`` steps (every rank can ask, to gather first)."""
+        return self.enabled and steps_done % self.every == 0
+
     def maybe_save(self, steps_done: int, state_fn) -> bool:
-        if not self.enabled or steps_done % self.every:
+        if not self.due(steps_done):
             return False
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with atomic_file(self.path, "wb") as f:

@@ -40,6 +40,7 @@ class DinoConfig:
     momentum_start: float = 0.996  # EMA teacher momentum, cosine to 1.0
     seed: int = 0
     save_every: int = 100         # steps between resumable checkpoints
+    zero: bool = False            # under torchrun: ZeRO stage 1, AdamW state sharded over the ranks
 
 
 class DinoHead(nn.Module):
@@ -109,7 +110,7 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
     DINO's own code, each rank crops its own batch, the student is DDP-wrapped with synchronised BatchNorm
     on GPUs, and the teacher centre is the mean over all ranks' batches, so every rank's teacher stays equal.
     """
-    from .checkpoint import rng_state, set_rng_state
+    from .checkpoint import rank_states, rng_state, set_rng_state
     from .distributed import DistributedContext
 
     dist = dist or DistributedContext.from_env()
@@ -125,7 +126,7 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = dist.optimizer(student.parameters(), zero=cfg.zero, lr=cfg.lr, weight_decay=cfg.weight_decay)
     center = torch.zeros(1, cfg.out_dim, device=dev)
     data = torch.from_numpy(slices)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
@@ -137,9 +138,10 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         opt.load_state_dict(state["optimizer"])
         center = state["center"].to(dev)
         losses, start = state["losses"], state["step"]
-        if dist.world_size == 1:
-            set_rng_state(state["rng"], gen=gen)
-        else:  # the saved state is rank 0's; every other rank reseeds its own stream, reproducibly
+        saved = rank_states(state["rng"], dist.world_size)
+        if saved:  # each rank continues its own crop stream where it stopped
+            set_rng_state(saved[dist.rank], gen=gen)
+        else:  # saved with another number of ranks: each rank starts a fresh stream, reproducibly
             gen.manual_seed(cfg.seed + dist.rank + 1000 * start)
     model = dist.wrap(student)
     bar = tqdm(range(start, cfg.steps), desc="pretrain-2d (DINO)", disable=not (progress and dist.is_main),
@@ -178,10 +180,13 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if log:
             log({"stage": "pretrain-2d", "step": step, "loss": losses[-1], "lr": lr})
-        if ckpt and dist.is_main:
-            ckpt.maybe_save(step + 1, lambda: {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                               "optimizer": opt.state_dict(), "center": center.cpu(),
-                                               "losses": losses, "rng": rng_state(gen=gen)})
+        if ckpt and ckpt.due(step + 1):
+            # Every rank takes part: under ZeRO the shards are gathered on rank 0, and each rank's RNG is kept.
+            opt_state, rngs = dist.optimizer_state(opt), dist.all_gather(rng_state(gen=gen))
+            if dist.is_main:
+                ckpt.maybe_save(step + 1, lambda: {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                                                   "optimizer": opt_state, "center": center.cpu(),
+                                                   "losses": losses, "rng": rngs})
     vit.load_state_dict(teacher.vit.state_dict())
     vit.to("cpu")
     return losses

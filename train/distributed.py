@@ -5,7 +5,8 @@
 (The ``--`` matters: without it torchrun's own parser reads ``--run`` as an abbreviation of its ``--run-path``.)
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; each rank then trains on its own GPU (NCCL), draws its own
-batches, and DDP averages the gradients. Without those variables nothing is initialised.
+batches, and DDP averages the gradients. Without those variables nothing is initialised. ``--zero`` shards
+the AdamW moments over the ranks (ZeRO stage 1); checkpoints gather them, with every rank's RNG state.
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ class DistributedContext:
         ids = [self.local_rank] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
 
+    def optimizer(self, params, zero: bool = False, **adamw) -> torch.optim.Optimizer:
+        """AdamW over ``params`` (tensors or param groups). With ``zero`` and several ranks, ZeRO stage 1
+        (PyTorch's ZeroRedundancyOptimizer): each rank keeps the AdamW moments of its share of the
+        parameters only and broadcasts its updated share, so optimizer memory falls with the rank count while
+        the weights stay those of plain DDP."""
+        if zero and self.world_size > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
+        return torch.optim.AdamW(params, **adamw)
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> dict | None:
+        """The whole optimizer state on rank 0 (None elsewhere), for a checkpoint. Every rank must call it:
+        under ZeRO it gathers the shards. The result loads into either kind of optimizer."""
+        if hasattr(opt, "consolidate_state_dict"):
+            opt.consolidate_state_dict(to=0)
+        return opt.state_dict() if self.is_main else None
+
     @staticmethod
     def no_sync_unless(model, sync: bool):
         """Skip DDP's gradient all-reduce on the micro-batches before the last of an accumulation."""
@@ -89,6 +108,16 @@ class DistributedContext:
         t = t.detach().clone()
         dist.all_reduce(t)
         return t / self.world_size
+
+    def all_gather(self, obj) -> list:
+        """``obj`` from every rank, in rank order (a list of one without torchrun)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self.world_size > 1:

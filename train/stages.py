@@ -281,6 +281,7 @@ class FinetuneConfig:
     mcq_fraction: float = 0.3     # with tasks="both": share of samples that are multiple-choice questions
     precision: str = "auto"       # "fp32", "bf16" (autocast) or "auto": bf16 where the GPU has it
     grad_checkpointing: bool = False  # recompute the LLM's activations in backward (memory for time)
+    zero: bool = False            # under torchrun: ZeRO stage 1, AdamW state sharded over the ranks
     save_every: int = 100         # steps between resumable checkpoints
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -330,7 +331,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     """
     from peft import LoraConfig, get_peft_model
 
-    from .checkpoint import StageCheckpoint, rng_state, set_rng_state
+    from .checkpoint import StageCheckpoint, rank_states, rng_state, set_rng_state
     from .distributed import DistributedContext
 
     if cfg.tasks not in ("both", "report", "mcq"):
@@ -368,7 +369,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     vit_ids = {id(p) for p in vlm.encoder.vit.parameters()}
     groups = [{"params": [p for p in params if id(p) not in vit_ids], "base_lr": cfg.lr},
               {"params": [p for p in params if id(p) in vit_ids], "base_lr": cfg.vit_lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=0.01)
+    opt = dist.optimizer([g for g in groups if g["params"]], zero=cfg.zero, lr=cfg.lr, weight_decay=0.01)
     trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
     losses, start = [], 0
     state = ckpt.load()
@@ -376,9 +377,10 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         vlm.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         losses, start = state["losses"], state["step"]
-        if dist.world_size == 1:
-            set_rng_state(state["rng"], rng)
-        else:  # each rank continues its own stream, reproducibly
+        saved = rank_states(state["rng"], dist.world_size)
+        if saved:  # each rank continues its own stream where it stopped
+            set_rng_state(saved[dist.rank], rng)
+        else:  # saved with another number of ranks: each rank starts a fresh stream, reproducibly
             rng.seed(hash((cfg.seed, dist.rank, start)))
     model = dist.wrap(vlm)
     vlm.train()
@@ -407,10 +409,13 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         seen += cfg.batch_size * cfg.grad_accum * dist.world_size
         bar.set_postfix(loss=f"{step_loss:.3f}", scans_s=f"{seen / (time.time() - t0):.1f}")
         log({"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16})
-        if dist.is_main:
-            ckpt.maybe_save(step + 1, lambda: {
-                "model": {k: v for k, v in vlm.state_dict().items() if k in trainable},
-                "optimizer": opt.state_dict(), "losses": losses, "rng": rng_state(rng)})
+        if ckpt.due(step + 1):
+            # Every rank takes part: under ZeRO the shards are gathered on rank 0, and each rank's RNG is kept.
+            opt_state, rngs = dist.optimizer_state(opt), dist.all_gather(rng_state(rng))
+            if dist.is_main:
+                ckpt.maybe_save(step + 1, lambda: {
+                    "model": {k: v for k, v in vlm.state_dict().items() if k in trainable},
+                    "optimizer": opt_state, "losses": losses, "rng": rngs})
 
     if dist.is_main:
         with atomic_dir(os.path.join(run_dir, "finetune")) as d:
