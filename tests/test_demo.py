@@ -38,7 +38,7 @@ def test_every_demo_step_is_a_command(tmp_path):
     _cli("samf-train", "pretrain-lm", *common, "--steps", "5", "--quiet")
     _cli("samf-train", "finetune", *common, "--steps", "5", "--warmup", "--quiet")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "samf.cli.train_cli", "--", "finetune", *common, "--steps", "2", "--quiet"],
+                          "-m", "samf.cli.train_cli", "--", "finetune", *common, "--steps", "2", "--zero", "--quiet"],
                          capture_output=True, text=True, timeout=600)       # the README's multi-GPU command
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert ddp.stdout.count("finetune: loss") == 1                        # rank 0 alone speaks
