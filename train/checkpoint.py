@@ -33,11 +33,11 @@ def set_rng_state(state: dict, py_rng: random.Random | None = None, gen: torch.G
         gen.set_state(state["generator"])
 
 
-def rank_states(saved, world_size: int) -> list | None:
-    """The per-rank RNG states of a checkpoint when it was written by as many ranks as now, else None.
-    (Checkpoints from before per-rank states hold one dict: rank 0's of a single process.)"""
+def own_rng_state(saved, rank: int, world_size: int) -> dict | None:
+    """This rank's RNG state from a checkpoint written by as many ranks as now, else None (the caller then
+    reseeds). Checkpoints from before per-rank states hold one dict: that of a single process."""
     states = saved if isinstance(saved, list) else [saved]
-    return states if len(states) == world_size else None
+    return states[rank] if len(states) == world_size else None
 
 
 class StageCheckpoint:
@@ -59,7 +59,7 @@ class StageCheckpoint:
         return state
 
     def due(self, steps_done: int) -> bool:
-        """Whether ``maybe_save`` would write after ``steps_done`` steps (every rank can ask, to gather first)."""
+        """Whether a checkpoint is written after ``steps_done`` steps."""
         return self.enabled and steps_done % self.every == 0
 
     def maybe_save(self, steps_done: int, state_fn) -> bool:
@@ -69,6 +69,15 @@ class StageCheckpoint:
         with atomic_file(self.path, "wb") as f:
             torch.save({"step": steps_done, "config": self.config, **state_fn()}, f)
         return True
+
+    def save_from_every_rank(self, steps_done: int, dist, opt, rng_fn, state_fn) -> bool:
+        """Called by every rank after each step. When a checkpoint is due, the ranks gather the optimizer
+        (under ZeRO its shards) and every rank's ``rng_fn()`` state; rank 0 writes them with ``state_fn()``."""
+        if not self.due(steps_done):
+            return False
+        opt_state, rngs = dist.optimizer_state(opt), dist.all_gather(rng_fn())
+        return dist.is_main and self.maybe_save(steps_done, lambda: {**state_fn(), "optimizer": opt_state,
+                                                                     "rng": rngs})
 
     def clear(self) -> None:
         if os.path.exists(self.path):

@@ -110,7 +110,7 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
     DINO's own code, each rank crops its own batch, the student is DDP-wrapped with synchronised BatchNorm
     on GPUs, and the teacher centre is the mean over all ranks' batches, so every rank's teacher stays equal.
     """
-    from .checkpoint import rank_states, rng_state, set_rng_state
+    from .checkpoint import own_rng_state, rng_state, set_rng_state
     from .distributed import DistributedContext
 
     dist = dist or DistributedContext.from_env()
@@ -138,9 +138,9 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         opt.load_state_dict(state["optimizer"])
         center = state["center"].to(dev)
         losses, start = state["losses"], state["step"]
-        saved = rank_states(state["rng"], dist.world_size)
-        if saved:  # each rank continues its own crop stream where it stopped
-            set_rng_state(saved[dist.rank], gen=gen)
+        own = own_rng_state(state["rng"], dist.rank, dist.world_size)
+        if own:  # each rank continues its own crop stream where it stopped
+            set_rng_state(own, gen=gen)
         else:  # saved with another number of ranks: each rank starts a fresh stream, reproducibly
             gen.manual_seed(cfg.seed + dist.rank + 1000 * start)
     model = dist.wrap(student)
@@ -180,13 +180,10 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if log:
             log({"stage": "pretrain-2d", "step": step, "loss": losses[-1], "lr": lr})
-        if ckpt and ckpt.due(step + 1):
-            # Every rank takes part: under ZeRO the shards are gathered on rank 0, and each rank's RNG is kept.
-            opt_state, rngs = dist.optimizer_state(opt), dist.all_gather(rng_state(gen=gen))
-            if dist.is_main:
-                ckpt.maybe_save(step + 1, lambda: {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                                   "optimizer": opt_state, "center": center.cpu(),
-                                                   "losses": losses, "rng": rngs})
+        if ckpt:
+            ckpt.save_from_every_rank(step + 1, dist, opt, lambda: rng_state(gen=gen), lambda: {
+                "student": student.state_dict(), "teacher": teacher.state_dict(), "center": center.cpu(),
+                "losses": losses})
     vit.load_state_dict(teacher.vit.state_dict())
     vit.to("cpu")
     return losses

@@ -331,7 +331,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     """
     from peft import LoraConfig, get_peft_model
 
-    from .checkpoint import StageCheckpoint, rank_states, rng_state, set_rng_state
+    from .checkpoint import StageCheckpoint, own_rng_state, rng_state, set_rng_state
     from .distributed import DistributedContext
 
     if cfg.tasks not in ("both", "report", "mcq"):
@@ -377,9 +377,9 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         vlm.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         losses, start = state["losses"], state["step"]
-        saved = rank_states(state["rng"], dist.world_size)
-        if saved:  # each rank continues its own stream where it stopped
-            set_rng_state(saved[dist.rank], rng)
+        own = own_rng_state(state["rng"], dist.rank, dist.world_size)
+        if own:  # each rank continues its own stream where it stopped
+            set_rng_state(own, rng)
         else:  # saved with another number of ranks: each rank starts a fresh stream, reproducibly
             rng.seed(hash((cfg.seed, dist.rank, start)))
     model = dist.wrap(vlm)
@@ -409,13 +409,8 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         seen += cfg.batch_size * cfg.grad_accum * dist.world_size
         bar.set_postfix(loss=f"{step_loss:.3f}", scans_s=f"{seen / (time.time() - t0):.1f}")
         log({"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16})
-        if ckpt.due(step + 1):
-            # Every rank takes part: under ZeRO the shards are gathered on rank 0, and each rank's RNG is kept.
-            opt_state, rngs = dist.optimizer_state(opt), dist.all_gather(rng_state(rng))
-            if dist.is_main:
-                ckpt.maybe_save(step + 1, lambda: {
-                    "model": {k: v for k, v in vlm.state_dict().items() if k in trainable},
-                    "optimizer": opt_state, "losses": losses, "rng": rngs})
+        ckpt.save_from_every_rank(step + 1, dist, opt, lambda: rng_state(rng), lambda: {
+            "model": {k: v for k, v in vlm.state_dict().items() if k in trainable}, "losses": losses})
 
     if dist.is_main:
         with atomic_dir(os.path.join(run_dir, "finetune")) as d:
