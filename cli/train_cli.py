@@ -25,18 +25,14 @@ quiet_opt = click.option("--quiet", is_flag=True, help="no progress bars")
 restart_opt = click.option("--restart", is_flag=True, help="ignore this stage's checkpoint and start over")
 
 
-def _rank0() -> bool:
-    """Under torchrun only rank 0 speaks (no torch import: RANK is torchrun's variable)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _train_examples(run_dir, data_dir, split="train", progress=True):
     from samf.runtime.preprocess import PreprocessConfig
     from samf.train.data import load_dataset
+    from samf.train.distributed import is_main
     from samf.train.stages import read_run
 
     pre = PreprocessConfig.from_dict(read_run(run_dir)["preprocess"])
-    return load_dataset(data_dir, split, pre, progress=progress and _rank0())
+    return load_dataset(data_dir, split, pre, progress=progress and is_main())  # under torchrun only rank 0 speaks
 
 
 @click.group(cls=SamfGroup)
@@ -99,13 +95,14 @@ def tokenizer(data_dir, run_dir, vocab_size):
 def pretrain_2d(data_dir, run_dir, steps, dino_weights, zero, threads, quiet, restart):
     """DINO self-supervised pretraining of the ViT on slices of all three planes."""
     from samf.train.dino import DinoConfig
+    from samf.train.distributed import is_main
     from samf.train.stages import stage_pretrain_2d
 
     torch_threads(threads)
     cfg = DinoConfig(zero=zero, **({"steps": steps} if steps else {}))
     losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                                dino_weights=dino_weights, progress=not quiet, restart=restart)
-    if _rank0():
+    if is_main():
         click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
                    f"ViT saved to {os.path.join(run_dir, 'vit_dino.pt')}")
 
@@ -173,6 +170,7 @@ def warmup_3d(data_dir, run_dir, steps, tau, threads, quiet):
 @restart_opt
 def finetune(data_dir, run_dir, steps, lora_targets, lr, threads, quiet, restart, **kw):
     """SAMF(+Ao2D) into Phi-3 with LoRA: reports and multiple-choice answers, together or separately."""
+    from samf.train.distributed import is_main
     from samf.train.stages import FinetuneConfig, stage_finetune
 
     torch_threads(threads)
@@ -183,7 +181,7 @@ def finetune(data_dir, run_dir, steps, lora_targets, lr, threads, quiet, restart
         kw["lr"] = lr
     losses = stage_finetune(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), FinetuneConfig(**kw),
                             progress=not quiet, restart=restart)
-    if _rank0():
+    if is_main():
         click.echo(f"finetune: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 

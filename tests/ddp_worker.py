@@ -27,7 +27,7 @@ def main() -> None:
     stage, run, data, out = sys.argv[1:5]
     zero = "--zero" in sys.argv
     crash_at = int(sys.argv[sys.argv.index("--crash-at") + 1]) if "--crash-at" in sys.argv else None
-    record = {"sums": [], "moments": [], "params": 0}
+    record = {"sums": [], "moments": []}
     # ZeRO's step runs AdamW on this rank's share, then broadcasts: record after the whole of it.
     cls = ZeroRedundancyOptimizer if zero and os.environ.get("WORLD_SIZE", "1") != "1" else torch.optim.AdamW
     real_step = cls.step
@@ -36,12 +36,10 @@ def main() -> None:
         if crash_at is not None and len(record["sums"]) + 1 == crash_at:
             raise KeyboardInterrupt
         result = real_step(self, *a, **k)
-        params = [p for g in self.param_groups for p in g["params"]]
         with torch.no_grad():
-            record["sums"].append(float(sum(p.double().sum() for p in params)))
+            record["sums"].append(float(sum(p.double().sum() for g in self.param_groups for p in g["params"])))
         local = self.optim if isinstance(self, ZeroRedundancyOptimizer) else self
         record["moments"].append(sum(1 for s in local.state.values() if "exp_avg" in s))
-        record["params"] = len(params)
         return result
 
     cls.step = recorded_step

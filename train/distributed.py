@@ -29,7 +29,7 @@ def single_process_device(stage: str) -> torch.device:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SamfError(f"{stage} runs in one process: launch it without torchrun")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return DistributedContext.from_env().device
 
 
 @dataclass
