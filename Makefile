@@ -1,4 +1,4 @@
-# The two commands of the README (plus `make ablation`, the ablation table in benchmarks/). Both install what they need first (idempotent; pip caches wheels).
+# The commands of the README (plus `make ablation`, the ablation table in benchmarks/). Both install what they need first (idempotent; pip caches wheels).
 PY ?= python3
 PIP := $(PY) -m pip
 
@@ -16,7 +16,9 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow" -q
 
+# The whole suite, slow tests included (multi-rank runs, the demo, the ablation grid): what CI runs.
 test-all: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 ablation: install

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 
 import click
 
-from samf.runtime.errors import SamfError
+from samf.runtime.errors import PeerRankFailed, SamfError
 
 #: Exit code for bad input or environment (click uses 2 for usage errors, we keep that meaning).
 EXIT_BAD_INPUT = 2
@@ -25,14 +26,40 @@ class SamfGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SamfError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
+            _leave(EXIT_BAD_INPUT, f"error: {_rank_prefix()}{e}")
         except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
+            _leave(EXIT_BAD_INPUT, f"error: {_rank_prefix()}{e.strerror or e}: {e.filename}")
+        except PeerRankFailed as e:
+            _leave(1, str(e))
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            _leave(130, "interrupted")
+        except Exception:
+            if not _several_ranks():
+                raise
+            traceback.print_exc()  # a bug: its traceback, then out like any failed rank
+            _leave(1)
+
+
+def _several_ranks() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank_prefix() -> str:
+    """``rank N: `` under torchrun with several ranks (which rank failed matters there), else nothing."""
+    return f"rank {os.environ.get('RANK', '?')}: " if _several_ranks() else ""
+
+
+def _leave(code: int, line: str | None = None) -> None:
+    """Print ``line`` and exit with ``code``. A failed rank under torchrun leaves at once, without the
+    interpreter's teardown: there, freeing DDP's reducer joins a gloo worker thread that waits for the GIL
+    the freeing thread holds, and the rank hangs on its way out while its peers wait in a collective."""
+    if line:
+        click.echo(line, err=True)
+    if _several_ranks():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def torch_threads(n: int | None) -> None:

@@ -15,3 +15,8 @@ class BundleError(SamfError):
 
 class EngineUnavailable(SamfError):
     """An inference engine whose library is not installed or cannot run here."""
+
+
+class PeerRankFailed(Exception):
+    """Under torchrun: this rank stopped because another rank died mid-collective. Not a SamfError: the error
+    itself is the failing rank's to report, once; this rank only says that it stopped."""

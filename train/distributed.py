@@ -12,14 +12,69 @@ the AdamW moments over the ranks (ZeRO stage 1); checkpoints gather them, with e
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 
+from samf.runtime.errors import PeerRankFailed
+
 
 def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that broke because a peer process went away (gloo reports a closed or
+    reset connection as a RuntimeError; NCCL and the store raise DistError subclasses)."""
+    import torch.distributed as dist
+
+    msg = str(exc)
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(s in msg for s in ("by peer", "remote worker")))
+
+
+def tear_down_process_group(failed: bool) -> None:
+    """Shut the default process group down, if one is up. Without this its threads are still alive when the
+    interpreter exits, and a rank now and then dies with SIGABRT ("terminate called without an active
+    exception") on its very last line, or hangs there: DDP's reducer, freed at exit with the GIL held, joins
+    gloo's worker thread while that thread waits for the GIL. After a failure an NCCL group is aborted
+    instead, since its clean shutdown can wait on peers that are gone; gloo's shutdown does not wait."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if failed and abort is not None and dist.get_backend() == "nccl":
+        abort()
+    else:
+        dist.destroy_process_group()
+
+
+def owns_process_group(stage):
+    """Decorator for a stage that may run under torchrun: the process group that the stage brings up is torn
+    down on every way out (return, error, KeyboardInterrupt). A collective broken by a dead peer becomes
+    :class:`PeerRankFailed`, so the rank that failed first is the one whose error the user reads."""
+
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        import torch.distributed as dist
+
+        up_before = dist.is_available() and dist.is_initialized()
+        try:
+            result = stage(*args, **kwargs)
+        except BaseException as exc:
+            if not up_before:
+                tear_down_process_group(failed=True)
+            if _peer_failure(exc):
+                raise PeerRankFailed(f"rank {os.environ.get('RANK', '?')} stopped: another rank failed") from exc
+            raise
+        if not up_before:
+            tear_down_process_group(failed=False)
+        return result
+
+    return run
 
 
 def single_process_device(stage: str) -> torch.device:

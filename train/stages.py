@@ -37,6 +37,7 @@ from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.preprocess import PreprocessConfig
 from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_prompt, report_prompt
 
+from .distributed import owns_process_group
 from .models import AggregatorConfig, FusionConfig, ViTConfig
 from .tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, build_phi3, load_phi3
@@ -123,6 +124,7 @@ def stage_tokenizer(run_dir: str, texts: list, vocab_size: int = 1000):
 
 # ------------------------------------------------------------------------------------ pretrain-2d
 
+@owns_process_group
 def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | None = None,
                       progress: bool = True, restart: bool = False) -> list:
     """DINO on every slice of ``examples`` (all three planes); the ViT goes to RUN/vit_dino.pt atomically.
@@ -321,6 +323,7 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), use
 
 
+@owns_process_group
 def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: bool = True,
                    restart: bool = False) -> list:
     """SAMF (+Ao2D) into Phi-3 with LoRA (peft); image modules trained fully, ViT/aggregator unless frozen.
