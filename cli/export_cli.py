@@ -19,7 +19,7 @@ def main():
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--quant", "quants", multiple=True, default=("Q8_0",), show_default=True,
               help="llama.cpp quant types to add (Q8_0, Q4_K_M, ...); repeatable")
-@click.option("--base", type=click.Choice(["F32", "F16"]), default="F32", show_default=True,
+@click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True,
               help="unquantized GGUF kept in the bundle (the fidelity reference)")
 def bundle(checkpoint, out_dir, quants, base):
     """Export CHECKPOINT (RUN/merged) into a verified bundle directory."""
@@ -46,9 +46,9 @@ def onnx_cmd(checkpoint, out_dir):
 @main.command("gguf")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--type", "outtype", type=click.Choice(["F32", "F16"]), default="F16", show_default=True)
+@click.option("--type", "outtype", type=click.Choice(["F32", "F16", "BF16"]), default="F16", show_default=True)
 def gguf_cmd(checkpoint, out_path, outtype):
-    """Convert a merged Phi-3 checkpoint to GGUF."""
+    """Convert a merged Phi-3 checkpoint to GGUF (tensors streamed one at a time; norms stay F32)."""
     from samf.export.gguf_convert import convert_to_gguf
 
     click.echo(f"wrote {convert_to_gguf(checkpoint, out_path, outtype)}")

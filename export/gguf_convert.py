@@ -12,23 +12,77 @@ import os
 
 import numpy as np
 
+from samf.runtime.errors import SamfError
+
 #: llama.cpp file types by name (``llama_ftype`` in llama.h).
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 
 
-def _read_state(ckpt_dir: str) -> dict:
-    """All tensors of the HF checkpoint as float32 numpy (bf16 goes through torch, numpy has no bf16)."""
+class UnsupportedCheckpoint(SamfError):
+    """A checkpoint this converter cannot write faithfully (another architecture, LongRoPE)."""
+
+
+def _check_supported(ckpt_dir: str, cfg: dict) -> None:
+    """Refuse, before anything is written, what llama.cpp's ``phi3`` graph would run wrongly."""
+    archs, model_type = cfg.get("architectures") or [], cfg.get("model_type")
+    if "Phi3ForCausalLM" not in archs or model_type not in (None, "phi3"):
+        found = ", ".join(archs) or model_type or "none named"
+        raise UnsupportedCheckpoint(f"{ckpt_dir}: config.json says {found}; the GGUF converter takes "
+                                    "Phi3ForCausalLM checkpoints only")
+    rope = cfg.get("rope_parameters") or {}
+    if (cfg.get("rope_scaling") or {}).get("type") in ("longrope", "su") or rope.get("rope_type") == "longrope":
+        raise UnsupportedCheckpoint(f"{ckpt_dir}: LongRoPE (Phi-3 128k) checkpoints are not supported; "
+                                    "use a 4k model")
+
+
+#: Output types: llama.cpp file type and the numpy dtype a 2-D tensor is written as (bf16 as its raw bits).
+OUTTYPES = {"F32": ("ALL_F32", np.float32), "F16": ("MOSTLY_F16", np.float16), "BF16": ("MOSTLY_BF16", np.uint16)}
+_SRC_DTYPES = ("F32", "F16", "BF16")
+
+
+def _tensor_plan(ckpt_dir: str, names, outtype: str) -> list:
+    """(GGUF name, file, key, shape, output type) per tensor, from the safetensors headers alone.
+
+    Norms (1-D) stay F32 whatever the output type, as llama.cpp's converter keeps them."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {ckpt_dir}")
-    out = {}
+    plan, seen = [], set()
     for fn in files:
         with safe_open(fn, framework="pt") as f:
             for k in f.keys():
-                out[k] = f.get_tensor(k).float().numpy()
+                sl = f.get_slice(k)
+                if sl.get_dtype() not in _SRC_DTYPES:
+                    raise UnsupportedCheckpoint(f"{fn}: tensor {k} is {sl.get_dtype()}, not a float type")
+                plan.append((k, fn, k, tuple(sl.get_shape())))
+                seen.add(k)
+    if "lm_head.weight" not in seen:  # tied embeddings
+        emb = next(p for p in plan if p[0] == "model.embed_tokens.weight")
+        plan.append(("lm_head.weight",) + emb[1:])
+    out = []
+    for hf_name, fn, key, shape in plan:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise KeyError(f"no GGUF name for tensor {hf_name}")
+        out.append((name, fn, key, shape, outtype if len(shape) == 2 else "F32"))
     return out
+
+
+def _read_tensor(fn: str, key: str, outtype: str) -> np.ndarray:
+    """One tensor in the output type; the file's mapping is released before the next is read.
+
+    bf16 goes out as its raw 16 bits (numpy has no bf16); sources are converted once, never via a
+    float32 copy of the whole model."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(fn, framework="pt") as f:
+        t = f.get_tensor(key)
+    if outtype == "BF16":
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return t.to(torch.float16 if outtype == "F16" else torch.float32).contiguous().numpy()
 
 
 def _vocab(ckpt_dir: str, vocab_size: int):
@@ -58,16 +112,18 @@ def _vocab(ckpt_dir: str, vocab_size: int):
 
 
 def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
-    """Write ``ckpt_dir`` (a merged HF Phi-3) as a GGUF file of type F32 or F16, atomically."""
+    """Write ``ckpt_dir`` (a merged HF Phi-3) as a GGUF file of type F32, F16 or BF16, atomically.
+
+    Tensors stream one at a time from the safetensors files into the output, so memory stays near the
+    largest tensor, not the model (a 3.8B bf16 checkpoint does not fit in float32 on a 24 GB machine)."""
     import gguf
 
-    if outtype not in ("F32", "F16"):
-        raise ValueError("convert writes F32 or F16; quantize the result for other types")
+    if outtype not in OUTTYPES:
+        raise ValueError("convert writes F32, F16 or BF16; quantize the result for other types")
     with open(os.path.join(ckpt_dir, "config.json")) as f:
         cfg = json.load(f)
+    _check_supported(ckpt_dir, cfg)
     rope = cfg.get("rope_parameters") or {}
-    if (cfg.get("rope_scaling") or {}).get("type") in ("longrope", "su") or rope.get("rope_type") == "longrope":
-        raise NotImplementedError("LongRoPE (Phi-3 128k) checkpoints are not supported yet; use a 4k model")
     n_layer, n_embd = cfg["num_hidden_layers"], cfg["hidden_size"]
     n_head = cfg["num_attention_heads"]
     head_dim = n_embd // n_head
@@ -88,7 +144,7 @@ def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
     w.add_rope_freq_base(float(theta))
     if cfg.get("sliding_window"):
         w.add_sliding_window(cfg["sliding_window"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(getattr(gguf.LlamaFileType, OUTTYPES[outtype][0]))
 
     tokens, scores, types = _vocab(ckpt_dir, cfg["vocab_size"])
     w.add_tokenizer_model("llama")
@@ -105,21 +161,23 @@ def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
     w.add_add_eos_token(False)
     w.add_add_space_prefix(True)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, n_layer)
-    state = _read_state(ckpt_dir)
-    if "lm_head.weight" not in state:  # tied embeddings
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    for hf_name, arr in state.items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise KeyError(f"no GGUF name for tensor {hf_name}")
-        if outtype == "F16" and arr.ndim == 2:
-            arr = arr.astype(np.float16)
-        w.add_tensor(name, np.ascontiguousarray(arr.astype(arr.dtype, copy=False)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    plan = _tensor_plan(ckpt_dir, gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, n_layer), outtype)
+    for name, _, _, shape, typ in plan:  # infos first: the data then streams in the same order
+        dtype = np.dtype(OUTTYPES[typ][1])
+        w.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize,
+                          raw_dtype=getattr(gguf.GGMLQuantizationType, typ))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, fn, key, _, typ in plan:
+            w.write_tensor_data(_read_tensor(fn, key, typ))
+        w.close()
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, out_path)
     return out_path
 
