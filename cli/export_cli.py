@@ -68,6 +68,25 @@ def quantize_cmd(src, dst, qtype):
     click.echo(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
 
+@main.command("verify")
+@click.argument("bundle_dir", type=click.Path())
+def verify_cmd(bundle_dir):
+    """Re-hash every artifact of BUNDLE_DIR against its manifest, ignoring the verification cache.
+
+    A start hashes only what it loads and skips files unchanged since they were last hashed; this checks all."""
+    from samf.runtime.bundle import verify_all
+    from samf.runtime.errors import BundleError
+
+    results = verify_all(bundle_dir)
+    for name, size, problem in results:
+        click.echo(f"{'ok' if problem is None else 'ALTERED':<8}{name} ({size / 1e6:.1f} MB)")
+    bad = [name for name, _, problem in results if problem]
+    if bad:
+        raise BundleError(f"{bundle_dir}: {len(bad)} of {len(results)} files do not match their sha256 in the "
+                          f"manifest: {', '.join(bad)}")
+    click.echo(f"{bundle_dir}: all {len(results)} files match the manifest")
+
+
 @main.command("build-engines")
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--max-slices", type=int, default=None, help="largest slice batch the ViT plan accepts")

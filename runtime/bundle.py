@@ -2,8 +2,10 @@
 
 ``manifest.json`` lists every artifact with its sha256 and size, the preprocessing and model config, the
 prompt template, the image-token count, and which engines were built with which library versions.
-Reading checks the schema, that every file is there, and that no byte changed; any failure names the
-file and what is wrong.
+Reading checks the schema, that every file is there with its size, and that no byte changed in the
+artifacts that will be loaded (the encoders and the one LLM chosen; not the other GGUFs). Hashes found
+good are remembered by :mod:`samf.runtime.verified`, so an unchanged bundle is not re-hashed at every
+start; ``samf-export verify`` re-hashes everything. Any failure names the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BundleError
 from .preprocess import PreprocessConfig
+from .verified import VerifiedCache
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -33,9 +36,37 @@ def sha256_of(path: str, chunk: int = 1 << 22) -> str:
 class Bundle:
     root: str
     manifest: dict
+    verified: set = field(default_factory=set)  # names hashed (or found in the cache) by this instance
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
+
+    def verify(self, names, use_cache: bool = True) -> None:
+        """Check each named artifact's sha256 against the manifest; skip those the cache knows unchanged."""
+        todo = [n for n in names if n not in self.verified]
+        if not todo:
+            return
+        cache = VerifiedCache()
+        try:
+            for name in todo:
+                p, want = self.path(name), self.manifest["files"][name]["sha256"]
+                if not (use_cache and cache.known(p, want)):
+                    stamp = cache.stamp(p)
+                    if sha256_of(p) != want:
+                        cache.forget(p)
+                        raise BundleError(f"{self.root}: {name} does not match its sha256 in the manifest (altered)")
+                    cache.add(p, want, stamp)
+                self.verified.add(name)
+        finally:
+            cache.save()
+
+    def llm_name(self, quant: str | None = None) -> str:
+        """The file name of the LLM for ``quant`` (the manifest's default when None)."""
+        llms = self.manifest["llm"]
+        quant = quant or llms["default"]
+        if quant not in llms["files"]:
+            raise BundleError(f"bundle has no {quant} LLM; it has {', '.join(sorted(llms['files']))}")
+        return llms["files"][quant]
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -46,15 +77,14 @@ class Bundle:
         return int(self.manifest["model"]["image_tokens"])
 
     def llm_file(self, quant: str | None = None) -> str:
-        llms = self.manifest["llm"]
-        quant = quant or llms["default"]
-        if quant not in llms["files"]:
-            raise BundleError(f"bundle has no {quant} LLM; it has {', '.join(sorted(llms['files']))}")
-        return self.path(llms["files"][quant])
+        return self.path(self.llm_name(quant))
 
 
-def read_bundle(root: str, verify_hashes: bool = True) -> Bundle:
-    """Open and verify a bundle; raise :class:`BundleError` with one line on the first problem."""
+def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None) -> Bundle:
+    """Open and verify a bundle; raise :class:`BundleError` with one line on the first problem.
+
+    Every file must be there at its size; the encoders and the ``quant`` LLM (the default one when None)
+    are hashed, or found unchanged since they last were."""
     mpath = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
         raise BundleError(f"bundle not found: {root}")
@@ -78,6 +108,20 @@ def read_bundle(root: str, verify_hashes: bool = True) -> Bundle:
         size = os.path.getsize(p)
         if size != meta["size"]:
             raise BundleError(f"{root}: {name} is {size} bytes, manifest says {meta['size']} (altered or truncated)")
-        if verify_hashes and sha256_of(p) != meta["sha256"]:
-            raise BundleError(f"{root}: {name} does not match its sha256 in the manifest (altered)")
-    return Bundle(root=root, manifest=manifest)
+    bundle = Bundle(root=root, manifest=manifest)
+    if verify_hashes:
+        bundle.verify(ENCODER_FILES + (bundle.llm_name(quant),))
+    return bundle
+
+
+def verify_all(root: str) -> list:
+    """Re-hash every artifact, ignoring the cache: ``[(name, size, problem or None)]``; refreshes the cache."""
+    bundle = read_bundle(root, verify_hashes=False)
+    out = []
+    for name, meta in sorted(bundle.manifest["files"].items()):
+        try:
+            bundle.verify([name], use_cache=False)
+            out.append((name, meta["size"], None))
+        except BundleError:
+            out.append((name, meta["size"], "does not match its sha256"))
+    return out

@@ -39,15 +39,22 @@ class ReportPipeline:
         from samf.engines.llama_cpp_engine import GGUFTokenEmbeddings, LlamaCppLLM
 
         t0 = time.perf_counter()
-        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes=verify_hashes)
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes, quant)
         self.pre = self.bundle.preprocess
+        llm_path = self.bundle.llm_file(quant)
         if backend == "tensorrt":
-            mods = {n: load_encoder_module(backend, p) for n, p in self._trt_plans().items()}
+            plans = self._trt_plans()
+            if verify_hashes:  # plans are executable: never load one that changed
+                self.bundle.verify(plans.values())
+            mods = {n: load_encoder_module(backend, self.bundle.path(p)) for n, p in plans.items()}
         else:
+            if verify_hashes:  # only what is loaded; a no-op where read_bundle just checked it
+                self.bundle.verify([f"{n}.onnx" for n in ("vit", "aggregator", "fusion")])
             mods = {n: load_encoder_module(backend, self.bundle.path(f"{n}.onnx"), threads=n_threads or 0)
                     for n in ("vit", "aggregator", "fusion")}
+        if verify_hashes:
+            self.bundle.verify([self.bundle.llm_name(quant)])
         self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
-        llm_path = self.bundle.llm_file(quant)
         self.llm = LlamaCppLLM(llm_path, n_ctx=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
         self.embed = GGUFTokenEmbeddings(llm_path)
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
@@ -55,7 +62,7 @@ class ReportPipeline:
         self.load_s = time.perf_counter() - t0
 
     def _trt_plans(self) -> dict:
-        """The bundle's plans built with the installed TensorRT (plans are not portable across versions)."""
+        """Names of the bundle's plans built with the installed TensorRT (plans are not portable across versions)."""
         from samf.engines.tensorrt_engine import INSTALL_HINT, tensorrt_version
 
         version = tensorrt_version()
@@ -63,7 +70,7 @@ class ReportPipeline:
             raise EngineUnavailable(INSTALL_HINT)
         for entry in self.bundle.manifest.get("engines", {}).get("tensorrt", []):
             if entry.get("tensorrt") == version:
-                return {k: self.bundle.path(v) for k, v in entry["plans"].items()}
+                return dict(entry["plans"])
         raise SamfError(f"bundle has no TensorRT {version} plans: run `samf-export build-engines` on this machine")
 
     # ------------------------------------------------------------------------------ stages

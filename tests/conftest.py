@@ -16,6 +16,14 @@ import pytest
 SMALL = dict(n_train=200, n_test=48, dino_steps=20, warmup_steps=60, lm_steps=200, finetune_steps=600)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The bundle-verification cache goes to a session folder, never into the user's ~/.cache (CLIs inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @dataclass
 class Trained:
     data: str

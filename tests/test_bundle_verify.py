@@ -1,0 +1,119 @@
+"""Bundle verification hashes only what a start loads, remembers what it found intact, and catches edits."""
+
+import hashlib
+import json
+import os
+
+import pytest
+from cli_runner import run_cli
+
+from samf.runtime import bundle as B
+from samf.runtime.errors import BundleError
+
+FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx", "llm-F32.gguf", "llm-Q8_0.gguf")
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "samf" / "verified.json"
+
+
+@pytest.fixture()
+def bundle(tmp_path):
+    """A bundle's layout with stand-in bytes: reading checks manifests and hashes, not what the files hold."""
+    root = tmp_path / "bundle"
+    root.mkdir()
+    files = {}
+    for i, name in enumerate(FILES):
+        data = os.urandom(1000 + 97 * i)
+        (root / name).write_bytes(data)
+        files[name] = dict(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    manifest = dict(schema=B.SCHEMA_VERSION, files=files,
+                    llm=dict(default="Q8_0", files={"F32": "llm-F32.gguf", "Q8_0": "llm-Q8_0.gguf"}))
+    (root / B.MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture()
+def hashed(monkeypatch):
+    """The names of the files sha256_of is asked to hash."""
+    calls, real = [], B.sha256_of
+    monkeypatch.setattr(B, "sha256_of", lambda p, *a: calls.append(os.path.basename(p)) or real(p, *a))
+    return calls
+
+
+def test_only_the_loaded_artifacts_are_hashed(bundle, cache, hashed):
+    B.read_bundle(str(bundle), quant="F32")
+    assert sorted(hashed) == sorted(["vit.onnx", "aggregator.onnx", "fusion.onnx", "llm-F32.gguf"])
+
+
+def test_second_open_does_not_hash(bundle, cache, hashed):
+    B.read_bundle(str(bundle))
+    assert len(hashed) == 4 and cache.exists()
+    hashed.clear()
+    b = B.read_bundle(str(bundle))
+    assert hashed == []
+    b.verify(["llm-F32.gguf"])  # another quant: hashed once, then remembered too
+    B.read_bundle(str(bundle), quant="F32")
+    assert hashed == ["llm-F32.gguf"]
+
+
+def write_same_size(path, restore_mtime: bool) -> None:
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if restore_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(path) == st.st_size
+
+
+@pytest.mark.parametrize("restore_mtime", [False, True])
+def test_a_file_changed_after_verification_is_caught(bundle, cache, restore_mtime):
+    B.read_bundle(str(bundle))
+    write_same_size(bundle / "vit.onnx", restore_mtime)  # os.utime puts mtime back but sets ctime: still caught
+    with pytest.raises(BundleError, match="vit.onnx does not match its sha256"):
+        B.read_bundle(str(bundle))
+    with pytest.raises(BundleError, match="vit.onnx"):  # and not remembered as good
+        B.read_bundle(str(bundle))
+
+
+def test_an_unwritable_cache_only_costs_hashing(bundle, tmp_path, monkeypatch, hashed):
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))
+    B.read_bundle(str(bundle))
+    B.read_bundle(str(bundle))
+    assert len(hashed) == 8
+
+
+def test_a_corrupt_cache_is_ignored(bundle, cache, hashed):
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json")
+    B.read_bundle(str(bundle))
+    assert len(hashed) == 4 and json.loads(cache.read_text())["version"] == 1
+
+
+def test_verify_command_rehashes_everything(bundle, cache):
+    B.read_bundle(str(bundle))  # the cache knows four files; verify must hash all five anyway
+    proc = run_cli("samf-export", "verify", str(bundle))
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"ok      {name}" in proc.stdout for name in FILES), proc.stdout
+    assert "all 5 files match" in proc.stdout
+
+
+def test_verify_command_names_what_changed(bundle, cache):
+    B.read_bundle(str(bundle))
+    write_same_size(bundle / "llm-F32.gguf", restore_mtime=True)
+    write_same_size(bundle / "vit.onnx", restore_mtime=False)
+    proc = run_cli("samf-export", "verify", str(bundle))
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "2 of 5" in lines[0] and "llm-F32.gguf" in lines[0] and "vit.onnx" in lines[0]
+    assert "ALTERED llm-F32.gguf" in proc.stdout
+
+
+def test_verify_command_on_a_folder_that_is_not_a_bundle(tmp_path):
+    proc = run_cli("samf-export", "verify", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "not a samf bundle" in proc.stderr
