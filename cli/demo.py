@@ -55,7 +55,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from samf.runtime.atomic import atomic_file
     from samf.runtime.preprocess import PreprocessConfig
-    from samf.runtime.prompt import report_prompt
+    from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train import stages as S
     from samf.train.data import generate_phantom_dataset, load_split, text_corpus
     from samf.train.dino import DinoConfig
@@ -127,12 +127,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         truths = [e.findings for e in test]
         vlm = SamfVLM.from_checkpoint(merged)
-        zeroed = S.generate_reports(vlm, sp, test, zero_image=True, progress=False)
+        tok = S.base_tokenizer(run)
+        zeroed = S.generate_reports(vlm, tok, test, zero_image=True, progress=False)
         table = {"runtime F32": finding_accuracy([r.text for r in results["F32"]], truths),
                  "runtime Q8_0": finding_accuracy([r.text for r in q8], truths),
                  "zeroed image": finding_accuracy(zeroed, truths)}
         click.echo(format_table(table))
-        same = sum(r.text == sp.decode(vlm.generate(torch.from_numpy(e.slices), sp.encode(report_prompt(0))))
+        prompt = S.prompt_ids(tok, REPORT_REQUESTS[0])
+        same = sum(r.text == tok.decode(vlm.generate(torch.from_numpy(e.slices), prompt))
                    for r, e in zip(results["F32"], test))
         click.echo(f"   runtime (F32 GGUF) report == PyTorch report for {same}/{len(test)} scans")
 

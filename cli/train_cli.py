@@ -58,14 +58,19 @@ def make_phantoms(out_dir, n_train, n_test, seed, quiet):
 @run_opt
 @click.option("--preset", type=click.Choice(["tiny", "paper"]), default="tiny", show_default=True)
 @click.option("--llm-path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="local Phi-3 checkpoint (paper preset)")
+              help="local Phi-3 folder (config, weights, its own tokenizer); the paper preset needs one, the tiny "
+                   "preset builds its own LLM without")
 def init(run_dir, preset, llm_path):
     """Start a run folder with a model/preprocessing preset."""
     from samf.train.stages import init_run, paper_preset, tiny_preset
 
     if preset == "paper" and not llm_path:
         raise click.UsageError("--preset paper needs --llm-path to a local Phi-3-mini checkpoint")
-    init_run(run_dir, tiny_preset() if preset == "tiny" else paper_preset(llm_path))
+    if llm_path:
+        from samf.train.llm_folder import LLMTokenizer
+
+        LLMTokenizer(llm_path)  # refuse a folder training or conversion cannot use, before writing anything
+    init_run(run_dir, tiny_preset(llm_path) if preset == "tiny" else paper_preset(llm_path))
     click.echo(f"run folder ready: {run_dir} ({preset})")
 
 
@@ -208,14 +213,14 @@ def evaluate(data_dir, run_dir, split, limit, bertscore_model, threads, quiet):
     phantoms, per-finding accuracy; with the image and with zeroed image embeddings. RUN/eval_SPLIT.json."""
     from samf.runtime.atomic import atomic_file
     from samf.train.evaluate import evaluate_model, format_summary, format_table, summary_row
-    from samf.train.tokenizer import load_tokenizer
+    from samf.train.llm_folder import LLMTokenizer
     from samf.train.vlm import SamfVLM
 
     torch_threads(threads)
     exs = _train_examples(run_dir, data_dir, split, progress=not quiet)[:limit]
     vlm = SamfVLM.from_checkpoint(os.path.join(run_dir, "merged"))
-    sp = load_tokenizer(os.path.join(run_dir, "merged", "tokenizer.model"))
-    res = evaluate_model(vlm, sp, exs, bertscore_model=bertscore_model, progress=not quiet)
+    tok = LLMTokenizer(os.path.join(run_dir, "merged"))
+    res = evaluate_model(vlm, tok, exs, bertscore_model=bertscore_model, progress=not quiet)
     click.echo(format_summary({m: summary_row(res, m) for m in ("image", "zeroed")}))
     if "findings" in res["image"]:
         click.echo("\n" + format_table({m: res[m]["findings"] for m in ("image", "zeroed")}))

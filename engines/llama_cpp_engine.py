@@ -2,7 +2,10 @@
 
 Pipeline for one request::
 
-    [BOS] token  ->  fused image rows (float32, n_embd wide)  ->  prompt tokens  ->  greedy decoding
+    head tokens ([BOS] <|user|>)  ->  fused image rows (float32, n_embd wide)  ->  tail tokens (prompt,
+    <|end|> <|assistant|>)  ->  greedy decoding until one of the stop tokens
+
+Which tokens go where comes from the caller (the bundle's prompt layout), never from a constant here.
 
 Must-nots (each aborts the process inside llama.cpp rather than raising): a decode batch larger than
 ``n_batch``; embedding rows of the wrong width; positions past ``n_ctx``. This adapter checks all three
@@ -69,11 +72,9 @@ class LlamaCppLLM:
         self.n_batch = n_batch
         self.n_embd = int(self._ll.llama_model_n_embd_inp(self.llm.model))
         self.n_vocab = self.llm.n_vocab()
-        self.bos = self.llm.token_bos()
-        self.eos = self.llm.token_eos()
 
     def tokenize(self, text: str) -> list:
-        """Prompt text -> ids, without BOS (the sequence's BOS comes before the image prefix)."""
+        """Plain text -> ids, without BOS or special tokens (the layout's scaffolding comes as ids)."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def detokenize(self, ids: list) -> str:
@@ -117,23 +118,32 @@ class LlamaCppLLM:
         ptr = self._ll.llama_get_logits_ith(self.llm.ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int = 256,
+    def _prefill(self, head: list, rows: np.ndarray, tail: list, all_logits: bool = False) -> tuple:
+        """Decode ``head`` tokens, ``rows`` and ``tail`` tokens from position 0 on a cleared cache; the next
+        position and (with ``all_logits``) the logits after every tail token."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd:
+            raise SamfError(f"image embeddings have shape {rows.shape}; the LLM expects [N, {self.n_embd}]")
+        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.llm.ctx), True)
+        if head:
+            self._decode(0, tokens=list(head), want_logits=False)
+        self._decode(len(head), rows=rows, want_logits=not tail)
+        pos = len(head) + len(rows)
+        steps = []
+        if tail:
+            steps = self._decode(pos, tokens=list(tail), all_logits=all_logits)
+            pos += len(tail)
+        return pos, steps
+
+    def generate(self, head: list, rows: np.ndarray, tail: list, stop: set, max_new_tokens: int = 256,
                  return_logits: bool = False) -> dict:
-        """Greedy decoding after ``[BOS] prefix prompt``; returns ids, text, timings (and step logits)."""
-        prefix = np.asarray(prefix, dtype=np.float32)
-        if prefix.ndim != 2 or prefix.shape[1] != self.n_embd:
-            raise SamfError(f"image embeddings have shape {prefix.shape}; the LLM expects [N, {self.n_embd}]")
-        total = 1 + len(prefix) + len(prompt_ids) + max_new_tokens
+        """Greedy decoding after ``head rows tail`` until a token in ``stop``; ids, text, timings (and the
+        logits of every step)."""
+        total = len(head) + len(rows) + len(tail) + max_new_tokens
         if total > self.n_ctx:
             raise SamfError(f"request needs {total} positions but the LLM context holds {self.n_ctx}")
-        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.llm.ctx), True)
         t0 = time.perf_counter()
-        self._decode(0, tokens=[self.bos], want_logits=False)
-        self._decode(1, rows=prefix, want_logits=not prompt_ids)
-        pos = 1 + len(prefix)
-        if prompt_ids:
-            self._decode(pos, tokens=list(prompt_ids))
-            pos += len(prompt_ids)
+        pos, _ = self._prefill(head, rows, tail)
         t1 = time.perf_counter()
         ids, logits = [], []
         for _ in range(max_new_tokens):
@@ -141,30 +151,28 @@ class LlamaCppLLM:
             if return_logits:
                 logits.append(step)
             nxt = int(step.argmax())
-            if nxt == self.eos:
+            if nxt in stop:
                 break
             ids.append(nxt)
             self._decode(pos, tokens=[nxt])
             pos += 1
         t2 = time.perf_counter()
         out = dict(ids=ids, text=self.detokenize(ids), prefill_s=t1 - t0, decode_s=t2 - t1,
-                   prompt_tokens=1 + len(prefix) + len(prompt_ids), new_tokens=len(ids))
+                   prompt_tokens=len(head) + len(rows) + len(tail), new_tokens=len(ids))
         if return_logits:
             out["logits"] = np.stack(logits) if logits else np.zeros((0, self.n_vocab), np.float32)
         return out
 
-    def answer_nll(self, prefix: np.ndarray, prompt_ids: list, answer_ids: list) -> float:
-        """Mean negative log-likelihood per token of ``answer_ids`` + EOS after ``[BOS] prefix prompt``
+    def answer_nll(self, head: list, rows: np.ndarray, tail: list, answer_ids: list, end: int) -> float:
+        """Mean negative log-likelihood per token of ``answer_ids`` + ``end`` after ``head rows tail``
         (teacher forcing): how much a quantization costs, measured rather than assumed."""
-        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.llm.ctx), True)
-        self._decode(0, tokens=[self.bos], want_logits=False)
-        self._decode(1, rows=np.asarray(prefix, dtype=np.float32), want_logits=False)
-        pos = 1 + len(prefix)
-        # Logits after the last prompt token predict answer[0]; after answer[i], answer[i+1] (or EOS).
-        steps = self._decode(pos, tokens=list(prompt_ids), all_logits=True)[-1:]
-        steps += self._decode(pos + len(prompt_ids), tokens=list(answer_ids), all_logits=True)
+        if not tail:
+            raise SamfError("answer_nll needs at least one prompt token after the image rows")
+        pos, steps = self._prefill(head, rows, tail, all_logits=True)
+        # Logits after the last tail token predict answer[0]; after answer[i], answer[i+1] (or the end token).
+        steps = steps[-1:] + self._decode(pos, tokens=list(answer_ids), all_logits=True)
         logits = np.stack(steps).astype(np.float64)
-        targets = np.asarray(list(answer_ids) + [self.eos])
+        targets = np.asarray(list(answer_ids) + [end])
         logp = logits - logits.max(1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         return -float(np.mean(logp[np.arange(len(targets)), targets]))

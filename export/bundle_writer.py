@@ -15,7 +15,7 @@ from samf import __version__
 from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
 from samf.runtime.errors import SamfError
-from samf.runtime.prompt import REPORT_REQUESTS, format_prompt
+from samf.runtime.prompt import REPORT_REQUESTS
 
 from .gguf_convert import convert_to_gguf, quantize_gguf
 from .onnx_export import OPSET, export_onnx
@@ -61,8 +61,8 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
                        llm=dict(arch="phi3", hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
                                 num_hidden_layers=cfg.num_hidden_layers)),
             preprocess=preprocess,
-            prompt=dict(template=format_prompt("{request}"), report_requests=list(REPORT_REQUESTS),
-                        layout="[BOS] [image x N] prompt answer [EOS]"),
+            prompt=dict(layout=vlm.layout.to_dict(), report_requests=list(REPORT_REQUESTS),
+                        sequence="[bos] before_image [image x N] prompt_text after_prompt | answer answer_end"),
             llm=dict(default=quants[0] if quants else keep_unquantized, files=llm_files),
             engines=dict(onnxruntime=dict(version=onnxruntime.__version__, opset=OPSET),
                          llama_cpp=dict(llama_cpp_python=llama_cpp.__version__), tensorrt=[]),

@@ -12,27 +12,10 @@ import os
 
 import numpy as np
 
-from samf.runtime.errors import SamfError
+from samf.train.llm_folder import LLMFolderError, LLMTokenizer, read_llm_config
 
 #: llama.cpp file types by name (``llama_ftype`` in llama.h).
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
-
-
-class UnsupportedCheckpoint(SamfError):
-    """A checkpoint this converter cannot write faithfully (another architecture, LongRoPE)."""
-
-
-def _check_supported(ckpt_dir: str, cfg: dict) -> None:
-    """Refuse, before anything is written, what llama.cpp's ``phi3`` graph would run wrongly."""
-    archs, model_type = cfg.get("architectures") or [], cfg.get("model_type")
-    if "Phi3ForCausalLM" not in archs or model_type not in (None, "phi3"):
-        found = ", ".join(archs) or model_type or "none named"
-        raise UnsupportedCheckpoint(f"{ckpt_dir}: config.json says {found}; the GGUF converter takes "
-                                    "Phi3ForCausalLM checkpoints only")
-    rope = cfg.get("rope_parameters") or {}
-    if (cfg.get("rope_scaling") or {}).get("type") in ("longrope", "su") or rope.get("rope_type") == "longrope":
-        raise UnsupportedCheckpoint(f"{ckpt_dir}: LongRoPE (Phi-3 128k) checkpoints are not supported; "
-                                    "use a 4k model")
 
 
 #: Output types: llama.cpp file type and the numpy dtype a 2-D tensor is written as (bf16 as its raw bits).
@@ -55,7 +38,7 @@ def _tensor_plan(ckpt_dir: str, names, outtype: str) -> list:
             for k in f.keys():
                 sl = f.get_slice(k)
                 if sl.get_dtype() not in _SRC_DTYPES:
-                    raise UnsupportedCheckpoint(f"{fn}: tensor {k} is {sl.get_dtype()}, not a float type")
+                    raise LLMFolderError(f"{fn}: tensor {k} is {sl.get_dtype()}, not a float type")
                 plan.append((k, fn, k, tuple(sl.get_shape())))
                 seen.add(k)
     if "lm_head.weight" not in seen:  # tied embeddings
@@ -67,6 +50,22 @@ def _tensor_plan(ckpt_dir: str, names, outtype: str) -> list:
         if name is None:
             raise KeyError(f"no GGUF name for tensor {hf_name}")
         out.append((name, fn, key, shape, outtype if len(shape) == 2 else "F32"))
+    return out
+
+
+def _added_tokens(ckpt_dir: str) -> dict:
+    """id -> (text, special) for the tokens added on top of the SentencePiece model: tokenizer_config.json's
+    ``added_tokens_decoder`` (what transformers writes) and the hub's older ``added_tokens.json``."""
+    out = {}
+    path = os.path.join(ckpt_dir, "added_tokens.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            out.update({int(i): (piece, True) for piece, i in json.load(f).items()})
+    path = os.path.join(ckpt_dir, "tokenizer_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            dec = json.load(f).get("added_tokens_decoder") or {}
+        out.update({int(i): (t["content"], bool(t.get("special", True))) for i, t in dec.items()})
     return out
 
 
@@ -86,8 +85,9 @@ def _read_tensor(fn: str, key: str, outtype: str) -> np.ndarray:
 
 
 def _vocab(ckpt_dir: str, vocab_size: int):
-    """Tokens, scores and llama.cpp token types from ``tokenizer.model`` (+ ``added_tokens.json``), padded to
-    the model's vocab size with unused pieces as llama.cpp's converter does for Phi-3 (32000 -> 32064)."""
+    """Tokens, scores and llama.cpp token types from ``tokenizer.model`` plus the added tokens (special ones as
+    CONTROL, so llama.cpp treats ``<|end|>`` and friends as the model's own), padded to the model's vocab size
+    with unused pieces as llama.cpp's converter does for Phi-3 (32000 -> 32064)."""
     import gguf
     import sentencepiece as spm
 
@@ -99,13 +99,12 @@ def _vocab(ckpt_dir: str, vocab_size: int):
         scores.append(sp.get_score(i))
         types.append(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i)
                      else T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL)
-    added = os.path.join(ckpt_dir, "added_tokens.json")
-    if os.path.exists(added):
-        with open(added) as f:
-            for piece, idx in sorted(json.load(f).items(), key=lambda kv: kv[1]):
-                while len(tokens) <= idx:
-                    tokens.append(f"[PAD{len(tokens)}]".encode()), scores.append(-1000.0), types.append(T.UNUSED)
-                tokens[idx], scores[idx], types[idx] = piece.encode(), -1000.0, T.USER_DEFINED
+    for idx, (piece, special) in sorted(_added_tokens(ckpt_dir).items()):
+        if idx < len(tokens) and tokens[idx] == piece.encode():
+            continue  # a SentencePiece piece (<s>, </s>) listed again
+        while len(tokens) <= idx:
+            tokens.append(f"[PAD{len(tokens)}]".encode()), scores.append(-1000.0), types.append(T.UNUSED)
+        tokens[idx], scores[idx], types[idx] = piece.encode(), 0.0, T.CONTROL if special else T.USER_DEFINED
     while len(tokens) < vocab_size:
         tokens.append(f"[PAD{len(tokens)}]".encode()), scores.append(-1000.0), types.append(T.UNUSED)
     return tokens, scores, types
@@ -120,9 +119,7 @@ def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
 
     if outtype not in OUTTYPES:
         raise ValueError("convert writes F32, F16 or BF16; quantize the result for other types")
-    with open(os.path.join(ckpt_dir, "config.json")) as f:
-        cfg = json.load(f)
-    _check_supported(ckpt_dir, cfg)
+    cfg = read_llm_config(ckpt_dir)  # refuses, before anything is written, what llama.cpp's phi3 would run wrongly
     rope = cfg.get("rope_parameters") or {}
     n_layer, n_embd = cfg["num_hidden_layers"], cfg["hidden_size"]
     n_head = cfg["num_attention_heads"]
@@ -152,12 +149,20 @@ def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    for key, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                    ("pad_token_id", w.add_pad_token_id)):
-        if isinstance(cfg.get(key), int):
-            fn(cfg[key])
+    tok = LLMTokenizer(ckpt_dir)
+    layout = tok.layout
+    eos = cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if isinstance(cfg.get("bos_token_id"), int):
+        w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(eos if isinstance(eos, int) else layout.answer_end)
+    w.add_pad_token_id(layout.pad)
+    if layout.answer_end != eos:  # the end-of-turn token training taught (Phi-3's <|end|>)
+        w.add_eot_token_id(layout.answer_end)
+    if tok.hf.chat_template:
+        w.add_chat_template(tok.hf.chat_template)
     w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(layout.bos is not None)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(True)
 

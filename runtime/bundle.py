@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 from .errors import BundleError
 from .preprocess import PreprocessConfig
+from .prompt import PromptLayout
 from .verified import VerifiedCache
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest
 MANIFEST = "manifest.json"
 ENCODER_FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx")
 
@@ -73,6 +74,11 @@ class Bundle:
         return PreprocessConfig.from_dict(self.manifest["preprocess"])
 
     @property
+    def layout(self) -> PromptLayout:
+        """Where the image rows, the prompt and the answer sit, and which tokens end generation."""
+        return PromptLayout.from_dict(self.manifest["prompt"]["layout"])
+
+    @property
     def image_tokens(self) -> int:
         return int(self.manifest["model"]["image_tokens"])
 
@@ -96,7 +102,8 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None)
     except (OSError, ValueError) as e:
         raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
     if manifest.get("schema") != SCHEMA_VERSION:
-        raise BundleError(f"{root}: manifest schema {manifest.get('schema')!r}, this runtime reads {SCHEMA_VERSION}")
+        raise BundleError(f"{root}: manifest schema {manifest.get('schema')!r}, this runtime reads {SCHEMA_VERSION} "
+                          "(rebuild the bundle with this version's samf-export bundle)")
     files = manifest.get("files", {})
     for name in ENCODER_FILES + tuple(manifest.get("llm", {}).get("files", {}).values()):
         if name not in files:

@@ -14,7 +14,7 @@ from .bundle import Bundle, read_bundle
 from .ct import Volume, load_scan
 from .errors import EngineUnavailable, SamfError
 from .preprocess import preprocess
-from .prompt import REPORT_REQUESTS, format_prompt, mcq_choice_of, mcq_prompt
+from .prompt import REPORT_REQUESTS, mcq_choice_of, mcq_request
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ReportPipeline:
         t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes, quant)
         self.pre = self.bundle.preprocess
+        self.layout = self.bundle.layout
         llm_path = self.bundle.llm_file(quant)
         if backend == "tensorrt":
             plans = self._trt_plans()
@@ -90,21 +91,22 @@ class ReportPipeline:
         timings["fusion"] = time.perf_counter() - t
         return fused[0]
 
-    def _prefix(self, scan, prompt_text: str, timings: dict) -> tuple:
-        """Scan + prompt -> (fused image embeddings, prompt ids), timing each stage."""
+    def _prefix(self, scan, request: str, timings: dict) -> tuple:
+        """Scan + request -> (fused image embeddings, ids of the prompt text), timing each stage."""
         vol = scan if isinstance(scan, Volume) else load_scan(str(scan))
         timings["load"] = vol.info.get("load_s", 0.0)
         t = time.perf_counter()
         slices = preprocess(vol, self.pre)
         timings["preprocess"] = time.perf_counter() - t
         z2d, z3d = self.encode(slices, timings)
-        prompt_ids = self.llm.tokenize(prompt_text)
+        prompt_ids = self.llm.tokenize(self.layout.prompt_text(request))
         return self.image_prefix(z2d, z3d, prompt_ids, timings), prompt_ids
 
-    def _run(self, scan, prompt_text: str, max_new_tokens: int) -> Result:
+    def _run(self, scan, request: str, max_new_tokens: int) -> Result:
         timings: dict = {}
-        prefix, prompt_ids = self._prefix(scan, prompt_text, timings)
-        out = self.llm.generate(prefix, prompt_ids, max_new_tokens=max_new_tokens)
+        prefix, prompt_ids = self._prefix(scan, request, timings)
+        lay = self.layout
+        out = self.llm.generate(lay.head(), prefix, lay.tail(prompt_ids), lay.stop_ids(), max_new_tokens)
         timings["llm_prefill"] = out["prefill_s"]
         timings["llm_decode"] = out["decode_s"]
         timings["total"] = sum(timings.values())
@@ -113,19 +115,21 @@ class ReportPipeline:
     # ------------------------------------------------------------------------------ entry points
     def report(self, scan, request: str | None = None, max_new_tokens: int = 256) -> Result:
         """The findings report for one scan (a path or a :class:`Volume`)."""
-        return self._run(scan, format_prompt(request or REPORT_REQUESTS[0]), max_new_tokens)
+        return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens)
 
     def answer(self, scan, question: str, choices, max_new_tokens: int = 32) -> tuple:
         """A multiple-choice answer: (the letter picked or None, the full result)."""
         if len(choices) != 4:
             raise SamfError("a multiple-choice question needs exactly four choices")
-        res = self._run(scan, mcq_prompt(question, choices), max_new_tokens)
+        res = self._run(scan, mcq_request(question, choices), max_new_tokens)
         return mcq_choice_of(res.text), res
 
     def report_nll(self, scan, reference: str, request: str | None = None) -> float:
         """Teacher-forced negative log-likelihood per token of a reference report for this scan."""
-        prefix, prompt_ids = self._prefix(scan, format_prompt(request or REPORT_REQUESTS[0]), {})
-        return self.llm.answer_nll(prefix, prompt_ids, self.llm.tokenize(reference))
+        prefix, prompt_ids = self._prefix(scan, request or REPORT_REQUESTS[0], {})
+        lay = self.layout
+        return self.llm.answer_nll(lay.head(), prefix, lay.tail(prompt_ids), self.llm.tokenize(reference),
+                                   lay.answer_end)
 
     def close(self) -> None:
         self.llm.close()

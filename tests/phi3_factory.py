@@ -6,11 +6,12 @@ import os
 def small_phi3(out_dir, dtype: str = "float32", hidden: int = 128, intermediate: int = 256, layers: int = 2,
                vocab: int = 512, seed: int = 0) -> str:
     """A random ``Phi3ForCausalLM`` saved in ``dtype`` (safetensors + config.json) with a SentencePiece
-    tokenizer beside it, as the GGUF converter and ``load_phi3`` expect."""
+    tokenizer beside it as a Hugging Face tokenizer folder, as the GGUF converter and ``load_phi3`` expect."""
     import numpy as np
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
+    from samf.train.llm_folder import save_sentencepiece_folder
     from samf.train.phantom import sample_findings, write_report
     from samf.train.tokenizer import BOS, EOS, PAD, train_tokenizer
 
@@ -23,4 +24,5 @@ def small_phi3(out_dir, dtype: str = "float32", hidden: int = 128, intermediate:
     rng = np.random.default_rng(seed)
     train_tokenizer([write_report(sample_findings(rng), rng) for _ in range(100)],
                     os.path.join(str(out_dir), "tokenizer.model"), 400)
+    save_sentencepiece_folder(os.path.join(str(out_dir), "tokenizer.model"), str(out_dir))
     return str(out_dir)

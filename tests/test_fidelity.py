@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, report_prompt
+from samf.runtime.prompt import REPORT_REQUESTS, format_prompt
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,17 @@ def vlm(trained):
 
 
 @pytest.fixture(scope="module")
-def sp(trained):
-    from samf.train.tokenizer import load_tokenizer
+def tok(trained):
+    from samf.train.llm_folder import LLMTokenizer
 
-    return load_tokenizer(os.path.join(trained.merged, "tokenizer.model"))
+    return LLMTokenizer(trained.merged)
+
+
+@pytest.fixture(scope="module")
+def prompt(tok):
+    from samf.train.stages import prompt_ids
+
+    return prompt_ids(tok, REPORT_REQUESTS[0])
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +69,17 @@ def test_vit_onnx_on_real_slices(vlm, trained):
     assert np.abs(got - ref).max() <= 1e-4
 
 
-def test_llama_cpp_tokenizer_matches_sentencepiece(trained, sp, llm_f32):
+def test_llama_cpp_tokenizer_matches_the_folders_tokenizer(trained, tok, llm_f32):
+    """llama.cpp (GGUF vocabulary) and the merged folder's own tokenizer (transformers) and the SentencePiece
+    model it was built from cut every text of the corpus into the same ids."""
+    import sentencepiece as spm
+
     from samf.train.data import text_corpus
 
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(trained.merged, "tokenizer.model"))
     texts = text_corpus(trained.test) + [format_prompt(r) for r in REPORT_REQUESTS]
     for t in texts:
-        assert llm_f32.tokenize(t) == sp.encode(t), t
+        assert llm_f32.tokenize(t) == tok.encode(t) == sp.encode(t), t
 
 
 def test_gguf_token_embeddings_equal_the_checkpoint(trained, vlm):
@@ -79,9 +91,9 @@ def test_gguf_token_embeddings_equal_the_checkpoint(trained, vlm):
     assert np.array_equal(got, ref)
 
 
-def test_llama_cpp_matches_transformers_with_injected_embeddings(trained, vlm, sp, llm_f32):
+def test_llama_cpp_matches_transformers_with_injected_embeddings(trained, vlm, prompt, llm_f32):
     """Same image prefix and prompt: identical greedy tokens over the whole report, logits close."""
-    prompt = sp.encode(report_prompt(0))
+    lay = vlm.layout
     worst = 0.0
     for ex in trained.test[:4]:
         slices = torch.from_numpy(ex.slices)
@@ -89,7 +101,7 @@ def test_llama_cpp_matches_transformers_with_injected_embeddings(trained, vlm, s
         with torch.no_grad():
             pid = torch.tensor([prompt])
             prefix = vlm.image_prefix(slices[None], pid, torch.ones_like(pid))[0].numpy()
-        out = llm_f32.generate(prefix, prompt, max_new_tokens=96, return_logits=True)
+        out = llm_f32.generate(lay.head(), prefix, lay.tail(prompt), lay.stop_ids(), 96, return_logits=True)
         assert out["ids"] == ids_t
         assert len(ids_t) > 10  # a whole report, not a stub
         worst = max(worst, float(np.abs(out["logits"] - logits_t.numpy()).max()))
@@ -97,14 +109,13 @@ def test_llama_cpp_matches_transformers_with_injected_embeddings(trained, vlm, s
     assert worst < 1e-2, f"max logit difference {worst:.2e}"
 
 
-def test_runtime_report_equals_pytorch_report(trained, vlm, sp):
+def test_runtime_report_equals_pytorch_report(trained, vlm, tok, prompt):
     from samf.runtime.pipeline import ReportPipeline
 
     pipe = ReportPipeline(trained.bundle, quant="F32")
-    prompt = sp.encode(report_prompt(0))
     try:
         for ex in trained.test[:6]:
-            ref = sp.decode(vlm.generate(torch.from_numpy(ex.slices), prompt, 256))
+            ref = tok.decode(vlm.generate(torch.from_numpy(ex.slices), prompt, 256))
             got = pipe.report(os.path.join(trained.data, ex.image)).text
             assert got == ref
     finally:
@@ -124,7 +135,7 @@ def test_quantized_q8_mostly_agrees(trained):
     assert same >= 4, f"Q8_0 report equals F32 report for only {same}/6 scans"
 
 
-def test_llama_cpp_loss_matches_transformers(trained, vlm, sp):
+def test_llama_cpp_loss_matches_transformers(trained, vlm, tok, prompt):
     """Teacher-forced loss of the reference report: the runtime's figure equals the training loss."""
     from samf.runtime.pipeline import ReportPipeline
 
@@ -132,7 +143,7 @@ def test_llama_cpp_loss_matches_transformers(trained, vlm, sp):
     try:
         for ex in trained.test[:3]:
             with torch.no_grad():
-                ref = vlm(torch.from_numpy(ex.slices)[None], [sp.encode(report_prompt(0))], [sp.encode(ex.report)])
+                ref = vlm(torch.from_numpy(ex.slices)[None], [prompt], [tok.encode(ex.report)])
             got = pipe.report_nll(os.path.join(trained.data, ex.image), ex.report)
             assert abs(got - float(ref)) < 1e-3, (got, float(ref))
     finally:

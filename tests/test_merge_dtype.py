@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -31,6 +32,7 @@ def _merged(run, examples, dtype: str) -> tuple:
     torch.manual_seed(0)
     llm = build_phi3(sp.vocab_size(), TinyLLMConfig(**S.read_run(run)["llm"])).to(torch.bfloat16)
     llm.to(getattr(torch, dtype)).save_pretrained(os.path.join(run, "lm_base"))
+    shutil.copytree(os.path.join(run, S.TOKENIZER_DIR), os.path.join(run, "lm_base"), dirs_exist_ok=True)
     losses = S.stage_finetune(run, examples, S.FinetuneConfig(steps=2, batch_size=2, save_every=1000), progress=False)
     return S.stage_merge(run), losses
 

@@ -1,11 +1,11 @@
 """The conversation template shared by training and runtime."""
 
-from samf.runtime.prompt import format_prompt, mcq_answer, mcq_choice_of, mcq_prompt
+from samf.runtime.prompt import format_prompt, mcq_answer, mcq_choice_of, mcq_request
 
 
 def test_mcq_round_trip():
     choices = ["left", "right", "both", "none"]
-    assert mcq_prompt("Which side?", choices) == (
+    assert format_prompt(mcq_request("Which side?", choices)) == (
         "Question: Which side? Choices: A. left. B. right. C. both. D. none. Answer:")
     assert mcq_answer("C", choices) == "C. both."
     assert mcq_choice_of(mcq_answer("C", choices)) == "C"

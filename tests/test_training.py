@@ -161,12 +161,12 @@ def test_report_and_mcq_metrics():
 
 def test_evaluation_record_has_every_metric(trained):
     from samf.train.evaluate import evaluate_model, format_summary, summary_row
-    from samf.train.tokenizer import load_tokenizer
+    from samf.train.llm_folder import LLMTokenizer
     from samf.train.vlm import SamfVLM
 
     vlm = SamfVLM.from_checkpoint(trained.merged)
-    sp = load_tokenizer(os.path.join(trained.merged, "tokenizer.model"))
-    res = evaluate_model(vlm, sp, trained.test[:3], bertscore_model=None, progress=False)
+    tok = LLMTokenizer(trained.merged)
+    res = evaluate_model(vlm, tok, trained.test[:3], bertscore_model=None, progress=False)
     for key in ("bleu1", "bleu4", "meteor", "rougeL", "bertscore_f1"):
         assert key in res["image"]["reports"]
     assert set(res["image"]["mcq"]) >= {"accuracy", "precision", "recall", "f1"}

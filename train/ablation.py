@@ -41,7 +41,7 @@ class AblationConfig:
     progress: bool = True
 
 
-SHARED = ("run.json", "tokenizer.model", "vit_dino.pt", "lm_base", "aggregator_warmup.pt")
+SHARED = ("run.json", "tokenizer.model", "tokenizer", "vit_dino.pt", "lm_base", "aggregator_warmup.pt")
 
 
 def copy_shared(base: str, run: str) -> None:
@@ -60,7 +60,6 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
     from .data import generate_phantom_dataset, load_dataset, text_corpus
     from .dino import DinoConfig
     from .evaluate import evaluate_model, format_findings, format_summary, summary_row
-    from .tokenizer import load_tokenizer
     from .warmup import WarmupConfig
 
     t0 = time.time()
@@ -82,7 +81,7 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
         S.stage_warmup_3d(base, train, WarmupConfig(steps=cfg.warmup_steps, seed=cfg.seed), progress=cfg.progress)
         with atomic_file(done) as f:
             json.dump(shared, f)
-    sp = load_tokenizer(os.path.join(base, "tokenizer.model"))
+    tok = S.base_tokenizer(base)
 
     results, rows, findings = {}, {}, {}
     for i, (name, switches) in enumerate(GRID):
@@ -95,7 +94,7 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
             t = time.time()
             ft = S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed, **switches)
             losses = S.stage_finetune(cell, train, ft, progress=cfg.progress)
-            res = evaluate_model(S.load_finetuned(cell), sp, test, progress=False, zeroed=(i == len(GRID) - 1))
+            res = evaluate_model(S.load_finetuned(cell), tok, test, progress=False, zeroed=(i == len(GRID) - 1))
             res.update(name=name, switches=switches, final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        finetune_s=time.time() - t, finetune_steps=cfg.finetune_steps, shared=shared)
             with atomic_file(result_path) as f:

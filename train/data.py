@@ -164,13 +164,13 @@ def load_samf_csv(csv_path: str, pre: PreprocessConfig, questions: dict | None =
 
 def text_corpus(examples: list) -> list:
     """Every text the LLM reads or writes: prompts, reports, questions and answers."""
-    from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_prompt
+    from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_request
 
     texts = [format_prompt(r) for r in REPORT_REQUESTS]
     for ex in examples:
         texts.append(ex.report)
         for q in ex.questions:
-            texts += [mcq_prompt(q["question"], q["choices"]), mcq_answer(q["answer"], q["choices"])]
+            texts += [format_prompt(mcq_request(q["question"], q["choices"])), mcq_answer(q["answer"], q["choices"])]
     return texts
 
 

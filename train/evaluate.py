@@ -50,7 +50,7 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_model(vlm, sp, examples: list, bertscore_model: str | None = "default", progress: bool = True,
+def evaluate_model(vlm, tok, examples: list, bertscore_model: str | None = "default", progress: bool = True,
                    zeroed: bool = True) -> dict:
     """Everything ``samf-train evaluate`` reports for one model on one split, as a JSON-able dict.
 
@@ -69,10 +69,10 @@ def evaluate_model(vlm, sp, examples: list, bertscore_model: str | None = "defau
     out = {"n_scans": len(examples)}
     for mode in ("image", "zeroed") if zeroed else ("image",):
         z = mode == "zeroed"
-        hyps = generate_reports(vlm, sp, examples, zero_image=z, progress=progress)
+        hyps = generate_reports(vlm, tok, examples, zero_image=z, progress=progress)
         res = {"reports": report_metrics(hyps, refs, bertscore_model) if not z else {},
                "labels": label_metrics(hyps, label_truth),
-               "mcq": mcq_metrics(*generate_mcq(vlm, sp, examples, zero_image=z))}
+               "mcq": mcq_metrics(*generate_mcq(vlm, tok, examples, zero_image=z))}
         if phantom:
             res["findings"] = finding_accuracy(hyps, [e.findings for e in examples])
         res["examples"] = [{"image": e.image, "generated": h} for e, h in zip(examples[:8], hyps[:8])]

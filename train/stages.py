@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -35,11 +34,12 @@ from tqdm.auto import tqdm
 
 from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.preprocess import PreprocessConfig
-from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_prompt, report_prompt
+from samf.runtime.prompt import REPORT_REQUESTS, mcq_answer, mcq_request
 
 from .distributed import owns_process_group
+from .llm_folder import LLMTokenizer, save_sentencepiece_folder
 from .models import AggregatorConfig, FusionConfig, ViTConfig
-from .tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
+from .tokenizer import train_tokenizer
 from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, build_phi3, load_phi3
 
 PREPROCESS_FILE = "preprocess.json"
@@ -47,23 +47,35 @@ PREPROCESS_FILE = "preprocess.json"
 
 # ------------------------------------------------------------------------------------------ presets
 
-def tiny_preset() -> dict:
-    """Sizes for tests and the demo: minutes on 2 CPU cores, same classes as the paper's model."""
+def _llm_width(llm_path: str) -> int:
+    from .llm_folder import read_llm_config
+
+    return int(read_llm_config(llm_path)["hidden_size"])
+
+
+def tiny_preset(llm_path: str | None = None) -> dict:
+    """Sizes for tests and the demo: minutes on 2 CPU cores, same classes as the paper's model. Without
+    ``llm_path`` the LLM is a tiny Phi-3 built in-process; with one, that folder's model (fusion at its width)."""
     pre = PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6)
     llm = TinyLLMConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    if llm_path:
+        llm = dataclasses.replace(llm, hidden_size=_llm_width(llm_path))
     image = ImageConfig(
         vit=ViTConfig(img_size=48, patch_size=8, in_chans=3, embed_dim=64, depth=3, num_heads=4),
         aggregator=AggregatorConfig(n_slices=pre.n_slices, n_tokens=8, dim=64, depth=2, num_heads=4,
                                     mlp_ratio=2.0, out_dim=64),
         fusion=FusionConfig(d2d=64, d3d=64, d_text=llm.hidden_size, d_proj=64, d_llm=llm.hidden_size, ao2d=True),
     )
-    return dict(preprocess=pre.to_dict(), image=image.to_dict(), llm=asdict(llm), llm_path=None)
+    return dict(preprocess=pre.to_dict(), image=image.to_dict(), llm=None if llm_path else asdict(llm),
+                llm_path=llm_path)
 
 
 def paper_preset(llm_path: str) -> dict:
     """DINO ViT-B/16 at 224², 3×8 slices, 32 volume tokens, Phi-3-mini (3072 wide) from a local path."""
     pre = PreprocessConfig(image_size=224, pixel_spacing_mm=1.5, slices_per_plane=8)
-    image = ImageConfig(aggregator=AggregatorConfig(n_slices=pre.n_slices))
+    width = _llm_width(llm_path)
+    image = ImageConfig(aggregator=AggregatorConfig(n_slices=pre.n_slices),
+                        fusion=FusionConfig(d_text=width, d_llm=width))
     return dict(preprocess=pre.to_dict(), image=image.to_dict(), llm=None, llm_path=llm_path)
 
 
@@ -118,8 +130,16 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
 
 # ------------------------------------------------------------------------------------- tokenizer
 
+TOKENIZER_DIR = "tokenizer"
+
+
 def stage_tokenizer(run_dir: str, texts: list, vocab_size: int = 1000):
-    return train_tokenizer(texts, os.path.join(run_dir, "tokenizer.model"), vocab_size)
+    """The tiny LLM's SentencePiece tokenizer, as RUN/tokenizer.model and as a Hugging Face tokenizer folder
+    (RUN/tokenizer/) that pretrain-lm puts beside the LM base's config, the way the hub ships Phi-3."""
+    sp = train_tokenizer(texts, os.path.join(run_dir, "tokenizer.model"), vocab_size)
+    with atomic_dir(os.path.join(run_dir, TOKENIZER_DIR)) as d:
+        save_sentencepiece_folder(os.path.join(run_dir, "tokenizer.model"), d)
+    return sp
 
 
 # ------------------------------------------------------------------------------------ pretrain-2d
@@ -208,30 +228,41 @@ class LMConfig:
     seed: int = 0
 
 
-def _lm_samples(examples, sp) -> list:
+def _lm_samples(examples, tok: LLMTokenizer) -> list:
     """(prompt ids, answer ids) pairs for every report and question in ``examples``."""
     out = []
     for ex in examples:
         for req in REPORT_REQUESTS:
-            out.append((sp.encode(format_prompt(req)), sp.encode(ex.report)))
+            out.append((prompt_ids(tok, req), tok.encode(ex.report)))
         for q in ex.questions:
-            out.append((sp.encode(mcq_prompt(q["question"], q["choices"])),
-                        sp.encode(mcq_answer(q["answer"], q["choices"]))))
+            out.append((prompt_ids(tok, mcq_request(q["question"], q["choices"])),
+                        tok.encode(mcq_answer(q["answer"], q["choices"]))))
     return out
 
 
+def prompt_ids(tok: LLMTokenizer, request: str) -> list:
+    """The ids of a request's prompt text in the LLM's layout (what the fusion attends to)."""
+    return tok.encode(tok.layout.prompt_text(request))
+
+
 def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: bool = True) -> list:
-    """Teach the randomly initialised tiny Phi-3 the report language (text only), full parameters."""
+    """Teach the LLM the report language in the prompt layout (text only, full parameters) -> RUN/lm_base,
+    which later stages then start from: the randomly initialised tiny Phi-3, or the run's own LLM folder."""
     from .distributed import single_process_device
 
     dev = single_process_device("pretrain-lm")
     run = read_run(run_dir)
-    sp = load_tokenizer(os.path.join(run_dir, "tokenizer.model"))
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    llm = build_phi3(sp.vocab_size(), TinyLLMConfig(**run["llm"])).to(dev)
-    llm.train()
-    samples = _lm_samples(examples, sp)
+    if run["llm_path"]:  # continue a given model's pretraining on the report language
+        llm, tok = load_phi3(run["llm_path"]).float(), LLMTokenizer(run["llm_path"])
+    else:
+        tok_dir = os.path.join(run_dir, TOKENIZER_DIR)
+        llm = build_phi3(len(LLMTokenizer.hf_tokenizer(tok_dir)), TinyLLMConfig(**run["llm"]))
+        tok = LLMTokenizer(tok_dir, config=llm.config.to_dict())
+    llm.to(dev).train()
+    lay = tok.layout
+    samples = _lm_samples(examples, tok)
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.lr, weight_decay=0.01)
     log, losses = MetricsLog(run_dir), []
     bar = tqdm(range(cfg.steps), desc="pretrain-lm", disable=not progress)
@@ -239,15 +270,15 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
         batch = [rng.choice(samples) for _ in range(cfg.batch_size)]
-        seqs = [[BOS] + p + a + [EOS] for p, a in batch]
+        seqs = [lay.head() + lay.tail(p) + a + [lay.answer_end] for p, a in batch]  # the layout, no image
         L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), EOS, dtype=torch.long)
+        ids = torch.full((len(seqs), L), lay.pad, dtype=torch.long)
         att = torch.zeros_like(ids)
         lab = torch.full_like(ids, -100)
         for i, ((p, a), s) in enumerate(zip(batch, seqs)):
             ids[i, : len(s)] = torch.tensor(s)
             att[i, : len(s)] = 1
-            lab[i, 1 + len(p): len(s)] = torch.tensor(a + [EOS])
+            lab[i, len(s) - len(a) - 1: len(s)] = torch.tensor(a + [lay.answer_end])
         loss = llm(input_ids=ids.to(dev), attention_mask=att.to(dev), labels=lab.to(dev)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,6 +289,7 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
         log({"stage": "pretrain-lm", "step": step, "loss": losses[-1]})
     with atomic_dir(os.path.join(run_dir, "lm_base")) as d:
         llm.cpu().save_pretrained(d)
+        tok.save_to(d)
     return losses
 
 
@@ -289,25 +321,34 @@ class FinetuneConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _base_llm(run_dir: str, run: dict):
-    return load_phi3(run["llm_path"] or os.path.join(run_dir, "lm_base"))
+def llm_folder(run_dir: str, run: dict | None = None) -> str:
+    """The run's base LLM: the LM base pretrain-lm wrote when there is one, else the user's local folder."""
+    run = run or read_run(run_dir)
+    lm_base = os.path.join(run_dir, "lm_base")
+    return lm_base if os.path.isdir(lm_base) or not run["llm_path"] else run["llm_path"]
+
+
+def base_tokenizer(run_dir: str) -> LLMTokenizer:
+    return LLMTokenizer(llm_folder(run_dir))
 
 
 def build_vlm(run_dir: str, image_cfg: ImageConfig | None = None) -> SamfVLM:
     """The model before fine-tuning: DINO ViT (if pretrained), fresh aggregator/fusion, base LLM."""
     run = read_run(run_dir)
-    vlm = SamfVLM(image_cfg or ImageConfig.from_dict(run["image"]), _base_llm(run_dir, run))
+    folder = llm_folder(run_dir, run)
+    vlm = SamfVLM(image_cfg or ImageConfig.from_dict(run["image"]), load_phi3(folder), LLMTokenizer(folder).layout)
     dino = os.path.join(run_dir, "vit_dino.pt")
     if os.path.exists(dino):
         vlm.encoder.vit.load_state_dict(torch.load(dino, map_location="cpu", weights_only=True))
     return vlm
 
 
-def _task_sample(ex, sp, rng: random.Random, mcq_fraction: float):
+def _task_sample(ex, tok: LLMTokenizer, rng: random.Random, mcq_fraction: float):
     if ex.questions and rng.random() < mcq_fraction:
         q = rng.choice(ex.questions)
-        return sp.encode(mcq_prompt(q["question"], q["choices"])), sp.encode(mcq_answer(q["answer"], q["choices"]))
-    return sp.encode(format_prompt(rng.choice(REPORT_REQUESTS))), sp.encode(ex.report)
+        return (prompt_ids(tok, mcq_request(q["question"], q["choices"])),
+                tok.encode(mcq_answer(q["answer"], q["choices"])))
+    return prompt_ids(tok, rng.choice(REPORT_REQUESTS)), tok.encode(ex.report)
 
 
 def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
@@ -348,7 +389,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     mcq_fraction = {"both": cfg.mcq_fraction, "report": 0.0, "mcq": 1.0}[cfg.tasks]
     if cfg.tasks == "mcq" and not any(ex.questions for ex in examples):
         raise ValueError("tasks='mcq' but the training data has no multiple-choice questions")
-    sp = load_tokenizer(os.path.join(run_dir, "tokenizer.model"))
+    tok = base_tokenizer(run_dir)
     vlm = build_vlm(run_dir, finetune_image_config(run_dir, cfg))
     if cfg.warmup:
         path = os.path.join(run_dir, WARMUP_FILE)
@@ -403,7 +444,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         for micro in range(cfg.grad_accum):
             batch = [rng.choice(examples) for _ in range(cfg.batch_size)]
             slices = torch.from_numpy(np.stack([ex.slices for ex in batch])).to(dist.device)
-            prompts, answers = zip(*[_task_sample(ex, sp, rng, mcq_fraction) for ex in batch])
+            prompts, answers = zip(*[_task_sample(ex, tok, rng, mcq_fraction) for ex in batch])
             with autocast, dist.no_sync_unless(model, micro == cfg.grad_accum - 1):
                 loss = model(slices, list(prompts), list(answers)) / cfg.grad_accum
                 loss.backward()
@@ -456,32 +497,30 @@ def stage_merge(run_dir: str) -> str:
     with atomic_dir(out) as d:
         vlm.llm.save_pretrained(d, safe_serialization=True)
         vlm.save_image_modules(d)
-        tok = os.path.join(run_dir, "tokenizer.model")
-        if os.path.exists(tok):
-            shutil.copy(tok, os.path.join(d, "tokenizer.model"))
+        base_tokenizer(run_dir).save_to(d)
         _write_json(os.path.join(d, PREPROCESS_FILE), run["preprocess"])
     return out
 
 
 # -------------------------------------------------------------------------------------- evaluate
 
-def generate_reports(vlm: SamfVLM, sp, examples: list, zero_image: bool = False, progress: bool = True,
-                     max_new_tokens: int = 96) -> list:
+def generate_reports(vlm: SamfVLM, tok: LLMTokenizer, examples: list, zero_image: bool = False,
+                     progress: bool = True, max_new_tokens: int = 96) -> list:
     """Greedy reports from the PyTorch model (the reference pipeline) for each example."""
-    prompt = sp.encode(report_prompt(0))
+    prompt = prompt_ids(tok, REPORT_REQUESTS[0])
     out = []
     for ex in tqdm(examples, desc="generate (torch)", disable=not progress):
         ids = vlm.generate(torch.from_numpy(ex.slices), prompt, max_new_tokens, zero_image=zero_image)
-        out.append(sp.decode(ids))
+        out.append(tok.decode(ids))
     return out
 
 
-def generate_mcq(vlm: SamfVLM, sp, examples: list, zero_image: bool = False) -> tuple:
+def generate_mcq(vlm: SamfVLM, tok: LLMTokenizer, examples: list, zero_image: bool = False) -> tuple:
     answers, letters = [], []
     for ex in examples:
         for q in ex.questions:
-            ids = vlm.generate(torch.from_numpy(ex.slices), sp.encode(mcq_prompt(q["question"], q["choices"])),
+            ids = vlm.generate(torch.from_numpy(ex.slices), prompt_ids(tok, mcq_request(q["question"], q["choices"])),
                                24, zero_image=zero_image)
-            answers.append(sp.decode(ids))
+            answers.append(tok.decode(ids))
             letters.append(q["answer"])
     return answers, letters

@@ -1,7 +1,8 @@
 """The vision-language model: image encoder + SAMF fusion feeding Phi-3 through its input embeddings.
 
 This is also the PyTorch reference pipeline that the exported runtime is checked against: the sequence
-layout is :mod:`samf.runtime.prompt`'s, generation is greedy with a KV cache.
+layout is the LLM folder's :class:`samf.runtime.prompt.PromptLayout`, generation is greedy with a KV cache and
+stops on any of the model's end tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from samf.runtime.atomic import atomic_file
+from samf.runtime.prompt import PromptLayout
 
 from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
 from .tokenizer import BOS, EOS, PAD
@@ -81,12 +83,13 @@ class ImageConfig:
 
 
 class SamfVLM(nn.Module):
-    def __init__(self, image_cfg: ImageConfig, llm: nn.Module):
+    def __init__(self, image_cfg: ImageConfig, llm: nn.Module, layout: PromptLayout):
         super().__init__()
         self.image_cfg = image_cfg
         self.encoder = ImageEncoder(image_cfg.vit, image_cfg.aggregator)
         self.fusion = SAMF(image_cfg.fusion)
         self.llm = llm
+        self.layout = layout
 
     # ------------------------------------------------------------------ pieces shared with export
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
@@ -108,11 +111,13 @@ class SamfVLM(nn.Module):
 
     # ------------------------------------------------------------------------------- training
     def forward(self, slices, prompts: list, answers: list, zero_image: bool = False):
-        """Mean cross-entropy over answer tokens (+EOS) for a batch of (prompt ids, answer ids)."""
+        """Mean cross-entropy over answer tokens (+ the layout's answer end) for a batch of (prompt ids,
+        answer ids); the sequence is ``head [image rows] prompt after_prompt answer answer_end``."""
         dev = slices.device
+        lay = self.layout
         B = len(prompts)
         T = max(len(p) for p in prompts)
-        pid = torch.full((B, T), PAD, dtype=torch.long, device=dev)
+        pid = torch.full((B, T), lay.pad, dtype=torch.long, device=dev)
         pmask = torch.zeros((B, T), dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             pid[i, : len(p)] = torch.tensor(p, device=dev)
@@ -121,13 +126,14 @@ class SamfVLM(nn.Module):
         if zero_image:
             fused = torch.zeros_like(fused)
         N = fused.shape[1]
+        head = self.token_embeddings(torch.tensor(lay.head(), dtype=torch.long, device=dev))
         seqs, labels = [], []
         for i in range(B):
-            ids = [BOS]
-            tail = list(prompts[i]) + list(answers[i]) + [EOS]
-            emb_tail = self.token_embeddings(torch.tensor(tail, device=dev))
-            seqs.append(torch.cat([self.token_embeddings(torch.tensor(ids, device=dev)), fused[i], emb_tail]))
-            labels.append([-100] * (1 + N + len(prompts[i])) + list(answers[i]) + [EOS])
+            tail = lay.tail(prompts[i])
+            answer = list(answers[i]) + [lay.answer_end]
+            emb_tail = self.token_embeddings(torch.tensor(tail + answer, device=dev))
+            seqs.append(torch.cat([head, fused[i], emb_tail]))
+            labels.append([-100] * (len(head) + N + len(tail)) + answer)
         L = max(s.shape[0] for s in seqs)
         d = seqs[0].shape[1]
         emb = torch.zeros((B, L, d), dtype=fused.dtype, device=dev)
@@ -143,21 +149,23 @@ class SamfVLM(nn.Module):
     @torch.no_grad()
     def generate(self, slices: torch.Tensor, prompt: list, max_new_tokens: int = 96,
                  zero_image: bool = False, return_logits: bool = False):
-        """Greedy decoding for one scan (``slices [K, C, H, W]``); returns token ids (and step logits)."""
+        """Greedy decoding for one scan (``slices [K, C, H, W]``) until an end token; returns token ids (and
+        step logits). ``prompt`` holds the ids of the prompt text (``layout.prompt_text(request)``)."""
         dev = slices.device
         pid = torch.tensor([prompt], device=dev)
         fused = self.image_prefix(slices[None], pid, torch.ones_like(pid))
         if zero_image:
             fused = torch.zeros_like(fused)
-        emb = torch.cat([self.token_embeddings(torch.tensor([[BOS]], device=dev)), fused,
-                         self.token_embeddings(pid)], dim=1)
+        lay = self.layout
+        emb = torch.cat([self.token_embeddings(torch.tensor([lay.head()], dtype=torch.long, device=dev)), fused,
+                         self.token_embeddings(torch.tensor([lay.tail(prompt)], device=dev))], dim=1)
         out = self.llm(inputs_embeds=emb, use_cache=True)
-        ids, logits = [], []
+        ids, logits, stop = [], [], lay.stop_ids()
         for _ in range(max_new_tokens):
             step = out.logits[0, -1].float()
             logits.append(step)
             nxt = int(step.argmax())
-            if nxt == EOS:
+            if nxt in stop:
                 break
             ids.append(nxt)
             out = self.llm(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values,
@@ -175,10 +183,13 @@ class SamfVLM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str) -> "SamfVLM":
-        """Load a merged checkpoint: HF Phi-3 directory + ``samf_modules.pt`` + ``samf_config.json``."""
+        """Load a merged checkpoint: HF Phi-3 directory (with its tokenizer) + ``samf_modules.pt`` +
+        ``samf_config.json``."""
+        from .llm_folder import LLMTokenizer
+
         with open(os.path.join(ckpt_dir, MODULES_CONFIG)) as f:
             image_cfg = ImageConfig.from_dict(json.load(f))
-        model = cls(image_cfg, load_phi3(ckpt_dir))
+        model = cls(image_cfg, load_phi3(ckpt_dir), LLMTokenizer(ckpt_dir).layout)
         state = torch.load(os.path.join(ckpt_dir, MODULES_FILE), map_location="cpu", weights_only=True)
         model.encoder.load_state_dict(state["encoder"])
         model.fusion.load_state_dict(state["fusion"])
