@@ -23,6 +23,17 @@ steps_opt = click.option("--steps", type=int, default=None, help="optimizer step
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for torch")
 quiet_opt = click.option("--quiet", is_flag=True, help="no progress bars")
 restart_opt = click.option("--restart", is_flag=True, help="ignore this stage's checkpoint and start over")
+batch_opt = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                         help="samples per step (default: the run preset's for this stage, else the stage's own)")
+
+
+def _config(cls, run_dir: str, stage: str, **given):
+    """A stage's configuration: the dataclass's defaults, then the run preset's for this stage (the paper preset
+    sets batches that fit 16 GB at ViT-B/16 size), then the options given on the command line."""
+    from samf.train.stages import read_run
+
+    preset = read_run(run_dir).get("stage_defaults", {}).get(stage, {})
+    return cls(**{**preset, **{k: v for k, v in given.items() if v is not None}})
 
 
 def _train_examples(run_dir, data_dir, split="train", progress=True):
@@ -94,17 +105,18 @@ def tokenizer(data_dir, run_dir, vocab_size):
 @click.option("--dino-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="start from a published DINO ViT checkpoint (local file)")
 @click.option("--zero", is_flag=True, help="under torchrun: ZeRO stage 1, AdamW state sharded over the ranks")
+@batch_opt
 @threads_opt
 @quiet_opt
 @restart_opt
-def pretrain_2d(data_dir, run_dir, steps, dino_weights, zero, threads, quiet, restart):
+def pretrain_2d(data_dir, run_dir, steps, dino_weights, zero, batch_size, threads, quiet, restart):
     """DINO self-supervised pretraining of the ViT on slices of all three planes."""
     from samf.train.dino import DinoConfig
     from samf.train.distributed import is_main
     from samf.train.stages import stage_pretrain_2d
 
     torch_threads(threads)
-    cfg = DinoConfig(zero=zero, **({"steps": steps} if steps else {}))
+    cfg = _config(DinoConfig, run_dir, "pretrain-2d", zero=zero, steps=steps, batch_size=batch_size)
     losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                                dino_weights=dino_weights, progress=not quiet, restart=restart)
     if is_main():
@@ -116,14 +128,15 @@ def pretrain_2d(data_dir, run_dir, steps, dino_weights, zero, threads, quiet, re
 @data_opt
 @run_opt
 @steps_opt
+@batch_opt
 @threads_opt
 @quiet_opt
-def pretrain_lm(data_dir, run_dir, steps, threads, quiet):
+def pretrain_lm(data_dir, run_dir, steps, batch_size, threads, quiet):
     """Teach the tiny Phi-3 the report language (stands in for Phi-3's own pretraining)."""
     from samf.train.stages import LMConfig, stage_pretrain_lm
 
     torch_threads(threads)
-    cfg = LMConfig(**({"steps": steps} if steps else {}))
+    cfg = _config(LMConfig, run_dir, "pretrain-lm", steps=steps, batch_size=batch_size)
     losses = stage_pretrain_lm(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                                progress=not quiet)
     click.echo(f"pretrain-lm: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -134,15 +147,16 @@ def pretrain_lm(data_dir, run_dir, steps, threads, quiet):
 @run_opt
 @steps_opt
 @click.option("--tau", default=0.1, show_default=True, help="InfoNCE temperature")
+@batch_opt
 @threads_opt
 @quiet_opt
-def warmup_3d(data_dir, run_dir, steps, tau, threads, quiet):
+def warmup_3d(data_dir, run_dir, steps, tau, batch_size, threads, quiet):
     """InfoNCE warm-up of the aggregator on the frozen ViT (positives: adjacent-slice views of one scan)."""
     from samf.train.stages import stage_warmup_3d
     from samf.train.warmup import WarmupConfig
 
     torch_threads(threads)
-    cfg = WarmupConfig(tau=tau, **({"steps": steps} if steps else {}))
+    cfg = _config(WarmupConfig, run_dir, "warmup-3d", tau=tau, steps=steps, batch_size=batch_size)
     losses = stage_warmup_3d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                              progress=not quiet)
     click.echo(f"warmup-3d: InfoNCE {losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -152,7 +166,7 @@ def warmup_3d(data_dir, run_dir, steps, tau, threads, quiet):
 @data_opt
 @run_opt
 @steps_opt
-@click.option("--batch-size", default=16, show_default=True)
+@batch_opt
 @click.option("--grad-accum", default=1, show_default=True, help="micro-batches per optimizer step")
 @click.option("--freeze-vit/--train-vit", default=True, show_default=True)
 @click.option("--freeze-aggregator/--train-aggregator", default=False, show_default=True)
@@ -180,11 +194,8 @@ def finetune(data_dir, run_dir, steps, lora_targets, lr, threads, quiet, restart
 
     torch_threads(threads)
     kw["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-    if steps:
-        kw["steps"] = steps
-    if lr:
-        kw["lr"] = lr
-    losses = stage_finetune(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), FinetuneConfig(**kw),
+    cfg = _config(FinetuneConfig, run_dir, "finetune", steps=steps, lr=lr, **kw)
+    losses = stage_finetune(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                             progress=not quiet, restart=restart)
     if is_main():
         click.echo(f"finetune: loss {losses[0]:.3f} -> {losses[-1]:.3f}")

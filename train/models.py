@@ -263,8 +263,10 @@ class ImageEncoder(nn.Module):
         return (self.vit(x) - self.slice_mean) / self.slice_std
 
     @torch.no_grad()
+    @torch.no_grad()
     def calibrate(self, slice_batches) -> None:
-        """Set the standardisation from an iterable of ``[K, C, H, W]`` slice tensors."""
+        """Set the standardisation from an iterable of ``[K, C, H, W]`` slice tensors (no graph is kept: at
+        ViT-B/16 size the activations of a few scans would fill the memory)."""
         z = torch.cat([self.vit(x) for x in slice_batches])
         self.slice_mean.copy_(z.mean(0))
         self.slice_std.copy_(z.std(0).clamp(min=1e-4))
