@@ -7,7 +7,6 @@ Writing uses gguf-py (llama.cpp's own writer and tensor-name map); quantizing us
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -53,22 +52,6 @@ def _tensor_plan(ckpt_dir: str, names, outtype: str) -> list:
     return out
 
 
-def _added_tokens(ckpt_dir: str) -> dict:
-    """id -> (text, special) for the tokens added on top of the SentencePiece model: tokenizer_config.json's
-    ``added_tokens_decoder`` (what transformers writes) and the hub's older ``added_tokens.json``."""
-    out = {}
-    path = os.path.join(ckpt_dir, "added_tokens.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            out.update({int(i): (piece, True) for piece, i in json.load(f).items()})
-    path = os.path.join(ckpt_dir, "tokenizer_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            dec = json.load(f).get("added_tokens_decoder") or {}
-        out.update({int(i): (t["content"], bool(t.get("special", True))) for i, t in dec.items()})
-    return out
-
-
 def _read_tensor(fn: str, key: str, outtype: str) -> np.ndarray:
     """One tensor in the output type; the file's mapping is released before the next is read.
 
@@ -84,10 +67,11 @@ def _read_tensor(fn: str, key: str, outtype: str) -> np.ndarray:
     return t.to(torch.float16 if outtype == "F16" else torch.float32).contiguous().numpy()
 
 
-def _vocab(ckpt_dir: str, vocab_size: int):
+def _vocab(ckpt_dir: str, vocab_size: int, tok: LLMTokenizer):
     """Tokens, scores and llama.cpp token types from ``tokenizer.model`` plus the added tokens (special ones as
     CONTROL, so llama.cpp treats ``<|end|>`` and friends as the model's own), padded to the model's vocab size
-    with unused pieces as llama.cpp's converter does for Phi-3 (32000 -> 32064)."""
+    with unused pieces as llama.cpp's converter does for Phi-3 (32000 -> 32064). The added tokens are those the
+    folder's tokenizer loaded (tokenizer_config.json's added_tokens_decoder or the hub's added_tokens.json)."""
     import gguf
     import sentencepiece as spm
 
@@ -99,7 +83,8 @@ def _vocab(ckpt_dir: str, vocab_size: int):
         scores.append(sp.get_score(i))
         types.append(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i)
                      else T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL)
-    for idx, (piece, special) in sorted(_added_tokens(ckpt_dir).items()):
+    for idx, added in sorted(tok.hf.added_tokens_decoder.items()):
+        piece, special = added.content, added.special
         if idx < len(tokens) and tokens[idx] == piece.encode():
             continue  # a SentencePiece piece (<s>, </s>) listed again
         while len(tokens) <= idx:
@@ -143,14 +128,14 @@ def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
         w.add_sliding_window(cfg["sliding_window"])
     w.add_file_type(getattr(gguf.LlamaFileType, OUTTYPES[outtype][0]))
 
-    tokens, scores, types = _vocab(ckpt_dir, cfg["vocab_size"])
+    tok = LLMTokenizer(ckpt_dir)
+    layout = tok.layout
+    tokens, scores, types = _vocab(ckpt_dir, cfg["vocab_size"], tok)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    tok = LLMTokenizer(ckpt_dir)
-    layout = tok.layout
     eos = cfg.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     if isinstance(cfg.get("bos_token_id"), int):

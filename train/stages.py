@@ -37,7 +37,7 @@ from samf.runtime.preprocess import PreprocessConfig
 from samf.runtime.prompt import REPORT_REQUESTS, mcq_answer, mcq_request
 
 from .distributed import owns_process_group
-from .llm_folder import LLMTokenizer, save_sentencepiece_folder
+from .llm_folder import LLMTokenizer, read_llm_config, save_sentencepiece_folder
 from .models import AggregatorConfig, FusionConfig, ViTConfig
 from .tokenizer import train_tokenizer
 from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, build_phi3, load_phi3
@@ -48,8 +48,6 @@ PREPROCESS_FILE = "preprocess.json"
 # ------------------------------------------------------------------------------------------ presets
 
 def _llm_width(llm_path: str) -> int:
-    from .llm_folder import read_llm_config
-
     return int(read_llm_config(llm_path)["hidden_size"])
 
 
@@ -249,14 +247,18 @@ def _lm_samples(examples, tok: LLMTokenizer) -> list:
         for req in REPORT_REQUESTS:
             out.append((prompt_ids(tok, req), tok.encode(ex.report)))
         for q in ex.questions:
-            out.append((prompt_ids(tok, mcq_request(q["question"], q["choices"])),
-                        tok.encode(mcq_answer(q["answer"], q["choices"]))))
+            out.append(_mcq_sample(tok, q))
     return out
 
 
 def prompt_ids(tok: LLMTokenizer, request: str) -> list:
     """The ids of a request's prompt text in the LLM's layout (what the fusion attends to)."""
     return tok.encode(tok.layout.prompt_text(request))
+
+
+def _mcq_sample(tok: LLMTokenizer, q: dict) -> tuple:
+    """(prompt ids, answer ids) of a multiple-choice question."""
+    return prompt_ids(tok, mcq_request(q["question"], q["choices"])), tok.encode(mcq_answer(q["answer"], q["choices"]))
 
 
 def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: bool = True) -> list:
@@ -346,11 +348,13 @@ def base_tokenizer(run_dir: str) -> LLMTokenizer:
     return LLMTokenizer(llm_folder(run_dir))
 
 
-def build_vlm(run_dir: str, image_cfg: ImageConfig | None = None) -> SamfVLM:
-    """The model before fine-tuning: DINO ViT (if pretrained), fresh aggregator/fusion, base LLM."""
+def build_vlm(run_dir: str, image_cfg: ImageConfig | None = None, tok: LLMTokenizer | None = None) -> SamfVLM:
+    """The model before fine-tuning: DINO ViT (if pretrained), fresh aggregator/fusion, base LLM (``tok``: its
+    tokenizer, when the caller has it loaded already)."""
     run = read_run(run_dir)
     folder = llm_folder(run_dir, run)
-    vlm = SamfVLM(image_cfg or ImageConfig.from_dict(run["image"]), load_phi3(folder), LLMTokenizer(folder).layout)
+    tok = tok or LLMTokenizer(folder)
+    vlm = SamfVLM(image_cfg or ImageConfig.from_dict(run["image"]), load_phi3(folder), tok.layout)
     dino = os.path.join(run_dir, "vit_dino.pt")
     if os.path.exists(dino):
         vlm.encoder.vit.load_state_dict(torch.load(dino, map_location="cpu", weights_only=True))
@@ -359,9 +363,7 @@ def build_vlm(run_dir: str, image_cfg: ImageConfig | None = None) -> SamfVLM:
 
 def _task_sample(ex, tok: LLMTokenizer, rng: random.Random, mcq_fraction: float):
     if ex.questions and rng.random() < mcq_fraction:
-        q = rng.choice(ex.questions)
-        return (prompt_ids(tok, mcq_request(q["question"], q["choices"])),
-                tok.encode(mcq_answer(q["answer"], q["choices"])))
+        return _mcq_sample(tok, rng.choice(ex.questions))
     return prompt_ids(tok, rng.choice(REPORT_REQUESTS)), tok.encode(ex.report)
 
 
@@ -404,7 +406,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     if cfg.tasks == "mcq" and not any(ex.questions for ex in examples):
         raise ValueError("tasks='mcq' but the training data has no multiple-choice questions")
     tok = base_tokenizer(run_dir)
-    vlm = build_vlm(run_dir, finetune_image_config(run_dir, cfg))
+    vlm = build_vlm(run_dir, finetune_image_config(run_dir, cfg), tok)
     if cfg.warmup:
         path = os.path.join(run_dir, WARMUP_FILE)
         if not os.path.exists(path):
