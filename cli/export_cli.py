@@ -30,6 +30,31 @@ def bundle(checkpoint, out_dir, quants, base):
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB)")
 
 
+@main.command("synthetic-bundle")
+@click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
+              help="paper: ViT-B/16 at 224² and a Phi-3-mini-shaped LLM; tiny: the demo's sizes")
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="LLM depth (paper: 32, Phi-3-mini's; fewer for a quicker look)")
+@click.option("--quant", "quants", multiple=True, default=("Q4_K_M",), show_default=True,
+              help="llama.cpp quant types to add; repeatable")
+@click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F16", show_default=True,
+              help="unquantized GGUF kept in the bundle")
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
+              help="also keep the random checkpoint here (the PyTorch pipeline runs from it)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, out_dir):
+    """A bundle of random weights at the real shapes, to measure speed before there are trained weights.
+
+    Its reports are gibberish; `samf bench --bundle OUT` measures latency and throughput on phantoms."""
+    from samf.export.synthetic import write_synthetic_bundle
+
+    m = write_synthetic_bundle(out_dir, preset, layers, quants=tuple(quants), base=base, checkpoint=checkpoint,
+                               seed=seed, log=click.echo)
+    size = sum(f["size"] for f in m["files"].values())
+    click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB; random weights)")
+
+
 @main.command("onnx")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))

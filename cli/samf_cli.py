@@ -165,18 +165,30 @@ def slices(scan, out_dir, bundle_dir, **scan_kw):
 
 @main.command()
 @bundle_opt
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="dataset folder with test.csv (e.g. samf-demo/data)")
-@click.option("--scans", default=24, show_default=True)
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="dataset folder with test.csv (e.g. samf-demo/data); default: synthetic chest-CT phantoms")
+@click.option("--scans", default=24, show_default=True, type=click.IntRange(min=1))
 @click.option("--quant", "quants", multiple=True, help="GGUF types to compare (default: all in the bundle)")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=None,
+              help="decode exactly this many tokens per report, end token or not (random-weight bundles)")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
 @threads_opt
-def bench(bundle_dir, data_dir, scans, quants, out_json, threads):
+def bench(bundle_dir, data_dir, scans, quants, new_tokens, out_json, threads):
     """Per-stage latency, decode speed and quantization cost of a bundle on held-out scans."""
+    import tempfile
+
     from samf.runtime.atomic import atomic_file
     from samf.runtime.bench import format_bench, run_bench
 
-    out = run_bench(bundle_dir, data_dir, scans, threads, quants or None)
+    with tempfile.TemporaryDirectory(prefix="samf-bench-") as tmp:
+        if data_dir is None:
+            from samf.train.data import generate_phantom_dataset
+
+            data_dir = tmp
+            generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)
+        out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens)
+        if data_dir == tmp:
+            out["data"] = f"{scans} synthetic phantoms (seed 7)"
     click.echo(format_bench(out))
     if out_json:
         with atomic_file(out_json) as f:

@@ -154,11 +154,14 @@ class LlamaCppLLM:
             if nxt in stop:
                 break
             ids.append(nxt)
+            if len(ids) == max_new_tokens:
+                break  # nothing will read the logits after the last token
             self._decode(pos, tokens=[nxt])
             pos += 1
         t2 = time.perf_counter()
         out = dict(ids=ids, text=self.detokenize(ids), prefill_s=t1 - t0, decode_s=t2 - t1,
-                   prompt_tokens=len(head) + len(rows) + len(tail), new_tokens=len(ids))
+                   prompt_tokens=len(head) + len(rows) + len(tail), new_tokens=len(ids),
+                   decode_steps=pos - (len(head) + len(rows) + len(tail)))
         if return_logits:
             out["logits"] = np.stack(logits) if logits else np.zeros((0, self.n_vocab), np.float32)
         return out

@@ -3,6 +3,13 @@
 Everything is written into ``OUT.tmp-<pid>`` and renamed into place only once every artifact exists and
 has been validated, so a failed export never leaves a half bundle, and an existing bundle at ``OUT`` is
 only replaced by a complete one. A folder at ``OUT`` that is not a bundle is never replaced.
+
+Memory stays near the size of one tensor whatever the LLM's size: the LLM is never loaded in PyTorch (the ONNX
+export needs only the image modules), the GGUF is written and checked one tensor at a time, and llama.cpp
+quantizes from the GGUF. Each artifact is validated against its source right after it is made: ONNX Runtime
+against PyTorch, the GGUF tensor by tensor against the safetensors, each quantized GGUF against the
+unquantized one. The hashes written into the manifest are remembered as verified, so the first start after
+an export does not hash the bundle again.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
 from samf.runtime.errors import SamfError
 from samf.runtime.prompt import REPORT_REQUESTS
+from samf.runtime.verified import VerifiedCache
 
-from .gguf_convert import convert_to_gguf, quantize_gguf
+from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
 from .onnx_export import OPSET, export_onnx
 
 
@@ -28,13 +36,15 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
     import onnxruntime
 
     from samf.engines.llama_cpp_engine import quiet_native_stderr
+    from samf.train.llm_folder import read_llm_config
     from samf.train.vlm import SamfVLM
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST)):
         raise SamfError(f"{out_dir} exists and is not a samf bundle; refusing to replace it (choose another --out)")
     with open(os.path.join(ckpt_dir, "preprocess.json")) as f:
         preprocess = json.load(f)
-    vlm = SamfVLM.from_checkpoint(ckpt_dir)
+    llm_cfg = read_llm_config(ckpt_dir)
+    vlm = SamfVLM.from_checkpoint(ckpt_dir, with_llm=False)
     with atomic_dir(out_dir) as tmp:
         log("export: ONNX (vit, aggregator, fusion) + ONNX Runtime check")
         diffs = export_onnx(vlm, tmp)
@@ -43,14 +53,20 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
         base = f"llm-{keep_unquantized}.gguf"
         log(f"export: GGUF {keep_unquantized}")
         convert_to_gguf(ckpt_dir, os.path.join(tmp, base), keep_unquantized)
+        n = check_gguf_against_checkpoint(ckpt_dir, os.path.join(tmp, base), keep_unquantized)
+        log(f"export: {base}: all {n} tensors equal the checkpoint's in {keep_unquantized}")
         llm_files[keep_unquantized] = base
+        gguf_fidelity = {keep_unquantized: "bit-exact"}
         for q in quants:
             log(f"export: quantize {q} with llama.cpp")
             name = f"llm-{q}.gguf"
             with quiet_native_stderr():
                 quantize_gguf(os.path.join(tmp, base), os.path.join(tmp, name), q)
+            errs = check_quantized_gguf(os.path.join(tmp, base), os.path.join(tmp, name))
+            log(f"export: {name}: relative RMS error against {base}: "
+                + ", ".join(f"{t} {e:.3f}" for t, e in sorted(errs.items()) if t != "F32"))
             llm_files[q] = name
-        cfg = vlm.llm.config
+            gguf_fidelity[q] = {t: round(e, 5) for t, e in sorted(errs.items())}
         image_cfg = vlm.image_cfg.to_dict()
         manifest = dict(
             schema=SCHEMA_VERSION,
@@ -58,21 +74,34 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             source_checkpoint=os.path.abspath(ckpt_dir),
             model=dict(image=image_cfg, image_tokens=image_cfg["aggregator"]["n_tokens"],
-                       llm=dict(arch="phi3", hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-                                num_hidden_layers=cfg.num_hidden_layers)),
+                       llm=dict(arch="phi3", hidden_size=llm_cfg["hidden_size"], vocab_size=llm_cfg["vocab_size"],
+                                num_hidden_layers=llm_cfg["num_hidden_layers"])),
             preprocess=preprocess,
             prompt=dict(layout=vlm.layout.to_dict(), report_requests=list(REPORT_REQUESTS),
                         sequence="[bos] before_image [image x N] prompt_text after_prompt | answer answer_end"),
             llm=dict(default=quants[0] if quants else keep_unquantized, files=llm_files),
             engines=dict(onnxruntime=dict(version=onnxruntime.__version__, opset=OPSET),
                          llama_cpp=dict(llama_cpp_python=llama_cpp.__version__), tensorrt=[]),
-            fidelity=dict(onnx_max_abs_diff=diffs),
+            fidelity=dict(onnx_max_abs_diff=diffs, gguf_relative_rms_error=gguf_fidelity),
         )
         manifest["files"] = {n: dict(sha256=sha256_of(os.path.join(tmp, n)), size=os.path.getsize(os.path.join(tmp, n)))
                              for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
+    remember_verified(out_dir, manifest)
     return manifest
+
+
+def remember_verified(bundle_dir: str, manifest: dict) -> None:
+    """Record the files this process just hashed as verified, so the first start does not hash them again.
+
+    Their bytes were written and hashed by this process a moment before; the cache keys each on its stat now,
+    so any later change is still caught on the next use."""
+    cache = VerifiedCache()
+    for name, meta in manifest["files"].items():
+        path = os.path.join(bundle_dir, name)
+        cache.add(path, meta["sha256"], cache.stamp(path))
+    cache.save()
 
 
 def update_manifest(bundle_dir: str, update) -> dict:

@@ -189,3 +189,86 @@ def quantize_gguf(src: str, dst: str, qtype: str = "Q8_0", threads: int = 0) -> 
         raise RuntimeError(f"llama_model_quantize({qtype}) failed with code {rc}")
     os.replace(tmp, dst)
     return dst
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+#: Largest relative RMS error of a dequantized tensor against the unquantized GGUF, per llama.cpp tensor type.
+#: About 1.5x what each type gives on normally distributed weights (Q4_K about 0.09, Q6_K 0.02, Q8_0 0.004):
+#: a wrong block layout, scale or row order lands far above.
+QUANT_TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 0.01, "Q6_K": 0.035, "Q5_K": 0.07,
+                   "Q5_0": 0.08, "Q5_1": 0.08, "Q4_K": 0.14, "Q4_0": 0.16, "Q4_1": 0.16, "Q3_K": 0.25,
+                   "Q2_K": 0.45}
+
+
+def _gguf_tensors(path: str) -> dict:
+    """name -> (type name, numpy shape, byte offset, byte count), from the header; data is not mapped in."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    out = {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
+                    int(t.n_bytes)) for t in reader.tensors}
+    del reader
+    return out
+
+
+def _read_gguf_rows(path: str, info: tuple, rows: int | None = None) -> np.ndarray:
+    """A tensor's first ``rows`` rows (all when None) as float32, read with plain file reads so that checking a
+    many-GB file does not leave it resident in this process's memory."""
+    import gguf
+
+    typ, shape, offset, n_bytes = info
+    qtype = getattr(gguf.GGMLQuantizationType, typ)
+    n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    take = n_rows if rows is None else min(rows, n_rows)
+    row_bytes = n_bytes // n_rows
+    raw = np.fromfile(path, dtype=np.uint8, count=take * row_bytes, offset=offset).reshape(take, row_bytes)
+    if typ == "F32":
+        return raw.view(np.float32)
+    if typ == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(take, -1)
+
+
+def check_gguf_against_checkpoint(ckpt_dir: str, gguf_path: str, outtype: str) -> int:
+    """Every tensor of a converted GGUF equals its safetensors source cast to the output type, bit for bit;
+    returns how many tensors were compared. Streams one tensor at a time, like the conversion."""
+    import gguf
+
+    cfg = read_llm_config(ckpt_dir)
+    tensors = _gguf_tensors(gguf_path)
+    plan = _tensor_plan(ckpt_dir, gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, cfg["num_hidden_layers"]), outtype)
+    if sorted(tensors) != sorted(p[0] for p in plan):
+        raise RuntimeError(f"{gguf_path}: tensors {sorted(set(tensors) ^ {p[0] for p in plan})} differ from "
+                           f"{ckpt_dir}")
+    for name, fn, key, shape, typ in plan:
+        want = _read_tensor(fn, key, typ)
+        ttyp, tshape, offset, n_bytes = tensors[name]
+        if ttyp != typ or tshape != tuple(shape) or n_bytes != want.nbytes:
+            raise RuntimeError(f"{gguf_path}: {name} is {ttyp}{list(tshape)}, expected {typ}{list(shape)}")
+        got = np.fromfile(gguf_path, dtype=want.dtype, count=want.size, offset=offset).reshape(want.shape)
+        if not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
+            raise RuntimeError(f"{gguf_path}: {name} does not hold the checkpoint's {key}")
+    return len(plan)
+
+
+def check_quantized_gguf(base_path: str, quant_path: str, rows: int = 32) -> dict:
+    """A quantized GGUF against the unquantized one it came from: the same tensors and shapes, and the first
+    ``rows`` rows of each within its type's :data:`QUANT_TOLERANCE` (relative RMS error). Returns
+    ``{tensor type: worst relative RMS error}``."""
+    base, quant = _gguf_tensors(base_path), _gguf_tensors(quant_path)
+    if sorted(base) != sorted(quant):
+        raise RuntimeError(f"{quant_path}: tensors {sorted(set(base) ^ set(quant))} differ from {base_path}")
+    worst: dict = {}
+    for name, info in quant.items():
+        if info[1] != base[name][1]:
+            raise RuntimeError(f"{quant_path}: {name} has shape {list(info[1])}, {base_path} {list(base[name][1])}")
+        ref = _read_gguf_rows(base_path, base[name], rows)
+        got = _read_gguf_rows(quant_path, info, rows).reshape(ref.shape)
+        err = float(np.sqrt(np.mean((got - ref) ** 2)) / max(np.sqrt(np.mean(ref ** 2)), 1e-12))
+        tol = QUANT_TOLERANCE.get(info[0])
+        if tol is None or not err <= tol:
+            raise RuntimeError(f"{quant_path}: {name} ({info[0]}) is {err:.3g} off the unquantized model "
+                               f"(relative RMS; allowed {tol})")
+        worst[info[0]] = max(worst.get(info[0], 0.0), err)
+    return worst

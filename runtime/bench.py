@@ -6,6 +6,7 @@ reports) and preprocessing of a 512×512×300 scan (a typical chest CT). Runs wi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import platform
@@ -32,36 +33,61 @@ def bench_preprocess(cfg: PreprocessConfig, repeats: int = 5) -> dict:
     return dict(shape=list(hu.shape), config=cfg.to_dict(), median_s=float(np.median(times)))
 
 
-def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int | None) -> dict:
+def rss_mb() -> dict:
+    """This process's resident memory now and at its peak, in MB (Linux; empty elsewhere)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int | None,
+                new_tokens: int | None = None) -> dict:
+    """One GGUF type on ``scans``: a warm-up report, then one each. With ``new_tokens`` every report decodes
+    exactly that many tokens (the model's end token is not honoured; random weights never say it) and the
+    reference reports' loss is not measured."""
     pipe = ReportPipeline(bundle, quant=quant, n_threads=threads)
-    pipe.report(scans[0])  # warm-up
-    results = [pipe.report(s) for s in scans]
-    nll = float(np.mean([pipe.report_nll(s, r) for s, r in zip(scans, refs)]))
+    mem_loaded = rss_mb()
+    kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
+    pipe.report(scans[0], **kw)  # warm-up
+    results = [pipe.report(s, **kw) for s in scans]
+    nll = None if new_tokens else float(np.mean([pipe.report_nll(s, r) for s, r in zip(scans, refs)]))
     pipe.close()
     stages = list(results[0].timings)
     per = {k: dict(p50_ms=1000 * float(np.median([r.timings[k] for r in results])),
                    p90_ms=1000 * float(np.percentile([r.timings[k] for r in results], 90))) for k in stages}
+    first = [sum(v for k, v in r.timings.items() if k not in ("llm_decode", "total")) for r in results]
     return dict(quant=quant, load_s=pipe.load_s, stages=per, reference_nll=nll,
+                new_tokens=float(np.median([len(r.token_ids) for r in results])),
+                prompt_tokens=int(np.median([r.prompt_tokens for r in results])),
                 decode_tok_s=float(np.median([r.tokens_per_s for r in results])),
+                first_token_p50_s=float(np.median(first)),
                 scans_per_s=len(results) / sum(r.timings["total"] for r in results),
+                rss_after_load_mb=mem_loaded.get("VmRSS"), peak_rss_mb=rss_mb().get("VmHWM"),
                 texts=[r.text for r in results])
 
 
-def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = None, quants=None) -> dict:
+def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = None, quants=None,
+              new_tokens: int | None = None) -> dict:
     """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv; returns the results as a dict."""
     from .bundle import read_bundle
 
     with open(os.path.join(data, "test.csv")) as f:
         rows = list(csv.DictReader(f))[:n_scans]
-    scans = [os.path.join(data, r["image"]) for r in rows]
-    refs = [r["caption"] for r in rows]
+    scans, refs = [os.path.join(data, r["image"]) for r in rows], [r["caption"] for r in rows]
     quants = list(quants or read_bundle(bundle).manifest["llm"]["files"])
-    runs = [bench_quant(bundle, scans, refs, q, threads) for q in quants]
+    runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens) for q in quants]
     ref = runs[0]["texts"]
     for r in runs:
         r["same_report_as_first"] = sum(a == b for a, b in zip(r.pop("texts"), ref)) / len(ref)
     return dict(host=platform.node(), machine=platform.machine(), cpus=os.cpu_count(), scans=len(scans),
-                runs=runs, preprocess_512x512x300=bench_preprocess(PreprocessConfig()))
+                data=data, new_tokens=new_tokens, runs=runs,
+                preprocess_512x512x300=bench_preprocess(PreprocessConfig.from_dict(
+                    read_bundle(bundle, verify_hashes=False).manifest["preprocess"])))
 
 
 def format_bench(out: dict) -> str:
@@ -73,7 +99,8 @@ def format_bench(out: dict) -> str:
              "|---" * (len(stages) + 4) + "|"]
     for r in runs:
         lines.append(f"| {r['quant']} | " + " | ".join(f"{r['stages'][s]['p50_ms']:.1f}" for s in stages)
-                     + f" | {r['decode_tok_s']:.0f} | {r['same_report_as_first']:.0%} | {r['reference_nll']:.4f} |")
+                     + f" | {r['decode_tok_s']:.3g} | {r['same_report_as_first']:.0%} | "
+                     + ("-" if r["reference_nll"] is None else f"{r['reference_nll']:.4f}") + " |")
     pre = out["preprocess_512x512x300"]
     lines.append(f"\npreprocess 512x512x300 -> {3 * pre['config']['slices_per_plane']} slices at "
                  f"{pre['config']['image_size']}²: {pre['median_s'] * 1000:.0f} ms (median of 5)")

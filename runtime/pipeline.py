@@ -23,11 +23,14 @@ class Result:
     token_ids: list
     timings: dict = field(default_factory=dict)   # seconds per stage
     identity: dict = field(default_factory=dict)  # bundle/model identity
+    prompt_tokens: int = 0                        # positions before the first new token (image rows included)
+    decode_steps: int = 0                         # single-token forward passes after the prefill
 
     @property
     def tokens_per_s(self) -> float:
+        """Decode speed: forward passes per second after the prefill (whose logits give the first token)."""
         d = self.timings.get("llm_decode", 0.0)
-        return len(self.token_ids) / d if d > 0 else float("nan")
+        return self.decode_steps / d if d > 0 and self.decode_steps else float("nan")
 
 
 class ReportPipeline:
@@ -102,20 +105,23 @@ class ReportPipeline:
         prompt_ids = self.llm.tokenize(self.layout.prompt_text(request))
         return self.image_prefix(z2d, z3d, prompt_ids, timings), prompt_ids
 
-    def _run(self, scan, request: str, max_new_tokens: int) -> Result:
+    def _run(self, scan, request: str, max_new_tokens: int, stop_at_end: bool = True) -> Result:
         timings: dict = {}
         prefix, prompt_ids = self._prefix(scan, request, timings)
         lay = self.layout
-        out = self.llm.generate(lay.head(), prefix, lay.tail(prompt_ids), lay.stop_ids(), max_new_tokens)
+        stop = lay.stop_ids() if stop_at_end else set()
+        out = self.llm.generate(lay.head(), prefix, lay.tail(prompt_ids), stop, max_new_tokens)
         timings["llm_prefill"] = out["prefill_s"]
         timings["llm_decode"] = out["decode_s"]
         timings["total"] = sum(timings.values())
-        return Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity)
+        return Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
+                      prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"])
 
     # ------------------------------------------------------------------------------ entry points
-    def report(self, scan, request: str | None = None, max_new_tokens: int = 256) -> Result:
-        """The findings report for one scan (a path or a :class:`Volume`)."""
-        return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens)
+    def report(self, scan, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True) -> Result:
+        """The findings report for one scan (a path or a :class:`Volume`); ``stop_at_end=False`` decodes exactly
+        ``max_new_tokens`` whatever the model says (speed measurements on random weights)."""
+        return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens, stop_at_end)
 
     def answer(self, scan, question: str, choices, max_new_tokens: int = 32) -> tuple:
         """A multiple-choice answer: (the letter picked or None, the full result)."""

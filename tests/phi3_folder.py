@@ -1,108 +1,19 @@
-"""A Phi-3-mini-4k-instruct folder laid out as the hub ships it, with the real vocabulary and random weights.
+"""llama.cpp's tokenizer test vectors for Phi-3's vocabulary (vendored in tests/data/phi3_vocab, MIT), and the
+package's Phi-3-mini-shaped folder writer under the names the tests use."""
 
-The vocabulary comes from llama.cpp's ``models/ggml-vocab-phi-3.gguf`` (MIT, vendored in tests/data/phi3_vocab
-with llama.cpp's tokenizer test vectors): its 32064 tokens, scores and types, BOS 1 / EOS 32000, the added
-tokens 32000-32010 and the chat template. The SentencePiece model rebuilt from its first 32000 pieces (BPE,
-byte fallback, dummy prefix, no whitespace folding) reproduces llama.cpp's vectors. Width and depth are
-arguments: Phi-3-mini's real width with few layers, or a small model that trains in minutes.
-"""
-
-from __future__ import annotations
-
-import json
 import os
 
-VOCAB_DIR = os.path.join(os.path.dirname(__file__), "data", "phi3_vocab")
-VOCAB_GGUF = os.path.join(VOCAB_DIR, "ggml-vocab-phi-3.gguf")
-ADDED = {32000: "<|endoftext|>", 32001: "<|assistant|>", 32002: "<|placeholder1|>", 32003: "<|placeholder2|>",
-         32004: "<|placeholder3|>", 32005: "<|placeholder4|>", 32006: "<|system|>", 32007: "<|end|>",
-         32008: "<|placeholder5|>", 32009: "<|placeholder6|>", 32010: "<|user|>"}
-#: Phi-3-mini-4k-instruct's shape.
-MINI = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32)
+from samf.train.synthetic_llm import ADDED, PHI3_MINI, write_phi3_folder  # noqa: F401
+
+VECTORS = os.path.join(os.path.dirname(__file__), "data", "phi3_vocab", "ggml-vocab-phi-3.gguf")
+#: Phi-3-mini's width; tests choose the depth.
+MINI = {k: v for k, v in PHI3_MINI.items() if k != "num_hidden_layers"}
 
 
 def tokenizer_vectors() -> list:
     """llama.cpp's (text, expected ids) pairs for this vocabulary."""
-    with open(VOCAB_GGUF + ".inp", encoding="utf-8") as f:
+    with open(VECTORS + ".inp", encoding="utf-8") as f:
         texts = f.read().split("\n__ggml_vocab_test__\n")
-    with open(VOCAB_GGUF + ".out", encoding="utf-8") as f:
+    with open(VECTORS + ".out", encoding="utf-8") as f:
         ids = [[int(t) for t in line.split()] for line in f.read().split("\n")]
     return list(zip(texts, ids))
-
-
-def _vocab_fields() -> tuple:
-    import gguf
-
-    f = gguf.GGUFReader(VOCAB_GGUF).fields
-    tokens = [bytes(f["tokenizer.ggml.tokens"].parts[i]).decode("utf-8") for i in f["tokenizer.ggml.tokens"].data]
-    scores = [float(f["tokenizer.ggml.scores"].parts[i][0]) for i in f["tokenizer.ggml.scores"].data]
-    types = [int(f["tokenizer.ggml.token_type"].parts[i][0]) for i in f["tokenizer.ggml.token_type"].data]
-    return tokens, scores, types, f["tokenizer.chat_template"].contents()
-
-
-def write_tokenizer(out: str) -> None:
-    """tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json, added_tokens.json."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    from transformers import AutoTokenizer
-
-    tokens, scores, types, template = _vocab_fields()
-    m = pb.ModelProto()
-    m.trainer_spec.model_type = pb.TrainerSpec.BPE
-    m.trainer_spec.vocab_size = 32000
-    m.trainer_spec.byte_fallback = True
-    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
-    m.normalizer_spec.name = "identity"
-    m.normalizer_spec.add_dummy_prefix = True
-    m.normalizer_spec.remove_extra_whitespaces = False
-    m.normalizer_spec.escape_whitespaces = True
-    P = pb.ModelProto.SentencePiece
-    kind = {1: P.NORMAL, 2: P.UNKNOWN, 3: P.CONTROL, 4: P.USER_DEFINED, 6: P.BYTE}
-    for t, s, ty in zip(tokens[:32000], scores[:32000], types[:32000]):
-        p = m.pieces.add()
-        p.piece, p.score, p.type = t, s, kind[ty]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "tokenizer.model"), "wb") as f:
-        f.write(m.SerializeToString())
-    special = {0: "<unk>", 1: "<s>", 2: "</s>", **ADDED}
-    decoder = {str(i): dict(content=c, lstrip=False, normalized=False, rstrip=i >= 32001, single_word=False,
-                            special=True) for i, c in special.items()}
-    config = dict(add_bos_token=True, add_eos_token=False, added_tokens_decoder=decoder, bos_token="<s>",
-                  chat_template=template, clean_up_tokenization_spaces=False, eos_token="<|endoftext|>",
-                  legacy=False, model_max_length=4096, pad_token="<|endoftext|>", padding_side="left",
-                  sp_model_kwargs={}, tokenizer_class="LlamaTokenizer", unk_token="<unk>",
-                  use_default_system_prompt=False)
-    _dump(os.path.join(out, "tokenizer_config.json"), config)
-    _dump(os.path.join(out, "special_tokens_map.json"),
-          dict(bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>"))
-    _dump(os.path.join(out, "added_tokens.json"), {c: i for i, c in ADDED.items()})
-    tmp = os.path.join(out, ".tokenizer-json")
-    AutoTokenizer.from_pretrained(out, local_files_only=True).save_pretrained(tmp)
-    os.replace(os.path.join(tmp, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
-    for name in os.listdir(tmp):
-        os.remove(os.path.join(tmp, name))
-    os.rmdir(tmp)
-
-
-def write_phi3_folder(out: str, hidden_size: int = 128, intermediate_size: int = 256, num_hidden_layers: int = 2,
-                      num_attention_heads: int = 4, dtype: str = "bfloat16", seed: int = 0, **config) -> str:
-    """A Phi-3 LLM folder with the real vocabulary and random weights (saved in ``dtype``)."""
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    write_tokenizer(out)
-    cfg = Phi3Config(vocab_size=32064, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                     num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-                     num_key_value_heads=num_attention_heads, max_position_embeddings=4096,
-                     original_max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
-                     pad_token_id=32000, sliding_window=2047, tie_word_embeddings=False, **config)
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(cfg).to(getattr(torch, dtype))
-    model.generation_config.eos_token_id = [32000, 32001, 32007]
-    model.generation_config.bos_token_id, model.generation_config.pad_token_id = 1, 32000
-    model.save_pretrained(out)
-    return out
-
-
-def _dump(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)

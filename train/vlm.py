@@ -7,8 +7,10 @@ stops on any of the model's end tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -66,6 +68,20 @@ def load_phi3(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=checkpoint_dtype(path), attn_implementation="eager")
 
 
+class _StageClock:
+    """``with clock("stage"):`` adds the block's wall time to ``timings[stage]`` (nothing when None)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t = time.perf_counter()
+        yield
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
+
+
 @dataclass
 class ImageConfig:
     """The image side of the model; saved beside the LLM as JSON."""
@@ -95,15 +111,19 @@ class SamfVLM(nn.Module):
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    def image_prefix(self, slices: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    def image_prefix(self, slices: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     clock: "_StageClock | None" = None):
         """``[B, K, C, H, W]`` slices + prompt -> ``[B, N, d_llm]`` fused embeddings for the LLM.
 
         The image modules stay fp32 while the LLM may be bf16, so each side gets its own dtype; for an fp32 LLM,
         and under autocast, where the fusion's output is already 16-bit, these casts change nothing."""
-        z2d, z3d = self.encoder(slices)
-        text = self.token_embeddings(prompt_ids)
-        fused = self.fusion(z2d, z3d, text.to(self.fusion_dtype), prompt_mask)
-        return fused.to(text.dtype) if fused.dtype == torch.float32 else fused
+        clock = clock or _StageClock(None)
+        with clock("encoder"):
+            z2d, z3d = self.encoder(slices)
+        with clock("fusion"):
+            text = self.token_embeddings(prompt_ids)
+            fused = self.fusion(z2d, z3d, text.to(self.fusion_dtype), prompt_mask)
+            return fused.to(text.dtype) if fused.dtype == torch.float32 else fused
 
     @property
     def fusion_dtype(self) -> torch.dtype:
@@ -148,28 +168,37 @@ class SamfVLM(nn.Module):
     # ----------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, slices: torch.Tensor, prompt: list, max_new_tokens: int = 96,
-                 zero_image: bool = False, return_logits: bool = False):
+                 zero_image: bool = False, return_logits: bool = False, stop_at_end: bool = True,
+                 timings: dict | None = None):
         """Greedy decoding for one scan (``slices [K, C, H, W]``) until an end token; returns token ids (and
-        step logits). ``prompt`` holds the ids of the prompt text (``layout.prompt_text(request)``)."""
+        step logits). ``prompt`` holds the ids of the prompt text (``layout.prompt_text(request)``).
+
+        ``stop_at_end=False`` decodes exactly ``max_new_tokens`` (speed comparisons); ``timings``, when
+        given, receives the seconds spent in the encoder, the fusion, the prefill and the decoding."""
+        clock = _StageClock(timings)
         dev = slices.device
         pid = torch.tensor([prompt], device=dev)
-        fused = self.image_prefix(slices[None], pid, torch.ones_like(pid))
+        fused = self.image_prefix(slices[None], pid, torch.ones_like(pid), clock)
         if zero_image:
             fused = torch.zeros_like(fused)
         lay = self.layout
-        emb = torch.cat([self.token_embeddings(torch.tensor([lay.head()], dtype=torch.long, device=dev)), fused,
-                         self.token_embeddings(torch.tensor([lay.tail(prompt)], device=dev))], dim=1)
-        out = self.llm(inputs_embeds=emb, use_cache=True)
-        ids, logits, stop = [], [], lay.stop_ids()
-        for _ in range(max_new_tokens):
-            step = out.logits[0, -1].float()
-            logits.append(step)
-            nxt = int(step.argmax())
-            if nxt in stop:
-                break
-            ids.append(nxt)
-            out = self.llm(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values,
-                           use_cache=True)
+        with clock("prefill"):
+            emb = torch.cat([self.token_embeddings(torch.tensor([lay.head()], dtype=torch.long, device=dev)),
+                             fused, self.token_embeddings(torch.tensor([lay.tail(prompt)], device=dev))], dim=1)
+            out = self.llm(inputs_embeds=emb, use_cache=True)
+        ids, logits, stop = [], [], lay.stop_ids() if stop_at_end else set()
+        with clock("decode"):
+            for _ in range(max_new_tokens):
+                step = out.logits[0, -1].float()
+                logits.append(step)
+                nxt = int(step.argmax())
+                if nxt in stop:
+                    break
+                ids.append(nxt)
+                if len(ids) == max_new_tokens:
+                    break  # the runtime does not decode the token after the last one either
+                out = self.llm(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values,
+                               use_cache=True)
         return (ids, torch.stack(logits)) if return_logits else ids
 
     # ---------------------------------------------------------------------------- persistence
@@ -182,14 +211,15 @@ class SamfVLM(nn.Module):
             json.dump(self.image_cfg.to_dict(), f, indent=2)
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir: str) -> "SamfVLM":
+    def from_checkpoint(cls, ckpt_dir: str, with_llm: bool = True) -> "SamfVLM":
         """Load a merged checkpoint: HF Phi-3 directory (with its tokenizer) + ``samf_modules.pt`` +
-        ``samf_config.json``."""
+        ``samf_config.json``. Without ``with_llm`` only the image modules are loaded (``llm`` is None): what
+        the ONNX export needs, without the LLM's gigabytes."""
         from .llm_folder import LLMTokenizer
 
         with open(os.path.join(ckpt_dir, MODULES_CONFIG)) as f:
             image_cfg = ImageConfig.from_dict(json.load(f))
-        model = cls(image_cfg, load_phi3(ckpt_dir), LLMTokenizer(ckpt_dir).layout)
+        model = cls(image_cfg, load_phi3(ckpt_dir) if with_llm else None, LLMTokenizer(ckpt_dir).layout)
         state = torch.load(os.path.join(ckpt_dir, MODULES_FILE), map_location="cpu", weights_only=True)
         model.encoder.load_state_dict(state["encoder"])
         model.fusion.load_state_dict(state["fusion"])

@@ -1,0 +1,70 @@
+"""A random-weight model of the real shapes, exported into an ordinary bundle: for measuring latency and
+throughput on a hospital's own machine before it has trained weights (``samf-export synthetic-bundle``).
+
+The checkpoint is laid out as ``samf-train merge`` writes one (a Phi-3 folder with its tokenizer, the image
+modules, their config and the preprocessing), so the bundle goes through the same :func:`write_bundle`, with
+the same validation, as a trained model's. The paper preset is DINO ViT-B/16 at 224², 3×8 slices, 32 volume
+tokens, and a Phi-3-mini-shaped LLM (3072 wide, 32 layers unless told fewer, real vocabulary, bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from samf.runtime.errors import SamfError
+
+PRESETS = ("paper", "tiny")
+#: The tiny preset's LLM: the demo's width with the real vocabulary.
+TINY_LLM = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2)
+
+
+def write_synthetic_checkpoint(out: str, preset: str = "paper", layers: int | None = None,
+                               dtype: str = "bfloat16", seed: int = 0) -> str:
+    """A merged-checkpoint folder of random weights at ``preset``'s shapes (``layers`` overrides the LLM's
+    depth). The LLM is streamed to disk a tensor at a time; the image modules are small."""
+    import torch
+
+    from samf.train.llm_folder import LLMTokenizer
+    from samf.train.stages import PREPROCESS_FILE, paper_preset, tiny_preset
+    from samf.train.synthetic_llm import PHI3_MINI, write_phi3_folder
+    from samf.train.vlm import ImageConfig, SamfVLM
+
+    if preset not in PRESETS:
+        raise SamfError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+    if layers is not None and layers < 1:
+        raise SamfError(f"--layers must be at least 1, not {layers}")
+    shape = dict(PHI3_MINI if preset == "paper" else TINY_LLM)
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    write_phi3_folder(out, dtype=dtype, seed=seed, **shape)
+    run = (paper_preset if preset == "paper" else tiny_preset)(out)
+    torch.manual_seed(seed)
+    vlm = SamfVLM(ImageConfig.from_dict(run["image"]), None, LLMTokenizer(out).layout)
+    vlm.save_image_modules(out)
+    with open(os.path.join(out, PREPROCESS_FILE), "w") as f:
+        json.dump(run["preprocess"], f, indent=2)
+    return out
+
+
+def write_synthetic_bundle(out_dir: str, preset: str = "paper", layers: int | None = None,
+                           quants=("Q4_K_M",), base: str = "F16", checkpoint: str | None = None, seed: int = 0,
+                           log=print) -> dict:
+    """Random weights of ``preset``'s shapes -> a bundle at ``out_dir``; returns its manifest.
+
+    The checkpoint goes to ``checkpoint`` when given (kept: the PyTorch pipeline runs from it), else to a
+    temporary folder beside ``out_dir`` that is removed afterwards."""
+    from .bundle_writer import write_bundle
+
+    keep = checkpoint is not None
+    ckpt = checkpoint or f"{out_dir.rstrip('/')}.checkpoint-{os.getpid()}"
+    if os.path.exists(ckpt) and os.listdir(ckpt):
+        raise SamfError(f"{ckpt} exists and is not empty; choose another --checkpoint")
+    try:
+        log(f"synthetic: {preset} preset, random weights -> {ckpt}")
+        write_synthetic_checkpoint(ckpt, preset, layers, seed=seed)
+        return write_bundle(ckpt, out_dir, quants=tuple(quants), keep_unquantized=base, log=log)
+    finally:
+        if not keep:
+            shutil.rmtree(ckpt, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""A random-weight bundle of the real shapes for benchmarking, and the export checks every bundle gets: the
+Phi-3-mini-shaped folder streams its weights, the export never loads the LLM in PyTorch, each GGUF is checked
+against its source, and a bundle is verified once, when it is written."""
+
+import json
+import os
+
+import pytest
+from cli_runner import run_cli
+from phi3_factory import small_phi3
+
+from samf.train.synthetic_llm import write_phi3_folder
+
+
+def test_the_folder_streams_into_shards_that_transformers_loads_as_phi3_initialises(tmp_path):
+    import torch
+
+    from samf.train.vlm import load_phi3
+
+    folder = write_phi3_folder(str(tmp_path / "phi3"), hidden_size=96, intermediate_size=192, num_attention_heads=4,
+                               num_hidden_layers=3, shard_bytes=3 << 20)  # ~13 MB of bf16 -> several shards
+    shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    model = load_phi3(folder)
+    assert model.dtype == torch.bfloat16 and model.config.vocab_size == 32064
+    sd = model.state_dict()
+    assert set(sd) == set(index["weight_map"])
+    assert all(torch.all(v == 1) for k, v in sd.items() if k.endswith("norm.weight"))
+    emb = sd["model.embed_tokens.weight"].float()
+    assert torch.all(emb[32000] == 0) and abs(float(emb.std()) - 0.02) < 1e-3
+    assert abs(float(sd["model.layers.2.mlp.down_proj.weight"].float().std()) - 0.02) < 1e-3
+
+
+def _corrupt(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(8)
+        f.seek(offset)
+        f.write(bytes(x ^ 0x5A for x in b))
+
+
+def test_gguf_checks_catch_a_changed_tensor(tmp_path):
+    from samf.export.gguf_convert import (
+        _gguf_tensors,
+        check_gguf_against_checkpoint,
+        check_quantized_gguf,
+        convert_to_gguf,
+        quantize_gguf,
+    )
+
+    ckpt = small_phi3(tmp_path / "phi3", "bfloat16")
+    base = convert_to_gguf(ckpt, str(tmp_path / "f16.gguf"), "F16")
+    assert check_gguf_against_checkpoint(ckpt, base, "F16") == 2 * 6 + 3  # 6 per layer; embeddings, final norm, head
+    q8 = quantize_gguf(base, str(tmp_path / "q8.gguf"), "Q8_0")
+    errs = check_quantized_gguf(base, q8)
+    assert 0 < errs["Q8_0"] < 0.01
+
+    _corrupt(base, _gguf_tensors(base)["blk.1.ffn_down.weight"][2] + 64)
+    with pytest.raises(RuntimeError, match="blk.1.ffn_down.weight does not hold"):
+        check_gguf_against_checkpoint(ckpt, base, "F16")
+    _corrupt(q8, _gguf_tensors(q8)["blk.0.attn_qkv.weight"][2] + 34)  # inside the first row's second block
+    with pytest.raises(RuntimeError, match="blk.0.attn_qkv.weight"):
+        check_quantized_gguf(convert_to_gguf(ckpt, str(tmp_path / "f16b.gguf"), "F16"), q8)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """``samf-export synthetic-bundle`` at the tiny preset (the paper one is the same code, measured in
+    benchmarks/paper-scale.md), with its checkpoint kept."""
+    root = tmp_path_factory.mktemp("synthetic")
+    bundle, ckpt = str(root / "bundle"), str(root / "checkpoint")
+    proc = run_cli("samf-export", "synthetic-bundle", "--preset", "tiny", "--quant", "Q8_0", "--quant", "Q4_K_M",
+                   "--checkpoint", ckpt, "--out", bundle)
+    assert proc.returncode == 0, proc.stderr
+    return bundle, ckpt, proc.stdout
+
+
+def test_synthetic_bundle_is_an_ordinary_validated_bundle(synthetic):
+    bundle, ckpt, out = synthetic
+    m = json.load(open(os.path.join(bundle, "manifest.json")))
+    assert m["llm"]["files"] == {"F16": "llm-F16.gguf", "Q8_0": "llm-Q8_0.gguf", "Q4_K_M": "llm-Q4_K_M.gguf"}
+    assert m["model"]["llm"]["vocab_size"] == 32064 and m["prompt"]["layout"]["answer_end"] == 32007
+    fid = m["fidelity"]["gguf_relative_rms_error"]
+    assert fid["F16"] == "bit-exact" and fid["Q8_0"]["Q8_0"] < 0.01 and 0 < fid["Q4_K_M"]["Q4_K"] < 0.14
+    assert "tensors equal the checkpoint's" in out and "random weights" in out
+    assert sorted(os.listdir(os.path.dirname(bundle))) == ["bundle", "checkpoint"]  # nothing half-written left
+
+
+def test_a_fresh_bundle_needs_no_hashing_and_a_later_edit_is_still_caught(synthetic, monkeypatch):
+    from samf.runtime import bundle as B
+    from samf.runtime.errors import BundleError
+
+    bundle, _, _ = synthetic
+    hashed = []
+    real = B.sha256_of
+    monkeypatch.setattr(B, "sha256_of", lambda p, *a: hashed.append(p) or real(p, *a))
+    B.read_bundle(bundle, quant="Q4_K_M")
+    assert hashed == []  # the export remembered what it hashed
+    path = os.path.join(bundle, "fusion.onnx")
+    data = bytearray(open(path, "rb").read())
+    data[-5] ^= 1
+    st = os.stat(path)
+    open(path, "wb").write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    try:
+        with pytest.raises(BundleError, match="fusion.onnx does not match"):
+            B.read_bundle(bundle, quant="Q4_K_M")
+    finally:
+        data[-5] ^= 1
+        open(path, "wb").write(bytes(data))
+
+
+def test_bench_runs_on_phantoms_with_fixed_length_reports(synthetic, tmp_path):
+    bundle, _, _ = synthetic
+    out = tmp_path / "bench.json"
+    proc = run_cli("samf", "bench", "--bundle", bundle, "--scans", "2", "--quant", "Q4_K_M", "--quant", "F16",
+                   "--new-tokens", "9", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["data"] == "2 synthetic phantoms (seed 7)" and res["new_tokens"] == 9
+    for run in res["runs"]:
+        assert run["new_tokens"] == 9 and run["decode_tok_s"] > 0 and run["reference_nll"] is None
+        assert run["prompt_tokens"] > m_image_tokens(bundle) and run["peak_rss_mb"] > 0
+        assert {"load", "preprocess", "vit", "aggregator", "fusion", "llm_prefill", "llm_decode"} <= set(run["stages"])
+    assert "| Q4_K_M |" in proc.stdout and "| F16 |" in proc.stdout
+
+
+def m_image_tokens(bundle: str) -> int:
+    return json.load(open(os.path.join(bundle, "manifest.json")))["model"]["image_tokens"]
+
+
+def test_both_pipelines_decode_a_fixed_number_of_tokens_when_asked(synthetic):
+    """``stop_at_end=False``, for speed comparisons on random weights (which never say their end token on cue):
+    exactly the tokens asked for, with the PyTorch pipeline's stages timed."""
+    import torch
+
+    from samf.runtime.ct import Volume
+    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.preprocess import preprocess
+    from samf.runtime.prompt import REPORT_REQUESTS
+    from samf.train.llm_folder import LLMTokenizer
+    from samf.train.phantom import make_phantom
+    from samf.train.stages import prompt_ids
+    from samf.train.vlm import SamfVLM
+
+    bundle, ckpt, _ = synthetic
+    p = make_phantom(3)
+    vol = Volume(p.volume, p.spacing, "phantom")
+    pipe = ReportPipeline(bundle, quant="F16")
+    res = pipe.report(vol, max_new_tokens=12, stop_at_end=False)
+    pipe.close()
+    assert len(res.token_ids) == 12 and res.decode_steps == 11
+
+    vlm = SamfVLM.from_checkpoint(ckpt)
+    timings = {}
+    ids = vlm.generate(torch.from_numpy(preprocess(vol, pipe.pre)), prompt_ids(LLMTokenizer(ckpt), REPORT_REQUESTS[0]),
+                       12, stop_at_end=False, timings=timings)
+    assert set(timings) == {"encoder", "fusion", "prefill", "decode"}
+    assert len(ids) == 12 and all(v > 0 for v in timings.values())
