@@ -214,6 +214,13 @@ def main() -> None:
                                  "--new-tokens", str(a.new_tokens), "--out", j], os.path.join(a.work, f"bench-{q}.log"))
             res[key]["bench"] = json.load(open(j))
             save()
+    q1 = f"runtime_{quants[-1]}_1thread"  # decode scaling with cores: compute-bound or memory-bound
+    if q1 not in res or a.redo:
+        j = os.path.join(a.work, "bench-1thread.json")
+        res[q1] = measured(["samf", "bench", "--bundle", bundle, "--quant", quants[-1], "--scans", "1", "--threads",
+                            "1", "--new-tokens", str(a.new_tokens), "--out", j], os.path.join(a.work, "bench-1t.log"))
+        res[q1]["bench"] = json.load(open(j))
+        save()
     if "torch_pipeline" not in res or a.redo:
         j = os.path.join(a.work, "torch.json")
         res["torch_pipeline"] = measured(me + ["--work", a.work, "--out", j, "--new-tokens", str(a.new_tokens),

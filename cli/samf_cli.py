@@ -71,7 +71,7 @@ def main():
 @quant_opt
 @scan_options
 @click.option("--request", default=None, help="the report request (default: the trained one)")
-@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 @threads_opt
 @backend_opt
@@ -82,7 +82,8 @@ def report(scan, bundle_dir, quant, request, max_tokens, as_json, threads, backe
 
     # Refuse a bad scan before loading any model.
     vol = _load(scan, quiet=as_json, **scan_kw)
-    pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers)
+    pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
+                          n_ctx=max_tokens + 768)  # the report, plus room for the image rows and the request
     res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(dict(scan=scan, report=res.text, timings_s=res.timings, identity=res.identity,

@@ -35,7 +35,7 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
     import llama_cpp
     import onnxruntime
 
-    from samf.engines.llama_cpp_engine import quiet_native_stderr
+    from samf.engines.llama_cpp_engine import quiet_native_stderr, token_embd_location
     from samf.train.llm_folder import read_llm_config
     from samf.train.vlm import SamfVLM
 
@@ -79,7 +79,8 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
             preprocess=preprocess,
             prompt=dict(layout=vlm.layout.to_dict(), report_requests=list(REPORT_REQUESTS),
                         sequence="[bos] before_image [image x N] prompt_text after_prompt | answer answer_end"),
-            llm=dict(default=quants[0] if quants else keep_unquantized, files=llm_files),
+            llm=dict(default=quants[0] if quants else keep_unquantized, files=llm_files,
+                     token_embd={q: token_embd_location(os.path.join(tmp, n)) for q, n in llm_files.items()}),
             engines=dict(onnxruntime=dict(version=onnxruntime.__version__, opset=OPSET),
                          llama_cpp=dict(llama_cpp_python=llama_cpp.__version__), tensorrt=[]),
             fidelity=dict(onnx_max_abs_diff=diffs, gguf_relative_rms_error=gguf_fidelity),

@@ -61,13 +61,21 @@ class Bundle:
         finally:
             cache.save()
 
-    def llm_name(self, quant: str | None = None) -> str:
-        """The file name of the LLM for ``quant`` (the manifest's default when None)."""
+    def llm_quant(self, quant: str | None = None) -> str:
+        """``quant``, or the manifest's default LLM type when None; refused when the bundle lacks it."""
         llms = self.manifest["llm"]
         quant = quant or llms["default"]
         if quant not in llms["files"]:
             raise BundleError(f"bundle has no {quant} LLM; it has {', '.join(sorted(llms['files']))}")
-        return llms["files"][quant]
+        return quant
+
+    def llm_name(self, quant: str | None = None) -> str:
+        """The file name of the LLM for ``quant`` (the manifest's default when None)."""
+        return self.manifest["llm"]["files"][self.llm_quant(quant)]
+
+    def token_embd(self, quant: str | None = None) -> dict | None:
+        """Where the ``quant`` GGUF keeps its token embeddings, as the export recorded it (None: not recorded)."""
+        return (self.manifest["llm"].get("token_embd") or {}).get(self.llm_quant(quant))
 
     @property
     def preprocess(self) -> PreprocessConfig:
