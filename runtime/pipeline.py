@@ -38,9 +38,11 @@ class ReportPipeline:
 
     def __init__(self, bundle: str | Bundle, quant: str | None = None, backend: str = "onnxruntime",
                  n_threads: int | None = None, n_gpu_layers: int = 0, verify_hashes: bool = True,
-                 n_ctx: int = 1024):
+                 n_ctx: int = 1024, repack: bool = True):
         """``n_ctx``: positions the LLM's cache holds (prompt, image rows and report); a request that needs
-        more is refused in one line. Its KV cache costs 0.4 GB per 1024 positions at Phi-3-mini's size."""
+        more is refused in one line. Its KV cache costs 0.4 GB per 1024 positions at Phi-3-mini's size.
+        ``repack``: faster decoding of 4-bit GGUFs on CPU for 2 s more of loading (see
+        :class:`~samf.engines.llama_cpp_engine.LlamaCppLLM`); worth it when one load serves several scans."""
         from samf.engines import load_encoder_module
         from samf.engines.llama_cpp_engine import REPACKED_ON_CPU, GGUFTokenEmbeddings, LlamaCppLLM
 
@@ -63,10 +65,9 @@ class ReportPipeline:
             self.bundle.verify([self.bundle.llm_name(quant)])
         self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
         quant = self.bundle.llm_quant(quant)
-        # 4-bit weights are repacked on CPU: read them rather than map them, or they are resident twice
-        # (Phi-3-mini Q4_K_M: 4.7 GB mapped against 2.8 GB read, and no slower).
-        mmap = n_gpu_layers > 0 or not quant.startswith(REPACKED_ON_CPU)
-        self.llm = LlamaCppLLM(llm_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, use_mmap=mmap)
+        four_bit = n_gpu_layers == 0 and quant.startswith(REPACKED_ON_CPU)
+        self.llm = LlamaCppLLM(llm_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                               repack=repack if four_bit else None)
         self.embed = GGUFTokenEmbeddings(llm_path, self.bundle.token_embd(quant))
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
                              llm=llm_path.rsplit("/", 1)[-1], encoders=getattr(self.vit, "provider", backend))
