@@ -92,8 +92,8 @@ def report(scan, bundle_dir, quant, request, max_tokens, as_json, threads, backe
                                    tokens=len(res.token_ids))))
     else:
         click.echo(res.text)
-        click.echo(f"[{_timings_line(res.timings)}  |  {res.tokens_per_s:.0f} tok/s  |  {res.identity['llm']}]",
-                   err=True)
+        speed = f"{res.tokens_per_s:.1f} tok/s" if res.decode_steps else "one token"
+        click.echo(f"[{_timings_line(res.timings)}  |  {speed}  |  {res.identity['llm']}]", err=True)
 
 
 @main.command()

@@ -193,3 +193,23 @@ def test_the_manifest_locates_each_gguf_token_table(synthetic):
         want = gguf.quants.dequantize(np.asarray(table.data)[ids], table.tensor_type).reshape(len(ids), -1)
         got = GGUFTokenEmbeddings(path, m["llm"]["token_embd"][quant])(ids)
         assert got.shape == (len(ids), 128) and np.array_equal(got, want.astype(np.float32)), quant
+
+
+def test_repacked_and_mapped_4bit_weights_give_the_same_logits(synthetic):
+    """``repack`` changes how llama.cpp lays the Q4_K weights out in memory, not what they compute."""
+    import numpy as np
+
+    import samf.engines.llama_cpp_engine as E
+
+    bundle, _, _ = synthetic
+    path = os.path.join(bundle, "llm-Q4_K_M.gguf")
+    default = E._llama_cpp().llama_cpp.llama_model_default_params
+    rows = np.random.default_rng(0).normal(0, 0.02, size=(8, 128)).astype(np.float32)
+    logits = []
+    for repack in (True, False):
+        llm = E.LlamaCppLLM(path, n_ctx=128, repack=repack)
+        logits.append(llm.generate([1, 32010], rows, [450, 32007, 32001], set(), 4, return_logits=True)["logits"])
+        llm.close()
+    assert E._llama_cpp().llama_cpp.llama_model_default_params is default  # the choice was for one load only
+    assert logits[0].shape == (4, 32064)
+    assert np.abs(logits[0] - logits[1]).max() < 1e-3 * np.abs(logits[1]).max() + 1e-4
