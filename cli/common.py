@@ -16,7 +16,24 @@ EXIT_BAD_INPUT = 2
 
 
 class SamfGroup(click.Group):
-    """A click group whose commands report :class:`SamfError` (and missing files) as one line, no traceback."""
+    """A click group whose commands report :class:`SamfError` (and missing files) as one line, no traceback;
+    usage errors too (click's own take three: usage, a hint, the error)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # the bare command: its help, as click prints it
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            _leave(EXIT_BAD_INPUT, f"error: {e.format_message()} (see {_help_of(e.ctx)})")
+        except click.ClickException as e:
+            _leave(e.exit_code, f"error: {e.format_message()}")
+        except click.Abort:
+            _leave(130, "interrupted")
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -53,13 +70,17 @@ def _leave(code: int, line: str | None = None) -> None:
     """Print ``line`` and exit with ``code``. A failed rank under torchrun leaves at once, without the
     interpreter's teardown: there, freeing DDP's reducer joins a gloo worker thread that waits for the GIL
     the freeing thread holds, and the rank hangs on its way out while its peers wait in a collective."""
-    if line:
-        click.echo(line, err=True)
+    if line:  # one line, whatever a file name held: a newline in it must not forge a second message
+        click.echo(line.replace("\r", "\\r").replace("\n", "\\n"), err=True)
     if _several_ranks():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _help_of(ctx) -> str:
+    return f"'{ctx.command_path} --help'" if ctx is not None else "--help"
 
 
 def torch_threads(n: int | None) -> None:

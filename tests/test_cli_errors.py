@@ -148,3 +148,42 @@ def test_bench_reports_stages_and_quantization_cost(trained, tmp_path):
     assert {r["quant"] for r in res["runs"]} == {"F32", "Q8_0"}
     assert all(r["reference_nll"] > 0 and r["decode_tok_s"] > 0 for r in res["runs"])
     assert res["runs"][0]["same_report_as_first"] == 1.0
+
+
+@pytest.mark.parametrize("tool,args", [
+    ("samf", ["report"]),                                             # missing argument
+    ("samf", ["report", "x.nii.gz", "--bundle", "b", "--max-tokens", "-1"]),  # out of range (gave an empty report)
+    ("samf", ["reprot"]),                                             # unknown command
+    ("samf", ["report", "x.nii.gz", "--bundle", "b", "--bogus"]),     # unknown option
+    ("samf-train", ["finetune", "--run", "r", "--data", "d", "--steps", "many"]),
+    ("samf-export", ["synthetic-bundle", "--out", "b", "--layers", "0"]),
+])
+def test_usage_errors_are_one_line_with_exit_2(tool, args):
+    proc = run_cli(tool, *args)
+    assert proc.returncode == 2
+    assert_clean_failure(proc, "error:", "--help")
+
+
+def test_a_newline_in_a_file_name_cannot_forge_a_second_line(tmp_path):
+    proc = samf("report", str(tmp_path / "scan\nerror: forged"), "--bundle", str(tmp_path))
+    assert_clean_failure(proc, "not found", "\\nerror: forged")
+
+
+def test_help_and_version_still_exit_0():
+    for args in (["--help"], ["--version"], ["report", "--help"]):
+        proc = samf(*args)
+        assert proc.returncode == 0 and proc.stdout.strip(), args
+
+
+def test_telemetry_is_off_before_any_library_loads_unless_the_user_says_otherwise():
+    import subprocess
+    import sys
+
+    code = ("import os, samf, onnxruntime; "
+            "print(os.environ['ORT_DISABLE_TELEMETRY'], os.environ['HF_HUB_DISABLE_TELEMETRY'])")
+    env = {k: v for k, v in os.environ.items() if "TELEMETRY" not in k}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["1", "1"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "ORT_DISABLE_TELEMETRY": "0"})
+    assert out.stdout.split() == ["0", "1"]
