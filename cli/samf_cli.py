@@ -14,8 +14,10 @@ from .common import SamfGroup
 bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Path(),
                           help="bundle directory written by `samf-export bundle`")
 quant_opt = click.option("--quant", default=None, help="which GGUF in the bundle (default: the manifest's)")
-spacing_opt = click.option("--spacing", nargs=3, type=float, default=None,
-                           help="voxel spacing Z Y X in mm, for .npy volumes")
+spacing_opt = click.option("--spacing", nargs=3, type=click.FloatRange(min=0.01, max=100.0), default=None,
+                           help="voxel spacing Z Y X in mm: for .npy volumes, or instead of a NIfTI header's")
+force_opt = click.option("--force", is_flag=True,
+                         help="use a volume whose values do not look like a CT (air, soft tissue, anatomy)")
 series_opt = click.option("--series", default=None, help="SeriesInstanceUID, for a DICOM folder with several")
 non_ct_opt = click.option("--allow-non-ct", is_flag=True, help="accept a DICOM series whose modality is not CT")
 ctrate_opt = click.option("--ctrate-metadata", type=click.Path(dir_okay=False), default=None,
@@ -24,7 +26,7 @@ ctrate_opt = click.option("--ctrate-metadata", type=click.Path(dir_okay=False), 
 
 def scan_options(f):
     """The options that say how to read SCAN, shared by every command that takes one."""
-    for opt in (ctrate_opt, non_ct_opt, series_opt, spacing_opt):
+    for opt in (force_opt, ctrate_opt, non_ct_opt, series_opt, spacing_opt):
         f = opt(f)
     return f
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for the engines")
@@ -34,7 +36,7 @@ gpu_layers_opt = click.option("--gpu-layers", type=int, default=0, show_default=
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)")
 
 
-def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, quiet=False):
+def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, force=False, quiet=False):
     """Read SCAN with the options of :func:`scan_options`; say which DICOM series was used."""
     import os
 
@@ -49,7 +51,7 @@ def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=N
         if meta is None:
             raise ScanError(f"{os.path.basename(scan)} is not in {ctrate_metadata}")
     vol = load_scan(scan, spacing=tuple(spacing) if spacing else None, series=series, allow_non_ct=allow_non_ct,
-                    ctrate_meta=meta)
+                    ctrate_meta=meta, force=force)
     if not quiet and vol.info.get("choice"):
         click.echo(f"using {vol.info['choice']}", err=True)
     return vol

@@ -11,8 +11,11 @@ Radiopaedia, min-max normalised, resized to 32×256×256, spacing lost); preproc
 
 from __future__ import annotations
 
+import gzip
 import os
+import stat
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +23,24 @@ import numpy as np
 from .errors import ScanError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: The largest scan accepted, in voxels, checked against the file's header before anything is read
+#: (2 GiB as float32: a 512×512×2048 CT fits). ``SAMF_MAX_VOXELS`` in the environment overrides it.
+MAX_VOXELS = 1 << 29
+#: Voxel sizes a NIfTI header may declare, in mm; outside them the file's spacing is refused (``--spacing``
+#: overrides it).
+PLAUSIBLE_SPACING_MM = (0.05, 30.0)
+#: Fewer voxels than this along any axis is not a volume the model can read.
+MIN_VOXELS_PER_AXIS = 8
+
+
+def max_voxels() -> int:
+    value = os.environ.get("SAMF_MAX_VOXELS")
+    if not value:
+        return MAX_VOXELS
+    try:
+        return int(value)
+    except ValueError:
+        raise ScanError(f"SAMF_MAX_VOXELS={value!r} is not a whole number") from None
 
 
 @dataclass
@@ -38,23 +59,32 @@ def _is_nifti(path: str) -> bool:
 
 
 def load_scan(path: str, spacing: tuple | None = None, series: str | None = None,
-              allow_non_ct: bool = False, ctrate_meta: dict | None = None) -> Volume:
+              allow_non_ct: bool = False, ctrate_meta: dict | None = None, force: bool = False) -> Volume:
     """Read a scan from ``path`` (NIfTI file, DICOM series folder or .npy volume); raise
     :class:`ScanError` with a one-line reason when it is unusable.
 
     ``series`` picks a SeriesInstanceUID in a folder holding several; ``allow_non_ct`` lets a non-CT
     DICOM series through (its values are then not checked as HU); ``ctrate_meta`` is this volume's row
-    of CT-RATE's metadata CSV (:func:`samf.runtime.ctrate.read_metadata`).
+    of CT-RATE's metadata CSV (:func:`samf.runtime.ctrate.read_metadata`); ``force`` skips the check that
+    the values look like a CT (:func:`check_volume`), not the checks that the file is sound.
     """
     t0 = time.perf_counter()
     if not os.path.exists(path):
         raise ScanError(f"scan not found: {path}")
+    if not os.path.isdir(path) and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would hang
+        raise ScanError(f"{path!r} is not a regular file")
+    if spacing is not None and not (os.path.isdir(path) or _is_nifti(path) or path.lower().endswith(".npy")):
+        raise ScanError("--spacing applies to NIfTI and .npy scans only")
+    if spacing is not None and os.path.isdir(path):
+        raise ScanError("--spacing does not apply to a DICOM folder: its spacing comes from the series")
+    if series is not None and not os.path.isdir(path):
+        raise ScanError("--series applies to a DICOM folder only")
     if os.path.isdir(path):
         from .dicom import load_dicom_series
 
         vol = _canonical(*load_dicom_series(path, series, allow_non_ct), path)
     elif _is_nifti(path):
-        vol = _load_nifti(path)
+        vol = _load_nifti(path, spacing)
         if ctrate_meta is not None:
             from .ctrate import apply_metadata
 
@@ -66,25 +96,82 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
         raise ScanError(f"unsupported scan format: {os.path.basename(path)} "
                         "(expected .nii, .nii.gz, .npy or a DICOM folder)")
     if not (allow_non_ct and vol.info["format"] == "dicom"):  # a non-CT series is not in HU
-        check_volume(vol)
+        check_volume(vol, force)
     vol.info["load_s"] = time.perf_counter() - t0
     return vol
 
 
-def _load_nifti(path: str) -> Volume:
+def _load_nifti(path: str, spacing=None) -> Volume:
+    """A NIfTI file, its header checked before its data is read: a 3-D real-valued volume of plausible
+    spacing (or ``spacing`` given) within :func:`max_voxels`. A ``.nii.gz`` is decompressed once, whole, so
+    gzip's checksum is read and a stream longer than the header declares (a gzip bomb) is refused."""
+    import logging
+
     import nibabel as nib  # lazy: keeps `import samf.runtime` light
 
+    logging.getLogger("nibabel").setLevel(logging.ERROR)  # its header fix-ups: we check and say what is wrong
     try:
-        img = nib.squeeze_image(nib.load(path))  # drops a trailing time axis of length 1
-        if len(img.shape) < 3:
-            raise ScanError(f"{path}: a {len(img.shape)}-D image, not a CT volume")
-        if len(img.shape) != 3:
-            raise ScanError(f"{path}: expected a 3-D volume, got shape {img.shape}")
-        return _canonical(img, {"format": "nifti"}, path)
+        img = nib.load(path)  # the header only; data stays on disk
+        shape = tuple(int(n) for n in img.shape)
+        while len(shape) > 3 and shape[-1] == 1:  # a trailing time axis of length 1
+            shape = shape[:-1]
+        if len(shape) < 3:
+            raise ScanError(f"{path}: a {len(shape)}-D image, not a CT volume")
+        if len(shape) != 3:
+            raise ScanError(f"{path}: expected a 3-D volume, got shape {shape}")
+        dtype = img.header.get_data_dtype()
+        if dtype.kind not in "iuf" or dtype.fields is not None:
+            raise ScanError(f"{path}: voxels of type {dtype}, not real numbers")
+        n = int(np.prod(shape, dtype=np.int64))
+        if n > max_voxels():
+            raise ScanError(f"{path}: declares {'×'.join(map(str, shape))} = {n:,} voxels, more than the "
+                            f"{max_voxels():,} accepted (SAMF_MAX_VOXELS)")
+        if spacing is None:
+            _check_nifti_spacing(img, path)
+        if path.lower().endswith(".gz"):
+            end = int(img.header.get("vox_offset", 352)) + n * dtype.itemsize
+            img = type(img).from_bytes(_gunzip_whole(path, end))
+        img = nib.squeeze_image(img)
+        vol = _canonical(img, {"format": "nifti"}, path)
     except ScanError:
         raise
     except Exception as e:  # nibabel raises many types for truncated/corrupt files
         raise ScanError(f"cannot read NIfTI {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if spacing is not None:
+        vol.spacing = tuple(float(s) for s in spacing)
+        vol.info["spacing_given"] = True
+    return vol
+
+
+def _check_nifti_spacing(img, path: str) -> None:
+    """The header's own pixdim (nibabel quietly sets a zero one to 1 mm on load) and the affine's voxel sizes."""
+    lo, hi = PLAUSIBLE_SPACING_MM
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+        raw = type(img).header_class.from_fileobj(f, check=False)
+    pixdim = [float(z) for z in raw["pixdim"][1:4]]
+    voxel = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    for what, sizes in (("pixdim", pixdim), ("affine voxel size", voxel)):
+        if not all(np.isfinite(s) and lo <= abs(s) <= hi for s in sizes):
+            raise ScanError(f"{path}: header {what} {[float(f'{s:.4g}') for s in sizes]} mm is not a CT's "
+                            f"({lo}-{hi} mm); give the spacing with --spacing Z Y X")
+
+
+def _gunzip_whole(path: str, expected: int, slack: int = 1 << 16) -> bytes:
+    """The whole decompressed stream of a gzip file, its CRC and length checked; refused when it holds more than
+    ``expected`` bytes (plus ``slack``) or is cut short."""
+    out = bytearray()
+    try:
+        with gzip.open(path, "rb") as f:
+            while True:
+                block = f.read(1 << 22)
+                if not block:
+                    break
+                out += block
+                if len(out) > expected + slack:
+                    raise ScanError(f"{path}: holds more data than its header declares ({expected:,} bytes)")
+    except (OSError, EOFError, zlib.error) as e:
+        raise ScanError(f"cannot read NIfTI {path}: corrupt gzip stream ({e})".splitlines()[0]) from None
+    return bytes(out)
 
 
 def _canonical(img, info: dict, path: str) -> Volume:
@@ -159,11 +246,15 @@ def _m3d_volume(path: str, data: np.ndarray, spacing) -> Volume:
                   info={"format": "m3d-npy", "plane": plane, "spacing_assumed": assumed})
 
 
-def check_volume(vol: Volume) -> None:
-    """Refuse what is not a CT volume: non-finite voxels, a single slice, values outside CT's range."""
+def check_volume(vol: Volume, force: bool = False) -> None:
+    """Refuse what is not a CT volume: non-finite voxels, too few slices, impossible spacing; and, unless
+    ``force``, values that do not look like a CT (see :func:`check_ct_values`)."""
     hu = vol.hu
     if hu.ndim != 3 or min(hu.shape) < 2:
         raise ScanError(f"{vol.source}: shape {hu.shape} is a single slice, not a volume")
+    if min(hu.shape) < MIN_VOXELS_PER_AXIS:
+        raise ScanError(f"{vol.source}: shape {hu.shape} is too small for a CT volume (at least "
+                        f"{MIN_VOXELS_PER_AXIS} voxels along every axis)")
     if any(not np.isfinite(s) or s <= 0 for s in vol.spacing):
         raise ScanError(f"{vol.source}: invalid voxel spacing {vol.spacing}")
     if not np.isfinite(hu).all():
@@ -173,9 +264,35 @@ def check_volume(vol: Volume) -> None:
         if hi - lo < 1e-3:
             raise ScanError(f"{vol.source}: a constant volume (all voxels {lo:.3f})")
         return
-    if lo > -500.0 or hi < 0.0 or lo < -3000.0 or hi > 40000.0:
+    if not force:
+        check_ct_values(vol, lo, hi)
+
+
+#: What every chest CT shows (``check_ct_values``): air outside the body and in the lungs, soft tissue, and
+#: anatomy that varies smoothly from voxel to voxel.
+MIN_AIR_FRACTION = 0.05          # of voxels at or below -900 HU (air, or the scanner's padding)
+MIN_TISSUE_FRACTION = 0.02       # of voxels within -200..200 HU
+MIN_NEIGHBOUR_CORRELATION = 0.3  # between voxels one apart along X
+
+
+def check_ct_values(vol: Volume, lo: float, hi: float) -> None:
+    """Refuse values no CT in Hounsfield units has: outside CT's range, no air, no soft tissue (negated or
+    non-HU data), or no spatial structure (noise). ``--force`` is the way past it."""
+    hint = " (--force to use it anyway)"
+    if lo > -500.0 or hi < 0.0 or lo < -3100.0 or hi > 40000.0:
         raise ScanError(f"{vol.source}: values {lo:.0f}..{hi:.0f} do not look like CT in Hounsfield units "
-                        "(no air near -1000 HU)")
+                        f"(no air near -1000 HU){hint}")
+    sample = vol.hu[::max(1, vol.hu.shape[0] // 32)]  # every few slices: the test costs milliseconds
+    air = float((sample <= -900.0).mean())
+    tissue = float(((sample >= -200.0) & (sample <= 200.0)).mean())
+    if air < MIN_AIR_FRACTION or tissue < MIN_TISSUE_FRACTION:
+        raise ScanError(f"{vol.source}: {air:.0%} of voxels are air and {tissue:.0%} soft tissue; a CT in "
+                        f"Hounsfield units has both (negated, rescaled or non-CT data?){hint}")
+    a, b = sample[:, :, :-1].ravel().astype(np.float64), sample[:, :, 1:].ravel().astype(np.float64)
+    corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    if not corr >= MIN_NEIGHBOUR_CORRELATION:
+        raise ScanError(f"{vol.source}: neighbouring voxels are unrelated (correlation {corr:.2f}); this looks "
+                        f"like noise, not anatomy{hint}")
 
 
 def save_nifti(path: str, hu: np.ndarray, spacing: tuple) -> None:

@@ -187,3 +187,85 @@ def test_telemetry_is_off_before_any_library_loads_unless_the_user_says_otherwis
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, "ORT_DISABLE_TELEMETRY": "0"})
     assert out.stdout.split() == ["0", "1"]
+
+
+# ----------------------------------------------------------------------------- hostile scans (issue 11)
+
+def _nifti(path, data, pixdim=None):
+    """A .nii of ``data`` at 4×4×5 mm; ``pixdim`` {index: value} then written over the header's bytes, as a
+    broken writer would leave them (nibabel itself will not write a zero or absurd spacing)."""
+    import struct
+
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 5.0, 1.0])), str(path))
+    with open(path, "r+b") as f:
+        for i, v in (pixdim or {}).items():
+            f.seek(76 + 4 * i)
+            f.write(struct.pack("<f", v))
+    return str(path)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "scan.nii.gz"
+    os.mkfifo(fifo)
+    assert_clean_failure(run_cli("samf", "info", str(fifo), timeout=30), "not a regular file")
+
+
+def test_a_flipped_byte_in_a_nii_gz_is_caught(tmp_path, good_scan):
+    raw = bytearray(open(good_scan, "rb").read())
+    raw[-8] ^= 0x01  # gzip's CRC32 of the data: nibabel alone never reads it
+    p = tmp_path / "flipped.nii.gz"
+    p.write_bytes(bytes(raw))
+    assert_clean_failure(samf("info", str(p)), "corrupt gzip")
+
+
+def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path, good_scan):
+    import nibabel as nib
+
+    huge = tmp_path / "huge.nii"
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((1000, 1000, 1000))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_zooms((1.0, 1.0, 1.0))
+    huge.write_bytes(hdr.binaryblock + b"\x00" * 4000)   # 4 KB declaring 2 GB
+    assert_clean_failure(samf("info", str(huge)), "declares", "SAMF_MAX_VOXELS")
+
+    ph = make_phantom(5)
+    bomb = tmp_path / "bomb.nii.gz"  # a valid scan, then 200 MB of zeros in the same gzip stream
+    plain = tmp_path / "plain.nii"
+    save_nifti(str(plain), ph.volume, ph.spacing)
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        f.write(plain.read_bytes())
+        f.write(b"\x00" * (200 << 20))
+    proc = run_cli("samf", "info", str(bomb))
+    assert_clean_failure(proc, "more data than its header declares")
+
+
+def test_values_and_headers_no_ct_has_are_refused(tmp_path):
+    ph = make_phantom(5)
+    vol = np.ascontiguousarray(ph.volume.transpose(2, 1, 0))  # nibabel's [X, Y, Z]
+    cases = {
+        "complex": (_nifti(tmp_path / "c.nii", vol.astype(np.complex64)), "not real numbers"),
+        "zero pixdim": (_nifti(tmp_path / "z.nii", vol.astype(np.int16), pixdim={2: 0.0}), "--spacing"),
+        "1e38 mm voxels": (_nifti(tmp_path / "b.nii", vol.astype(np.int16), pixdim={1: 1e38}), "--spacing"),
+        "3x3x3": (_nifti(tmp_path / "t.nii", vol[:3, :3, :3].astype(np.int16)), "too small"),
+        "negated": (_nifti(tmp_path / "n.nii", (-vol).astype(np.int16)), "--force"),
+        "noise": (_nifti(tmp_path / "u.nii", np.random.default_rng(0).uniform(-1024, 1500, vol.shape)
+                         .astype(np.int16)), "--force"),
+    }
+    for name, (path, words) in cases.items():
+        proc = samf("info", path)
+        assert proc.returncode == 2, name
+        assert_clean_failure(proc, words)
+    ok = samf("info", cases["zero pixdim"][0], "--spacing", "5", "4", "4")
+    assert ok.returncode == 0, ok.stderr
+    forced = samf("info", cases["negated"][0], "--force")
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_options_that_do_not_apply_to_the_input_are_refused(good_scan, tmp_path):
+    assert_clean_failure(samf("info", good_scan, "--series", "1.2.3"), "--series applies to a DICOM folder only")
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    assert_clean_failure(samf("info", str(folder), "--spacing", "1", "1", "1"), "does not apply to a DICOM")
