@@ -22,6 +22,7 @@ from samf import __version__
 from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
 from samf.runtime.errors import SamfError
+from samf.runtime.manifest import seal
 from samf.runtime.prompt import REPORT_REQUESTS
 from samf.runtime.verified import VerifiedCache
 
@@ -88,7 +89,7 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
         manifest["files"] = {n: dict(sha256=sha256_of(os.path.join(tmp, n)), size=os.path.getsize(os.path.join(tmp, n)))
                              for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
+            json.dump(seal(manifest), f, indent=2)
     remember_verified(out_dir, manifest)
     return manifest
 
@@ -115,5 +116,5 @@ def update_manifest(bundle_dir: str, update) -> dict:
         p = os.path.join(bundle_dir, name)
         manifest["files"][name] = dict(sha256=sha256_of(p), size=os.path.getsize(p))
     with atomic_file(path) as f:
-        json.dump(manifest, f, indent=2)
+        json.dump(seal(manifest), f, indent=2)
     return manifest

@@ -13,14 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 
 from .errors import BundleError
+from .manifest import check_manifest
 from .preprocess import PreprocessConfig
 from .prompt import PromptLayout
 from .verified import VerifiedCache
 
-SCHEMA_VERSION = 2  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest
+SCHEMA_VERSION = 3  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest;
+#                    3: the manifest carries its own digest, and where each GGUF keeps its token embeddings
+MANIFEST_MAX_BYTES = 16 << 20
 MANIFEST = "manifest.json"
 ENCODER_FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx")
 
@@ -102,27 +106,33 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None)
     mpath = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
         raise BundleError(f"bundle not found: {root}")
-    if not os.path.exists(mpath):
+    if not os.path.lexists(mpath):
         raise BundleError(f"{root} is not a samf bundle (no {MANIFEST})")
+    st = os.stat(mpath)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MANIFEST_MAX_BYTES:
+        raise BundleError(f"{mpath}: not a manifest (a regular file of at most {MANIFEST_MAX_BYTES >> 20} MB)")
     try:
-        with open(mpath) as f:
-            manifest = json.load(f)
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.loads(f.read(MANIFEST_MAX_BYTES + 1))
     except (OSError, ValueError) as e:
-        raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
+        raise BundleError(f"{mpath}: unreadable manifest ({e})".splitlines()[0]) from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{root}: the manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("schema") != SCHEMA_VERSION:
         raise BundleError(f"{root}: manifest schema {manifest.get('schema')!r}, this runtime reads {SCHEMA_VERSION} "
                           "(rebuild the bundle with this version's samf-export bundle)")
-    files = manifest.get("files", {})
-    for name in ENCODER_FILES + tuple(manifest.get("llm", {}).get("files", {}).values()):
-        if name not in files:
-            raise BundleError(f"{root}: manifest does not list {name}")
+    check_manifest(manifest, root)
+    files = manifest["files"]
     for name, meta in files.items():
         p = os.path.join(root, name)
-        if not os.path.exists(p):
+        if not os.path.lexists(p):
             raise BundleError(f"{root}: missing artifact {name}")
-        size = os.path.getsize(p)
-        if size != meta["size"]:
-            raise BundleError(f"{root}: {name} is {size} bytes, manifest says {meta['size']} (altered or truncated)")
+        st = os.lstat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{root}: artifact {name} is not a regular file")
+        if st.st_size != meta["size"]:
+            raise BundleError(f"{root}: {name} is {st.st_size} bytes, manifest says {meta['size']} "
+                              "(altered or truncated)")
     bundle = Bundle(root=root, manifest=manifest)
     if verify_hashes:
         bundle.verify(ENCODER_FILES + (bundle.llm_name(quant),))

@@ -12,7 +12,7 @@ import numpy as np
 
 from .bundle import Bundle, read_bundle
 from .ct import Volume, load_scan
-from .errors import EngineUnavailable, SamfError
+from .errors import BundleError, EngineUnavailable, SamfError
 from .preprocess import preprocess
 from .prompt import REPORT_REQUESTS, mcq_choice_of, mcq_request
 
@@ -69,9 +69,24 @@ class ReportPipeline:
         self.llm = LlamaCppLLM(llm_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                                repack=repack if four_bit else None)
         self.embed = GGUFTokenEmbeddings(llm_path, self.bundle.token_embd(quant))
+        self._check_engines_fit()
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
                              llm=llm_path.rsplit("/", 1)[-1], encoders=getattr(self.vit, "provider", backend))
         self.load_s = time.perf_counter() - t0
+
+    def _check_engines_fit(self) -> None:
+        """The loaded engines take what the manifest says they take: else one line now, not an error deep
+        inside ONNX Runtime or llama.cpp at the first scan."""
+        d_llm = self.bundle.manifest["model"]["image"]["fusion"]["d_llm"]
+        if self.llm.n_embd != d_llm:
+            raise BundleError(f"{self.bundle.root}: the LLM is {self.llm.n_embd} wide, the fusion writes {d_llm}-wide "
+                              "rows (an LLM from another model?)")
+        inputs = getattr(self.vit, "inputs", {})
+        shape = list(getattr(inputs.get("slices"), "shape", None) or [])
+        want = [self.pre.channels, self.pre.image_size, self.pre.image_size]
+        if len(shape) == 4 and all(isinstance(n, int) for n in shape[1:]) and shape[1:] != want:
+            raise BundleError(f"{self.bundle.root}: vit.onnx takes slices of {shape[1:]}, the preprocessing makes "
+                              f"{want}")
 
     def _trt_plans(self) -> dict:
         """Names of the bundle's plans built with the installed TensorRT (plans are not portable across versions)."""

@@ -29,10 +29,22 @@ def bundle(tmp_path):
         data = os.urandom(1000 + 97 * i)
         (root / name).write_bytes(data)
         files[name] = dict(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    manifest = dict(schema=B.SCHEMA_VERSION, files=files,
-                    llm=dict(default="Q8_0", files={"F32": "llm-F32.gguf", "Q8_0": "llm-Q8_0.gguf"}))
-    (root / B.MANIFEST).write_text(json.dumps(manifest))
+    (root / B.MANIFEST).write_text(json.dumps(stand_in_manifest(files)))
     return root
+
+
+def stand_in_manifest(files: dict) -> dict:
+    """The smallest manifest a bundle may have: the tiny preset's shapes, two GGUFs, sealed."""
+    from samf.runtime.manifest import seal
+
+    image = dict(vit=dict(img_size=48, in_chans=3), aggregator=dict(n_slices=18, n_tokens=8), fusion=dict(d_llm=128))
+    return seal(dict(
+        schema=B.SCHEMA_VERSION, files=files, engines={},
+        model=dict(image=image, image_tokens=8, llm=dict(hidden_size=128)),
+        preprocess=dict(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6, windows=[[-600, 1500], [40, 400],
+                                                                                           [400, 1800]]),
+        prompt=dict(layout=dict(answer_end=2)),
+        llm=dict(default="Q8_0", files={"F32": "llm-F32.gguf", "Q8_0": "llm-Q8_0.gguf"})))
 
 
 @pytest.fixture()
@@ -117,3 +129,68 @@ def test_verify_command_names_what_changed(bundle, cache):
 def test_verify_command_on_a_folder_that_is_not_a_bundle(tmp_path):
     proc = run_cli("samf-export", "verify", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "not a samf bundle" in proc.stderr
+
+
+# ------------------------------------------------------------------------ a hostile manifest (issue 11)
+
+def _edit(bundle, change, reseal=True):
+    from samf.runtime.manifest import seal
+
+    path = bundle / B.MANIFEST
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(seal(m) if reseal else m))
+
+
+def _refused(bundle, *words):
+    with pytest.raises(BundleError) as e:
+        B.read_bundle(str(bundle))
+    assert "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_an_edit_to_the_manifest_is_caught_like_an_edit_to_an_artifact(bundle, cache):
+    B.read_bundle(str(bundle))
+    _edit(bundle, lambda m: m["preprocess"].update(pixel_spacing_mm=2.0), reseal=False)  # changes every report
+    _refused(bundle, "manifest.json was changed after export")
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda m: m["files"].update({"../outside.gguf": m["files"].pop("llm-Q8_0.gguf")}), ("files",)),
+    (lambda m: m["llm"]["files"].update(Q8_0="/etc/passwd"), ("llm/files/Q8_0",)),
+    (lambda m: m["llm"]["files"].update(Q8_0="sub/llm.gguf"), ("llm/files/Q8_0",)),
+    (lambda m: m.pop("preprocess"), ("'preprocess' is a required property",)),
+    (lambda m: m["preprocess"].update(gamma=2.2), ("preprocess", "gamma")),
+    (lambda m: m["preprocess"].update(image_size="big"), ("preprocess/image_size",)),
+    (lambda m: m["prompt"]["layout"].update(stop=[-1]), ("prompt/layout/stop",)),
+    (lambda m: m["preprocess"].update(image_size=64), ("does not fit together", "64² slices")),
+    (lambda m: m["model"]["llm"].update(hidden_size=3072), ("does not fit together", "3072 wide")),
+    (lambda m: m["preprocess"].update(slices_per_plane=8), ("does not fit together", "24 slices")),
+])
+def test_a_malformed_or_inconsistent_manifest_is_one_line(bundle, cache, change, words):
+    _edit(bundle, change)
+    _refused(bundle, *words)
+
+
+@pytest.mark.parametrize("content", [[], None, "text", 3])
+def test_a_manifest_that_is_not_an_object(bundle, content):
+    (bundle / B.MANIFEST).write_text(json.dumps(content))
+    _refused(bundle, "not an object" if content is not None else "NoneType")
+
+
+def test_a_manifest_or_artifact_that_is_not_a_regular_file(bundle, tmp_path):
+    (bundle / B.MANIFEST).unlink()
+    os.mkfifo(bundle / B.MANIFEST)  # reading would wait forever
+    _refused(bundle, "not a manifest")
+    (bundle / B.MANIFEST).unlink()
+    os.symlink("/dev/zero", bundle / B.MANIFEST)  # reading would never end
+    _refused(bundle, "not a manifest")
+
+
+def test_an_artifact_swapped_for_a_link_to_elsewhere_is_refused(bundle, cache, tmp_path):
+    outside = tmp_path / "elsewhere.gguf"
+    outside.write_bytes((bundle / "llm-Q8_0.gguf").read_bytes())
+    (bundle / "llm-Q8_0.gguf").unlink()
+    os.symlink(outside, bundle / "llm-Q8_0.gguf")
+    _refused(bundle, "llm-Q8_0.gguf is not a regular file")

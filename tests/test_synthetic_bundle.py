@@ -213,3 +213,27 @@ def test_repacked_and_mapped_4bit_weights_give_the_same_logits(synthetic):
     assert E._llama_cpp().llama_cpp.llama_model_default_params is default  # the choice was for one load only
     assert logits[0].shape == (4, 32064)
     assert np.abs(logits[0] - logits[1]).max() < 1e-3 * np.abs(logits[1]).max() + 1e-4
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: (m["model"]["image"]["fusion"].update(d_llm=64), m["model"]["llm"].update(hidden_size=64)),
+     "the LLM is 128 wide"),
+    (lambda m: (m["model"]["image"]["vit"].update(img_size=64), m["preprocess"].update(image_size=64)),
+     "vit.onnx takes slices of [3, 48, 48]"),
+])
+def test_engines_that_do_not_take_what_the_manifest_says_are_refused_at_load(synthetic, tmp_path, edit, words):
+    """A manifest edited consistently (and resealed) still has to match the engines it names."""
+    import shutil
+
+    from samf.runtime.errors import BundleError
+    from samf.runtime.manifest import seal
+    from samf.runtime.pipeline import ReportPipeline
+
+    bundle = str(tmp_path / "bundle")
+    shutil.copytree(synthetic[0], bundle)
+    path = os.path.join(bundle, "manifest.json")
+    m = json.load(open(path))
+    edit(m)
+    json.dump(seal(m), open(path, "w"))
+    with pytest.raises(BundleError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        ReportPipeline(bundle, quant="Q8_0")
