@@ -130,8 +130,6 @@ def info(scan, **scan_kw):
     lines = [("format", vol.info.get("format"))]
     if vol.info.get("format") == "dicom":
         lines += [("series", vol.info["choice"]), ("images", vol.info["images"])]
-        if vol.info.get("uneven_spacing"):
-            lines.append(("warning", "slice positions are unevenly spaced; the median gap is used"))
     hu = vol.hu
     assumed = " (assumed: the file does not record it; set with --spacing)" if vol.info.get("spacing_assumed") else ""
     lines += [("shape", f"{hu.shape} (Z, Y, X), canonical: Z superior, Y anterior, X patient right"),

@@ -196,16 +196,21 @@ def _load_npy(path: str, spacing) -> Volume:
     """A ``.npy`` volume: M3D's normalised ``[1, D, H, W]`` / ``[D, H, W]`` in [0, 1] (plane from the file
     name), or a plain ``[Z, Y, X]`` HU array in the canonical frame whose spacing the user gives."""
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(path, allow_pickle=False, mmap_mode="r")  # the header first: sizes before allocation
     except Exception as e:
         raise ScanError(f"cannot read .npy {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if not isinstance(data, np.ndarray):  # an .npz archive under an .npy name
+        getattr(data, "close", lambda: None)()
+        raise ScanError(f"{path}: an .npz archive, not a .npy array")
+    if data.dtype.kind not in "iuf" or data.dtype.fields is not None:
+        raise ScanError(f"{path}: a {data.dtype} array, not real-valued image data")
+    if data.size > max_voxels():
+        raise ScanError(f"{path}: {data.size:,} voxels, more than the {max_voxels():,} accepted (SAMF_MAX_VOXELS)")
     if data.ndim == 4 and data.shape[0] == 1:   # M3D keeps a leading channel axis
         data = data[0]
     if data.ndim != 3:
         raise ScanError(f"{path}: expected a 3-D [Z, Y, X] array, got shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.number):
-        raise ScanError(f"{path}: a {data.dtype} array, not image data")
-    data = data.astype(np.float32)
+    data = np.asarray(data, dtype=np.float32)
     if not np.isfinite(data).all():
         raise ScanError(f"{path}: volume has NaN or infinite voxels")
     if data.size and float(data.min()) >= 0.0 and float(data.max()) <= 1.0:

@@ -41,6 +41,7 @@ class Series:
     description: str
     frames: list = field(default_factory=list)
     n_files: int = 0
+    unplaced: int = 0               # images without a position, orientation or pixel spacing
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -49,13 +50,53 @@ class Series:
         return f"{self.uid} ({self.modality}, {len(self)} images{', ' + self.description if self.description else ''})"
 
 
-def _rescale(item) -> tuple:
-    return float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)
+#: Pixel and slice spacing a CT series may have, in mm.
+PLAUSIBLE_SPACING_MM = (0.05, 30.0)
+
+
+def _numbers(path: str, name: str, value, n: int) -> np.ndarray:
+    """A header value as exactly ``n`` finite numbers, or a one-line refusal naming the tag."""
+    try:
+        values = [float(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__")
+                                     and not isinstance(value, (str, bytes)) else [value])]
+    except (TypeError, ValueError):
+        raise ScanError(f"{path}: {name} is not numeric") from None
+    if len(values) != n:
+        raise ScanError(f"{path}: {name} has {len(values)} values, not {n}")
+    if not all(np.isfinite(values)):
+        raise ScanError(f"{path}: {name} is not finite")
+    return np.asarray(values, dtype=float)
+
+
+def _rescale(path: str, item) -> tuple:
+    slope = _numbers(path, "RescaleSlope", item.get("RescaleSlope", 1) or 1, 1)[0]
+    intercept = _numbers(path, "RescaleIntercept", item.get("RescaleIntercept", 0) or 0, 1)[0]
+    if slope == 0:
+        raise ScanError(f"{path}: RescaleSlope is 0")
+    return float(slope), float(intercept)
+
+
+def _frame(path: str, index, position, orientation, spacing, rescale) -> Frame:
+    pos = _numbers(path, "ImagePositionPatient", position, 3)
+    ori = _numbers(path, "ImageOrientationPatient", orientation, 6)
+    row, col = ori[:3], ori[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(np.dot(row, col)) > 1e-3:
+        raise ScanError(f"{path}: ImageOrientationPatient {ori.round(4).tolist()} is not two orthogonal unit vectors")
+    sp = _numbers(path, "PixelSpacing", spacing, 2)
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if not all(lo <= v <= hi for v in sp):
+        raise ScanError(f"{path}: PixelSpacing {sp.tolist()} mm is not a CT's ({lo}-{hi} mm)")
+    return Frame(path, index, pos, ori, (float(sp[0]), float(sp[1])), *_rescale(path, rescale))
 
 
 def _frames_of(path: str, ds) -> list:
     """The frames a header describes: one for a classic image, NumberOfFrames for an enhanced one."""
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise ScanError(f"{path}: NumberOfFrames is not a number") from None
+    if n < 1:
+        raise ScanError(f"{path}: NumberOfFrames is {n}")
     if "PerFrameFunctionalGroupsSequence" in ds:
         shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
 
@@ -71,17 +112,15 @@ def _frames_of(path: str, ds) -> list:
                 rescale = group(item, "PixelValueTransformationSequence")
             except ScanError:
                 rescale = ds                   # some writers keep rescale at the top level
-            frames.append(Frame(path, i, np.asarray(group(item, "PlanePositionSequence").ImagePositionPatient, float),
-                                np.asarray(group(item, "PlaneOrientationSequence").ImageOrientationPatient, float),
-                                tuple(float(v) for v in group(item, "PixelMeasuresSequence").PixelSpacing),
-                                *_rescale(rescale)))
+            frames.append(_frame(path, i, group(item, "PlanePositionSequence").get("ImagePositionPatient"),
+                                 group(item, "PlaneOrientationSequence").get("ImageOrientationPatient"),
+                                 group(item, "PixelMeasuresSequence").get("PixelSpacing"), rescale))
         return frames
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
         return []
     if n > 1:
         raise ScanError(f"{path}: a {n}-frame image without per-frame positions cannot be placed in space")
-    return [Frame(path, None, np.asarray(ds.ImagePositionPatient, float), np.asarray(ds.ImageOrientationPatient, float),
-                  tuple(float(v) for v in ds.PixelSpacing), *_rescale(ds))]
+    return [_frame(path, None, ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds)]
 
 
 def find_series(folder: str) -> dict:
@@ -100,12 +139,11 @@ def find_series(folder: str) -> dict:
             if "SeriesInstanceUID" not in ds:
                 continue
             frames = _frames_of(path, ds)
-            if not frames:
-                continue
             uid = str(ds.SeriesInstanceUID)
             s = series.setdefault(uid, Series(uid, str(ds.get("Modality", "")), str(ds.get("SeriesDescription", ""))))
             s.frames += frames
             s.n_files += 1
+            s.unplaced += not frames
     return series
 
 
@@ -137,11 +175,16 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     s, why = choose_series(series, uid)
     if s.modality != "CT" and not allow_non_ct:
         raise ScanError(f"series {s.uid} is {s.modality or 'of unknown modality'}, not CT (use --allow-non-ct)")
+    if s.unplaced:
+        raise ScanError(f"series {s.uid}: {s.unplaced} of {s.n_files} images have no position, orientation or "
+                        "pixel spacing, so the volume cannot be assembled")
     if len(s) < 2:
         raise ScanError(f"series {s.uid} has a single image: a slice, not a volume")
     f0 = s.frames[0]
     if any(not np.allclose(f.orientation, f0.orientation, atol=1e-3) for f in s.frames):
         raise ScanError(f"series {s.uid}: images with different orientations (a localizer or a reformat mixed in)")
+    if any(not np.allclose(f.pixel_spacing, f0.pixel_spacing, rtol=1e-3) for f in s.frames):
+        raise ScanError(f"series {s.uid}: images with different pixel spacings")
     row_dir, col_dir = f0.orientation[:3], f0.orientation[3:]
     normal = np.cross(row_dir, col_dir)
     pos = np.array([np.dot(f.position, normal) for f in s.frames])
@@ -152,6 +195,17 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     if np.any(gaps < 1e-3):
         raise ScanError(f"series {s.uid}: several images share one position (a multi-phase or duplicated series)")
     dz = float(np.median(gaps))
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if not lo <= dz <= hi:
+        raise ScanError(f"series {s.uid}: slices {dz:.4g} mm apart, not a CT's ({lo}-{hi} mm)")
+    if np.ptp(gaps) > 0.1 * dz:
+        raise ScanError(f"series {s.uid}: slices {gaps.min():.3g} to {gaps.max():.3g} mm apart (missing slices?); "
+                        "the spacing must be even")
+    steps = np.diff(np.stack([f.position for f in frames]), axis=0)
+    off_normal = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+    if np.any(off_normal > 0.01 * np.linalg.norm(steps, axis=1) + 1e-3):
+        raise ScanError(f"series {s.uid}: slice positions do not follow the slice normal (gantry tilt?); "
+                        "resample it to an orthogonal grid first")
     dr, dc = f0.pixel_spacing
     slices = _pixels_hu(frames)
     shapes = {a.shape for a in slices}
@@ -167,7 +221,7 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     img = nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), affine)
     info = dict(format="dicom", series=s.uid, modality=s.modality, images=len(frames), files=s.n_files,
-                choice=why, uneven_spacing=bool(np.ptp(gaps) > 0.01 * dz), n_series=len(series))
+                choice=why, n_series=len(series))
     return img, info
 
 

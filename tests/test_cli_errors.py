@@ -269,3 +269,14 @@ def test_options_that_do_not_apply_to_the_input_are_refused(good_scan, tmp_path)
     folder = tmp_path / "dcm"
     folder.mkdir()
     assert_clean_failure(samf("info", str(folder), "--spacing", "1", "1", "1"), "does not apply to a DICOM")
+
+
+def test_npy_files_that_are_not_what_they_claim(tmp_path):
+    ph = make_phantom(5)
+    npz = tmp_path / "archive.npy"
+    with open(npz, "wb") as f:
+        np.savez(f, hu=ph.volume)
+    assert_clean_failure(samf("info", str(npz), "--spacing", "5", "4", "4"), "an .npz archive")
+    cplx = tmp_path / "complex.npy"
+    np.save(cplx, ph.volume.astype(np.complex64))
+    assert_clean_failure(samf("info", str(cplx), "--spacing", "5", "4", "4"), "not real-valued")

@@ -105,3 +105,47 @@ def test_cli_info_and_slices_on_a_dicom_folder(phantom, tmp_path):
     m = Image.open(out / "montage_axial.png")
     assert m.size == (8 * 224, 3 * 224)                   # 8 slices across, 3 windows down (paper preset)
     assert len(list(out.glob("sagittal_*_lung.png"))) == 8
+
+
+def _edited_series(phantom, folder, edit):
+    """A valid series whose files then go through ``edit(index, dataset)`` (return False to drop a tag's file)."""
+    import os
+
+    import pydicom
+
+    write_series(str(folder), phantom.volume, phantom.spacing, shuffle_instance=False)
+    for i, name in enumerate(sorted(os.listdir(folder), key=lambda n: pydicom.dcmread(folder / n).InstanceNumber)):
+        ds = pydicom.dcmread(folder / name)
+        edit(i, ds)
+        ds.save_as(folder / name)
+    return str(folder)
+
+
+def _set(tag, value, only=None):
+    def edit(i, ds):
+        if only is None or i in only:
+            if value is None:
+                del ds[tag]
+            else:
+                setattr(ds, tag, value)
+    return edit
+
+
+@pytest.mark.parametrize("edit,words", [
+    (_set("ImagePositionPatient", [1.0, 2.0], only={3}), "ImagePositionPatient has 2 values"),
+    (_set("ImageOrientationPatient", [1, 0, 0, 0, 1], only={0}), "ImageOrientationPatient has 5 values"),
+    (_set("PixelSpacing", [9.0], only={5}), "PixelSpacing has 1 values"),
+    (_set("PixelSpacing", [0.0, 9.0], only={5}), "PixelSpacing [0.0, 9.0] mm is not a CT's"),
+    (_set("ImageOrientationPatient", [2, 0, 0, 0, 1, 0]), "not two orthogonal unit vectors"),
+    (_set("ImagePositionPatient", None, only=set(range(0, 24, 3))), "8 of 24 images have no position"),
+    (_set("PixelSpacing", [8.5, 9.0], only={7}), "different pixel spacings"),
+    (lambda i, ds: setattr(ds, "ImagePositionPatient", [-100.0 + 3.0 * i, -120.0, 50.0 + 8.0 * i]), "gantry tilt"),
+    (lambda i, ds: setattr(ds, "ImagePositionPatient", [-100.0, -120.0, 50.0 + 8.0 * i + (1e7 if i > 11 else 0)]),
+     "missing slices"),
+    (lambda i, ds: setattr(ds, "ImagePositionPatient", [-100.0, -120.0, 50.0 + 1e7 * i]), "not a CT's"),
+])
+def test_header_values_no_ct_series_has_are_refused_in_one_line(phantom, tmp_path, edit, words):
+    folder = _edited_series(phantom, tmp_path / "dcm", edit)
+    with pytest.raises(ScanError) as e:
+        load_scan(folder)
+    assert words in str(e.value) and "\n" not in str(e.value)
