@@ -16,6 +16,8 @@ bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Pa
 quant_opt = click.option("--quant", default=None, help="which GGUF in the bundle (default: the manifest's)")
 spacing_opt = click.option("--spacing", nargs=3, type=click.FloatRange(min=0.01, max=100.0), default=None,
                            help="voxel spacing Z Y X in mm: for .npy volumes, or instead of a NIfTI header's")
+verbose_opt = click.option("--verbose", is_flag=True,
+                           help="name DICOM series by UID and description (identifiers; off by default)")
 force_opt = click.option("--force", is_flag=True,
                          help="use a volume whose values do not look like a CT (air, soft tissue, anatomy)")
 series_opt = click.option("--series", default=None, help="SeriesInstanceUID, for a DICOM folder with several")
@@ -26,7 +28,7 @@ ctrate_opt = click.option("--ctrate-metadata", type=click.Path(dir_okay=False), 
 
 def scan_options(f):
     """The options that say how to read SCAN, shared by every command that takes one."""
-    for opt in (force_opt, ctrate_opt, non_ct_opt, series_opt, spacing_opt):
+    for opt in (verbose_opt, force_opt, ctrate_opt, non_ct_opt, series_opt, spacing_opt):
         f = opt(f)
     return f
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for the engines")
@@ -36,7 +38,8 @@ gpu_layers_opt = click.option("--gpu-layers", type=int, default=0, show_default=
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)")
 
 
-def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, force=False, quiet=False):
+def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, force=False, verbose=False,
+          quiet=False):
     """Read SCAN with the options of :func:`scan_options`; say which DICOM series was used."""
     import os
 
@@ -51,7 +54,7 @@ def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=N
         if meta is None:
             raise ScanError(f"{os.path.basename(scan)} is not in {ctrate_metadata}")
     vol = load_scan(scan, spacing=tuple(spacing) if spacing else None, series=series, allow_non_ct=allow_non_ct,
-                    ctrate_meta=meta, force=force)
+                    ctrate_meta=meta, force=force, verbose=verbose)
     if not quiet and vol.info.get("choice"):
         click.echo(f"using {vol.info['choice']}", err=True)
     return vol

@@ -59,14 +59,16 @@ def _is_nifti(path: str) -> bool:
 
 
 def load_scan(path: str, spacing: tuple | None = None, series: str | None = None,
-              allow_non_ct: bool = False, ctrate_meta: dict | None = None, force: bool = False) -> Volume:
+              allow_non_ct: bool = False, ctrate_meta: dict | None = None, force: bool = False,
+              verbose: bool = False) -> Volume:
     """Read a scan from ``path`` (NIfTI file, DICOM series folder or .npy volume); raise
     :class:`ScanError` with a one-line reason when it is unusable.
 
     ``series`` picks a SeriesInstanceUID in a folder holding several; ``allow_non_ct`` lets a non-CT
     DICOM series through (its values are then not checked as HU); ``ctrate_meta`` is this volume's row
     of CT-RATE's metadata CSV (:func:`samf.runtime.ctrate.read_metadata`); ``force`` skips the check that
-    the values look like a CT (:func:`check_volume`), not the checks that the file is sound.
+    the values look like a CT (:func:`check_volume`), not the checks that the file is sound. Series UIDs and
+    descriptions (identifiers) appear in messages and ``info`` only when ``verbose``.
     """
     t0 = time.perf_counter()
     if not os.path.exists(path):
@@ -82,7 +84,7 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
     if os.path.isdir(path):
         from .dicom import load_dicom_series
 
-        vol = _canonical(*load_dicom_series(path, series, allow_non_ct), path)
+        vol = _canonical(*load_dicom_series(path, series, allow_non_ct, verbose), path)
     elif _is_nifti(path):
         vol = _load_nifti(path, spacing)
         if ctrate_meta is not None:

@@ -46,7 +46,11 @@ class Series:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
+        """How messages name the series: its modality and size; its UID and description (identifiers under
+        DICOM's de-identification rules, PS3.15) only when ``verbose``."""
+        if not verbose:
+            return f"the {self.modality or 'unknown-modality'} series of {len(self)} images"
         return f"{self.uid} ({self.modality}, {len(self)} images{', ' + self.description if self.description else ''})"
 
 
@@ -147,24 +151,27 @@ def find_series(folder: str) -> dict:
     return series
 
 
-def choose_series(series: dict, uid: str | None = None) -> tuple:
+def choose_series(series: dict, uid: str | None = None, verbose: bool = False) -> tuple:
     """The requested series, or the CT series with the most images; returns (series, a line saying why)."""
     if not series:
         raise ScanError("no DICOM images found")
     if uid is not None:
         if uid not in series:
-            raise ScanError(f"no series {uid}; found: " + "; ".join(s.summary() for s in series.values()))
-        return series[uid], f"series {series[uid].summary()}"
+            found = "; ".join(s.summary(verbose) for s in series.values())
+            raise ScanError(f"no series with that UID; found {found}" + ("" if verbose else " (--verbose lists UIDs)"))
+        return series[uid], series[uid].summary(verbose)
     ct = [s for s in series.values() if s.modality == "CT"] or list(series.values())
     best = max(ct, key=len)
-    why = f"series {best.summary()}"
+    why = best.summary(verbose)
     if len(series) > 1:
-        why += f"; {len(series)} series in the folder, the CT one with most images was chosen (pick with --series)"
+        why += (f"; {len(series)} series in the folder, the CT one with most images was chosen (pick with --series"
+                + ("" if verbose else "; --verbose lists their UIDs") + ")")
     return best, why
 
 
-def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = False):
-    """Read one series of ``folder`` into a nibabel image in patient RAS space, plus a description."""
+def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = False, verbose: bool = False):
+    """Read one series of ``folder`` into a nibabel image in patient RAS space, plus a description (naming
+    the series by UID and description only when ``verbose``)."""
     import nibabel as nib
 
     if not any(files for _, _, files in os.walk(folder)):
@@ -172,19 +179,20 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     series = find_series(folder)
     if not series:
         raise ScanError(f"{folder} holds no DICOM images")
-    s, why = choose_series(series, uid)
+    s, why = choose_series(series, uid, verbose)
+    name = s.summary(verbose)
     if s.modality != "CT" and not allow_non_ct:
-        raise ScanError(f"series {s.uid} is {s.modality or 'of unknown modality'}, not CT (use --allow-non-ct)")
+        raise ScanError(f"{name} is not CT (use --allow-non-ct)")
     if s.unplaced:
-        raise ScanError(f"series {s.uid}: {s.unplaced} of {s.n_files} images have no position, orientation or "
+        raise ScanError(f"{name}: {s.unplaced} of {s.n_files} images have no position, orientation or "
                         "pixel spacing, so the volume cannot be assembled")
     if len(s) < 2:
-        raise ScanError(f"series {s.uid} has a single image: a slice, not a volume")
+        raise ScanError(f"{name} has a single image: a slice, not a volume")
     f0 = s.frames[0]
     if any(not np.allclose(f.orientation, f0.orientation, atol=1e-3) for f in s.frames):
-        raise ScanError(f"series {s.uid}: images with different orientations (a localizer or a reformat mixed in)")
+        raise ScanError(f"{name}: images with different orientations (a localizer or a reformat mixed in)")
     if any(not np.allclose(f.pixel_spacing, f0.pixel_spacing, rtol=1e-3) for f in s.frames):
-        raise ScanError(f"series {s.uid}: images with different pixel spacings")
+        raise ScanError(f"{name}: images with different pixel spacings")
     row_dir, col_dir = f0.orientation[:3], f0.orientation[3:]
     normal = np.cross(row_dir, col_dir)
     pos = np.array([np.dot(f.position, normal) for f in s.frames])
@@ -193,24 +201,24 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     pos = pos[order]
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
-        raise ScanError(f"series {s.uid}: several images share one position (a multi-phase or duplicated series)")
+        raise ScanError(f"{name}: several images share one position (a multi-phase or duplicated series)")
     dz = float(np.median(gaps))
     lo, hi = PLAUSIBLE_SPACING_MM
     if not lo <= dz <= hi:
-        raise ScanError(f"series {s.uid}: slices {dz:.4g} mm apart, not a CT's ({lo}-{hi} mm)")
+        raise ScanError(f"{name}: slices {dz:.4g} mm apart, not a CT's ({lo}-{hi} mm)")
     if np.ptp(gaps) > 0.1 * dz:
-        raise ScanError(f"series {s.uid}: slices {gaps.min():.3g} to {gaps.max():.3g} mm apart (missing slices?); "
+        raise ScanError(f"{name}: slices {gaps.min():.3g} to {gaps.max():.3g} mm apart (missing slices?); "
                         "the spacing must be even")
     steps = np.diff(np.stack([f.position for f in frames]), axis=0)
     off_normal = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
     if np.any(off_normal > 0.01 * np.linalg.norm(steps, axis=1) + 1e-3):
-        raise ScanError(f"series {s.uid}: slice positions do not follow the slice normal (gantry tilt?); "
+        raise ScanError(f"{name}: slice positions do not follow the slice normal (gantry tilt?); "
                         "resample it to an orthogonal grid first")
     dr, dc = f0.pixel_spacing
     slices = _pixels_hu(frames)
     shapes = {a.shape for a in slices}
     if len(shapes) != 1:
-        raise ScanError(f"series {s.uid}: images of different sizes {sorted(shapes)}")
+        raise ScanError(f"{name}: images of different sizes {sorted(shapes)}")
     vol = np.stack(slices, axis=0)                    # [k, row j, col i]
     # Voxel (i, j, k) -> LPS: IPP_0 + i*dc*row_dir + j*dr*col_dir + k*dz*normal; LPS -> RAS flips x, y.
     affine = np.eye(4)
@@ -220,7 +228,8 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     affine[:3, 3] = frames[0].position
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     img = nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), affine)
-    info = dict(format="dicom", series=s.uid, modality=s.modality, images=len(frames), files=s.n_files,
+    info = dict(format="dicom", series=s.uid if verbose else None, modality=s.modality, images=len(frames),
+                files=s.n_files,
                 choice=why, n_series=len(series))
     return img, info
 

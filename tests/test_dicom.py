@@ -44,7 +44,7 @@ def test_several_series_default_and_choice(phantom, tmp_path):
     big = write_series(str(folder / "a"), phantom.volume, phantom.spacing)
     small = write_series(str(folder / "b"), phantom.volume[:8], phantom.spacing)
     write_series(str(folder / "c"), phantom.volume, phantom.spacing, modality="MR")
-    v = load_scan(str(folder))
+    v = load_scan(str(folder), verbose=True)
     assert v.info["series"] == big and "3 series" in v.info["choice"]
     assert load_scan(str(folder), series=small).hu.shape[0] == 8
     with pytest.raises(ScanError, match="no series"):
@@ -149,3 +149,37 @@ def test_header_values_no_ct_series_has_are_refused_in_one_line(phantom, tmp_pat
     with pytest.raises(ScanError) as e:
         load_scan(folder)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_identifiers_appear_only_with_verbose(phantom, tmp_path):
+    """UIDs and series descriptions are identifiers (DICOM PS3.15): not in any output, message or file unless
+    --verbose; patient data never."""
+    import os
+
+    import pydicom
+
+    folder = tmp_path / "dcm"
+    uid = "1.2.826.0.1.3680043.8.498.424242424242"
+    write_series(str(folder), phantom.volume, phantom.spacing, series_uid=uid)
+    write_series(str(folder / "other"), phantom.volume[:10], phantom.spacing, series_uid=uid + ".7")
+    phi = {"PatientName": "Zqxname^Phiwhqsurname", "PatientID": "PHIID-99173", "SeriesDescription": "PHIDESC-5521",
+           "PatientBirthDate": "19230417", "InstitutionName": "PHI-Institute-Xq", "AccessionNumber": "ACC-PHI-3311"}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            ds = pydicom.dcmread(os.path.join(root, n))
+            for k, v in phi.items():
+                setattr(ds, k, v)
+            ds.save_as(os.path.join(root, n))
+    secrets = [uid, "PHIDESC", "Zqxname", "Phiwhqsurname", "PHIID", "19230417", "PHI-Institute", "ACC-PHI"]
+    out = tmp_path / "png"
+    runs = [run_cli("samf", "info", str(folder)), run_cli("samf", "slices", str(folder), "--out", str(out)),
+            run_cli("samf", "info", str(folder), "--series", "9.9.9"),
+            run_cli("samf", "info", str(folder / "other"), "--spacing", "1", "1", "1")]
+    assert [r.returncode for r in runs] == [0, 0, 2, 2]
+    written = "".join(p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file())
+    for text in [r.stdout + r.stderr for r in runs] + [written]:
+        for secret in secrets:
+            assert secret not in text
+    verbose = run_cli("samf", "info", str(folder), "--verbose")
+    assert uid in verbose.stdout and "PHIDESC-5521" in verbose.stdout
+    assert not any(s in verbose.stdout + verbose.stderr for s in secrets if s not in (uid, "PHIDESC"))
