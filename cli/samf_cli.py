@@ -155,9 +155,12 @@ def info(scan, **scan_kw):
               help="use this bundle's preprocessing (default: the paper preset's)")
 @scan_options
 def slices(scan, out_dir, bundle_dir, **scan_kw):
-    """Write the slices the model will see as PNGs (one per slice and window) plus a montage per plane."""
+    """Write the slices the model will see as PNGs (one per slice and window) plus a montage per plane, into
+    OUT/<scan name>/, a folder of this scan's slices only."""
+    import os
+
     from samf.runtime.preprocess import PreprocessConfig
-    from samf.runtime.slices_png import write_slice_pngs
+    from samf.runtime.slices_png import scan_folder_name, write_slice_pngs
 
     vol = _load(scan, **scan_kw)
     if bundle_dir:
@@ -166,8 +169,9 @@ def slices(scan, out_dir, bundle_dir, **scan_kw):
         cfg = read_bundle(bundle_dir, verify_hashes=False).preprocess
     else:
         cfg = PreprocessConfig()
-    files = write_slice_pngs(vol, cfg, out_dir)
-    click.echo(f"wrote {len(files)} images to {out_dir} (montages: {', '.join(f for f in files if 'montage' in f)})")
+    folder = os.path.join(out_dir, scan_folder_name(scan))
+    files = write_slice_pngs(vol, cfg, folder)
+    click.echo(f"wrote {len(files)} images to {folder!r} (montages: {', '.join(f for f in files if 'montage' in f)})")
 
 
 @main.command()

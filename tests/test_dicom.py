@@ -1,5 +1,6 @@
 """DICOM series: order from positions, rescale to HU, series choice, refusals."""
 
+import os
 import shutil
 
 import numpy as np
@@ -102,9 +103,37 @@ def test_cli_info_and_slices_on_a_dicom_folder(phantom, tmp_path):
     proc = run_cli("samf", "slices", str(tmp_path / "dcm"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert (out / "mine.txt").read_text() == "keep me"   # nothing the user had is touched
-    m = Image.open(out / "montage_axial.png")
+    m = Image.open(out / "dcm" / "montage_axial.png")     # each scan's slices in a folder of their own
     assert m.size == (8 * 224, 3 * 224)                   # 8 slices across, 3 windows down (paper preset)
-    assert len(list(out.glob("sagittal_*_lung.png"))) == 8
+    assert len(list((out / "dcm").glob("sagittal_*_lung.png"))) == 8
+    assert sorted(os.listdir(out)) == ["dcm", "mine.txt"]  # and no temporary files
+
+
+def test_a_slices_run_that_dies_half_way_mixes_nothing(phantom, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from samf.runtime.ct import Volume
+    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.slices_png import write_slice_pngs
+
+    vol = Volume(phantom.volume, phantom.spacing, "a")
+    out = tmp_path / "out" / "scan"
+    first = write_slice_pngs(vol, PreprocessConfig(), str(out))
+    before = {n: (out / n).read_bytes() for n in first}
+    real, saved = Image.Image.save, []
+
+    def dies_after_ten(self, fp, *a, **k):
+        if len(saved) == 10:
+            raise KeyboardInterrupt
+        saved.append(fp)
+        return real(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", dies_after_ten)
+    other = Volume(-phantom.volume[::-1], phantom.spacing, "b")  # another scan, same folder name
+    with pytest.raises(KeyboardInterrupt):
+        write_slice_pngs(other, PreprocessConfig(), str(out))
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # the first scan's, untouched
+    assert os.listdir(tmp_path / "out") == ["scan"]
 
 
 def _edited_series(phantom, folder, edit):
