@@ -20,7 +20,7 @@ from .errors import BundleError
 from .manifest import check_manifest
 from .preprocess import PreprocessConfig
 from .prompt import PromptLayout
-from .verified import VerifiedCache
+from .verified import VerifiedCache, stamp_of
 
 SCHEMA_VERSION = 3  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest;
 #                    3: the manifest carries its own digest, and where each GGUF keeps its token embeddings
@@ -38,6 +38,49 @@ def sha256_of(path: str, chunk: int = 1 << 22) -> str:
 
 
 @dataclass
+class OpenArtifact:
+    """An artifact opened once, so that what is verified is what is loaded: engines are given
+    ``/proc/self/fd/N`` (the file this descriptor holds, whatever the bundle's path names by then) or the bytes
+    that were hashed."""
+
+    name: str
+    fd: int
+    real_path: str
+    data: bytes | None = None       # the whole file, when asked for (ONNX models load from these bytes)
+
+    @property
+    def path(self) -> str:
+        """Where an engine opens this very file: ``/proc/self/fd/N`` on Linux, else the bundle path."""
+        proc = f"/proc/self/fd/{self.fd}"
+        return proc if self.fd >= 0 and os.path.exists(proc) else self.real_path
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def hash_fd(fd: int, keep: bool = False) -> tuple:
+    """sha256 of the file open at ``fd`` (read from its start), and its bytes when ``keep``."""
+    h, parts = hashlib.sha256(), []
+    for block in _read_fd(fd):
+        h.update(block)
+        if keep:
+            parts.append(block)
+    return h.hexdigest(), (b"".join(parts) if keep else None)
+
+
+def _read_fd(fd: int, chunk: int = 1 << 22):
+    offset = 0
+    while True:
+        block = os.pread(fd, chunk, offset)
+        if not block:
+            return
+        offset += len(block)
+        yield block
+
+
+@dataclass
 class Bundle:
     root: str
     manifest: dict
@@ -46,24 +89,49 @@ class Bundle:
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
+    def open(self, name: str, verify: bool = True, use_cache: bool = True, read: bool = False) -> OpenArtifact:
+        """Open an artifact (a regular file, not a link) and check its sha256 against the manifest from the
+        same descriptor the engine will load it through; ``read`` keeps its bytes (hashed as read). Hashes
+        found good are remembered (:mod:`samf.runtime.verified`); ``use_cache=False`` always hashes."""
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise BundleError(f"{self.root}: cannot open {name} ({e.strerror})") from None
+        art = OpenArtifact(name, fd, path)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"{self.root}: artifact {name} is not a regular file")
+            stamp = stamp_of(st)
+            want = self.manifest["files"][name]["sha256"]
+            cache = VerifiedCache() if verify else None
+            known = verify and use_cache and cache.known(path, want, stamp)
+            digest = None
+            if verify and not known:
+                digest, art.data = hash_fd(fd, keep=read)
+            elif read:
+                art.data = b"".join(_read_fd(fd))
+            if digest is not None:
+                if digest != want:
+                    cache.forget(path)
+                    cache.save()
+                    raise BundleError(f"{self.root}: {name} does not match its sha256 in the manifest (altered)")
+                cache.add(path, want, stamp, now=stamp_of(os.fstat(fd)))
+                cache.save()
+            if verify:
+                self.verified.add(name)
+            return art
+        except BaseException:
+            art.close()
+            raise
+
     def verify(self, names, use_cache: bool = True) -> None:
         """Check each named artifact's sha256 against the manifest; skip those the cache knows unchanged."""
-        todo = [n for n in names if n not in self.verified]
-        if not todo:
-            return
-        cache = VerifiedCache()
-        try:
-            for name in todo:
-                p, want = self.path(name), self.manifest["files"][name]["sha256"]
-                if not (use_cache and cache.known(p, want)):
-                    stamp = cache.stamp(p)
-                    if sha256_of(p) != want:
-                        cache.forget(p)
-                        raise BundleError(f"{self.root}: {name} does not match its sha256 in the manifest (altered)")
-                    cache.add(p, want, stamp)
-                self.verified.add(name)
-        finally:
-            cache.save()
+        for name in names:
+            if use_cache and name in self.verified:
+                continue
+            self.open(name, use_cache=use_cache).close()
 
     def llm_quant(self, quant: str | None = None) -> str:
         """``quant``, or the manifest's default LLM type when None; refused when the bundle lacks it."""

@@ -47,32 +47,38 @@ class ReportPipeline:
         from samf.engines.llama_cpp_engine import REPACKED_ON_CPU, GGUFTokenEmbeddings, LlamaCppLLM
 
         t0 = time.perf_counter()
-        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes, quant)
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, False)
         self.pre = self.bundle.preprocess
         self.layout = self.bundle.layout
-        llm_path = self.bundle.llm_file(quant)
-        if backend == "tensorrt":
-            plans = self._trt_plans()
-            if verify_hashes:  # plans are executable: never load one that changed
-                self.bundle.verify(plans.values())
-            mods = {n: load_encoder_module(backend, self.bundle.path(p)) for n, p in plans.items()}
-        else:
-            if verify_hashes:  # only what is loaded; a no-op where read_bundle just checked it
-                self.bundle.verify([f"{n}.onnx" for n in ("vit", "aggregator", "fusion")])
-            mods = {n: load_encoder_module(backend, self.bundle.path(f"{n}.onnx"), threads=n_threads or 0)
-                    for n in ("vit", "aggregator", "fusion")}
-        if verify_hashes:
-            self.bundle.verify([self.bundle.llm_name(quant)])
-        self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
         quant = self.bundle.llm_quant(quant)
+        # Each artifact is opened once and verified through that descriptor (or from the very bytes loaded):
+        # a file swapped at the bundle's path after its check is not what runs.
+        self._open: list = []
+        if backend == "tensorrt":
+            plans = self._trt_plans()  # plans are executable: never load one that changed
+            mods = {n: load_encoder_module(backend, self._artifact(p, verify_hashes).path) for n, p in plans.items()}
+        else:
+            mods = {}
+            for n in ("vit", "aggregator", "fusion"):
+                art = self._artifact(f"{n}.onnx", verify_hashes, read=True)
+                mods[n] = load_encoder_module(backend, art.real_path, threads=n_threads or 0, model_bytes=art.data)
+                art.data = None
+        self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
+        llm = self._artifact(self.bundle.llm_name(quant), verify_hashes)
+        llm_path = llm.path
         four_bit = n_gpu_layers == 0 and quant.startswith(REPACKED_ON_CPU)
         self.llm = LlamaCppLLM(llm_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                                repack=repack if four_bit else None)
         self.embed = GGUFTokenEmbeddings(llm_path, self.bundle.token_embd(quant))
         self._check_engines_fit()
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
-                             llm=llm_path.rsplit("/", 1)[-1], encoders=getattr(self.vit, "provider", backend))
+                             llm=llm.name, encoders=getattr(self.vit, "provider", backend))
         self.load_s = time.perf_counter() - t0
+
+    def _artifact(self, name: str, verify: bool, read: bool = False):
+        art = self.bundle.open(name, verify=verify, read=read)
+        self._open.append(art)
+        return art
 
     def _check_engines_fit(self) -> None:
         """The loaded engines take what the manifest says they take: else one line now, not an error deep
@@ -162,3 +168,5 @@ class ReportPipeline:
 
     def close(self) -> None:
         self.llm.close()
+        for art in self._open:
+            art.close()

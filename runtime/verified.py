@@ -26,9 +26,13 @@ def cache_path() -> str:
     return os.path.join(base, "samf", "verified.json")
 
 
-def _stamp(path: str) -> list:
-    st = os.stat(path)
+def stamp_of(st: os.stat_result) -> list:
+    """What the cache keys a file's content on: size, mtime, ctime, inode and device."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _stamp(path: str) -> list:
+    return stamp_of(os.stat(path))
 
 
 class VerifiedCache:
@@ -49,18 +53,20 @@ class VerifiedCache:
         """The stat to record for ``path``; take it *before* hashing, so a write during hashing is not cached."""
         return _stamp(path)
 
-    def known(self, path: str, sha256: str) -> bool:
-        """Whether ``path`` was hashed to ``sha256`` and its stat has not changed since."""
+    def known(self, path: str, sha256: str, stamp: list | None = None) -> bool:
+        """Whether ``path`` was hashed to ``sha256`` and its stat (``stamp``: of the file as opened; default:
+        as the path now names it) has not changed since."""
         e = self.entries.get(os.path.abspath(path))
         try:
-            return isinstance(e, dict) and e.get("sha256") == sha256 and e.get("stat") == _stamp(path)
+            return isinstance(e, dict) and e.get("sha256") == sha256 and e.get("stat") == (stamp or _stamp(path))
         except OSError:
             return False
 
-    def add(self, path: str, sha256: str, stamp: list) -> None:
-        """Remember a good hash, unless the file changed while it was being hashed."""
+    def add(self, path: str, sha256: str, stamp: list, now: list | None = None) -> None:
+        """Remember a good hash, unless the file changed while it was being hashed (``now``: its stat after
+        hashing, when the caller holds it open; default: the path's)."""
         with contextlib.suppress(OSError):
-            if _stamp(path) == stamp:
+            if (now or _stamp(path)) == stamp:
                 self.entries[os.path.abspath(path)] = dict(sha256=sha256, stat=stamp)
                 self.changed = True
 

@@ -49,9 +49,10 @@ def stand_in_manifest(files: dict) -> dict:
 
 @pytest.fixture()
 def hashed(monkeypatch):
-    """The names of the files sha256_of is asked to hash."""
-    calls, real = [], B.sha256_of
-    monkeypatch.setattr(B, "sha256_of", lambda p, *a: calls.append(os.path.basename(p)) or real(p, *a))
+    """The names of the files hashed."""
+    calls, real = [], B.hash_fd
+    monkeypatch.setattr(B, "hash_fd", lambda fd, *a, **k: calls.append(
+        os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))) or real(fd, *a, **k))
     return calls
 
 
@@ -194,3 +195,18 @@ def test_an_artifact_swapped_for_a_link_to_elsewhere_is_refused(bundle, cache, t
     (bundle / "llm-Q8_0.gguf").unlink()
     os.symlink(outside, bundle / "llm-Q8_0.gguf")
     _refused(bundle, "llm-Q8_0.gguf is not a regular file")
+
+
+def test_what_is_loaded_is_what_was_verified_even_if_the_path_is_swapped_after(bundle, cache):
+    b = B.read_bundle(str(bundle), verify_hashes=False)
+    art = b.open("llm-Q8_0.gguf")                       # verified through this descriptor
+    onnx = b.open("vit.onnx", read=True)                # or these bytes
+    good, good_onnx = (bundle / "llm-Q8_0.gguf").read_bytes(), (bundle / "vit.onnx").read_bytes()
+    for name in ("llm-Q8_0.gguf", "vit.onnx"):          # an attacker replaces both files after the check
+        (bundle / f"{name}.evil").write_bytes(os.urandom(len(good)))
+        os.replace(bundle / f"{name}.evil", bundle / name)
+    assert open(art.path, "rb").read() == good and onnx.data == good_onnx
+    assert art.path.startswith("/proc/self/fd/")
+    art.close(), onnx.close()
+    with pytest.raises(BundleError, match="llm-Q8_0.gguf does not match"):
+        b.open("llm-Q8_0.gguf")                         # the next open checks the new file

@@ -93,8 +93,8 @@ def test_a_fresh_bundle_needs_no_hashing_and_a_later_edit_is_still_caught(synthe
 
     bundle, _, _ = synthetic
     hashed = []
-    real = B.sha256_of
-    monkeypatch.setattr(B, "sha256_of", lambda p, *a: hashed.append(p) or real(p, *a))
+    real = B.hash_fd
+    monkeypatch.setattr(B, "hash_fd", lambda fd, *a, **k: hashed.append(fd) or real(fd, *a, **k))
     B.read_bundle(bundle, quant="Q4_K_M")
     assert hashed == []  # the export remembered what it hashed
     path = os.path.join(bundle, "fusion.onnx")
