@@ -24,9 +24,7 @@ def available_providers(prefer_gpu: bool = True) -> list:
 class OrtModule:
     """One exported module; call it with named numpy inputs, get its first output."""
 
-    def __init__(self, path: str, prefer_gpu: bool = True, threads: int = 0, model_bytes: bytes | None = None):
-        """``model_bytes``: the model itself, already read (and verified) by the caller; ``path`` then only
-        names it in messages."""
+    def __init__(self, path: str, prefer_gpu: bool = True, threads: int = 0):
         ort = _ort()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -35,8 +33,7 @@ class OrtModule:
         # spinning ORT threads were measured to slow llama.cpp's prefill from ~1 ms to ~50 ms (tiny model).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(path if model_bytes is None else model_bytes, sess_options=opts,
-                                                providers=available_providers(prefer_gpu))
+            self.session = ort.InferenceSession(path, sess_options=opts, providers=available_providers(prefer_gpu))
         except Exception as e:
             raise SamfError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}

@@ -40,13 +40,11 @@ def sha256_of(path: str, chunk: int = 1 << 22) -> str:
 @dataclass
 class OpenArtifact:
     """An artifact opened once, so that what is verified is what is loaded: engines are given
-    ``/proc/self/fd/N`` (the file this descriptor holds, whatever the bundle's path names by then) or the bytes
-    that were hashed."""
+    ``/proc/self/fd/N``, the file this descriptor holds, whatever the bundle's path names by then."""
 
     name: str
     fd: int
     real_path: str
-    data: bytes | None = None       # the whole file, when asked for (ONNX models load from these bytes)
 
     @property
     def path(self) -> str:
@@ -60,24 +58,15 @@ class OpenArtifact:
             self.fd = -1
 
 
-def hash_fd(fd: int, keep: bool = False) -> tuple:
-    """sha256 of the file open at ``fd`` (read from its start), and its bytes when ``keep``."""
-    h, parts = hashlib.sha256(), []
-    for block in _read_fd(fd):
-        h.update(block)
-        if keep:
-            parts.append(block)
-    return h.hexdigest(), (b"".join(parts) if keep else None)
-
-
-def _read_fd(fd: int, chunk: int = 1 << 22):
-    offset = 0
+def hash_fd(fd: int, chunk: int = 1 << 22) -> str:
+    """sha256 of the file open at ``fd``, read from its start (the descriptor's offset is left alone)."""
+    h, offset = hashlib.sha256(), 0
     while True:
         block = os.pread(fd, chunk, offset)
         if not block:
-            return
+            return h.hexdigest()
+        h.update(block)
         offset += len(block)
-        yield block
 
 
 @dataclass
@@ -89,10 +78,10 @@ class Bundle:
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
-    def open(self, name: str, verify: bool = True, use_cache: bool = True, read: bool = False) -> OpenArtifact:
+    def open(self, name: str, verify: bool = True, use_cache: bool = True) -> OpenArtifact:
         """Open an artifact (a regular file, not a link) and check its sha256 against the manifest from the
-        same descriptor the engine will load it through; ``read`` keeps its bytes (hashed as read). Hashes
-        found good are remembered (:mod:`samf.runtime.verified`); ``use_cache=False`` always hashes."""
+        same descriptor the engine will load it through (:attr:`OpenArtifact.path`). Hashes found good are
+        remembered (:mod:`samf.runtime.verified`); ``use_cache=False`` always hashes."""
         path = self.path(name)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -107,13 +96,8 @@ class Bundle:
             want = self.manifest["files"][name]["sha256"]
             cache = VerifiedCache() if verify else None
             known = verify and use_cache and cache.known(path, want, stamp)
-            digest = None
             if verify and not known:
-                digest, art.data = hash_fd(fd, keep=read)
-            elif read:
-                art.data = b"".join(_read_fd(fd))
-            if digest is not None:
-                if digest != want:
+                if hash_fd(fd) != want:
                     cache.forget(path)
                     cache.save()
                     raise BundleError(f"{self.root}: {name} does not match its sha256 in the manifest (altered)")
