@@ -166,8 +166,9 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None)
     try:
         with open(mpath, encoding="utf-8") as f:
             manifest = json.loads(f.read(MANIFEST_MAX_BYTES + 1))
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{mpath}: unreadable manifest ({e})".splitlines()[0]) from None
+    except (OSError, ValueError, RecursionError) as e:
+        detail = "nested too deep" if isinstance(e, RecursionError) else e
+        raise BundleError(f"{mpath}: unreadable manifest ({detail})".splitlines()[0]) from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{root}: the manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("schema") != SCHEMA_VERSION:

@@ -210,3 +210,8 @@ def test_what_is_loaded_is_what_was_verified_even_if_the_path_is_swapped_after(b
     art.close(), onnx.close()
     with pytest.raises(BundleError, match="llm-Q8_0.gguf does not match"):
         b.open("llm-Q8_0.gguf")                         # the next open checks the new file
+
+
+def test_a_manifest_nested_too_deep_to_parse(bundle):
+    (bundle / B.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    _refused(bundle, "unreadable manifest")
