@@ -257,12 +257,18 @@ class GGUFTokenEmbeddings:
         return self._dequantize(rows, self._type).astype(np.float32).reshape(len(ids), -1)
 
 
-def token_embd_location(gguf_path: str) -> dict:
-    """Where a GGUF keeps ``token_embd.weight``: its type name, numpy-order shape and byte offset."""
+def gguf_tensor_infos(path: str) -> dict:
+    """name -> (type name, numpy-order shape, byte offset, byte count) of every tensor in a GGUF, from its
+    header alone (gguf-py's reader; the data is not read)."""
     import gguf
 
-    found = [t for t in gguf.GGUFReader(gguf_path).tensors if t.name == "token_embd.weight"]
-    if not found:
+    return {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
+                     int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
+
+
+def token_embd_location(gguf_path: str) -> dict:
+    """Where a GGUF keeps ``token_embd.weight``: its type name, numpy-order shape and byte offset."""
+    info = gguf_tensor_infos(gguf_path).get("token_embd.weight")
+    if info is None:
         raise SamfError(f"{gguf_path} has no token_embd.weight tensor")
-    t = found[0]
-    return dict(type=t.tensor_type.name, shape=[int(d) for d in reversed(t.shape)], offset=int(t.data_offset))
+    return dict(type=info[0], shape=list(info[1]), offset=info[2])

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from samf.engines.llama_cpp_engine import gguf_tensor_infos
 from samf.train.llm_folder import LLMFolderError, LLMTokenizer, read_llm_config
 
 #: llama.cpp file types by name (``llama_ftype`` in llama.h).
@@ -201,17 +202,6 @@ QUANT_TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 0.01, "Q6_K":
                    "Q2_K": 0.45}
 
 
-def _gguf_tensors(path: str) -> dict:
-    """name -> (type name, numpy shape, byte offset, byte count), from the header; data is not mapped in."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    out = {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
-                    int(t.n_bytes)) for t in reader.tensors}
-    del reader
-    return out
-
-
 def _read_gguf_rows(path: str, info: tuple, rows: int | None = None) -> np.ndarray:
     """A tensor's first ``rows`` rows (all when None) as float32, read with plain file reads so that checking a
     many-GB file does not leave it resident in this process's memory."""
@@ -236,7 +226,7 @@ def check_gguf_against_checkpoint(ckpt_dir: str, gguf_path: str, outtype: str) -
     import gguf
 
     cfg = read_llm_config(ckpt_dir)
-    tensors = _gguf_tensors(gguf_path)
+    tensors = gguf_tensor_infos(gguf_path)
     plan = _tensor_plan(ckpt_dir, gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, cfg["num_hidden_layers"]), outtype)
     if sorted(tensors) != sorted(p[0] for p in plan):
         raise RuntimeError(f"{gguf_path}: tensors {sorted(set(tensors) ^ {p[0] for p in plan})} differ from "
@@ -256,7 +246,7 @@ def check_quantized_gguf(base_path: str, quant_path: str, rows: int = 32) -> dic
     """A quantized GGUF against the unquantized one it came from: the same tensors and shapes, and the first
     ``rows`` rows of each within its type's :data:`QUANT_TOLERANCE` (relative RMS error). Returns
     ``{tensor type: worst relative RMS error}``."""
-    base, quant = _gguf_tensors(base_path), _gguf_tensors(quant_path)
+    base, quant = gguf_tensor_infos(base_path), gguf_tensor_infos(quant_path)
     if sorted(base) != sorted(quant):
         raise RuntimeError(f"{quant_path}: tensors {sorted(set(base) ^ set(quant))} differ from {base_path}")
     worst: dict = {}

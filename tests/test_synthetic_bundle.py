@@ -41,8 +41,8 @@ def _corrupt(path: str, offset: int) -> None:
 
 
 def test_gguf_checks_catch_a_changed_tensor(tmp_path):
+    from samf.engines.llama_cpp_engine import gguf_tensor_infos
     from samf.export.gguf_convert import (
-        _gguf_tensors,
         check_gguf_against_checkpoint,
         check_quantized_gguf,
         convert_to_gguf,
@@ -56,10 +56,10 @@ def test_gguf_checks_catch_a_changed_tensor(tmp_path):
     errs = check_quantized_gguf(base, q8)
     assert 0 < errs["Q8_0"] < 0.01
 
-    _corrupt(base, _gguf_tensors(base)["blk.1.ffn_down.weight"][2] + 64)
+    _corrupt(base, gguf_tensor_infos(base)["blk.1.ffn_down.weight"][2] + 64)
     with pytest.raises(RuntimeError, match="blk.1.ffn_down.weight does not hold"):
         check_gguf_against_checkpoint(ckpt, base, "F16")
-    _corrupt(q8, _gguf_tensors(q8)["blk.0.attn_qkv.weight"][2] + 34)  # inside the first row's second block
+    _corrupt(q8, gguf_tensor_infos(q8)["blk.0.attn_qkv.weight"][2] + 34)  # inside the first row's second block
     with pytest.raises(RuntimeError, match="blk.0.attn_qkv.weight"):
         check_quantized_gguf(convert_to_gguf(ckpt, str(tmp_path / "f16b.gguf"), "F16"), q8)
 
