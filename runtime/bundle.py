@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 
 from .errors import BundleError
-from .manifest import check_manifest
+from .manifest import ENCODER_FILES, check_manifest
 from .preprocess import PreprocessConfig
 from .prompt import PromptLayout
 from .verified import VerifiedCache, stamp_of
@@ -26,15 +26,14 @@ SCHEMA_VERSION = 3  # 2: the prompt layout (token ids, end tokens) is the LLM's 
 #                    3: the manifest carries its own digest, and where each GGUF keeps its token embeddings
 MANIFEST_MAX_BYTES = 16 << 20
 MANIFEST = "manifest.json"
-ENCODER_FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx")
 
 
-def sha256_of(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_of(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -26,8 +26,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: The largest scan accepted, in voxels, checked against the file's header before anything is read
 #: (2 GiB as float32: a 512×512×2048 CT fits). ``SAMF_MAX_VOXELS`` in the environment overrides it.
 MAX_VOXELS = 1 << 29
-#: Voxel sizes a NIfTI header may declare, in mm; outside them the file's spacing is refused (``--spacing``
-#: overrides it).
+#: Voxel sizes a CT may have, in mm: a NIfTI header's outside them is refused (``--spacing`` overrides it), and
+#: so are a DICOM series' pixel and slice spacings.
 PLAUSIBLE_SPACING_MM = (0.05, 30.0)
 #: Fewer voxels than this along any axis is not a volume the model can read.
 MIN_VOXELS_PER_AXIS = 8
@@ -75,8 +75,6 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
         raise ScanError(f"scan not found: {path}")
     if not os.path.isdir(path) and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would hang
         raise ScanError(f"{path!r} is not a regular file")
-    if spacing is not None and not (os.path.isdir(path) or _is_nifti(path) or path.lower().endswith(".npy")):
-        raise ScanError("--spacing applies to NIfTI and .npy scans only")
     if spacing is not None and os.path.isdir(path):
         raise ScanError("--spacing does not apply to a DICOM folder: its spacing comes from the series")
     if series is not None and not os.path.isdir(path):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .ct import PLAUSIBLE_SPACING_MM
 from .errors import ScanError
 
 #: What to install for compressed transfer syntaxes pydicom cannot decode by itself.
@@ -54,15 +55,11 @@ class Series:
         return f"{self.uid} ({self.modality}, {len(self)} images{', ' + self.description if self.description else ''})"
 
 
-#: Pixel and slice spacing a CT series may have, in mm.
-PLAUSIBLE_SPACING_MM = (0.05, 30.0)
-
-
 def _numbers(path: str, name: str, value, n: int) -> np.ndarray:
     """A header value as exactly ``n`` finite numbers, or a one-line refusal naming the tag."""
+    items = [value] if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") else value
     try:
-        values = [float(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__")
-                                     and not isinstance(value, (str, bytes)) else [value])]
+        values = [float(v) for v in items]
     except (TypeError, ValueError):
         raise ScanError(f"{path}: {name} is not numeric") from None
     if len(values) != n:
@@ -229,8 +226,7 @@ def load_dicom_series(folder: str, uid: str | None = None, allow_non_ct: bool = 
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     img = nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), affine)
     info = dict(format="dicom", series=s.uid if verbose else None, modality=s.modality, images=len(frames),
-                files=s.n_files,
-                choice=why, n_series=len(series))
+                files=s.n_files, choice=why, n_series=len(series))
     return img, info
 
 

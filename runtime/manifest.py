@@ -20,6 +20,8 @@ import json
 
 from .errors import BundleError
 
+#: The encoder artifacts every bundle holds.
+ENCODER_FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx")
 #: A plain file name: no separator, not "." or "..", no control characters.
 PLAIN_NAME = r"^(?!\.\.?$)[^/\\\x00-\x1f]{1,255}$"
 
@@ -125,13 +127,11 @@ def seal(manifest: dict) -> dict:
     return manifest
 
 
-def check_manifest(manifest, root: str) -> None:
-    """Shape, integrity and compatibility of a manifest read from ``root``; :class:`BundleError` on the first
-    problem."""
+def check_manifest(manifest: dict, root: str) -> None:
+    """Shape, integrity and compatibility of a manifest (a JSON object) read from ``root``; :class:`BundleError`
+    on the first problem."""
     import jsonschema
 
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{root}: the manifest is a JSON {type(manifest).__name__}, not an object")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(manifest))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top)"
@@ -161,7 +161,7 @@ def check_compatibility(m: dict, root: str) -> None:
     if m["llm"]["default"] not in m["llm"]["files"]:
         problems.append(f"the default LLM {m['llm']['default']} is not among its files")
     named = set(m["llm"]["files"].values()) | {p for e in m["engines"].get("tensorrt", []) for p in e["plans"].values()}
-    missing = sorted(n for n in named | {"vit.onnx", "aggregator.onnx", "fusion.onnx"} if n not in m["files"])
+    missing = sorted(n for n in named | set(ENCODER_FILES) if n not in m["files"])
     if missing:
         problems.append(f"the manifest does not list {', '.join(missing)}")
     if problems:
