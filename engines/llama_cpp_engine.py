@@ -24,6 +24,8 @@ import numpy as np
 
 from samf.runtime.errors import EngineUnavailable, SamfError
 
+from .greedy import greedy_decode
+
 
 def _llama_cpp():
     try:
@@ -186,24 +188,19 @@ class LlamaCppLLM:
             raise SamfError(f"request needs {total} positions but the LLM context holds {self.n_ctx}")
         t0 = time.perf_counter()
         pos, _ = self._prefill(head, rows, tail)
+        prompt = pos
         t1 = time.perf_counter()
-        ids, logits = [], []
-        for _ in range(max_new_tokens):
-            step = self._logits_at(-1)
-            if return_logits:
-                logits.append(step)
-            nxt = int(step.argmax())
-            if nxt in stop:
-                break
-            ids.append(nxt)
-            if len(ids) == max_new_tokens:
-                break  # nothing will read the logits after the last token
-            self._decode(pos, tokens=[nxt])
+
+        def advance(token: int):
+            nonlocal pos
+            self._decode(pos, tokens=[token])
             pos += 1
+            return self._logits_at(-1)
+
+        ids, logits = greedy_decode(self._logits_at(-1), advance, stop, max_new_tokens, return_logits)
         t2 = time.perf_counter()
         out = dict(ids=ids, text=self.detokenize(ids), prefill_s=t1 - t0, decode_s=t2 - t1,
-                   prompt_tokens=len(head) + len(rows) + len(tail), new_tokens=len(ids),
-                   decode_steps=pos - (len(head) + len(rows) + len(tail)))
+                   prompt_tokens=prompt, new_tokens=len(ids), decode_steps=pos - prompt)
         if return_logits:
             out["logits"] = np.stack(logits) if logits else np.zeros((0, self.n_vocab), np.float32)
         return out

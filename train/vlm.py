@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from samf.engines.greedy import greedy_decode
 from samf.runtime.atomic import atomic_file
 from samf.runtime.prompt import PromptLayout
 
@@ -186,19 +187,16 @@ class SamfVLM(nn.Module):
             emb = torch.cat([self.token_embeddings(torch.tensor([lay.head()], dtype=torch.long, device=dev)),
                              fused, self.token_embeddings(torch.tensor([lay.tail(prompt)], device=dev))], dim=1)
             out = self.llm(inputs_embeds=emb, use_cache=True)
-        ids, logits, stop = [], [], lay.stop_ids() if stop_at_end else set()
+
+        def advance(token: int):
+            nonlocal out
+            out = self.llm(input_ids=torch.tensor([[token]], device=dev), past_key_values=out.past_key_values,
+                           use_cache=True)
+            return out.logits[0, -1].float()
+
         with clock("decode"):
-            for _ in range(max_new_tokens):
-                step = out.logits[0, -1].float()
-                logits.append(step)
-                nxt = int(step.argmax())
-                if nxt in stop:
-                    break
-                ids.append(nxt)
-                if len(ids) == max_new_tokens:
-                    break  # the runtime does not decode the token after the last one either
-                out = self.llm(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values,
-                               use_cache=True)
+            ids, logits = greedy_decode(out.logits[0, -1].float(), advance,
+                                        lay.stop_ids() if stop_at_end else set(), max_new_tokens, return_logits)
         return (ids, torch.stack(logits)) if return_logits else ids
 
     # ---------------------------------------------------------------------------- persistence
