@@ -93,23 +93,61 @@ def quantize_cmd(src, dst, qtype):
     click.echo(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
 
-@main.command("verify")
-@click.argument("bundle_dir", type=click.Path())
-def verify_cmd(bundle_dir):
-    """Re-hash every artifact of BUNDLE_DIR against its manifest, ignoring the verification cache.
-
-    A start hashes only what it loads and skips files unchanged since they were last hashed; this checks all."""
+def _verify_everything(bundle_dir: str, trusted_keys=()) -> int:
+    """Re-hash every artifact, print one line each; BundleError unless all match. Returns the file count."""
     from samf.runtime.bundle import verify_all
     from samf.runtime.errors import BundleError
 
-    results = verify_all(bundle_dir)
+    results = verify_all(bundle_dir, trusted_keys)
     for name, size, problem in results:
         click.echo(f"{'ok' if problem is None else 'ALTERED':<8}{name} ({size / 1e6:.1f} MB)")
     bad = [name for name, _, problem in results if problem]
     if bad:
         raise BundleError(f"{bundle_dir}: {len(bad)} of {len(results)} files do not match their sha256 in the "
                           f"manifest: {', '.join(bad)}")
-    click.echo(f"{bundle_dir}: all {len(results)} files match the manifest")
+    return len(results)
+
+
+@main.command("verify")
+@click.argument("bundle_dir", type=click.Path())
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              envvar="SAMF_TRUSTED_KEY", help="public key that must have signed the bundle (repeatable)")
+def verify_cmd(bundle_dir, trusted_keys):
+    """Re-hash every artifact of BUNDLE_DIR against its manifest, ignoring the verification cache.
+
+    A start hashes only what it loads and skips files unchanged since they were last hashed; this checks all."""
+    n = _verify_everything(bundle_dir, trusted_keys)
+    signed = " and its signature is by a trusted key" if trusted_keys else ""
+    click.echo(f"{bundle_dir}: all {n} files match the manifest{signed}")
+
+
+@main.command("keygen")
+@click.argument("private_key", type=click.Path(dir_okay=False))
+def keygen_cmd(private_key):
+    """Make an Ed25519 key pair for signing bundles: PRIVATE_KEY (PEM, readable by you only) and
+    PRIVATE_KEY.pub, the public key that workstations trust. `openssl genpkey -algorithm ed25519` and
+    `ssh-keygen -t ed25519` keys work as well."""
+    from samf.runtime.signature import write_keypair
+
+    public, fp = write_keypair(private_key)
+    click.echo(f"wrote {private_key!r} (keep it secret) and {public!r} ({fp})")
+
+
+@main.command("sign")
+@click.argument("bundle_dir", type=click.Path())
+@click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False),
+              help="Ed25519 private key, PEM or OpenSSH (passphrase in $SAMF_KEY_PASSPHRASE)")
+def sign_cmd(bundle_dir, private_key):
+    """Sign BUNDLE_DIR's manifest (and so every artifact's sha256) after re-hashing every artifact: writes
+    manifest.sig, which `samf report --trusted-key` requires."""
+    from samf.runtime.bundle import read_bundle
+    from samf.runtime.signature import load_private_key, sign_manifest
+
+    load_private_key(private_key)  # a bad key or passphrase fails before minutes of hashing
+    bundle = read_bundle(bundle_dir, verify_hashes=False)
+    n = _verify_everything(bundle_dir)
+    fp = sign_manifest(bundle_dir, bundle.manifest_bytes, private_key)
+    click.echo(f"{bundle_dir}: {n} files verified, manifest signed by {fp}")
 
 
 @main.command("build-engines")
@@ -120,10 +158,14 @@ def verify_cmd(bundle_dir):
 def build_engines(bundle_dir, max_slices, max_prompt_tokens, workspace_gib):
     """Build TensorRT plans for this GPU from the bundle's ONNX files and record them in its manifest."""
     from samf.export.tensorrt_build import build_bundle_engines
+    from samf.runtime.signature import SIGNATURE
 
+    signed = os.path.exists(os.path.join(bundle_dir, SIGNATURE))
     entry = build_bundle_engines(bundle_dir, max_slices=max_slices, max_prompt_tokens=max_prompt_tokens,
                                  workspace_gib=workspace_gib, log=click.echo)
     click.echo(f"TensorRT {entry['tensorrt']} plans for {entry['gpu']} added to {bundle_dir}")
+    if signed:
+        click.echo(f"the manifest changed, so its signature was removed: run `samf-export sign {bundle_dir} --key K`")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ from .common import SamfGroup
 
 bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Path(),
                           help="bundle directory written by `samf-export bundle`")
+trusted_key_opt = click.option(
+    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), envvar="SAMF_TRUSTED_KEY",
+    help="Ed25519 public key (PEM or OpenSSH) that must have signed the bundle (`samf-export sign`); repeat for "
+         "several; default: $SAMF_TRUSTED_KEY (':'-separated)")
 quant_opt = click.option("--quant", default=None, help="which GGUF in the bundle (default: the manifest's)")
 spacing_opt = click.option("--spacing", nargs=3, type=click.FloatRange(min=0.01, max=100.0), default=None,
                            help="voxel spacing Z Y X in mm: for .npy volumes, or instead of a NIfTI header's")
@@ -73,6 +77,7 @@ def main():
 @main.command()
 @click.argument("scan", type=click.Path())
 @bundle_opt
+@trusted_key_opt
 @quant_opt
 @scan_options
 @click.option("--request", default=None, help="the report request (default: the trained one)")
@@ -81,7 +86,8 @@ def main():
 @threads_opt
 @backend_opt
 @gpu_layers_opt
-def report(scan, bundle_dir, quant, request, max_tokens, as_json, threads, backend, gpu_layers, **scan_kw):
+def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, threads, backend, gpu_layers,
+           **scan_kw):
     """Write the findings report for SCAN (.nii, .nii.gz, a DICOM series folder, or .npy)."""
     from samf.runtime.pipeline import ReportPipeline
 
@@ -90,7 +96,7 @@ def report(scan, bundle_dir, quant, request, max_tokens, as_json, threads, backe
     # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than repacking
     # saves on one report); n_ctx: the report, plus room for the image rows and the request.
     pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
-                          n_ctx=max_tokens + 768, repack=False)
+                          n_ctx=max_tokens + 768, repack=False, trusted_keys=trusted_keys)
     res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(dict(scan=scan, report=res.text, timings_s=res.timings, identity=res.identity,
@@ -104,6 +110,7 @@ def report(scan, bundle_dir, quant, request, max_tokens, as_json, threads, backe
 @main.command()
 @click.argument("scan", type=click.Path())
 @bundle_opt
+@trusted_key_opt
 @quant_opt
 @scan_options
 @click.option("--question", required=True)
@@ -111,13 +118,13 @@ def report(scan, bundle_dir, quant, request, max_tokens, as_json, threads, backe
 @threads_opt
 @backend_opt
 @gpu_layers_opt
-def vqa(scan, bundle_dir, quant, question, choices, threads, backend, gpu_layers, **scan_kw):
+def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backend, gpu_layers, **scan_kw):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.pipeline import ReportPipeline
 
     vol = _load(scan, **scan_kw)
     pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
-                          repack=False)  # one question per process, as for report
+                          repack=False, trusted_keys=trusted_keys)  # one question per process, as for report
     letter, res = pipe.answer(vol, question, list(choices))
     click.echo(f"{letter or '?'}  ({res.text})")
 
@@ -153,8 +160,9 @@ def info(scan, **scan_kw):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(),
               help="use this bundle's preprocessing (default: the paper preset's)")
+@trusted_key_opt
 @scan_options
-def slices(scan, out_dir, bundle_dir, **scan_kw):
+def slices(scan, out_dir, bundle_dir, trusted_keys, **scan_kw):
     """Write the slices the model will see as PNGs (one per slice and window) plus a montage per plane, into
     OUT/<scan name>/, a folder of this scan's slices only."""
     import os
@@ -166,7 +174,7 @@ def slices(scan, out_dir, bundle_dir, **scan_kw):
     if bundle_dir:
         from samf.runtime.bundle import read_bundle
 
-        cfg = read_bundle(bundle_dir, verify_hashes=False).preprocess
+        cfg = read_bundle(bundle_dir, verify_hashes=False, trusted_keys=trusted_keys).preprocess
     else:
         cfg = PreprocessConfig()
     folder = os.path.join(out_dir, scan_folder_name(scan))
@@ -176,6 +184,7 @@ def slices(scan, out_dir, bundle_dir, **scan_kw):
 
 @main.command()
 @bundle_opt
+@trusted_key_opt
 @click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="dataset folder with test.csv (e.g. samf-demo/data); default: synthetic chest-CT phantoms")
 @click.option("--scans", default=24, show_default=True, type=click.IntRange(min=1))
@@ -184,7 +193,7 @@ def slices(scan, out_dir, bundle_dir, **scan_kw):
               help="decode exactly this many tokens per report, end token or not (random-weight bundles)")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
 @threads_opt
-def bench(bundle_dir, data_dir, scans, quants, new_tokens, out_json, threads):
+def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_json, threads):
     """Per-stage latency, decode speed and quantization cost of a bundle on held-out scans."""
     import tempfile
 
@@ -197,7 +206,7 @@ def bench(bundle_dir, data_dir, scans, quants, new_tokens, out_json, threads):
 
             data_dir = tmp
             generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)
-        out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens)
+        out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens, trusted_keys)
         if data_dir == tmp:
             out["data"] = f"{scans} synthetic phantoms (seed 7)"
     click.echo(format_bench(out))

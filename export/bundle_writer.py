@@ -14,16 +14,18 @@ an export does not hash the bundle again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 
 from samf import __version__
 from samf.runtime.atomic import atomic_dir, atomic_file
-from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
-from samf.runtime.errors import SamfError
+from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, read_bundle, sha256_of
+from samf.runtime.errors import BundleError, SamfError
 from samf.runtime.manifest import seal
 from samf.runtime.prompt import REPORT_REQUESTS
+from samf.runtime.signature import SIGNATURE
 from samf.runtime.verified import VerifiedCache
 
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
@@ -107,14 +109,20 @@ def remember_verified(bundle_dir: str, manifest: dict) -> None:
 
 
 def update_manifest(bundle_dir: str, update) -> dict:
-    """Apply ``update(manifest)`` and rehash the listed files; the manifest is replaced atomically."""
-    path = os.path.join(bundle_dir, MANIFEST)
-    with open(path) as f:
-        manifest = json.load(f)
+    """Apply ``update(manifest)``, which may add files with an empty entry (``files[name] = {}``); those are
+    hashed, and every file already listed must still match its hash (a changed one is refused, never
+    re-blessed). The manifest is replaced atomically; a signature it had no longer holds and is removed."""
+    manifest = read_bundle(bundle_dir, verify_hashes=False).manifest
     update(manifest)
-    for name in list(manifest["files"]):
+    for name, meta in list(manifest["files"].items()):
         p = os.path.join(bundle_dir, name)
-        manifest["files"][name] = dict(sha256=sha256_of(p), size=os.path.getsize(p))
-    with atomic_file(path) as f:
+        digest = sha256_of(p)
+        if meta and digest != meta["sha256"]:
+            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (altered); "
+                              "not updating the manifest")
+        manifest["files"][name] = dict(sha256=digest, size=os.path.getsize(p))
+    with atomic_file(os.path.join(bundle_dir, MANIFEST)) as f:
         json.dump(seal(manifest), f, indent=2)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(bundle_dir, SIGNATURE))
     return manifest

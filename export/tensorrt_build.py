@@ -32,8 +32,12 @@ def build_bundle_engines(bundle_dir: str, max_slices: int | None = None, max_pro
     for name, prof in profiles.items():
         plan = f"{name}.plan"
         log(f"build-engines: {name} ...")
-        facts = build_plan(b.path(f"{name}.onnx"), os.path.join(bundle_dir, plan), prof, workspace_gib,
-                           timing_cache=os.path.join(bundle_dir, "timing.cache"))
+        onnx = b.open(f"{name}.onnx")  # built from the very file that was verified
+        try:
+            facts = build_plan(onnx.path, os.path.join(bundle_dir, plan), prof, workspace_gib,
+                               timing_cache=os.path.join(bundle_dir, "timing.cache"))
+        finally:
+            onnx.close()
         plans[name] = plan
     entry = dict(facts, plans=plans)
 

@@ -46,11 +46,11 @@ def rss_mb() -> dict:
 
 
 def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int | None,
-                new_tokens: int | None = None) -> dict:
+                new_tokens: int | None = None, trusted_keys=()) -> dict:
     """One GGUF type on ``scans``: a warm-up report, then one each. With ``new_tokens`` every report decodes
     exactly that many tokens (the model's end token is not honoured; random weights never say it) and the
     reference reports' loss is not measured."""
-    pipe = ReportPipeline(bundle, quant=quant, n_threads=threads)
+    pipe = ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys)
     mem_loaded = rss_mb()
     kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
     pipe.report(scans[0], **kw)  # warm-up
@@ -72,16 +72,17 @@ def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int |
 
 
 def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = None, quants=None,
-              new_tokens: int | None = None) -> dict:
+              new_tokens: int | None = None, trusted_keys=()) -> dict:
     """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv; returns the results as a dict."""
     from .bundle import read_bundle
 
     with open(os.path.join(data, "test.csv")) as f:
         rows = list(csv.DictReader(f))[:n_scans]
     scans, refs = [os.path.join(data, r["image"]) for r in rows], [r["caption"] for r in rows]
-    manifest = read_bundle(bundle, verify_hashes=False).manifest  # each pipeline verifies what it loads
+    # Each pipeline verifies what it loads.
+    manifest = read_bundle(bundle, verify_hashes=False, trusted_keys=trusted_keys).manifest
     quants = list(quants or manifest["llm"]["files"])
-    runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens) for q in quants]
+    runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens, trusted_keys) for q in quants]
     ref = runs[0]["texts"]
     for r in runs:
         r["same_report_as_first"] = sum(a == b for a, b in zip(r.pop("texts"), ref)) / len(ref)

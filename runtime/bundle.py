@@ -20,6 +20,7 @@ from .errors import BundleError
 from .manifest import ENCODER_FILES, check_manifest
 from .preprocess import PreprocessConfig
 from .prompt import PromptLayout
+from .signature import check_signature
 from .verified import VerifiedCache, stamp_of
 
 SCHEMA_VERSION = 3  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest;
@@ -73,6 +74,8 @@ class Bundle:
     root: str
     manifest: dict
     verified: set = field(default_factory=set)  # names hashed (or found in the cache) by this instance
+    signed_by: str | None = None  # fingerprint of the trusted key whose signature was checked
+    manifest_bytes: bytes = b""  # manifest.json as read and checked (what a signature covers)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -149,8 +152,11 @@ class Bundle:
         return self.path(self.llm_name(quant))
 
 
-def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None) -> Bundle:
+def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None, trusted_keys=()) -> Bundle:
     """Open and verify a bundle; raise :class:`BundleError` with one line on the first problem.
+
+    ``trusted_keys``: public key files; when given, the manifest must carry a signature by one of them
+    (:mod:`samf.runtime.signature`).
 
     Every file must be there at its size; the encoders and the ``quant`` LLM (the default one when None)
     are hashed, or found unchanged since they last were."""
@@ -159,13 +165,21 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None)
         raise BundleError(f"bundle not found: {root}")
     if not os.path.lexists(mpath):
         raise BundleError(f"{root} is not a samf bundle (no {MANIFEST})")
-    st = os.stat(mpath)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > MANIFEST_MAX_BYTES:
-        raise BundleError(f"{mpath}: not a manifest (a regular file of at most {MANIFEST_MAX_BYTES >> 20} MB)")
+    try:  # non-blocking, so that a FIFO put in its place is refused instead of waited on
+        fd = os.open(mpath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MANIFEST_MAX_BYTES:
+                raise BundleError(f"{mpath}: not a manifest (a regular file of at most "
+                                  f"{MANIFEST_MAX_BYTES >> 20} MB)")
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
+    except OSError as e:
+        raise BundleError(f"{mpath}: unreadable manifest ({e.strerror})") from None
+    # Checked on the very bytes that are parsed next, before anything else reads them.
+    signed_by = check_signature(root, raw, trusted_keys) if trusted_keys else None
     try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.loads(f.read(MANIFEST_MAX_BYTES + 1))
-    except (OSError, ValueError, RecursionError) as e:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
         detail = "nested too deep" if isinstance(e, RecursionError) else e
         raise BundleError(f"{mpath}: unreadable manifest ({detail})".splitlines()[0]) from None
     if not isinstance(manifest, dict):
@@ -185,15 +199,15 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None)
         if st.st_size != meta["size"]:
             raise BundleError(f"{root}: {name} is {st.st_size} bytes, manifest says {meta['size']} "
                               "(altered or truncated)")
-    bundle = Bundle(root=root, manifest=manifest)
+    bundle = Bundle(root=root, manifest=manifest, signed_by=signed_by, manifest_bytes=raw)
     if verify_hashes:
         bundle.verify(ENCODER_FILES + (bundle.llm_name(quant),))
     return bundle
 
 
-def verify_all(root: str) -> list:
+def verify_all(root: str, trusted_keys=()) -> list:
     """Re-hash every artifact, ignoring the cache: ``[(name, size, problem or None)]``; refreshes the cache."""
-    bundle = read_bundle(root, verify_hashes=False)
+    bundle = read_bundle(root, verify_hashes=False, trusted_keys=trusted_keys)
     out = []
     for name, meta in sorted(bundle.manifest["files"].items()):
         try:

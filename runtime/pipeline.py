@@ -38,16 +38,17 @@ class ReportPipeline:
 
     def __init__(self, bundle: str | Bundle, quant: str | None = None, backend: str = "onnxruntime",
                  n_threads: int | None = None, n_gpu_layers: int = 0, verify_hashes: bool = True,
-                 n_ctx: int = 1024, repack: bool = True):
+                 n_ctx: int = 1024, repack: bool = True, trusted_keys=()):
         """``n_ctx``: positions the LLM's cache holds (prompt, image rows and report); a request that needs
         more is refused in one line. Its KV cache costs 0.4 GB per 1024 positions at Phi-3-mini's size.
         ``repack``: faster decoding of 4-bit GGUFs on CPU for 2 s more of loading (see
-        :class:`~samf.engines.llama_cpp_engine.LlamaCppLLM`); worth it when one load serves several scans."""
+        :class:`~samf.engines.llama_cpp_engine.LlamaCppLLM`); worth it when one load serves several scans.
+        ``trusted_keys``: public key files, one of which must have signed the bundle's manifest."""
         from samf.engines import load_encoder_module
         from samf.engines.llama_cpp_engine import REPACKED_ON_CPU, GGUFTokenEmbeddings, LlamaCppLLM
 
         t0 = time.perf_counter()
-        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, False)
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, False, trusted_keys=trusted_keys)
         self.pre = self.bundle.preprocess
         self.layout = self.bundle.layout
         quant = self.bundle.llm_quant(quant)
@@ -70,7 +71,8 @@ class ReportPipeline:
         self.embed = GGUFTokenEmbeddings(llm_path, self.bundle.token_embd(quant))
         self._check_engines_fit()
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
-                             llm=llm.name, encoders=getattr(self.vit, "provider", backend))
+                             llm=llm.name, encoders=getattr(self.vit, "provider", backend),
+                             signed_by=self.bundle.signed_by)
         self.load_s = time.perf_counter() - t0
 
     def _artifact(self, name: str, verify: bool):
