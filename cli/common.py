@@ -40,6 +40,8 @@ class SamfGroup(click.Group):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # Deprecation chatter from the training libraries is for their developers, not our users.
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # The readers' warnings about odd files: what matters reaches the user as our own one-line error.
+        warnings.filterwarnings("ignore", module=r"(pydicom|nibabel)(\.|$)")
         try:
             return super().invoke(ctx)
         except SamfError as e:

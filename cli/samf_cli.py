@@ -35,11 +35,12 @@ def scan_options(f):
     for opt in (verbose_opt, force_opt, ctrate_opt, non_ct_opt, series_opt, spacing_opt):
         f = opt(f)
     return f
-threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for the engines")
+threads_opt = click.option("--threads", type=click.IntRange(min=1, max=1024), default=None,
+                           help="CPU threads for the engines (default: all cores)")
 backend_opt = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                            show_default=True, help="engine for the ViT, aggregator and fusion")
-gpu_layers_opt = click.option("--gpu-layers", type=int, default=0, show_default=True,
-                              help="LLM layers offloaded to the GPU (llama.cpp built with CUDA)")
+gpu_layers_opt = click.option("--gpu-layers", type=click.IntRange(min=-1, max=100000), default=0, show_default=True,
+                              help="LLM layers offloaded to the GPU (llama.cpp built with CUDA; -1: all)")
 
 
 def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, force=False, verbose=False,
@@ -64,6 +65,21 @@ def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=N
     return vol
 
 
+def _not_blank(ctx, param, value):
+    """A text option that was given must say something."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty")
+    return value
+
+
+def _four_choices(ctx, param, value):
+    if len(value) != 4:
+        raise click.BadParameter(f"give exactly four choices (A-D), not {len(value)}")
+    if any(not v.strip() for v in value):
+        raise click.BadParameter("a choice is empty")
+    return value
+
+
 def _timings_line(t: dict) -> str:
     return "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items())
 
@@ -80,7 +96,7 @@ def main():
 @trusted_key_opt
 @quant_opt
 @scan_options
-@click.option("--request", default=None, help="the report request (default: the trained one)")
+@click.option("--request", default=None, callback=_not_blank, help="the report request (default: the trained one)")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 @threads_opt
@@ -113,8 +129,9 @@ def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, 
 @trusted_key_opt
 @quant_opt
 @scan_options
-@click.option("--question", required=True)
-@click.option("--choice", "choices", multiple=True, required=True, help="give exactly four, in order A-D")
+@click.option("--question", required=True, callback=_not_blank)
+@click.option("--choice", "choices", multiple=True, required=True, callback=_four_choices,
+              help="give exactly four, in order A-D")
 @threads_opt
 @backend_opt
 @gpu_layers_opt

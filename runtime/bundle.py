@@ -122,9 +122,9 @@ class Bundle:
     def llm_quant(self, quant: str | None = None) -> str:
         """``quant``, or the manifest's default LLM type when None; refused when the bundle lacks it."""
         llms = self.manifest["llm"]
-        quant = quant or llms["default"]
+        quant = llms["default"] if quant is None else quant
         if quant not in llms["files"]:
-            raise BundleError(f"bundle has no {quant} LLM; it has {', '.join(sorted(llms['files']))}")
+            raise BundleError(f"bundle has no {quant or repr(quant)} LLM; it has {', '.join(sorted(llms['files']))}")
         return quant
 
     def llm_name(self, quant: str | None = None) -> str:

@@ -31,6 +31,8 @@ MAX_VOXELS = 1 << 29
 PLAUSIBLE_SPACING_MM = (0.05, 30.0)
 #: Fewer voxels than this along any axis is not a volume the model can read.
 MIN_VOXELS_PER_AXIS = 8
+#: The smallest extent along any axis, in mm, that the preprocessing can place its slices in.
+MIN_EXTENT_MM = 40.0
 
 
 def max_voxels() -> int:
@@ -109,7 +111,10 @@ def _load_nifti(path: str, spacing=None) -> Volume:
 
     import nibabel as nib  # lazy: keeps `import samf.runtime` light
 
-    logging.getLogger("nibabel").setLevel(logging.ERROR)  # its header fix-ups: we check and say what is wrong
+    # nibabel reports header fix-ups and problems through loggers of its own (with their own handlers): we
+    # check the header and say in one line what is wrong, so they stay silent.
+    for name in ("nibabel", "nibabel.global"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     try:
         img = nib.load(path)  # the header only; data stays on disk
         shape = tuple(int(n) for n in img.shape)
@@ -126,11 +131,23 @@ def _load_nifti(path: str, spacing=None) -> Volume:
         if n > max_voxels():
             raise ScanError(f"{path}: declares {'×'.join(map(str, shape))} = {n:,} voxels, more than the "
                             f"{max_voxels():,} accepted (SAMF_MAX_VOXELS)")
+        raw = _raw_header(img, path)
+        if int(raw["sizeof_hdr"]) != raw.sizeof_hdr:
+            raise ScanError(f"{path}: header size {int(raw['sizeof_hdr'])}, not a NIfTI header's {raw.sizeof_hdr}")
+        magic = bytes(raw["magic"]).rstrip(b"\x00")
+        if magic not in (b"n+1", b"n+2"):
+            raise ScanError(f"{path}: not a single-file NIfTI (magic {magic!r})")
+        slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
+        if np.isinf(slope) or (np.isfinite(slope) and slope != 0 and not np.isfinite(inter)):
+            raise ScanError(f"{path}: header scaling scl_slope {slope:g}, scl_inter {inter:g} is not finite")
         if spacing is None:
-            _check_nifti_spacing(img, path)
+            _check_nifti_spacing(img, raw, path)
+        end = int(img.dataobj.offset) + n * dtype.itemsize  # where nibabel reads the voxels from
         if path.lower().endswith(".gz"):
-            end = int(img.header.get("vox_offset", 352)) + n * dtype.itemsize
             img = type(img).from_bytes(_gunzip_whole(path, end))
+        elif os.path.getsize(path) > end:  # a header that lost a dimension or a type reads the data wrong
+            raise ScanError(f"{path}: holds {os.path.getsize(path) - end:,} bytes more than its header declares "
+                            f"({end:,}); header and data do not match")
         img = nib.squeeze_image(img)
         vol = _canonical(img, {"format": "nifti"}, path)
     except ScanError:
@@ -143,22 +160,26 @@ def _load_nifti(path: str, spacing=None) -> Volume:
     return vol
 
 
-def _check_nifti_spacing(img, path: str) -> None:
-    """The header's own pixdim (nibabel quietly sets a zero one to 1 mm on load) and the affine's voxel sizes."""
-    lo, hi = PLAUSIBLE_SPACING_MM
+def _raw_header(img, path: str):
+    """The header as the file holds it, before nibabel's fix-ups (it quietly sets a zero pixdim to 1 mm)."""
     with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
-        raw = type(img).header_class.from_fileobj(f, check=False)
+        return type(img).header_class.from_fileobj(f, check=False)
+
+
+def _check_nifti_spacing(img, raw, path: str) -> None:
+    """The header's own pixdim and the affine's voxel sizes: positive, finite, a CT's."""
+    lo, hi = PLAUSIBLE_SPACING_MM
     pixdim = [float(z) for z in raw["pixdim"][1:4]]
     voxel = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     for what, sizes in (("pixdim", pixdim), ("affine voxel size", voxel)):
-        if not all(np.isfinite(s) and lo <= abs(s) <= hi for s in sizes):
+        if not all(np.isfinite(s) and lo <= s <= hi for s in sizes):
             raise ScanError(f"{path}: header {what} {[float(f'{s:.4g}') for s in sizes]} mm is not a CT's "
                             f"({lo}-{hi} mm); give the spacing with --spacing Z Y X")
 
 
-def _gunzip_whole(path: str, expected: int, slack: int = 1 << 16) -> bytes:
+def _gunzip_whole(path: str, expected: int) -> bytes:
     """The whole decompressed stream of a gzip file, its CRC and length checked; refused when it holds more than
-    ``expected`` bytes (plus ``slack``) or is cut short."""
+    the ``expected`` bytes (a gzip bomb, or a header that does not match its data) or is cut short."""
     out = bytearray()
     try:
         with gzip.open(path, "rb") as f:
@@ -167,7 +188,7 @@ def _gunzip_whole(path: str, expected: int, slack: int = 1 << 16) -> bytes:
                 if not block:
                     break
                 out += block
-                if len(out) > expected + slack:
+                if len(out) > expected:
                     raise ScanError(f"{path}: holds more data than its header declares ({expected:,} bytes)")
     except (OSError, EOFError, zlib.error) as e:
         raise ScanError(f"cannot read NIfTI {path}: corrupt gzip stream ({e})".splitlines()[0]) from None
@@ -262,6 +283,10 @@ def check_volume(vol: Volume, force: bool = False) -> None:
                         f"{MIN_VOXELS_PER_AXIS} voxels along every axis)")
     if any(not np.isfinite(s) or s <= 0 for s in vol.spacing):
         raise ScanError(f"{vol.source}: invalid voxel spacing {vol.spacing}")
+    extent = np.asarray(hu.shape) * np.asarray(vol.spacing, dtype=np.float64)
+    if (extent < MIN_EXTENT_MM).any():
+        raise ScanError(f"{vol.source}: scan extent {np.round(extent).astype(int).tolist()} mm is too small for a "
+                        f"CT volume (at least {MIN_EXTENT_MM:.0f} mm along every axis)")
     if not np.isfinite(hu).all():
         raise ScanError(f"{vol.source}: volume has NaN or infinite voxels")
     lo, hi = float(hu.min()), float(hu.max())

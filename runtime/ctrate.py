@@ -32,15 +32,23 @@ def ctrate_path(root: str, split_dir: str, volume_name: str) -> str:
 def read_metadata(csv_path: str) -> dict:
     """``{VolumeName: dict(spacing=(z, y, x), slope, intercept)}`` from CT-RATE's metadata CSV."""
     out = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                xy = ast.literal_eval(row["XYSpacing"]) if row.get("XYSpacing") else None
-                spacing = (float(row["ZSpacing"]), float(xy[1]), float(xy[0])) if xy else None
-                out[row["VolumeName"]] = dict(spacing=spacing, slope=float(row.get("RescaleSlope") or 1.0),
-                                              intercept=float(row.get("RescaleIntercept") or 0.0))
-            except (KeyError, ValueError, SyntaxError, TypeError, IndexError) as e:
-                raise ScanError(f"{csv_path}: bad metadata row for {row.get('VolumeName')}: {e}") from None
+    if not os.path.isfile(csv_path):  # a FIFO would block the read
+        raise ScanError(f"{csv_path!r} is not a regular file" if os.path.exists(csv_path)
+                        else f"metadata file not found: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ScanError(f"{csv_path}: not a CT-RATE metadata CSV ({type(e).__name__})") from None
+    for row in rows:
+        try:
+            xy = ast.literal_eval(row["XYSpacing"]) if row.get("XYSpacing") else None
+            spacing = (float(row["ZSpacing"]), float(xy[1]), float(xy[0])) if xy else None
+            out[row["VolumeName"]] = dict(spacing=spacing, slope=float(row.get("RescaleSlope") or 1.0),
+                                          intercept=float(row.get("RescaleIntercept") or 0.0))
+        except (KeyError, ValueError, SyntaxError, TypeError, IndexError, RecursionError, MemoryError) as e:
+            raise ScanError(f"{csv_path}: bad metadata row for {str(row.get('VolumeName'))[:80]!r}: "
+                            f"{type(e).__name__}") from None
     return out
 
 

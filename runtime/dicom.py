@@ -69,11 +69,16 @@ def _numbers(path: str, name: str, value, n: int) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
+def _value_or(value, default):
+    """A tag's value, or ``default`` where the tag is absent or empty (but not where it holds 0)."""
+    return default if value is None or (isinstance(value, (str, bytes)) and not value.strip()) else value
+
+
 def _rescale(path: str, item) -> tuple:
-    slope = _numbers(path, "RescaleSlope", item.get("RescaleSlope", 1) or 1, 1)[0]
-    intercept = _numbers(path, "RescaleIntercept", item.get("RescaleIntercept", 0) or 0, 1)[0]
-    if slope == 0:
-        raise ScanError(f"{path}: RescaleSlope is 0")
+    slope = _numbers(path, "RescaleSlope", _value_or(item.get("RescaleSlope"), 1), 1)[0]
+    intercept = _numbers(path, "RescaleIntercept", _value_or(item.get("RescaleIntercept"), 0), 1)[0]
+    if slope <= 0:  # a CT's stored values grow with HU; a zero or negative slope is a broken header
+        raise ScanError(f"{path}: RescaleSlope is {slope:g}, not positive")
     return float(slope), float(intercept)
 
 
@@ -93,7 +98,7 @@ def _frame(path: str, index, position, orientation, spacing, rescale) -> Frame:
 def _frames_of(path: str, ds) -> list:
     """The frames a header describes: one for a classic image, NumberOfFrames for an enhanced one."""
     try:
-        n = int(ds.get("NumberOfFrames", 1) or 1)
+        n = int(_value_or(ds.get("NumberOfFrames"), 1))
     except (TypeError, ValueError):
         raise ScanError(f"{path}: NumberOfFrames is not a number") from None
     if n < 1:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ct import Volume
+from .ct import MIN_EXTENT_MM, Volume
 from .errors import ScanError
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -33,7 +33,7 @@ class PreprocessConfig:
     windows: tuple = DEFAULT_WINDOWS      # one channel per (centre, width) HU window
     body_threshold_hu: float = -500.0     # voxels above this are "body" when placing slices
     body_threshold_unit: float = 0.05     # the same for volumes normalised to [0, 1] (M3D)
-    min_extent_mm: float = 40.0           # refuse scans thinner than this along any axis
+    min_extent_mm: float = MIN_EXTENT_MM  # refuse scans thinner than this along any axis
     slab: str = "thin"                    # "thin" slices, or "mip"/"mean" over the slab between neighbours
     slab_samples: int = 5                 # planes sampled across each slab (mip/mean)
 

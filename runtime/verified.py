@@ -21,7 +21,12 @@ from .atomic import atomic_file
 CACHE_VERSION = 1
 
 
-def cache_path() -> str:
+def cache_path() -> str | None:
+    """Where the cache lives: ``$SAMF_VERIFY_CACHE`` (a file, or ``off`` for none: every start hashes what it
+    loads and nothing is written outside the bundle and ``--out``), else ``$XDG_CACHE_HOME/samf/verified.json``."""
+    chosen = os.environ.get("SAMF_VERIFY_CACHE")
+    if chosen:
+        return None if chosen.lower() in ("off", "0", "no", "none") else chosen
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "samf", "verified.json")
 
@@ -39,10 +44,12 @@ class VerifiedCache:
     """Load once, ask :meth:`known`, :meth:`add` after hashing, :meth:`save` at the end (atomic, best effort)."""
 
     def __init__(self, path: str | None = None):
-        self.path = path or cache_path()
+        self.path = path or cache_path()  # None: no cache (every check hashes, nothing is saved)
         self.entries: dict = {}
         self.forgotten: set = set()
         self.changed = False
+        if self.path is None:
+            return
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
             with open(self.path) as f:
                 data = json.load(f)
@@ -77,7 +84,7 @@ class VerifiedCache:
 
     def save(self) -> None:
         """Merge with what other processes wrote meanwhile, drop entries of deleted files, write atomically."""
-        if not self.changed:
+        if not self.changed or self.path is None:
             return
         merged = {**VerifiedCache(self.path).entries, **self.entries}
         merged = {p: e for p, e in merged.items() if p not in self.forgotten and os.path.exists(p)}

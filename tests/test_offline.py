@@ -47,3 +47,10 @@ def test_no_socket_is_opened_and_nothing_is_written_outside_the_cache(tiny_bundl
     assert calls == []
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p != log)
     assert written == ["home/.cache/samf/verified.json"]  # the bundle-verification cache, nothing else
+
+    # Without the cache, nothing at all is written outside the bundle (the report goes to stdout).
+    shutil.rmtree(home / ".cache")
+    proc = subprocess.run([sys.executable, "-c", PROBE.replace("time.sleep(12)", "pass"), tiny_bundle],
+                          capture_output=True, text=True, env={**env, "SAMF_VERIFY_CACHE": "off"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file() and p != log) == []

@@ -1,0 +1,125 @@
+"""The fuzz suite: several hundred seeded hostile and valid inputs (tests/fuzz_cases.py) through the real CLI.
+
+Every case ends in a valid result, or in exit 2 with exactly one ``error:`` line; never a traceback, never
+past 60 s, never above 2 GB of RSS, and nothing that should be refused is accepted. About a fifth of the cases
+(picked by a hash of their name, so the same ones every run) are fast tests; the rest are marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+import fuzz_cases
+import pytest
+from cli_runner import MODULES
+
+TIMEOUT_S = 60
+MAX_RSS_BYTES = 2 << 30
+FAST_SHARE = 5  # one case in FAST_SHARE runs in `make test`
+
+
+@dataclass
+class Outcome:
+    returncode: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    max_rss_bytes: int
+
+
+def run_measured(argv: list, cwd: str, env: dict, timeout: float = TIMEOUT_S) -> Outcome:
+    """Run a console script in a fresh interpreter; its own peak RSS from wait4, killed after ``timeout``."""
+    tool, *args = argv
+    code = f"import sys; from samf.cli.{MODULES[tool]} import main; sys.exit(main())"
+    out_path, err_path = os.path.join(cwd, ".stdout"), os.path.join(cwd, ".stderr")
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        t0 = time.monotonic()
+        status = rusage = None
+        while True:
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - t0 > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, status, rusage = os.wait4(proc.pid, 0)
+                status = None
+                break
+            time.sleep(0.02)
+        proc.returncode = 0  # reaped here; keep Popen from waiting on it again
+    seconds = time.monotonic() - t0
+    read = lambda p: open(p, "rb").read().decode("utf-8", "replace")  # noqa: E731
+    code = None if status is None else os.waitstatus_to_exitcode(status)
+    return Outcome(code, read(out_path), read(err_path), seconds, rusage.ru_maxrss * 1024)
+
+
+@pytest.fixture(scope="session")
+def fuzz_context(trained, tmp_path_factory) -> fuzz_cases.Context:
+    from samf.runtime.ct import save_nifti
+    from samf.runtime.signature import sign_manifest, write_keypair
+    from samf.train.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("fuzz-shared")
+    scan = str(root / "scan.nii.gz")
+    ph = make_phantom(11)
+    save_nifti(scan, ph.volume, ph.spacing)
+    trusted, _ = write_keypair(str(root / "site.key"))
+    other, _ = write_keypair(str(root / "other.key"))
+    signed = str(root / "signed-bundle")
+    shutil.copytree(trained.bundle, signed)
+    with open(os.path.join(signed, "manifest.json"), "rb") as f:
+        sign_manifest(signed, f.read(), str(root / "site.key"))
+    return fuzz_cases.Context(bundle=trained.bundle, signed_bundle=signed, trusted_key=trusted, other_key=other,
+                              scan=scan)
+
+
+CASES = fuzz_cases.generate()
+
+
+def _param(case):
+    fast = zlib.crc32(case.id.encode()) % FAST_SHARE == 0
+    return pytest.param(case, id=case.id, marks=() if fast else pytest.mark.slow)
+
+
+def check(case: fuzz_cases.Case, res: Outcome) -> None:
+    where = f"{case.id}: rc={res.returncode} after {res.seconds:.1f} s\n{res.stderr[-2000:]}"
+    assert res.returncode is not None, f"hung (killed after {TIMEOUT_S} s): {where}"
+    assert "Traceback" not in res.stderr, f"traceback: {where}"
+    assert res.max_rss_bytes < MAX_RSS_BYTES, f"{res.max_rss_bytes / 2**30:.2f} GB RSS: {where}"
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    refused = res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    if case.expect == "accept":
+        assert res.returncode == 0, f"a valid input was refused: {where}"
+    elif case.expect == "refuse":
+        assert res.returncode != 0, f"garbage accepted: {where}"
+        assert refused, f"not one clean error line with exit 2: {where}"
+        for w in case.words:
+            assert w in lines[0], f"{w!r} not in the error: {where}"
+    else:
+        assert res.returncode == 0 or refused, f"neither a result nor one clean error: {where}"
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_fuzz_case(case, fuzz_context, tmp_path):
+    folder = str(tmp_path)
+    argv = case.make(folder, fuzz_context)
+    env = {**os.environ, **case.env}
+    res = run_measured(argv, folder, env)
+    check(case, res)
+
+
+def test_the_suite_is_large_and_covers_every_family():
+    by_family = {}
+    for c in CASES:
+        by_family.setdefault(c.family, []).append(c.expect)
+    assert len(CASES) >= 300
+    assert set(by_family) == {"nifti-header", "nifti-bytes", "npy", "dicom", "values", "cli", "bundle"}
+    assert all("refuse" in e and "accept" in e for e in by_family.values())
