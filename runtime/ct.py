@@ -283,19 +283,19 @@ def check_volume(vol: Volume, force: bool = False) -> None:
                         f"{MIN_VOXELS_PER_AXIS} voxels along every axis)")
     if any(not np.isfinite(s) or s <= 0 for s in vol.spacing):
         raise ScanError(f"{vol.source}: invalid voxel spacing {vol.spacing}")
-    extent = np.asarray(hu.shape) * np.asarray(vol.spacing, dtype=np.float64)
-    if (extent < MIN_EXTENT_MM).any():
-        raise ScanError(f"{vol.source}: scan extent {np.round(extent).astype(int).tolist()} mm is too small for a "
-                        f"CT volume (at least {MIN_EXTENT_MM:.0f} mm along every axis)")
     if not np.isfinite(hu).all():
         raise ScanError(f"{vol.source}: volume has NaN or infinite voxels")
     lo, hi = float(hu.min()), float(hu.max())
     if vol.intensity == "unit":
         if hi - lo < 1e-3:
             raise ScanError(f"{vol.source}: a constant volume (all voxels {lo:.3f})")
-        return
-    if not force:
+    elif not force:
         check_ct_values(vol, lo, hi)
+    # Last: values in the wrong units (a raw CT-RATE volume, whose header says 1 mm) are the likelier fault.
+    extent = np.asarray(hu.shape) * np.asarray(vol.spacing, dtype=np.float64)
+    if (extent < MIN_EXTENT_MM).any():
+        raise ScanError(f"{vol.source}: scan extent {np.round(extent).astype(int).tolist()} mm is too small for a "
+                        f"CT volume (at least {MIN_EXTENT_MM:.0f} mm along every axis)")
 
 
 #: What every chest CT shows (``check_ct_values``): air outside the body and in the lungs, soft tissue, and

@@ -7,6 +7,7 @@ past 60 s, never above 2 GB of RSS, and nothing that should be refused is accept
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,10 +36,17 @@ class Outcome:
 
 
 def run_measured(argv: list, cwd: str, env: dict, timeout: float = TIMEOUT_S) -> Outcome:
-    """Run a console script in a fresh interpreter; its own peak RSS from wait4, killed after ``timeout``."""
+    """Run a console script in a fresh interpreter, killed after ``timeout``. Its peak RSS is its own VmHWM,
+    written at exit (wait4's ru_maxrss would start at the size of this pytest process, which spawned it)."""
     tool, *args = argv
-    code = f"import sys; from samf.cli.{MODULES[tool]} import main; sys.exit(main())"
     out_path, err_path = os.path.join(cwd, ".stdout"), os.path.join(cwd, ".stderr")
+    hwm_path = os.path.join(cwd, ".vmhwm")
+    code = ("import atexit, sys\n"
+            "def _hwm():\n"
+            "    line = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+            f"    open({hwm_path!r}, 'w').write(line.split()[1])\n"
+            "atexit.register(_hwm)\n"
+            f"from samf.cli.{MODULES[tool]} import main; sys.exit(main())")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd, env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -58,7 +66,11 @@ def run_measured(argv: list, cwd: str, env: dict, timeout: float = TIMEOUT_S) ->
     seconds = time.monotonic() - t0
     read = lambda p: open(p, "rb").read().decode("utf-8", "replace")  # noqa: E731
     code = None if status is None else os.waitstatus_to_exitcode(status)
-    return Outcome(code, read(out_path), read(err_path), seconds, rusage.ru_maxrss * 1024)
+    try:
+        peak = int(open(hwm_path).read()) * 1024
+    except (OSError, ValueError):  # killed, or left without the interpreter's exit: the upper bound
+        peak = rusage.ru_maxrss * 1024
+    return Outcome(code, read(out_path), read(err_path), seconds, peak)
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +125,12 @@ def test_fuzz_case(case, fuzz_context, tmp_path):
     argv = case.make(folder, fuzz_context)
     env = {**os.environ, **case.env}
     res = run_measured(argv, folder, env)
+    record = os.environ.get("SAMF_FUZZ_RECORD")  # a JSONL file: one line per case, for the README's table
+    if record:
+        with open(record, "a") as f:
+            f.write(json.dumps(dict(id=case.id, family=case.family, expect=case.expect, rc=res.returncode,
+                                    seconds=round(res.seconds, 3), max_rss_mb=res.max_rss_bytes >> 20,
+                                    traceback="Traceback" in res.stderr)) + "\n")
     check(case, res)
 
 
