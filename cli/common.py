@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from samf.runtime.errors import PeerRankFailed, SamfError
+from samf.errors import PeerRankFailed, SamfError
 
 #: Exit code for bad input or environment (click uses 2 for usage errors, we keep that meaning).
 EXIT_BAD_INPUT = 2

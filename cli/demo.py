@@ -106,10 +106,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         results = {}
         for quant in ("F32", "Q8_0"):
-            pipe = ReportPipeline(bundle, quant=quant, n_threads=cfg.threads)
-            outs = [pipe.report(os.path.join(data, ex.image)) for ex in test]
-            pipe.close()
-            results[quant] = outs
+            with ReportPipeline(bundle, quant=quant, n_threads=cfg.threads) as pipe:
+                results[quant] = [pipe.report(os.path.join(data, ex.image)) for ex in test]
         q8 = results["Q8_0"]
         for ex, res in list(zip(test, q8))[: cfg.show]:
             click.echo(f"\n   scan      {ex.image}")

@@ -85,7 +85,7 @@ def gguf_cmd(checkpoint, out_path, outtype):
 @click.option("--type", "qtype", default="Q8_0", show_default=True)
 def quantize_cmd(src, dst, qtype):
     """Quantize a GGUF with llama.cpp."""
-    from samf.engines.llama_cpp_engine import quiet_native_stderr
+    from samf.engines.native import quiet_native_stderr
     from samf.export.gguf_convert import quantize_gguf
 
     with quiet_native_stderr():
@@ -95,8 +95,8 @@ def quantize_cmd(src, dst, qtype):
 
 def _verify_everything(bundle_dir: str, trusted_keys=()) -> int:
     """Re-hash every artifact, print one line each; BundleError unless all match. Returns the file count."""
+    from samf.errors import BundleError
     from samf.runtime.bundle import verify_all
-    from samf.runtime.errors import BundleError
 
     results = verify_all(bundle_dir, trusted_keys)
     for name, size, problem in results:

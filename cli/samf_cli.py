@@ -52,8 +52,8 @@ def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=N
 
     meta = None
     if ctrate_metadata:
+        from samf.errors import ScanError
         from samf.runtime.ctrate import read_metadata
-        from samf.runtime.errors import ScanError
 
         meta = read_metadata(ctrate_metadata).get(os.path.basename(scan.rstrip("/")))
         if meta is None:
@@ -110,10 +110,10 @@ def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, 
     # Refuse a bad scan before loading any model.
     vol = _load(scan, quiet=as_json, **scan_kw)
     # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than repacking
-    # saves on one report); n_ctx: the report, plus room for the image rows and the request.
-    pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
-                          n_ctx=max_tokens + 768, repack=False, trusted_keys=trusted_keys)
-    res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
+    # saves on one report); the LLM's context: the image rows, the request and max_tokens.
+    with ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
+                        max_new_tokens=max_tokens, repack=False, trusted_keys=trusted_keys) as pipe:
+        res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(dict(scan=scan, report=res.text, timings_s=res.timings, identity=res.identity,
                                    tokens=len(res.token_ids))))
@@ -140,9 +140,9 @@ def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backe
     from samf.runtime.pipeline import ReportPipeline
 
     vol = _load(scan, **scan_kw)
-    pipe = ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
-                          repack=False, trusted_keys=trusted_keys)  # one question per process, as for report
-    letter, res = pipe.answer(vol, question, list(choices))
+    with ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
+                        repack=False, trusted_keys=trusted_keys) as pipe:  # one question per process, as for report
+        letter, res = pipe.answer(vol, question, list(choices))
     click.echo(f"{letter or '?'}  ({res.text})")
 
 

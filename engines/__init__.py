@@ -18,6 +18,6 @@ def load_encoder_module(backend: str, path: str, **kwargs):
         from .tensorrt_engine import TrtModule
 
         return TrtModule(path, **kwargs)
-    from samf.runtime.errors import SamfError
+    from samf.errors import SamfError
 
     raise SamfError(f"unknown encoder backend {backend!r}; one of {', '.join(ENCODER_BACKENDS)}")

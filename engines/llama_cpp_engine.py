@@ -8,8 +8,9 @@ Pipeline for one request::
 Which tokens go where comes from the caller (the bundle's prompt layout), never from a constant here.
 
 Must-nots (each aborts the process inside llama.cpp rather than raising): a decode batch larger than
-``n_batch``; embedding rows of the wrong width; positions past ``n_ctx``. This adapter checks all three
-before calling into C. Logits are requested for the last row of each batch only.
+``n_batch``; embedding rows of the wrong width; token ids outside the vocabulary; positions past ``n_ctx``.
+``LlamaCppLLM._decode``, the one function that calls ``llama_decode``, checks them all. Logits are
+requested for the last row of each batch only.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
 import time
 
 import numpy as np
 
-from samf.runtime.errors import EngineUnavailable, SamfError
+from samf.errors import EngineUnavailable, SamfError
 
 from .greedy import greedy_decode
+from .native import quiet_native_stderr, usable_cores
 
 
 def _llama_cpp():
@@ -33,14 +34,6 @@ def _llama_cpp():
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise EngineUnavailable(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from None
     return llama_cpp
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 #: Quant types (as bundles name them) whose weights llama.cpp's CPU backend repacks into its own layout on
@@ -64,24 +57,6 @@ def _extra_buffer_types(ll, enabled: bool):
         yield
     finally:
         ll.llama_model_default_params = default
-
-
-@contextlib.contextmanager
-def quiet_native_stderr():
-    """Silence llama.cpp's C-level logging (it writes to fd 2, which Python's redirects do not catch)."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    saved = os.dup(fd)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
 
 
 class LlamaCppLLM:
@@ -128,12 +103,22 @@ class LlamaCppLLM:
     def _decode(self, pos0: int, tokens: list | None = None, rows: np.ndarray | None = None,
                 want_logits: bool = True, all_logits: bool = False) -> list:
         """Decode token ids or embedding rows from position ``pos0``, in chunks of at most ``n_batch``;
-        logits for the very last one (or, with ``all_logits``, every one: returned as a list)."""
+        logits for the very last one (or, with ``all_logits``, every one: returned as a list).
+
+        Every call into llama.cpp goes through here, so here are the guards against what would abort it
+        instead of raising: rows of the wrong width, token ids outside the vocabulary, positions past
+        ``n_ctx``, and batches larger than ``n_batch`` (split into chunks)."""
         out = []
         ll = self._ll
         if rows is not None:
             rows = np.ascontiguousarray(rows, dtype=np.float32)
+            if rows.ndim != 2 or rows.shape[1] != self.n_embd:
+                raise SamfError(f"image embeddings have shape {rows.shape}; the LLM expects [N, {self.n_embd}]")
+        elif any(not 0 <= int(t) < self.n_vocab for t in tokens):
+            raise SamfError(f"a token id outside the LLM's vocabulary of {self.n_vocab}")
         total = len(rows) if rows is not None else len(tokens)
+        if pos0 + total > self.n_ctx:
+            raise SamfError(f"request needs {pos0 + total} positions but the LLM context holds {self.n_ctx}")
         for start in range(0, total, self.n_batch):
             n = min(self.n_batch, total - start)
             batch = ll.llama_batch_init(n, self.n_embd if rows is not None else 0, 1)
@@ -165,9 +150,6 @@ class LlamaCppLLM:
     def _prefill(self, head: list, rows: np.ndarray, tail: list, all_logits: bool = False) -> tuple:
         """Decode ``head`` tokens, ``rows`` and ``tail`` tokens from position 0 on a cleared cache; the next
         position and (with ``all_logits``) the logits after every tail token."""
-        rows = np.asarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.n_embd:
-            raise SamfError(f"image embeddings have shape {rows.shape}; the LLM expects [N, {self.n_embd}]")
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.llm.ctx), True)
         if head:
             self._decode(0, tokens=list(head), want_logits=False)
@@ -220,7 +202,9 @@ class LlamaCppLLM:
         return -float(np.mean(logp[np.arange(len(targets)), targets]))
 
     def close(self) -> None:
-        self.llm.close()
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
 
 
 class GGUFTokenEmbeddings:
@@ -248,6 +232,9 @@ class GGUFTokenEmbeddings:
                                    shape=(rows, cols // block * type_bytes))
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise SamfError(f"{gguf_path}: cannot map its token embeddings ({e})") from None
+
+    def close(self) -> None:
+        self._rows = None  # the map goes with its last reference
 
     def __call__(self, ids: list) -> np.ndarray:
         rows = np.asarray(self._rows[np.asarray(ids, dtype=np.int64)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from samf.runtime.errors import EngineUnavailable, SamfError
+from samf.errors import EngineUnavailable, SamfError
 
 
 def _ort():
@@ -38,6 +38,9 @@ class OrtModule:
             raise SamfError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.provider = self.session.get_providers()[0]
+
+    def close(self) -> None:
+        self.session = None  # ONNX Runtime frees a session with its last reference
 
     def __call__(self, **feeds) -> np.ndarray:
         missing = set(self.inputs) - set(feeds)

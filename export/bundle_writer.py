@@ -14,18 +14,16 @@ an export does not hash the bundle again.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 
 from samf import __version__
-from samf.runtime.atomic import atomic_dir, atomic_file
-from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, read_bundle, sha256_of
-from samf.runtime.errors import BundleError, SamfError
+from samf.errors import SamfError
+from samf.runtime.atomic import atomic_dir
+from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
 from samf.runtime.manifest import seal
 from samf.runtime.prompt import REPORT_REQUESTS
-from samf.runtime.signature import SIGNATURE
 from samf.runtime.verified import VerifiedCache
 
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
@@ -38,7 +36,8 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
     import llama_cpp
     import onnxruntime
 
-    from samf.engines.llama_cpp_engine import quiet_native_stderr, token_embd_location
+    from samf.engines.llama_cpp_engine import token_embd_location
+    from samf.engines.native import quiet_native_stderr
     from samf.train.llm_folder import read_llm_config
     from samf.train.vlm import SamfVLM
 
@@ -106,23 +105,3 @@ def remember_verified(bundle_dir: str, manifest: dict) -> None:
         path = os.path.join(bundle_dir, name)
         cache.add(path, meta["sha256"], cache.stamp(path))
     cache.save()
-
-
-def update_manifest(bundle_dir: str, update) -> dict:
-    """Apply ``update(manifest)``, which may add files with an empty entry (``files[name] = {}``); those are
-    hashed, and every file already listed must still match its hash (a changed one is refused, never
-    re-blessed). The manifest is replaced atomically; a signature it had no longer holds and is removed."""
-    manifest = read_bundle(bundle_dir, verify_hashes=False).manifest
-    update(manifest)
-    for name, meta in list(manifest["files"].items()):
-        p = os.path.join(bundle_dir, name)
-        digest = sha256_of(p)
-        if meta and digest != meta["sha256"]:
-            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (altered); "
-                              "not updating the manifest")
-        manifest["files"][name] = dict(sha256=digest, size=os.path.getsize(p))
-    with atomic_file(os.path.join(bundle_dir, MANIFEST)) as f:
-        json.dump(seal(manifest), f, indent=2)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(bundle_dir, SIGNATURE))
-    return manifest

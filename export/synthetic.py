@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 
-from samf.runtime.errors import SamfError
+from samf.errors import SamfError
 
 PRESETS = ("paper", "tiny")
 #: The tiny preset's LLM: the demo's width with the real vocabulary.

@@ -4,6 +4,6 @@ Imports numpy, nibabel, pydicom (and Pillow for `samf slices`) and the engine ad
 torch, transformers or peft.
 """
 
-from .errors import BundleError, EngineUnavailable, SamfError, ScanError
+from samf.errors import BundleError, EngineUnavailable, SamfError, ScanError
 
 __all__ = ["SamfError", "ScanError", "BundleError", "EngineUnavailable"]

@@ -50,13 +50,13 @@ def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int |
     """One GGUF type on ``scans``: a warm-up report, then one each. With ``new_tokens`` every report decodes
     exactly that many tokens (the model's end token is not honoured; random weights never say it) and the
     reference reports' loss is not measured."""
-    pipe = ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys)
-    mem_loaded = rss_mb()
-    kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
-    pipe.report(scans[0], **kw)  # warm-up
-    results = [pipe.report(s, **kw) for s in scans]
-    nll = None if new_tokens else float(np.mean([pipe.report_nll(s, r) for s, r in zip(scans, refs)]))
-    pipe.close()
+    with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys,
+                        max_new_tokens=max(new_tokens or 0, 512)) as pipe:
+        mem_loaded = rss_mb()
+        kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
+        pipe.report(scans[0], **kw)  # warm-up
+        results = [pipe.report(s, **kw) for s in scans]
+        nll = None if new_tokens else float(np.mean([pipe.report_nll(s, r) for s, r in zip(scans, refs)]))
     stages = list(results[0].timings)
     per = {k: dict(p50_ms=1000 * float(np.median([r.timings[k] for r in results])),
                    p90_ms=1000 * float(np.percentile([r.timings[k] for r in results], 90))) for k in stages}

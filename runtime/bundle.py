@@ -10,17 +10,20 @@ start; ``samf-export verify`` re-hashes everything. Any failure names the file a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 from dataclasses import dataclass, field
 
-from .errors import BundleError
-from .manifest import ENCODER_FILES, check_manifest
+from samf.errors import BundleError
+
+from .atomic import atomic_file
+from .manifest import ENCODER_FILES, check_manifest, seal
 from .preprocess import PreprocessConfig
 from .prompt import PromptLayout
-from .signature import check_signature
+from .signature import SIGNATURE, check_signature
 from .verified import VerifiedCache, stamp_of
 
 SCHEMA_VERSION = 3  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest;
@@ -216,3 +219,23 @@ def verify_all(root: str, trusted_keys=()) -> list:
         except BundleError:
             out.append((name, meta["size"], "does not match its sha256"))
     return out
+
+
+def update_manifest(bundle_dir: str, update) -> dict:
+    """Apply ``update(manifest)``, which may add files with an empty entry (``files[name] = {}``); those are
+    hashed, and every file already listed must still match its hash (a changed one is refused, never
+    re-blessed). The manifest is replaced atomically; a signature it had no longer holds and is removed."""
+    manifest = read_bundle(bundle_dir, verify_hashes=False).manifest
+    update(manifest)
+    for name, meta in list(manifest["files"].items()):
+        p = os.path.join(bundle_dir, name)
+        digest = sha256_of(p)
+        if meta and digest != meta["sha256"]:
+            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (altered); "
+                              "not updating the manifest")
+        manifest["files"][name] = dict(sha256=digest, size=os.path.getsize(p))
+    with atomic_file(os.path.join(bundle_dir, MANIFEST)) as f:
+        json.dump(seal(manifest), f, indent=2)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(bundle_dir, SIGNATURE))
+    return manifest

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ScanError
+from samf.errors import ScanError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: The largest scan accepted, in voxels, checked against the file's header before anything is read
@@ -145,9 +145,10 @@ def _load_nifti(path: str, spacing=None) -> Volume:
         end = int(img.dataobj.offset) + n * dtype.itemsize  # where nibabel reads the voxels from
         if path.lower().endswith(".gz"):
             img = type(img).from_bytes(_gunzip_whole(path, end))
-        elif os.path.getsize(path) > end:  # a header that lost a dimension or a type reads the data wrong
-            raise ScanError(f"{path}: holds {os.path.getsize(path) - end:,} bytes more than its header declares "
-                            f"({end:,}); header and data do not match")
+        elif os.path.getsize(path) != end:  # a header that lost a dimension or a type reads the data wrong
+            size = os.path.getsize(path)
+            raise ScanError(f"{path}: holds {abs(size - end):,} bytes {'more' if size > end else 'fewer'} than "
+                            f"its header declares ({end:,}); header and data do not match")
         img = nib.squeeze_image(img)
         vol = _canonical(img, {"format": "nifti"}, path)
     except ScanError:
@@ -192,6 +193,8 @@ def _gunzip_whole(path: str, expected: int) -> bytes:
                     raise ScanError(f"{path}: holds more data than its header declares ({expected:,} bytes)")
     except (OSError, EOFError, zlib.error) as e:
         raise ScanError(f"cannot read NIfTI {path}: corrupt gzip stream ({e})".splitlines()[0]) from None
+    if len(out) < expected:  # refused before nibabel allocates the volume the header declares
+        raise ScanError(f"{path}: holds {expected - len(out):,} bytes fewer than its header declares ({expected:,})")
     return bytes(out)
 
 

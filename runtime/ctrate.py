@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from .errors import ScanError
+from samf.errors import ScanError
 
 _NAME = re.compile(r"^(?P<split>[a-z]+)_(?P<patient>\d+)_(?P<scan>[a-z]+)_(?P<rec>\d+)\.nii(\.gz)?$")
 

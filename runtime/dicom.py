@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from samf.errors import ScanError
+
 from .ct import PLAUSIBLE_SPACING_MM
-from .errors import ScanError
 
 #: What to install for compressed transfer syntaxes pydicom cannot decode by itself.
 _DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"

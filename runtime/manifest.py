@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .errors import BundleError
+from samf.errors import BundleError
 
 #: The encoder artifacts every bundle holds.
 ENCODER_FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx")

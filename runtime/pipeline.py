@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from samf.errors import BundleError, EngineUnavailable, SamfError
+
 from .bundle import Bundle, read_bundle
 from .ct import Volume, load_scan
-from .errors import BundleError, EngineUnavailable, SamfError
 from .preprocess import preprocess
 from .prompt import REPORT_REQUESTS, mcq_choice_of, mcq_request
 
@@ -33,21 +34,59 @@ class Result:
         return self.decode_steps / d if d > 0 and self.decode_steps else float("nan")
 
 
-class ReportPipeline:
-    """Load a bundle once, then turn scans into reports or multiple-choice answers."""
+#: Positions kept for the prompt around the image rows (scaffolding and request) when n_ctx is derived.
+PROMPT_ROOM = 256
 
-    def __init__(self, bundle: str | Bundle, quant: str | None = None, backend: str = "onnxruntime",
-                 n_threads: int | None = None, n_gpu_layers: int = 0, verify_hashes: bool = True,
-                 n_ctx: int = 1024, repack: bool = True, trusted_keys=()):
-        """``n_ctx``: positions the LLM's cache holds (prompt, image rows and report); a request that needs
-        more is refused in one line. Its KV cache costs 0.4 GB per 1024 positions at Phi-3-mini's size.
-        ``repack``: faster decoding of 4-bit GGUFs on CPU for 2 s more of loading (see
-        :class:`~samf.engines.llama_cpp_engine.LlamaCppLLM`); worth it when one load serves several scans.
-        ``trusted_keys``: public key files, one of which must have signed the bundle's manifest."""
+
+@dataclass
+class PipelineConfig:
+    """How a :class:`ReportPipeline` runs: one place for every knob and its default.
+
+    ``n_ctx``: positions the LLM's cache holds (image rows, prompt and answer); None sizes it from the bundle
+    (its image tokens, :data:`PROMPT_ROOM`, and ``max_new_tokens``). A request that needs more is refused in
+    one line. The KV cache costs 0.4 GB per 1024 positions at Phi-3-mini's size.
+    ``repack``: faster decoding of 4-bit GGUFs on CPU for 2 s more of loading (see
+    :class:`~samf.engines.llama_cpp_engine.LlamaCppLLM`); worth it when one load serves several scans.
+    ``trusted_keys``: public key files, one of which must have signed the bundle's manifest."""
+
+    quant: str | None = None            # which GGUF (None: the manifest's default)
+    backend: str = "onnxruntime"        # encoders: onnxruntime or tensorrt
+    n_threads: int | None = None        # None: every core this process may use
+    n_gpu_layers: int = 0               # LLM layers on the GPU (-1: all)
+    n_ctx: int | None = None
+    max_new_tokens: int = 512           # the longest answer n_ctx=None leaves room for
+    repack: bool = True
+    verify_hashes: bool = True
+    trusted_keys: tuple = ()
+
+    def context_for(self, image_tokens: int) -> int:
+        return self.n_ctx or image_tokens + PROMPT_ROOM + self.max_new_tokens
+
+
+class ReportPipeline:
+    """Load a bundle once, then turn scans into reports or multiple-choice answers.
+
+    ``ReportPipeline(bundle, config)`` or ``ReportPipeline(bundle, quant=..., n_threads=...)`` (the fields of
+    :class:`PipelineConfig`). A context manager: ``with ReportPipeline(b) as pipe: ...`` frees every engine and
+    descriptor at the end; so does :meth:`close`, and a load that fails half-way."""
+
+    def __init__(self, bundle: str | Bundle, config: PipelineConfig | None = None, **options):
+        self.config = cfg = PipelineConfig(**{**vars(config or PipelineConfig()), **options})
+        t0 = time.perf_counter()
+        self._open: list = []
+        self.vit = self.aggregator = self.fusion = self.llm = self.embed = None
+        try:
+            self._load(bundle, cfg.quant, cfg.backend, cfg.n_threads, cfg.n_gpu_layers, cfg.verify_hashes,
+                       cfg.repack, tuple(cfg.trusted_keys))
+        except BaseException:
+            self.close()  # what was opened before the failure: descriptors, sessions, the model
+            raise
+        self.load_s = time.perf_counter() - t0
+
+    def _load(self, bundle, quant, backend, n_threads, n_gpu_layers, verify_hashes, repack, trusted_keys):
         from samf.engines import load_encoder_module
         from samf.engines.llama_cpp_engine import REPACKED_ON_CPU, GGUFTokenEmbeddings, LlamaCppLLM
 
-        t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, False, trusted_keys=trusted_keys)
         self.pre = self.bundle.preprocess
         self.layout = self.bundle.layout
@@ -55,7 +94,6 @@ class ReportPipeline:
         # Each artifact is opened once, verified through that descriptor, and loaded through it
         # (/proc/self/fd/N): a file swapped at the bundle's path after its check is not what runs. (Loading
         # ONNX models from the hashed bytes instead kept a second copy of ViT-B/16 resident: +0.35 GB.)
-        self._open: list = []
         if backend == "tensorrt":
             plans = self._trt_plans()  # plans are executable: never load one that changed
             mods = {n: load_encoder_module(backend, self._artifact(p, verify_hashes).path) for n, p in plans.items()}
@@ -66,6 +104,7 @@ class ReportPipeline:
         llm = self._artifact(self.bundle.llm_name(quant), verify_hashes)
         llm_path = llm.path
         four_bit = n_gpu_layers == 0 and quant.startswith(REPACKED_ON_CPU)
+        n_ctx = self.config.context_for(self.bundle.image_tokens)
         self.llm = LlamaCppLLM(llm_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                                repack=repack if four_bit else None)
         self.embed = GGUFTokenEmbeddings(llm_path, self.bundle.token_embd(quant))
@@ -73,7 +112,6 @@ class ReportPipeline:
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
                              llm=llm.name, encoders=getattr(self.vit, "provider", backend),
                              signed_by=self.bundle.signed_by)
-        self.load_s = time.perf_counter() - t0
 
     def _artifact(self, name: str, verify: bool):
         art = self.bundle.open(name, verify=verify)
@@ -167,6 +205,18 @@ class ReportPipeline:
                                    lay.answer_end)
 
     def close(self) -> None:
-        self.llm.close()
+        """Free the engines (the LLM's model and KV cache, the encoder sessions, the token-embedding map) and
+        the artifacts' descriptors. Safe to call twice."""
+        for engine in (self.llm, self.embed, self.vit, self.aggregator, self.fusion):
+            if engine is not None and hasattr(engine, "close"):
+                engine.close()
+        self.vit = self.aggregator = self.fusion = self.llm = self.embed = None
         for art in self._open:
             art.close()
+        self._open = []
+
+    def __enter__(self) -> "ReportPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from samf.errors import ScanError
+
 from .ct import MIN_EXTENT_MM, Volume
-from .errors import ScanError
 
 PLANES = ("axial", "coronal", "sagittal")
 #: (centre, width) in HU; the three standard chest windows, one channel each.

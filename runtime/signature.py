@@ -17,8 +17,9 @@ import json
 import os
 import stat
 
+from samf.errors import BundleError, SamfError
+
 from .atomic import atomic_file
-from .errors import BundleError, SamfError
 
 SIGNATURE = "manifest.sig"
 SIGNATURE_MAX_BYTES = 4096

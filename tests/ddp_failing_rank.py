@@ -12,7 +12,7 @@ import sys
 import torch
 
 from samf.cli.train_cli import main as samf_train
-from samf.runtime.errors import SamfError
+from samf.errors import SamfError
 
 
 def main() -> None:

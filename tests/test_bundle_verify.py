@@ -3,12 +3,13 @@
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 from cli_runner import run_cli
 
+from samf.errors import BundleError
 from samf.runtime import bundle as B
-from samf.runtime.errors import BundleError
 
 FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx", "llm-F32.gguf", "llm-Q8_0.gguf")
 
@@ -215,3 +216,31 @@ def test_what_is_loaded_is_what_was_verified_even_if_the_path_is_swapped_after(b
 def test_a_manifest_nested_too_deep_to_parse(bundle):
     (bundle / B.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
     _refused(bundle, "unreadable manifest")
+
+
+def test_the_pipeline_frees_what_it_opened_even_when_loading_fails(trained, tmp_path):
+    """A context manager: after it, and after a load that fails half-way (an altered LLM, found once the
+    encoders are open), no descriptor of the bundle is left open."""
+    import gc
+
+    from samf.errors import BundleError
+    from samf.runtime.pipeline import ReportPipeline
+
+    def open_in(folder):
+        gc.collect()
+        return sorted(t for t in (os.path.realpath(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd"))
+                      if t.startswith(str(folder)))
+
+    b = tmp_path / "b"
+    shutil.copytree(trained.bundle, b)
+    with ReportPipeline(str(b)) as pipe:
+        assert open_in(b)  # the artifacts stay open while the engines use them
+    assert open_in(b) == []
+    pipe.close()  # twice is fine
+    llm = b / json.loads((b / "manifest.json").read_text())["llm"]["files"]["Q8_0"]
+    raw = bytearray(llm.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    llm.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="sha256"):
+        ReportPipeline(str(b), quant="Q8_0")
+    assert open_in(b) == []

@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from samf.errors import ScanError
 from samf.runtime.ct import load_scan
 from samf.runtime.ctrate import ctrate_path, read_metadata
-from samf.runtime.errors import ScanError
 from samf.runtime.preprocess import PreprocessConfig
 from samf.train.data import dataset_kind, load_ctrate, load_dataset
 from samf.train.phantom import make_phantom

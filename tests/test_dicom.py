@@ -8,8 +8,8 @@ import pytest
 from cli_runner import run_cli
 from dicom_writer import write_enhanced, write_series
 
+from samf.errors import ScanError
 from samf.runtime.ct import load_scan, save_nifti
-from samf.runtime.errors import ScanError
 from samf.train.phantom import make_phantom
 
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from samf.errors import ScanError
 from samf.runtime.ct import load_scan
-from samf.runtime.errors import ScanError
 from samf.runtime.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
 from samf.train.data import DataError, dataset_kind, load_dataset
 from samf.train.phantom import make_phantom

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from samf.errors import ScanError
 from samf.runtime.ct import Volume, load_scan, save_nifti
-from samf.runtime.errors import ScanError
 from samf.runtime.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
 from samf.train.phantom import make_phantom
 

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from test_cli_errors import assert_clean_failure
 
-from samf.export.bundle_writer import update_manifest
-from samf.runtime.errors import BundleError
+from samf.errors import BundleError
+from samf.runtime.bundle import update_manifest
 from samf.runtime.signature import SIGNATURE
 
 

@@ -88,8 +88,8 @@ def test_synthetic_bundle_is_an_ordinary_validated_bundle(synthetic):
 
 
 def test_a_fresh_bundle_needs_no_hashing_and_a_later_edit_is_still_caught(synthetic, monkeypatch):
+    from samf.errors import BundleError
     from samf.runtime import bundle as B
-    from samf.runtime.errors import BundleError
 
     bundle, _, _ = synthetic
     hashed = []
@@ -225,7 +225,7 @@ def test_engines_that_do_not_take_what_the_manifest_says_are_refused_at_load(syn
     """A manifest edited consistently (and resealed) still has to match the engines it names."""
     import shutil
 
-    from samf.runtime.errors import BundleError
+    from samf.errors import BundleError
     from samf.runtime.manifest import seal
     from samf.runtime.pipeline import ReportPipeline
 

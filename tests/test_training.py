@@ -120,7 +120,7 @@ def test_image_stages_start_from_their_seed_not_the_global_rng(trained, tmp_path
 
 
 def test_single_process_stages_refuse_torchrun(tmp_path, monkeypatch):
-    from samf.runtime.errors import SamfError
+    from samf.errors import SamfError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for stage in (S.stage_warmup_3d, S.stage_pretrain_lm):
@@ -242,7 +242,7 @@ def test_a_stage_tears_down_the_process_group_it_brought_up(monkeypatch):
     collective broken by a dead peer into PeerRankFailed, so that rank does not print a traceback."""
     import torch.distributed as dist
 
-    from samf.runtime.errors import PeerRankFailed
+    from samf.errors import PeerRankFailed
     from samf.train.distributed import owns_process_group
 
     def up():

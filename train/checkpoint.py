@@ -12,8 +12,8 @@ import random
 
 import torch
 
+from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
-from samf.runtime.errors import SamfError
 
 
 class ResumeError(SamfError):

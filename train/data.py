@@ -33,12 +33,12 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
 from samf.runtime.ct import load_scan, save_nifti
-from samf.runtime.errors import SamfError
 from samf.runtime.preprocess import PreprocessConfig, preprocess
+from samf.runtime.progress import progress_bar
 
 from .phantom import make_phantom
 
@@ -72,7 +72,7 @@ def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int 
     rows = {"train": [], "test": []}
     questions = []
     total = n_train + n_test
-    for i in tqdm(range(total), desc="phantoms", disable=not progress, unit="scan"):
+    for i in progress_bar(range(total), desc="phantoms", disable=not progress, unit="scan"):
         p = make_phantom(seed * 1_000_003 + i, shape=shape, spacing=spacing)
         rel = f"scans/phantom_{i:05d}.nii.gz"
         save_nifti(os.path.join(out_dir, rel), p.volume, p.spacing)
@@ -155,7 +155,7 @@ def load_samf_csv(csv_path: str, pre: PreprocessConfig, questions: dict | None =
     root = os.path.dirname(os.path.abspath(csv_path))
     rows = _read_csv(csv_path, ("image", "caption"))[:limit]
     out = []
-    for r in tqdm(rows, desc=f"load {os.path.basename(csv_path)}", disable=not progress, unit="scan"):
+    for r in progress_bar(rows, desc=f"load {os.path.basename(csv_path)}", disable=not progress, unit="scan"):
         vol = load_scan(os.path.join(root, r["image"]))
         out.append(Example(image=r["image"], slices=preprocess(vol, pre), report=r["caption"],
                            findings=_label(r.get("label", "")), questions=(questions or {}).get(r["image"], [])))
@@ -233,7 +233,7 @@ def load_m3d(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = 
             break
     rows = [r for r in index[key] if os.path.exists(os.path.join(data_dir, r["image"]))][:limit]
     out = []
-    for r in tqdm(rows, desc=f"M3D {key}", disable=not progress, unit="scan"):
+    for r in progress_bar(rows, desc=f"M3D {key}", disable=not progress, unit="scan"):
         with open(os.path.join(data_dir, r["text"]), encoding="utf-8") as f:
             text = " ".join(f.read().split())
         vol = load_scan(os.path.join(data_dir, r["image"]))
@@ -268,7 +268,7 @@ def load_ctrate(root: str, split_dir: str, reports_csv: str, pre: PreprocessConf
     rows = [r for r in _read_csv(reports_csv, ("VolumeName", "Findings_EN", "Impressions_EN"))
             if os.path.exists(ctrate_path(root, split_dir, r["VolumeName"]))]
     out = []
-    for r in tqdm(rows[:limit], desc=f"CT-RATE {split_dir}", disable=not progress, unit="scan"):
+    for r in progress_bar(rows[:limit], desc=f"CT-RATE {split_dir}", disable=not progress, unit="scan"):
         name = r["VolumeName"]
         vol = load_scan(ctrate_path(root, split_dir, name), ctrate_meta=meta.get(name))
         out.append(Example(image=name, slices=preprocess(vol, pre), report=ctrate_report(r),

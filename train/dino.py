@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from samf.runtime.progress import progress_bar
 
 from .models import VisionTransformer
 
@@ -144,7 +145,7 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         else:  # saved with another number of ranks: each rank starts a fresh stream, reproducibly
             gen.manual_seed(cfg.seed + dist.rank + 1000 * start)
     model = dist.wrap(student)
-    bar = tqdm(range(start, cfg.steps), desc="pretrain-2d (DINO)", disable=not (progress and dist.is_main),
+    bar = progress_bar(range(start, cfg.steps), desc="pretrain-2d (DINO)", disable=not (progress and dist.is_main),
                initial=start, total=cfg.steps)
     for step in bar:
         lr = cfg.lr * (step + 1) / warm if step < warm else _cosine(step - warm, cfg.steps - warm, cfg.lr, 1e-6)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from samf.runtime.errors import PeerRankFailed
+from samf.errors import PeerRankFailed
 
 
 def is_main() -> bool:
@@ -80,7 +80,7 @@ def owns_process_group(stage):
 def single_process_device(stage: str) -> torch.device:
     """The device of a stage that runs in one process (the GPU where there is one); refused under torchrun,
     where every rank would redo the same work and race to write the same file."""
-    from samf.runtime.errors import SamfError
+    from samf.errors import SamfError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SamfError(f"{stage} runs in one process: launch it without torchrun")

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 
-from samf.runtime.errors import SamfError
+from samf.errors import SamfError
 from samf.runtime.prompt import PromptLayout
 
 #: What the GGUF converter and the runtime know how to run.

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.preprocess import PreprocessConfig
+from samf.runtime.progress import progress_bar
 from samf.runtime.prompt import REPORT_REQUESTS, mcq_answer, mcq_request
 
 from .distributed import owns_process_group
@@ -281,7 +281,7 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
     samples = _lm_samples(examples, tok)
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.lr, weight_decay=0.01)
     log, losses = MetricsLog(run_dir), []
-    bar = tqdm(range(cfg.steps), desc="pretrain-lm", disable=not progress)
+    bar = progress_bar(range(cfg.steps), desc="pretrain-lm", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
@@ -449,7 +449,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     model = dist.wrap(vlm)
     vlm.train()
     log = MetricsLog(run_dir)
-    bar = tqdm(range(start, cfg.steps), desc="finetune (SAMF+LoRA)", disable=not (progress and dist.is_main),
+    bar = progress_bar(range(start, cfg.steps), desc="finetune (SAMF+LoRA)", disable=not (progress and dist.is_main),
                initial=start, total=cfg.steps)
     t0, seen = time.time(), 0
     for step in bar:
@@ -525,7 +525,7 @@ def generate_reports(vlm: SamfVLM, tok: LLMTokenizer, examples: list, zero_image
     """Greedy reports from the PyTorch model (the reference pipeline) for each example."""
     prompt = prompt_ids(tok, REPORT_REQUESTS[0])
     out = []
-    for ex in tqdm(examples, desc="generate (torch)", disable=not progress):
+    for ex in progress_bar(examples, desc="generate (torch)", disable=not progress):
         ids = vlm.generate(torch.from_numpy(ex.slices), prompt, max_new_tokens, zero_image=zero_image)
         out.append(tok.decode(ids))
     return out

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from samf.runtime.progress import progress_bar
 
 
 @dataclass
@@ -67,7 +68,7 @@ def warmup_aggregator(aggregator: nn.Module, z2d: torch.Tensor, slices_per_plane
     aggregator.train()
     batch = min(cfg.batch_size, z2d.shape[0])
     losses = []
-    bar = tqdm(range(cfg.steps), desc="warmup-3d (InfoNCE)", disable=not progress)
+    bar = progress_bar(range(cfg.steps), desc="warmup-3d (InfoNCE)", disable=not progress)
     for step in bar:
         pick = torch.tensor(rng.sample(range(z2d.shape[0]), batch), device=z2d.device)
         a, b = split_views(z2d[pick], slices_per_plane)

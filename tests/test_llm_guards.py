@@ -1,0 +1,41 @@
+"""What would abort the process inside llama.cpp is refused in one line by the adapter's single decode path,
+whoever calls it: generation, teacher-forced scoring, or the prefill."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from samf.engines.llama_cpp_engine import LlamaCppLLM
+from samf.errors import SamfError
+
+
+@pytest.fixture(scope="module")
+def llm(trained):
+    m = json.load(open(os.path.join(trained.bundle, "manifest.json")))
+    model = LlamaCppLLM(os.path.join(trained.bundle, m["llm"]["files"]["Q8_0"]), n_ctx=64, n_batch=16)
+    yield model
+    model.close()
+
+
+def test_positions_past_the_context_are_refused_in_scoring_too(llm):
+    rows = np.zeros((8, llm.n_embd), np.float32)
+    with pytest.raises(SamfError, match="positions"):
+        llm.answer_nll([1], rows, [2, 3], [4] * llm.n_ctx, end=5)  # (llama.cpp may round n_ctx up)
+    with pytest.raises(SamfError, match="positions"):
+        llm.generate([1], rows, [2], stop=set(), max_new_tokens=llm.n_ctx)
+    assert llm.answer_nll([1], rows, [2, 3], [4, 5, 6], end=7) > 0  # within the context: fine, and usable after
+
+
+def test_rows_of_another_width_and_unknown_token_ids_are_refused(llm):
+    with pytest.raises(SamfError, match="expects"):
+        llm.generate([1], np.zeros((4, llm.n_embd + 1), np.float32), [2], stop=set(), max_new_tokens=2)
+    with pytest.raises(SamfError, match="vocabulary"):
+        llm.generate([1], np.zeros((4, llm.n_embd), np.float32), [llm.n_vocab + 5], stop=set(), max_new_tokens=2)
+
+
+def test_a_prefill_longer_than_a_batch_is_split(llm):
+    rows = np.random.default_rng(0).normal(0, 0.02, (40, llm.n_embd)).astype(np.float32)  # 40 > n_batch 16
+    out = llm.generate([1], rows, [2, 3], stop=set(), max_new_tokens=3)
+    assert out["prompt_tokens"] == 43 and len(out["ids"]) == 3
