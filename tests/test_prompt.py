@@ -11,6 +11,9 @@ def test_mcq_round_trip():
     assert mcq_choice_of(mcq_answer("C", choices)) == "C"
     assert mcq_choice_of("The answer is B. right.") == "B"
     assert mcq_choice_of("no idea") is None
+    assert mcq_choice_of("a. lowercase") is None and mcq_choice_of("E. out of range") is None
+    assert mcq_choice_of("AB. two letters") is None
+    assert mcq_choice_of("D. none, not B. right") == "D"  # the first letter given
 
 
 def test_prompt_has_no_special_tokens():
@@ -28,6 +31,6 @@ def test_runtime_answers_multiple_choice(trained):
         ex = trained.test[0]
         for q in ex.questions:
             letter, res = pipe.answer(os.path.join(trained.data, ex.image), q["question"], q["choices"])
-            assert letter in "ABCD" and letter is not None, res.text
+            assert letter in ("A", "B", "C", "D") and res.text.startswith(f"{letter}."), res.text
     finally:
         pipe.close()
