@@ -43,6 +43,20 @@ gpu_layers_opt = click.option("--gpu-layers", type=click.IntRange(min=-1, max=10
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA; -1: all)")
 
 
+def scan_and_bundle_options(f):
+    """SCAN, the bundle to run it through (and who must have signed it), which GGUF, how to read SCAN."""
+    for opt in (scan_options, quant_opt, trusted_key_opt, bundle_opt, click.argument("scan", type=click.Path())):
+        f = opt(f)
+    return f
+
+
+def engine_options(f):
+    """Where the engines run: CPU threads, the encoders' backend, LLM layers on the GPU."""
+    for opt in (gpu_layers_opt, backend_opt, threads_opt):
+        f = opt(f)
+    return f
+
+
 def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, force=False, verbose=False,
           quiet=False):
     """Read SCAN with the options of :func:`scan_options`; say which DICOM series was used."""
@@ -91,17 +105,11 @@ def main():
 
 
 @main.command()
-@click.argument("scan", type=click.Path())
-@bundle_opt
-@trusted_key_opt
-@quant_opt
-@scan_options
+@scan_and_bundle_options
 @click.option("--request", default=None, callback=_not_blank, help="the report request (default: the trained one)")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
-@threads_opt
-@backend_opt
-@gpu_layers_opt
+@engine_options
 def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, threads, backend, gpu_layers,
            **scan_kw):
     """Write the findings report for SCAN (.nii, .nii.gz, a DICOM series folder, or .npy)."""
@@ -124,17 +132,11 @@ def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, 
 
 
 @main.command()
-@click.argument("scan", type=click.Path())
-@bundle_opt
-@trusted_key_opt
-@quant_opt
-@scan_options
+@scan_and_bundle_options
 @click.option("--question", required=True, callback=_not_blank)
 @click.option("--choice", "choices", multiple=True, required=True, callback=_four_choices,
               help="give exactly four, in order A-D")
-@threads_opt
-@backend_opt
-@gpu_layers_opt
+@engine_options
 def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backend, gpu_layers, **scan_kw):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.pipeline import ReportPipeline
