@@ -54,12 +54,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     import numpy as np
 
     from samf.runtime.atomic import atomic_file
-    from samf.runtime.preprocess import PreprocessConfig
     from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train import stages as S
-    from samf.train.data import generate_phantom_dataset, load_split, text_corpus
-    from samf.train.dino import DinoConfig
+    from samf.train.data import generate_phantom_dataset
     from samf.train.evaluate import finding_accuracy, format_table
+    from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
     from .common import torch_threads
 
@@ -73,29 +72,29 @@ def run_demo(cfg: DemoConfig) -> dict:
     with stage("1. synthetic chest-CT phantoms"):
         generate_phantom_dataset(data, cfg.n_train, cfg.n_test, seed=cfg.seed, progress=cfg.progress)
         click.echo(f"   {cfg.n_train} train + {cfg.n_test} held-out scans in {data}")
-    preset = S.tiny_preset()
-    S.init_run(run, preset)
-    pre = PreprocessConfig.from_dict(preset["preprocess"])
-    train = load_split(data, "train", pre, progress=cfg.progress)
-    test = load_split(data, "test", pre, progress=cfg.progress)
+    train, test = start_run(run, data, progress=cfg.progress)
 
-    with stage("2a. tokenizer (SentencePiece BPE on the report corpus)"):
-        sp = S.stage_tokenizer(run, text_corpus(train))
-        click.echo(f"   {sp.vocab_size()} pieces")
-    with stage("2b. ViT: DINO self-supervised pretraining on axial/coronal/sagittal slices"):
-        losses = S.stage_pretrain_2d(run, train, DinoConfig(steps=cfg.dino_steps, seed=cfg.seed),
-                                     progress=cfg.progress)
-        click.echo(f"   DINO loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    with stage("2c. tiny Phi-3 language base (text only)"):
-        losses = S.stage_pretrain_lm(run, train, S.LMConfig(steps=cfg.lm_steps, seed=cfg.seed), progress=cfg.progress)
-        click.echo(f"   LM loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    with stage("2d. SAMF + Ao2D fusion and aggregator (ViT frozen), Phi-3 LoRA (peft): reports + multiple choice"):
-        losses = S.stage_finetune(run, train, S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed),
-                                  progress=cfg.progress)
-        click.echo(f"   finetune loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")
-    with stage("3. merge LoRA into a plain Hugging Face checkpoint"):
-        merged = S.stage_merge(run)
-        click.echo(f"   {merged}")
+    headings = {
+        "tokenizer": "2a. tokenizer (SentencePiece BPE on the report corpus)",
+        "pretrain-2d": "2b. ViT: DINO self-supervised pretraining on axial/coronal/sagittal slices",
+        "pretrain-lm": "2c. tiny Phi-3 language base (text only)",
+        "finetune": "2d. SAMF + Ao2D fusion and aggregator (ViT frozen), Phi-3 LoRA (peft): reports + multiple choice",
+        "merge": "3. merge LoRA into a plain Hugging Face checkpoint",
+    }
+
+    def said(name, result):
+        if name == "tokenizer":
+            click.echo(f"   {result.vocab_size()} pieces")
+        elif name == "merge":
+            click.echo(f"   {result}")
+        else:
+            first, last = (np.mean(result[:20]), np.mean(result[-20:])) if name == "finetune" else (result[0],
+                                                                                                  result[-1])
+            click.echo(f"   {name} loss {first:.3f} -> {last:.3f}")
+
+    steps = RecipeSteps(dino=cfg.dino_steps, lm=cfg.lm_steps, finetune=cfg.finetune_steps, seed=cfg.seed)
+    merged = run_recipe(run, train, steps, on_stage=lambda name: stage(headings[name]), after=said,
+                        progress=cfg.progress)["merge"]
     with stage("4-6. ONNX export + checks, GGUF (phi3) + Q8_0 quantization, bundle"):
         from samf.export.bundle_writer import write_bundle
 

@@ -39,26 +39,17 @@ def trained(tmp_path_factory) -> Trained:
     import torch
 
     from samf.export.bundle_writer import write_bundle
-    from samf.runtime.preprocess import PreprocessConfig
-    from samf.train import stages as S
-    from samf.train.data import generate_phantom_dataset, load_split, text_corpus
-    from samf.train.dino import DinoConfig
-    from samf.train.warmup import WarmupConfig
+    from samf.train.data import generate_phantom_dataset
+    from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     root = tmp_path_factory.mktemp("trained")
     data, run = str(root / "data"), str(root / "run")
     generate_phantom_dataset(data, SMALL["n_train"], SMALL["n_test"], seed=1, progress=False)
-    preset = S.tiny_preset()
-    S.init_run(run, preset)
-    pre = PreprocessConfig.from_dict(preset["preprocess"])
-    train, test = load_split(data, "train", pre, progress=False), load_split(data, "test", pre, progress=False)
-    S.stage_tokenizer(run, text_corpus(train))
-    S.stage_pretrain_2d(run, train, DinoConfig(steps=SMALL["dino_steps"]), progress=False)
-    S.stage_warmup_3d(run, train, WarmupConfig(steps=SMALL["warmup_steps"]), progress=False)
-    S.stage_pretrain_lm(run, train, S.LMConfig(steps=SMALL["lm_steps"]), progress=False)
-    S.stage_finetune(run, train, S.FinetuneConfig(steps=SMALL["finetune_steps"]), progress=False)
-    merged = S.stage_merge(run)
+    train, test = start_run(run, data, progress=False)
+    steps = RecipeSteps(dino=SMALL["dino_steps"], warmup=SMALL["warmup_steps"], lm=SMALL["lm_steps"],
+                        finetune=SMALL["finetune_steps"])
+    merged = run_recipe(run, train, steps, progress=False)["merge"]
     bundle = str(root / "bundle")
     write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32", log=lambda m: None)
     return Trained(data=data, run=run, merged=merged, bundle=bundle, train=train, test=test)

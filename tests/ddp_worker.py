@@ -19,6 +19,7 @@ from samf.runtime.preprocess import PreprocessConfig
 from samf.train import stages as S
 from samf.train.data import load_split
 from samf.train.dino import DinoConfig
+from samf.train.recipe import run_recipe
 
 STEPS = 4
 
@@ -47,10 +48,9 @@ def main() -> None:
     exs = load_split(data, "train", pre, progress=False)[:8]
     if stage == "finetune":
         cfg = S.FinetuneConfig(steps=STEPS, batch_size=2, save_every=2, zero=zero)
-        losses = S.stage_finetune(run, exs, cfg, progress=False)
     else:
-        cfg = DinoConfig(steps=STEPS, batch_size=4, save_every=2, zero=zero)
-        losses = S.stage_pretrain_2d(run, exs, cfg, progress=False)
+        stage, cfg = "pretrain-2d", DinoConfig(steps=STEPS, batch_size=4, save_every=2, zero=zero)
+    losses = run_recipe(run, exs, stages=(stage,), configs={stage: cfg}, progress=False)[stage]
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump({"losses": losses, **record}, f)
 

@@ -337,3 +337,20 @@ def test_ablation_grid_is_one_command_and_a_rerun_keeps_its_cells(tmp_path):
     again = run_ablation(cfg, echo=lambda m: None)
     assert again["table"] == first["table"]
     assert {c: os.path.getmtime(cells / c / "result.json") for c in os.listdir(cells)} == mtimes
+
+
+def test_the_recipe_runs_its_stages_in_one_order_and_refuses_unknown_ones(trained, tmp_path):
+    import contextlib
+
+    from samf.train.recipe import RecipeSteps, run_recipe
+
+    run = str(tmp_path / "run")
+    S.init_run(run, S.tiny_preset())
+    with pytest.raises(ValueError, match="unknown stages"):
+        run_recipe(run, trained.train, stages=("finetune", "pretrain-3d"))
+    entered, ended = [], []
+    out = run_recipe(run, trained.train[:40], RecipeSteps(warmup=0), stages=("warmup-3d", "tokenizer"),
+                     on_stage=lambda name: entered.append(name) or contextlib.nullcontext(),
+                     after=lambda name, result: ended.append((name, result.vocab_size())), progress=False)
+    assert entered == ["tokenizer"] and list(out) == ["tokenizer"]  # a zero-step warm-up is skipped
+    assert ended == [("tokenizer", out["tokenizer"].vocab_size())] and os.path.exists(f"{run}/tokenizer.model")

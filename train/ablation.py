@@ -54,31 +54,23 @@ def copy_shared(base: str, run: str) -> None:
 
 
 def run_ablation(cfg: AblationConfig, echo=print) -> dict:
-    from samf.runtime.preprocess import PreprocessConfig
-
     from . import stages as S
-    from .data import generate_phantom_dataset, load_dataset, text_corpus
-    from .dino import DinoConfig
+    from .data import generate_phantom_dataset
     from .evaluate import evaluate_model, format_findings, format_summary, summary_row
-    from .warmup import WarmupConfig
+    from .recipe import RecipeSteps, run_recipe, start_run
 
     t0 = time.time()
     data = cfg.data_dir or os.path.join(cfg.out_dir, "data")
     if not cfg.data_dir and not os.path.exists(os.path.join(data, "train.csv")):
         generate_phantom_dataset(data, cfg.n_train, cfg.n_test, seed=cfg.seed, progress=cfg.progress)
     base = os.path.join(cfg.out_dir, "base")
-    preset = S.tiny_preset()
-    S.init_run(base, preset)
-    pre = PreprocessConfig.from_dict(preset["preprocess"])
-    train = load_dataset(data, "train", pre, progress=cfg.progress)
-    test = load_dataset(data, "test", pre, progress=cfg.progress)
+    train, test = start_run(base, data, progress=cfg.progress)
     shared = {"dino": cfg.dino_steps, "lm": cfg.lm_steps, "warmup": cfg.warmup_steps, "seed": cfg.seed}
     done = os.path.join(base, "shared_done.json")
     if not (os.path.exists(done) and json.load(open(done)) == shared):  # a rerun keeps finished work
-        S.stage_tokenizer(base, text_corpus(train))
-        S.stage_pretrain_2d(base, train, DinoConfig(steps=cfg.dino_steps, seed=cfg.seed), progress=cfg.progress)
-        S.stage_pretrain_lm(base, train, S.LMConfig(steps=cfg.lm_steps, seed=cfg.seed), progress=cfg.progress)
-        S.stage_warmup_3d(base, train, WarmupConfig(steps=cfg.warmup_steps, seed=cfg.seed), progress=cfg.progress)
+        run_recipe(base, train, RecipeSteps(dino=cfg.dino_steps, lm=cfg.lm_steps, warmup=cfg.warmup_steps,
+                                            seed=cfg.seed),
+                   stages=("tokenizer", "pretrain-2d", "pretrain-lm", "warmup-3d"), progress=cfg.progress)
         with atomic_file(done) as f:
             json.dump(shared, f)
     tok = S.base_tokenizer(base)
@@ -93,7 +85,8 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
             copy_shared(base, cell)
             t = time.time()
             ft = S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed, **switches)
-            losses = S.stage_finetune(cell, train, ft, progress=cfg.progress)
+            losses = run_recipe(cell, train, stages=("finetune",), configs={"finetune": ft},
+                                progress=cfg.progress)["finetune"]
             res = evaluate_model(S.load_finetuned(cell), tok, test, progress=False, zeroed=(i == len(GRID) - 1))
             res.update(name=name, switches=switches, final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        finetune_s=time.time() - t, finetune_steps=cfg.finetune_steps, shared=shared)
