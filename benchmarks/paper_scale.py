@@ -111,7 +111,7 @@ def torch_pipeline(ckpt: str, new_tokens: int, out: str) -> None:
     from samf.runtime.ct import load_scan
     from samf.runtime.preprocess import PreprocessConfig, preprocess
     from samf.runtime.prompt import REPORT_REQUESTS
-    from samf.train.data import generate_phantom_dataset
+    from samf.runtime.phantom import generate_phantom_dataset
     from samf.train.llm_folder import LLMTokenizer
     from samf.train.stages import prompt_ids
     from samf.train.vlm import SamfVLM
@@ -231,7 +231,7 @@ def main() -> None:
     scan = os.path.join(a.work, "scan.nii.gz")
     if not os.path.exists(scan):
         subprocess.run([sys.executable, "-c", "import sys; from samf.runtime.ct import save_nifti; from "
-                        "samf.train.phantom import make_phantom; p = make_phantom(17); "
+                        "samf.runtime.phantom import make_phantom; p = make_phantom(17); "
                         "save_nifti(sys.argv[1], p.volume, p.spacing)", scan], check=True)
     j = os.path.join(a.work, "verify.json")
     res["verify_warm"] = measured(me + ["--work", a.work, "--out", j, "--step", "verify-time", bundle, q])

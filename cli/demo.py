@@ -54,9 +54,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     import numpy as np
 
     from samf.runtime.atomic import atomic_file
+    from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train import stages as S
-    from samf.train.data import generate_phantom_dataset
     from samf.train.evaluate import finding_accuracy, format_table
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 

@@ -221,7 +221,7 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
 
     with tempfile.TemporaryDirectory(prefix="samf-bench-") as tmp:
         if data_dir is None:
-            from samf.train.data import generate_phantom_dataset
+            from samf.runtime.phantom import generate_phantom_dataset
 
             data_dir = tmp
             generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)

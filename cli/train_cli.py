@@ -59,7 +59,7 @@ def main():
 @quiet_opt
 def make_phantoms(out_dir, n_train, n_test, seed, quiet):
     """Write a synthetic chest-CT dataset (NIfTI + reports + questions)."""
-    from samf.train.data import generate_phantom_dataset
+    from samf.runtime.phantom import generate_phantom_dataset
 
     counts = generate_phantom_dataset(out_dir, n_train, n_test, seed=seed, progress=not quiet)
     click.echo(f"wrote {counts['train']} train + {counts['test']} test phantoms to {out_dir}")

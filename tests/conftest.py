@@ -39,7 +39,7 @@ def trained(tmp_path_factory) -> Trained:
     import torch
 
     from samf.export.bundle_writer import write_bundle
-    from samf.train.data import generate_phantom_dataset
+    from samf.runtime.phantom import generate_phantom_dataset
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -77,7 +77,7 @@ def seed() -> int:
 # ----------------------------------------------------------------------------- volumes
 
 def phantom(seed: int = 5, shape=(40, 64, 64), spacing=(6.0, 5.0, 5.0)) -> np.ndarray:
-    from samf.train.phantom import make_phantom
+    from samf.runtime.phantom import make_phantom
 
     return make_phantom(seed, shape=shape, spacing=spacing).volume, spacing
 

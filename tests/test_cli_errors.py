@@ -10,7 +10,7 @@ import pytest
 from cli_runner import run_cli
 
 from samf.runtime.ct import save_nifti
-from samf.train.phantom import make_phantom
+from samf.runtime.phantom import make_phantom
 
 
 def samf(*args):

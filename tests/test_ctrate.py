@@ -10,9 +10,9 @@ import pytest
 from samf.errors import ScanError
 from samf.runtime.ct import load_scan
 from samf.runtime.ctrate import ctrate_path, read_metadata
+from samf.runtime.phantom import make_phantom
 from samf.runtime.preprocess import PreprocessConfig
 from samf.train.data import dataset_kind, load_ctrate, load_dataset
-from samf.train.phantom import make_phantom
 
 LABELS = ["Medical material", "Arterial wall calcification", "Cardiomegaly", "Pleural effusion"]
 

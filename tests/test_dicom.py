@@ -10,7 +10,7 @@ from dicom_writer import write_enhanced, write_series
 
 from samf.errors import ScanError
 from samf.runtime.ct import load_scan, save_nifti
-from samf.train.phantom import make_phantom
+from samf.runtime.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")

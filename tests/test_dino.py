@@ -4,10 +4,10 @@ import numpy as np
 import torch
 
 from samf.runtime.ct import Volume
+from samf.runtime.phantom import make_phantom
 from samf.runtime.preprocess import PreprocessConfig, preprocess
 from samf.train.dino import DinoConfig, pretrain_dino, random_crops
 from samf.train.models import VisionTransformer, ViTConfig
-from samf.train.phantom import make_phantom
 
 
 def _slices(n=24):

@@ -34,7 +34,7 @@ def _corpus() -> list:
     """Report requests, phantom reports, questions and answers: the text the LLM reads and writes."""
     import numpy as np
 
-    from samf.train.phantom import sample_findings, write_questions, write_report
+    from samf.runtime.phantom import sample_findings, write_questions, write_report
 
     rng = np.random.default_rng(0)
     texts = list(REPORT_REQUESTS)
@@ -147,10 +147,11 @@ def test_a_phi3_with_the_real_vocabulary_learns_to_stop_in_torch_and_in_the_runt
     import torch
 
     from samf.export.bundle_writer import write_bundle
+    from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.pipeline import ReportPipeline
     from samf.runtime.preprocess import PreprocessConfig
     from samf.train import stages as S
-    from samf.train.data import generate_phantom_dataset, load_split
+    from samf.train.data import load_split
     from samf.train.dino import DinoConfig
     from samf.train.vlm import SamfVLM
 

@@ -9,9 +9,9 @@ import pytest
 
 from samf.errors import ScanError
 from samf.runtime.ct import load_scan
+from samf.runtime.phantom import make_phantom
 from samf.runtime.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
 from samf.train.data import DataError, dataset_kind, load_dataset
-from samf.train.phantom import make_phantom
 
 PRE = PreprocessConfig(image_size=32, pixel_spacing_mm=12.0, slices_per_plane=4)
 

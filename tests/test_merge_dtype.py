@@ -9,9 +9,10 @@ import pytest
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
+    from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.preprocess import PreprocessConfig
     from samf.train import stages as S
-    from samf.train.data import generate_phantom_dataset, load_split
+    from samf.train.data import load_split
 
     data = str(tmp_path_factory.mktemp("data"))
     generate_phantom_dataset(data, 4, 0, seed=3, progress=False)

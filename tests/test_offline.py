@@ -12,7 +12,7 @@ PROBE = """
 import sys, time
 from samf.runtime.ct import Volume
 from samf.runtime.pipeline import ReportPipeline
-from samf.train.phantom import make_phantom
+from samf.runtime.phantom import make_phantom
 
 p = make_phantom(3)
 pipe = ReportPipeline(sys.argv[1])

@@ -27,10 +27,11 @@ def _cli(tool, *args):
 def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     import torch
 
+    from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.preprocess import PreprocessConfig
     from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train import stages as S
-    from samf.train.data import generate_phantom_dataset, load_split
+    from samf.train.data import load_split
     from samf.train.vlm import SamfVLM
 
     llm = write_phi3_folder(str(tmp_path / "phi3-mini"), num_hidden_layers=2, **MINI)

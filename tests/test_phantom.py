@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from samf.train.phantom import (
+from samf.runtime.phantom import (
     EXTRAS,
     HU,
     Findings,

@@ -49,7 +49,7 @@ def test_signed_bundle_runs_with_its_key_and_reports_who_signed(bundle, keys, tm
     assert ok.returncode == 0 and "signature is by a trusted key" in ok.stdout, ok.stderr
 
     from samf.runtime.ct import save_nifti
-    from samf.train.phantom import make_phantom
+    from samf.runtime.phantom import make_phantom
 
     scan = str(tmp_path / "scan.nii.gz")
     ph = make_phantom(3)

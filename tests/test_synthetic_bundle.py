@@ -136,11 +136,11 @@ def test_both_pipelines_decode_a_fixed_number_of_tokens_when_asked(synthetic):
     import torch
 
     from samf.runtime.ct import Volume
+    from samf.runtime.phantom import make_phantom
     from samf.runtime.pipeline import ReportPipeline
     from samf.runtime.preprocess import preprocess
     from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train.llm_folder import LLMTokenizer
-    from samf.train.phantom import make_phantom
     from samf.train.stages import prompt_ids
     from samf.train.vlm import SamfVLM
 

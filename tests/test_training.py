@@ -291,7 +291,7 @@ def test_a_failing_rank_ends_the_run_with_its_error_once(trained, tmp_path, stag
     import subprocess
     import sys
 
-    from samf.train.data import generate_phantom_dataset
+    from samf.runtime.phantom import generate_phantom_dataset
 
     data, run = tmp_path / "data", tmp_path / "run"
     generate_phantom_dataset(str(data), 6, 1, seed=3, progress=False)

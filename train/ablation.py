@@ -54,8 +54,9 @@ def copy_shared(base: str, run: str) -> None:
 
 
 def run_ablation(cfg: AblationConfig, echo=print) -> dict:
+    from samf.runtime.phantom import generate_phantom_dataset
+
     from . import stages as S
-    from .data import generate_phantom_dataset
     from .evaluate import evaluate_model, format_findings, format_summary, summary_row
     from .recipe import RecipeSteps, run_recipe, start_run
 

@@ -35,14 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from samf.errors import SamfError
-from samf.runtime.atomic import atomic_file
-from samf.runtime.ct import load_scan, save_nifti
+from samf.runtime.ct import load_scan
 from samf.runtime.preprocess import PreprocessConfig, preprocess
 from samf.runtime.progress import progress_bar
-
-from .phantom import make_phantom
-
-CSV_FIELDS = ("image", "caption", "label")
 
 
 class DataError(SamfError):
@@ -56,34 +51,6 @@ class Example:
     report: str
     findings: dict
     questions: list = field(default_factory=list)
-
-
-def _write_csv(path: str, rows: list) -> None:
-    with atomic_file(path) as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0,
-                             shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0), progress: bool = True) -> dict:
-    """Write ``n_train + n_test`` phantoms as NIfTI with their reports, labels and questions."""
-    os.makedirs(os.path.join(out_dir, "scans"), exist_ok=True)
-    rows = {"train": [], "test": []}
-    questions = []
-    total = n_train + n_test
-    for i in progress_bar(range(total), desc="phantoms", disable=not progress, unit="scan"):
-        p = make_phantom(seed * 1_000_003 + i, shape=shape, spacing=spacing)
-        rel = f"scans/phantom_{i:05d}.nii.gz"
-        save_nifti(os.path.join(out_dir, rel), p.volume, p.spacing)
-        split = "train" if i < n_train else "test"
-        rows[split].append(dict(image=rel, caption=p.report, label=json.dumps(p.findings.to_dict())))
-        questions += [dict(image=rel, **q) for q in p.questions]
-    for split, r in rows.items():
-        _write_csv(os.path.join(out_dir, f"{split}.csv"), r)
-    with atomic_file(os.path.join(out_dir, "questions.jsonl")) as f:
-        f.writelines(json.dumps(q) + "\n" for q in questions)
-    return {k: len(v) for k, v in rows.items()}
 
 
 def load_split(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,

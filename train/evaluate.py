@@ -5,9 +5,8 @@ Pure Python (no torch) so the runtime's outputs and the PyTorch model's are scor
 
 from __future__ import annotations
 
+from samf.runtime.phantom import SCORED, parse_report
 from samf.runtime.prompt import mcq_choice_of
-
-from .phantom import SCORED, parse_report
 
 #: What guessing scores on each finding (uniform over its classes); the bar learning must clear.
 CHANCE = dict(nodule=0.5, nodule_side=0.5, nodule_lobe=0.5, effusion=0.25, cardiomegaly=0.5, emphysema=0.5)

@@ -1,7 +1,9 @@
 """Synthetic chest-CT phantoms with known findings, their reports and multiple-choice questions.
 
-The phantoms are the demo's data and the test suite's fixture: every finding is known, so learning,
-export and generation can be checked for real. numpy only (no torch), seeded and deterministic.
+The phantoms are the demo's data, ``samf bench``'s default scans and the test suite's fixture: every finding
+is known, so learning, export and generation can be checked for real. numpy only (no torch), seeded and
+deterministic; :func:`generate_phantom_dataset` writes a dataset folder (NIfTI scans, CSVs, questions) that
+training and the runtime read like any other.
 
 Frame: the canonical one of ``samf.runtime.ct`` -- a ``[Z, Y, X]`` float32 array in Hounsfield units,
 Z toward the head (superior), Y toward the front (anterior), X toward the patient's right (RAS+). So the
@@ -10,11 +12,18 @@ patient's left lung sits at small X.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from .atomic import atomic_file
+from .ct import save_nifti
+from .progress import progress_bar
 
 SIDES = ("left", "right")
 LOBES = ("upper", "lower")
@@ -509,3 +518,36 @@ def make_phantom(seed: int, shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0)) -> Phan
     vol = render_volume(f, rng, shape=shape, spacing=spacing)
     return Phantom(volume=vol, spacing=tuple(float(s) for s in spacing), findings=f,
                    report=write_report(f, rng), questions=write_questions(f, rng))
+
+
+#: The columns of a SAMF dataset CSV (``train.csv``, ``test.csv``).
+CSV_FIELDS = ("image", "caption", "label")
+
+
+def write_dataset_csv(path: str, rows: list) -> None:
+    """A dataset CSV (:data:`CSV_FIELDS`), written atomically."""
+    with atomic_file(path) as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0,
+                             shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0), progress: bool = True) -> dict:
+    """Write ``n_train + n_test`` phantoms as NIfTI with their reports, labels and questions."""
+    os.makedirs(os.path.join(out_dir, "scans"), exist_ok=True)
+    rows = {"train": [], "test": []}
+    questions = []
+    total = n_train + n_test
+    for i in progress_bar(range(total), desc="phantoms", disable=not progress, unit="scan"):
+        p = make_phantom(seed * 1_000_003 + i, shape=shape, spacing=spacing)
+        rel = f"scans/phantom_{i:05d}.nii.gz"
+        save_nifti(os.path.join(out_dir, rel), p.volume, p.spacing)
+        split = "train" if i < n_train else "test"
+        rows[split].append(dict(image=rel, caption=p.report, label=json.dumps(p.findings.to_dict())))
+        questions += [dict(image=rel, **q) for q in p.questions]
+    for split, r in rows.items():
+        write_dataset_csv(os.path.join(out_dir, f"{split}.csv"), r)
+    with atomic_file(os.path.join(out_dir, "questions.jsonl")) as f:
+        f.writelines(json.dumps(q) + "\n" for q in questions)
+    return {k: len(v) for k, v in rows.items()}
