@@ -109,9 +109,9 @@ def torch_pipeline(ckpt: str, new_tokens: int, out: str) -> None:
     import torch
 
     from samf.runtime.ct import load_scan
+    from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.preprocess import PreprocessConfig, preprocess
     from samf.runtime.prompt import REPORT_REQUESTS
-    from samf.runtime.phantom import generate_phantom_dataset
     from samf.train.llm_folder import LLMTokenizer
     from samf.train.stages import prompt_ids
     from samf.train.vlm import SamfVLM
