@@ -113,8 +113,7 @@ def torch_pipeline(ckpt: str, new_tokens: int, out: str) -> None:
     from samf.runtime.preprocess import PreprocessConfig, preprocess
     from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train.llm_folder import LLMTokenizer
-    from samf.train.stages import prompt_ids
-    from samf.train.vlm import SamfVLM
+    from samf.train.vlm import SamfVLM, prompt_ids
 
     t = {}
     t0 = time.perf_counter()

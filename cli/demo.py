@@ -120,17 +120,17 @@ def run_demo(cfg: DemoConfig) -> dict:
                    f"{np.mean([r.tokens_per_s for r in results['F32']]):.0f} tok/s (F32)")
 
     with stage("learning check: per-finding accuracy on held-out phantoms"):
-        from samf.train.vlm import SamfVLM
+        from samf.train.vlm import SamfVLM, generate_reports, prompt_ids
 
         truths = [e.findings for e in test]
         vlm = SamfVLM.from_checkpoint(merged)
         tok = S.base_tokenizer(run)
-        zeroed = S.generate_reports(vlm, tok, test, zero_image=True, progress=False)
+        zeroed = generate_reports(vlm, tok, test, zero_image=True, progress=False)
         table = {"runtime F32": finding_accuracy([r.text for r in results["F32"]], truths),
                  "runtime Q8_0": finding_accuracy([r.text for r in q8], truths),
                  "zeroed image": finding_accuracy(zeroed, truths)}
         click.echo(format_table(table))
-        prompt = S.prompt_ids(tok, REPORT_REQUESTS[0])
+        prompt = prompt_ids(tok, REPORT_REQUESTS[0])
         same = sum(r.text == tok.decode(vlm.generate(torch.from_numpy(e.slices), prompt))
                    for r, e in zip(results["F32"], test))
         click.echo(f"   runtime (F32 GGUF) report == PyTorch report for {same}/{len(test)} scans")

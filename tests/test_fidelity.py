@@ -26,7 +26,7 @@ def tok(trained):
 
 @pytest.fixture(scope="module")
 def prompt(tok):
-    from samf.train.stages import prompt_ids
+    from samf.train.vlm import prompt_ids
 
     return prompt_ids(tok, REPORT_REQUESTS[0])
 

@@ -19,8 +19,7 @@ def test_each_stage_lowered_its_loss(trained):
 def test_reports_state_findings_better_with_the_image_than_without(trained):
     """Seeds 0-4 of the fixture on 48 scans gave effusion +0.29 to +0.35 and a mean gain of 0.11 to 0.20."""
     from samf.train.llm_folder import LLMTokenizer
-    from samf.train.stages import generate_reports
-    from samf.train.vlm import SamfVLM
+    from samf.train.vlm import SamfVLM, generate_reports
 
     vlm = SamfVLM.from_checkpoint(trained.merged)
     tok = LLMTokenizer(trained.merged)

@@ -153,7 +153,7 @@ def test_a_phi3_with_the_real_vocabulary_learns_to_stop_in_torch_and_in_the_runt
     from samf.train import stages as S
     from samf.train.data import load_split
     from samf.train.dino import DinoConfig
-    from samf.train.vlm import SamfVLM
+    from samf.train.vlm import SamfVLM, prompt_ids
 
     llm = write_phi3_folder(str(tmp_path / "phi3"))          # hidden 128, 2 layers, bf16, random weights
     data, run = str(tmp_path / "data"), str(tmp_path / "run")
@@ -171,7 +171,7 @@ def test_a_phi3_with_the_real_vocabulary_learns_to_stop_in_torch_and_in_the_runt
     vlm = SamfVLM.from_checkpoint(merged)
     tok = S.base_tokenizer(run)
     assert vlm.layout.answer_end == END and vlm.layout.chat_template
-    prompt = S.prompt_ids(tok, REPORT_REQUESTS[0])
+    prompt = prompt_ids(tok, REPORT_REQUESTS[0])
     pipe = ReportPipeline(bundle, quant="F32")
     try:
         for ex in test:

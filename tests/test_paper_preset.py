@@ -32,7 +32,7 @@ def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train import stages as S
     from samf.train.data import load_split
-    from samf.train.vlm import SamfVLM
+    from samf.train.vlm import SamfVLM, prompt_ids
 
     llm = write_phi3_folder(str(tmp_path / "phi3-mini"), num_hidden_layers=2, **MINI)
     data, run, bundle = (str(tmp_path / d) for d in ("data", "run", "bundle"))
@@ -65,5 +65,5 @@ def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     tok = S.base_tokenizer(run)
     pre = PreprocessConfig.from_dict(S.read_run(run)["preprocess"])
     ex = load_split(data, "test", pre, progress=False)[0]
-    ids = vlm.generate(torch.from_numpy(ex.slices), S.prompt_ids(tok, REPORT_REQUESTS[0]), 12)
+    ids = vlm.generate(torch.from_numpy(ex.slices), prompt_ids(tok, REPORT_REQUESTS[0]), 12)
     assert got["report"] == tok.decode(ids)

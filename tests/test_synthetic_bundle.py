@@ -141,8 +141,7 @@ def test_both_pipelines_decode_a_fixed_number_of_tokens_when_asked(synthetic):
     from samf.runtime.preprocess import preprocess
     from samf.runtime.prompt import REPORT_REQUESTS
     from samf.train.llm_folder import LLMTokenizer
-    from samf.train.stages import prompt_ids
-    from samf.train.vlm import SamfVLM
+    from samf.train.vlm import SamfVLM, prompt_ids
 
     bundle, ckpt, _ = synthetic
     p = make_phantom(3)

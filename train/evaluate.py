@@ -60,7 +60,7 @@ def evaluate_model(vlm, tok, examples: list, bertscore_model: str | None = "defa
     """
     from .labels import truth_labels
     from .metrics import label_metrics, mcq_metrics, report_metrics
-    from .stages import generate_mcq, generate_reports
+    from .vlm import generate_mcq, generate_reports
 
     refs = [e.report for e in examples]
     label_truth = [truth_labels(e.findings) for e in examples]

@@ -40,7 +40,7 @@ from .distributed import owns_process_group
 from .llm_folder import LLMTokenizer, read_llm_config, save_sentencepiece_folder
 from .models import AggregatorConfig, FusionConfig, ViTConfig
 from .tokenizer import train_tokenizer
-from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, build_phi3, load_phi3
+from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, build_phi3, load_phi3, prompt_ids
 
 PREPROCESS_FILE = "preprocess.json"
 
@@ -249,11 +249,6 @@ def _lm_samples(examples, tok: LLMTokenizer) -> list:
         for q in ex.questions:
             out.append(_mcq_sample(tok, q))
     return out
-
-
-def prompt_ids(tok: LLMTokenizer, request: str) -> list:
-    """The ids of a request's prompt text in the LLM's layout (what the fusion attends to)."""
-    return tok.encode(tok.layout.prompt_text(request))
 
 
 def _mcq_sample(tok: LLMTokenizer, q: dict) -> tuple:
@@ -519,24 +514,3 @@ def stage_merge(run_dir: str) -> str:
 
 
 # -------------------------------------------------------------------------------------- evaluate
-
-def generate_reports(vlm: SamfVLM, tok: LLMTokenizer, examples: list, zero_image: bool = False,
-                     progress: bool = True, max_new_tokens: int = 96) -> list:
-    """Greedy reports from the PyTorch model (the reference pipeline) for each example."""
-    prompt = prompt_ids(tok, REPORT_REQUESTS[0])
-    out = []
-    for ex in progress_bar(examples, desc="generate (torch)", disable=not progress):
-        ids = vlm.generate(torch.from_numpy(ex.slices), prompt, max_new_tokens, zero_image=zero_image)
-        out.append(tok.decode(ids))
-    return out
-
-
-def generate_mcq(vlm: SamfVLM, tok: LLMTokenizer, examples: list, zero_image: bool = False) -> tuple:
-    answers, letters = [], []
-    for ex in examples:
-        for q in ex.questions:
-            ids = vlm.generate(torch.from_numpy(ex.slices), prompt_ids(tok, mcq_request(q["question"], q["choices"])),
-                               24, zero_image=zero_image)
-            answers.append(tok.decode(ids))
-            letters.append(q["answer"])
-    return answers, letters

@@ -18,7 +18,8 @@ from torch import nn
 
 from samf.engines.greedy import greedy_decode
 from samf.runtime.atomic import atomic_file
-from samf.runtime.prompt import PromptLayout
+from samf.runtime.progress import progress_bar
+from samf.runtime.prompt import REPORT_REQUESTS, PromptLayout, mcq_request
 
 from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
 from .tokenizer import BOS, EOS, PAD
@@ -222,3 +223,32 @@ class SamfVLM(nn.Module):
         model.encoder.load_state_dict(state["encoder"])
         model.fusion.load_state_dict(state["fusion"])
         return model.eval()
+
+
+# ------------------------------------------------------------------- generation (the reference pipeline)
+
+def prompt_ids(tok, request: str) -> list:
+    """The ids of a request's prompt text in the LLM's layout (what the fusion attends to)."""
+    return tok.encode(tok.layout.prompt_text(request))
+
+
+def generate_reports(vlm: SamfVLM, tok, examples: list, zero_image: bool = False,
+                     progress: bool = True, max_new_tokens: int = 96) -> list:
+    """Greedy reports from the PyTorch model (the reference pipeline) for each example."""
+    prompt = prompt_ids(tok, REPORT_REQUESTS[0])
+    out = []
+    for ex in progress_bar(examples, desc="generate (torch)", disable=not progress):
+        ids = vlm.generate(torch.from_numpy(ex.slices), prompt, max_new_tokens, zero_image=zero_image)
+        out.append(tok.decode(ids))
+    return out
+
+
+def generate_mcq(vlm: SamfVLM, tok, examples: list, zero_image: bool = False) -> tuple:
+    answers, letters = [], []
+    for ex in examples:
+        for q in ex.questions:
+            ids = vlm.generate(torch.from_numpy(ex.slices), prompt_ids(tok, mcq_request(q["question"], q["choices"])),
+                               24, zero_image=zero_image)
+            answers.append(tok.decode(ids))
+            letters.append(q["answer"])
+    return answers, letters
