@@ -13,6 +13,11 @@ class BundleError(SamfError):
     """A bundle that is missing, incomplete, altered, or built for something else."""
 
 
+class ExportCheckFailed(SamfError):
+    """An exported artifact that does not match its source (ONNX vs PyTorch, GGUF vs checkpoint, quantized vs
+    unquantized): the export stops and nothing is written at its destination."""
+
+
 class EngineUnavailable(SamfError):
     """An inference engine whose library is not installed or cannot run here."""
 

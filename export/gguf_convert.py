@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from samf.engines.llama_cpp_engine import gguf_tensor_infos
+from samf.errors import ExportCheckFailed, SamfError
 from samf.train.llm_folder import LLMFolderError, LLMTokenizer, read_llm_config
 
 #: llama.cpp file types by name (``llama_ftype`` in llama.h).
@@ -187,7 +188,7 @@ def quantize_gguf(src: str, dst: str, qtype: str = "Q8_0", threads: int = 0) -> 
     if rc != 0:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RuntimeError(f"llama_model_quantize({qtype}) failed with code {rc}")
+        raise SamfError(f"llama_model_quantize({qtype}) failed with code {rc}")
     os.replace(tmp, dst)
     return dst
 
@@ -229,16 +230,16 @@ def check_gguf_against_checkpoint(ckpt_dir: str, gguf_path: str, outtype: str) -
     tensors = gguf_tensor_infos(gguf_path)
     plan = _tensor_plan(ckpt_dir, gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, cfg["num_hidden_layers"]), outtype)
     if sorted(tensors) != sorted(p[0] for p in plan):
-        raise RuntimeError(f"{gguf_path}: tensors {sorted(set(tensors) ^ {p[0] for p in plan})} differ from "
+        raise ExportCheckFailed(f"{gguf_path}: tensors {sorted(set(tensors) ^ {p[0] for p in plan})} differ from "
                            f"{ckpt_dir}")
     for name, fn, key, shape, typ in plan:
         want = _read_tensor(fn, key, typ)
         ttyp, tshape, offset, n_bytes = tensors[name]
         if ttyp != typ or tshape != tuple(shape) or n_bytes != want.nbytes:
-            raise RuntimeError(f"{gguf_path}: {name} is {ttyp}{list(tshape)}, expected {typ}{list(shape)}")
+            raise ExportCheckFailed(f"{gguf_path}: {name} is {ttyp}{list(tshape)}, expected {typ}{list(shape)}")
         got = np.fromfile(gguf_path, dtype=want.dtype, count=want.size, offset=offset).reshape(want.shape)
         if not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
-            raise RuntimeError(f"{gguf_path}: {name} does not hold the checkpoint's {key}")
+            raise ExportCheckFailed(f"{gguf_path}: {name} does not hold the checkpoint's {key}")
     return len(plan)
 
 
@@ -248,17 +249,18 @@ def check_quantized_gguf(base_path: str, quant_path: str, rows: int = 32) -> dic
     ``{tensor type: worst relative RMS error}``."""
     base, quant = gguf_tensor_infos(base_path), gguf_tensor_infos(quant_path)
     if sorted(base) != sorted(quant):
-        raise RuntimeError(f"{quant_path}: tensors {sorted(set(base) ^ set(quant))} differ from {base_path}")
+        raise ExportCheckFailed(f"{quant_path}: tensors {sorted(set(base) ^ set(quant))} differ from {base_path}")
     worst: dict = {}
     for name, info in quant.items():
         if info[1] != base[name][1]:
-            raise RuntimeError(f"{quant_path}: {name} has shape {list(info[1])}, {base_path} {list(base[name][1])}")
+            raise ExportCheckFailed(f"{quant_path}: {name} has shape {list(info[1])}, "
+                                    f"{base_path} {list(base[name][1])}")
         ref = _read_gguf_rows(base_path, base[name], rows)
         got = _read_gguf_rows(quant_path, info, rows).reshape(ref.shape)
         err = float(np.sqrt(np.mean((got - ref) ** 2)) / max(np.sqrt(np.mean(ref ** 2)), 1e-12))
         tol = QUANT_TOLERANCE.get(info[0])
         if tol is None or not err <= tol:
-            raise RuntimeError(f"{quant_path}: {name} ({info[0]}) is {err:.3g} off the unquantized model "
+            raise ExportCheckFailed(f"{quant_path}: {name} ({info[0]}) is {err:.3g} off the unquantized model "
                                f"(relative RMS; allowed {tol})")
         worst[info[0]] = max(worst.get(info[0], 0.0), err)
     return worst

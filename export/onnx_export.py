@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from samf.errors import ExportCheckFailed
 from samf.train.vlm import SamfVLM
 
 OPSET = 17
@@ -104,7 +105,7 @@ def export_one(spec: OnnxSpec, out_path: str) -> float:
     diff = validate_onnx(spec, tmp)
     if diff > spec.atol:
         os.remove(tmp)
-        raise RuntimeError(f"{spec.name}: ONNX Runtime differs from PyTorch by {diff:.2e} > {spec.atol:.0e}")
+        raise ExportCheckFailed(f"{spec.name}: ONNX Runtime differs from PyTorch by {diff:.2e} > {spec.atol:.0e}")
     os.replace(tmp, out_path)
     return diff
 

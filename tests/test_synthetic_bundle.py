@@ -9,6 +9,7 @@ import pytest
 from cli_runner import run_cli
 from phi3_factory import small_phi3
 
+from samf.errors import ExportCheckFailed
 from samf.train.synthetic_llm import write_phi3_folder
 
 
@@ -57,10 +58,10 @@ def test_gguf_checks_catch_a_changed_tensor(tmp_path):
     assert 0 < errs["Q8_0"] < 0.01
 
     _corrupt(base, gguf_tensor_infos(base)["blk.1.ffn_down.weight"][2] + 64)
-    with pytest.raises(RuntimeError, match="blk.1.ffn_down.weight does not hold"):
+    with pytest.raises(ExportCheckFailed, match="blk.1.ffn_down.weight does not hold"):
         check_gguf_against_checkpoint(ckpt, base, "F16")
     _corrupt(q8, gguf_tensor_infos(q8)["blk.0.attn_qkv.weight"][2] + 34)  # inside the first row's second block
-    with pytest.raises(RuntimeError, match="blk.0.attn_qkv.weight"):
+    with pytest.raises(ExportCheckFailed, match="blk.0.attn_qkv.weight"):
         check_quantized_gguf(convert_to_gguf(ckpt, str(tmp_path / "f16b.gguf"), "F16"), q8)
 
 
