@@ -1,8 +1,8 @@
 """samf-train: the training stages, each on a data folder and a run folder.
 
 Typical order: make-phantoms, init, tokenizer, pretrain-2d, warmup-3d, pretrain-lm, finetune, merge, evaluate.
-Each training stage resumes from RUN/checkpoints/<stage>.pt after an interruption; on several GPUs pretrain-2d
-and finetune run under torchrun (``torchrun --nproc_per_node N -m samf.cli.train_cli -- finetune …``; see
+pretrain-2d and finetune, the long stages, resume from RUN/checkpoints/<stage>.pt after an interruption (the
+short warmup-3d and pretrain-lm start over); on several GPUs pretrain-2d and finetune run under torchrun (``torchrun --nproc_per_node N -m samf.cli.train_cli -- finetune …``; see
 samf.train.distributed).
 """
 
