@@ -2,8 +2,8 @@
 
 Typical order: make-phantoms, init, tokenizer, pretrain-2d, warmup-3d, pretrain-lm, finetune, merge, evaluate.
 pretrain-2d and finetune, the long stages, resume from RUN/checkpoints/<stage>.pt after an interruption (the
-short warmup-3d and pretrain-lm start over); on several GPUs pretrain-2d and finetune run under torchrun (``torchrun --nproc_per_node N -m samf.cli.train_cli -- finetune …``; see
-samf.train.distributed).
+short warmup-3d and pretrain-lm start over); on several GPUs pretrain-2d and finetune run under torchrun
+(``torchrun --nproc_per_node N -m samf.cli.train_cli -- finetune …``; see samf.train.distributed).
 """
 
 from __future__ import annotations
