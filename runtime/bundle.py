@@ -225,15 +225,14 @@ def update_manifest(bundle_dir: str, update) -> dict:
     """Apply ``update(manifest)``, which may add files with an empty entry (``files[name] = {}``); those are
     hashed, and every file already listed must still match its hash (a changed one is refused, never
     re-blessed). The manifest is replaced atomically; a signature it had no longer holds and is removed."""
-    manifest = read_bundle(bundle_dir, verify_hashes=False).manifest
+    bundle = read_bundle(bundle_dir, verify_hashes=False)
+    manifest = bundle.manifest
     update(manifest)
-    for name, meta in list(manifest["files"].items()):
-        p = os.path.join(bundle_dir, name)
-        digest = sha256_of(p)
-        if meta and digest != meta["sha256"]:
-            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (altered); "
-                              "not updating the manifest")
-        manifest["files"][name] = dict(sha256=digest, size=os.path.getsize(p))
+    bundle.verify([name for name, meta in manifest["files"].items() if meta], use_cache=False)  # re-hashed
+    for name, meta in manifest["files"].items():
+        if not meta:
+            p = os.path.join(bundle_dir, name)
+            manifest["files"][name] = dict(sha256=sha256_of(p), size=os.path.getsize(p))
     with atomic_file(os.path.join(bundle_dir, MANIFEST)) as f:
         json.dump(seal(manifest), f, indent=2)
     with contextlib.suppress(FileNotFoundError):
