@@ -71,46 +71,47 @@ class ReportPipeline:
     descriptor at the end; so does :meth:`close`, and a load that fails half-way."""
 
     def __init__(self, bundle: str | Bundle, config: PipelineConfig | None = None, **options):
-        self.config = cfg = PipelineConfig(**{**vars(config or PipelineConfig()), **options})
+        self.config = PipelineConfig(**{**vars(config or PipelineConfig()), **options})
         t0 = time.perf_counter()
         self._open: list = []
         self.vit = self.aggregator = self.fusion = self.llm = self.embed = None
         try:
-            self._load(bundle, cfg.quant, cfg.backend, cfg.n_threads, cfg.n_gpu_layers, cfg.verify_hashes,
-                       cfg.repack, tuple(cfg.trusted_keys))
+            self._load(bundle)
         except BaseException:
             self.close()  # what was opened before the failure: descriptors, sessions, the model
             raise
         self.load_s = time.perf_counter() - t0
 
-    def _load(self, bundle, quant, backend, n_threads, n_gpu_layers, verify_hashes, repack, trusted_keys):
+    def _load(self, bundle) -> None:
         from samf.engines import load_encoder_module
         from samf.engines.llama_cpp_engine import REPACKED_ON_CPU, GGUFTokenEmbeddings, LlamaCppLLM
 
-        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, False, trusted_keys=trusted_keys)
+        cfg = self.config
+        self.bundle = (bundle if isinstance(bundle, Bundle)
+                       else read_bundle(bundle, False, trusted_keys=tuple(cfg.trusted_keys)))
         self.pre = self.bundle.preprocess
         self.layout = self.bundle.layout
-        quant = self.bundle.llm_quant(quant)
+        quant = self.bundle.llm_quant(cfg.quant)
         # Each artifact is opened once, verified through that descriptor, and loaded through it
         # (/proc/self/fd/N): a file swapped at the bundle's path after its check is not what runs. (Loading
         # ONNX models from the hashed bytes instead kept a second copy of ViT-B/16 resident: +0.35 GB.)
-        if backend == "tensorrt":
+        if cfg.backend == "tensorrt":
             plans = self._trt_plans()  # plans are executable: never load one that changed
-            mods = {n: load_encoder_module(backend, self._artifact(p, verify_hashes).path) for n, p in plans.items()}
+            mods = {n: load_encoder_module(cfg.backend, self._artifact(p, cfg.verify_hashes).path)
+                    for n, p in plans.items()}
         else:
-            mods = {n: load_encoder_module(backend, self._artifact(f"{n}.onnx", verify_hashes).path,
-                                           threads=n_threads or 0) for n in ("vit", "aggregator", "fusion")}
+            mods = {n: load_encoder_module(cfg.backend, self._artifact(f"{n}.onnx", cfg.verify_hashes).path,
+                                           threads=cfg.n_threads or 0) for n in ("vit", "aggregator", "fusion")}
         self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
-        llm = self._artifact(self.bundle.llm_name(quant), verify_hashes)
+        llm = self._artifact(self.bundle.llm_name(quant), cfg.verify_hashes)
         llm_path = llm.path
-        four_bit = n_gpu_layers == 0 and quant.startswith(REPACKED_ON_CPU)
-        n_ctx = self.config.context_for(self.bundle.image_tokens)
-        self.llm = LlamaCppLLM(llm_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                               repack=repack if four_bit else None)
+        four_bit = cfg.n_gpu_layers == 0 and quant.startswith(REPACKED_ON_CPU)
+        self.llm = LlamaCppLLM(llm_path, n_ctx=cfg.context_for(self.bundle.image_tokens), n_threads=cfg.n_threads,
+                               n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack if four_bit else None)
         self.embed = GGUFTokenEmbeddings(llm_path, self.bundle.token_embd(quant))
         self._check_engines_fit()
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
-                             llm=llm.name, encoders=getattr(self.vit, "provider", backend),
+                             llm=llm.name, encoders=getattr(self.vit, "provider", cfg.backend),
                              signed_by=self.bundle.signed_by)
 
     def _artifact(self, name: str, verify: bool):
