@@ -93,17 +93,18 @@ def quantize_cmd(src, dst, qtype):
     click.echo(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
 
-def _verify_everything(bundle_dir: str, trusted_keys=()) -> int:
-    """Re-hash every artifact, print one line each; BundleError unless all match. Returns the file count."""
+def _verify_everything(bundle) -> int:
+    """Re-hash every artifact of a bundle read with read_bundle, print one line each; BundleError unless all
+    match. Returns the file count."""
     from samf.errors import BundleError
     from samf.runtime.bundle import verify_all
 
-    results = verify_all(bundle_dir, trusted_keys)
+    results = verify_all(bundle)
     for name, size, problem in results:
         click.echo(f"{'ok' if problem is None else 'ALTERED':<8}{name} ({size / 1e6:.1f} MB)")
     bad = [name for name, _, problem in results if problem]
     if bad:
-        raise BundleError(f"{bundle_dir}: {len(bad)} of {len(results)} files do not match their sha256 in the "
+        raise BundleError(f"{bundle.root}: {len(bad)} of {len(results)} files do not match their sha256 in the "
                           f"manifest: {', '.join(bad)}")
     return len(results)
 
@@ -116,7 +117,9 @@ def verify_cmd(bundle_dir, trusted_keys):
     """Re-hash every artifact of BUNDLE_DIR against its manifest, ignoring the verification cache.
 
     A start hashes only what it loads and skips files unchanged since they were last hashed; this checks all."""
-    n = _verify_everything(bundle_dir, trusted_keys)
+    from samf.runtime.bundle import read_bundle
+
+    n = _verify_everything(read_bundle(bundle_dir, verify_hashes=False, trusted_keys=trusted_keys))
     signed = " and its signature is by a trusted key" if trusted_keys else ""
     click.echo(f"{bundle_dir}: all {n} files match the manifest{signed}")
 
@@ -145,7 +148,7 @@ def sign_cmd(bundle_dir, private_key):
 
     load_private_key(private_key)  # a bad key or passphrase fails before minutes of hashing
     bundle = read_bundle(bundle_dir, verify_hashes=False)
-    n = _verify_everything(bundle_dir)
+    n = _verify_everything(bundle)  # the manifest read once: the bytes signed are those the files matched
     fp = sign_manifest(bundle_dir, bundle.manifest_bytes, private_key)
     click.echo(f"{bundle_dir}: {n} files verified, manifest signed by {fp}")
 

@@ -208,9 +208,9 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None,
     return bundle
 
 
-def verify_all(root: str, trusted_keys=()) -> list:
-    """Re-hash every artifact, ignoring the cache: ``[(name, size, problem or None)]``; refreshes the cache."""
-    bundle = read_bundle(root, verify_hashes=False, trusted_keys=trusted_keys)
+def verify_all(bundle: Bundle) -> list:
+    """Re-hash every artifact of a bundle read with :func:`read_bundle`, ignoring the cache:
+    ``[(name, size, problem or None)]``; refreshes the cache."""
     out = []
     for name, meta in sorted(bundle.manifest["files"].items()):
         try:
