@@ -4,10 +4,17 @@ PIP := $(PY) -m pip
 
 .PHONY: install demo test test-all ablation
 
-# torch first, pinned, so nothing pulls the multi-GB CUDA build on a CPU machine.
-install:
+# torch first, pinned, so nothing pulls the multi-GB CUDA build on a CPU machine. The stamp file makes a
+# repeated `make test` skip pip's ten seconds of checking; a changed pyproject.toml or Makefile, or another
+# Python environment (the stamp is named after its prefix), installs again.
+INSTALLED := .installed-$(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])")
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[train,export,eval,test]"
+	touch $@
 
 demo: install
 	samf demo

@@ -1,7 +1,12 @@
-"""Shared fixtures: one small but real training run, merged and exported, reused by the suite.
+"""Shared fixtures: the whole recipe (phantoms -> tokenizer -> DINO -> tiny Phi-3 language base -> InfoNCE
+warm-up -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle with ONNX, GGUF F32 and Q8_0), run once per session at
+two lengths by the same code:
 
-Trained once per session (about two minutes on 2 cores): phantoms -> tokenizer -> DINO (brief) -> InfoNCE warm-up ->
-tiny Phi-3 language base -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle (ONNX, GGUF F32, Q8_0).
+- ``quick``: a few steps of each stage (about 10 s on 2 cores). Nearly random weights, every file real: the
+  bundle, CLI, error, export and fidelity tests, which check that each hand-over keeps what it was given, run
+  on it.
+- ``trained``: long enough to learn (about two minutes); only the tests of what training learned use it, and
+  they are marked slow.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import pytest
 # 48 held-out scans: on 16 one scan moves an accuracy by 0.06, which was the learning test's whole margin.
 # Every stage is seeded, so this run is the same on every machine with the same thread count.
 SMALL = dict(n_train=200, n_test=48, dino_steps=20, warmup_steps=60, lm_steps=200, finetune_steps=600)
+# A few steps of each stage; 20 LM steps so that generation ends and reads like the report language.
+QUICK = dict(n_train=16, n_test=8, dino_steps=2, warmup_steps=2, lm_steps=20, finetune_steps=4)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,8 +41,7 @@ class Trained:
     test: list
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Trained:
+def _recipe_run(root, sizes: dict) -> Trained:
     import torch
 
     from samf.export.bundle_writer import write_bundle
@@ -43,13 +49,22 @@ def trained(tmp_path_factory) -> Trained:
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    root = tmp_path_factory.mktemp("trained")
     data, run = str(root / "data"), str(root / "run")
-    generate_phantom_dataset(data, SMALL["n_train"], SMALL["n_test"], seed=1, progress=False)
+    generate_phantom_dataset(data, sizes["n_train"], sizes["n_test"], seed=1, progress=False)
     train, test = start_run(run, data, progress=False)
-    steps = RecipeSteps(dino=SMALL["dino_steps"], warmup=SMALL["warmup_steps"], lm=SMALL["lm_steps"],
-                        finetune=SMALL["finetune_steps"])
+    steps = RecipeSteps(dino=sizes["dino_steps"], warmup=sizes["warmup_steps"], lm=sizes["lm_steps"],
+                        finetune=sizes["finetune_steps"])
     merged = run_recipe(run, train, steps, progress=False)["merge"]
     bundle = str(root / "bundle")
     write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32", log=lambda m: None)
     return Trained(data=data, run=run, merged=merged, bundle=bundle, train=train, test=test)
+
+
+@pytest.fixture(scope="session")
+def quick(tmp_path_factory) -> Trained:
+    return _recipe_run(tmp_path_factory.mktemp("quick"), QUICK)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    return _recipe_run(tmp_path_factory.mktemp("trained"), SMALL)

@@ -33,7 +33,7 @@ SEED = 20261129
 
 @dataclass
 class Context:
-    """What cases share: a trained bundle (read-only), a copy signed by ``key``, and a valid scan."""
+    """What cases share: a bundle (read-only), a copy signed by ``key``, and a valid scan."""
 
     bundle: str
     signed_bundle: str

@@ -218,7 +218,7 @@ def test_a_manifest_nested_too_deep_to_parse(bundle):
     _refused(bundle, "unreadable manifest")
 
 
-def test_the_pipeline_frees_what_it_opened_even_when_loading_fails(trained, tmp_path):
+def test_the_pipeline_frees_what_it_opened_even_when_loading_fails(quick, tmp_path):
     """A context manager: after it, and after a load that fails half-way (an altered LLM, found once the
     encoders are open), no descriptor of the bundle is left open."""
     import gc
@@ -232,7 +232,7 @@ def test_the_pipeline_frees_what_it_opened_even_when_loading_fails(trained, tmp_
                       if t.startswith(str(folder)))
 
     b = tmp_path / "b"
-    shutil.copytree(trained.bundle, b)
+    shutil.copytree(quick.bundle, b)
     with ReportPipeline(str(b)) as pipe:
         assert open_in(b)  # the artifacts stay open while the engines use them
     assert open_in(b) == []

@@ -71,9 +71,9 @@ def test_info_describes_a_scan(good_scan):
 
 
 @pytest.fixture()
-def bundle_copy(trained, tmp_path):
+def bundle_copy(quick, tmp_path):
     dst = tmp_path / "bundle"
-    shutil.copytree(trained.bundle, dst)
+    shutil.copytree(quick.bundle, dst)
     return dst
 
 
@@ -103,44 +103,44 @@ def test_bundle_of_another_schema(bundle_copy, good_scan):
     assert_clean_failure(samf("report", good_scan, "--bundle", str(bundle_copy)), "schema")
 
 
-def test_unknown_quant(trained, good_scan):
-    assert_clean_failure(samf("report", good_scan, "--bundle", trained.bundle, "--quant", "Q2_K"), "no Q2_K")
+def test_unknown_quant(quick, good_scan):
+    assert_clean_failure(samf("report", good_scan, "--bundle", quick.bundle, "--quant", "Q2_K"), "no Q2_K")
 
 
-def test_report_runs_from_the_bundle(trained, good_scan):
-    proc = samf("report", good_scan, "--bundle", trained.bundle, "--json")
+def test_report_runs_from_the_bundle(quick, good_scan):
+    proc = samf("report", good_scan, "--bundle", quick.bundle, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["report"] and out["tokens"] > 0
     assert {"preprocess", "vit", "aggregator", "fusion", "llm_prefill", "llm_decode"} <= set(out["timings_s"])
 
 
-def test_tensorrt_absence_is_a_clear_message(trained, tmp_path):
+def test_tensorrt_absence_is_a_clear_message(quick, tmp_path):
     b = tmp_path / "b"
-    shutil.copytree(trained.bundle, b)
+    shutil.copytree(quick.bundle, b)
     before = (b / "manifest.json").read_text()
     proc = run_cli("samf-export", "build-engines", str(b))
     assert_clean_failure(proc, "TensorRT is not available")
     assert (b / "manifest.json").read_text() == before  # nothing half-written
 
 
-def test_tensorrt_backend_without_tensorrt(trained, good_scan):
-    assert_clean_failure(samf("report", good_scan, "--bundle", trained.bundle, "--backend", "tensorrt"),
+def test_tensorrt_backend_without_tensorrt(quick, good_scan):
+    assert_clean_failure(samf("report", good_scan, "--bundle", quick.bundle, "--backend", "tensorrt"),
                          "TensorRT is not available")
 
 
-def test_export_never_replaces_a_folder_that_is_not_a_bundle(trained, tmp_path):
+def test_export_never_replaces_a_folder_that_is_not_a_bundle(quick, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    proc = run_cli("samf-export", "bundle", trained.merged, "--out", str(mine))
+    proc = run_cli("samf-export", "bundle", quick.merged, "--out", str(mine))
     assert_clean_failure(proc, "not a samf bundle")
     assert (mine / "notes.txt").read_text() == "precious"
 
 
-def test_bench_reports_stages_and_quantization_cost(trained, tmp_path):
+def test_bench_reports_stages_and_quantization_cost(quick, tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_cli("samf", "bench", "--bundle", trained.bundle, "--data", trained.data, "--scans", "2",
+    proc = run_cli("samf", "bench", "--bundle", quick.bundle, "--data", quick.data, "--scans", "2",
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "| Q8_0 |" in proc.stdout and "| F32 |" in proc.stdout

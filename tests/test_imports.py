@@ -76,9 +76,9 @@ def _export_cli_without_torch(*args):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_bundle_tools_run_without_torch(trained, tmp_path):
+def test_bundle_tools_run_without_torch(quick, tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(trained.bundle, bundle)
+    shutil.copytree(quick.bundle, bundle)
     key = str(tmp_path / "k.key")
     for args in (["keygen", key], ["sign", str(bundle), "--key", key],
                  ["verify", str(bundle), "--trusted-key", key + ".pub"]):

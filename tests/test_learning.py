@@ -1,10 +1,14 @@
-"""Learning is real: the fine-tuned model reads the image (compared with zeroed image embeddings)."""
+"""Learning is real: each stage lowers its loss, and the fine-tuned model reads the image (compared with zeroed
+image embeddings). These need the ``trained`` fixture (about two minutes), so they are slow tests."""
 
 import os
 
 import numpy as np
+import pytest
 
 from samf.train.evaluate import CHANCE, finding_accuracy
+
+pytestmark = pytest.mark.slow
 
 
 def test_each_stage_lowered_its_loss(trained):
@@ -30,3 +34,14 @@ def test_reports_state_findings_better_with_the_image_than_without(trained):
     assert real["effusion"] > max(zero["effusion"], CHANCE["effusion"]) + 0.2
     gains = [real[k] - zero[k] for k in ("effusion", "emphysema", "cardiomegaly")]
     assert np.mean(gains) > 0.1
+
+
+
+def test_the_runtime_answers_multiple_choice_with_a_letter(trained):
+    from samf.runtime.pipeline import ReportPipeline
+
+    with ReportPipeline(trained.bundle) as pipe:
+        ex = trained.test[0]
+        for q in ex.questions:
+            letter, res = pipe.answer(os.path.join(trained.data, ex.image), q["question"], q["choices"])
+            assert letter in ("A", "B", "C", "D") and res.text.startswith(f"{letter}."), res.text

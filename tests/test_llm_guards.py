@@ -12,9 +12,9 @@ from samf.errors import SamfError
 
 
 @pytest.fixture(scope="module")
-def llm(trained):
-    m = json.load(open(os.path.join(trained.bundle, "manifest.json")))
-    model = LlamaCppLLM(os.path.join(trained.bundle, m["llm"]["files"]["Q8_0"]), n_ctx=64, n_batch=16)
+def llm(quick):
+    m = json.load(open(os.path.join(quick.bundle, "manifest.json")))
+    model = LlamaCppLLM(os.path.join(quick.bundle, m["llm"]["files"]["Q8_0"]), n_ctx=64, n_batch=16)
     yield model
     model.close()
 

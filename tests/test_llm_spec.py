@@ -128,14 +128,18 @@ def _edit_json(path, **kv):
     ("no config", lambda f: os.remove(f / "config.json"), "not an LLM folder"),
 ])
 def test_a_folder_samf_cannot_use_is_refused_in_one_line(phi3, tmp_path, what, change, message):
-    folder = _broken(phi3, tmp_path, change)
     with pytest.raises(LLMFolderError, match=message):
-        LLMTokenizer(folder)
+        LLMTokenizer(_broken(phi3, tmp_path, change))
+
+
+def test_the_command_line_refuses_such_a_folder_before_writing_anything(phi3, tmp_path):
+    """One case through ``samf-train init`` (every refusal above is the same LLMFolderError on its way out)."""
+    folder = _broken(phi3, tmp_path, lambda f: _edit_json(f / "config.json", vocab_size=32000))
     run = str(tmp_path / "run")
     proc = run_cli("samf-train", "init", "--run", run, "--preset", "paper", "--llm-path", folder)
-    assert proc.returncode == 2 and message.split()[0] in proc.stderr, what
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "vocab_size is 32000" in lines[0]
     assert not os.path.exists(run)                    # refused before anything was written
 
 

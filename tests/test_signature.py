@@ -17,9 +17,9 @@ from samf.runtime.signature import SIGNATURE
 
 
 @pytest.fixture()
-def bundle(trained, tmp_path):
+def bundle(quick, tmp_path):
     dst = tmp_path / "bundle"
-    shutil.copytree(trained.bundle, dst)
+    shutil.copytree(quick.bundle, dst)
     return str(dst)
 
 

@@ -160,39 +160,48 @@ def test_both_pipelines_decode_a_fixed_number_of_tokens_when_asked(synthetic):
     assert len(ids) == 12 and all(v > 0 for v in timings.values())
 
 
-def test_the_export_never_loads_the_llm_in_pytorch(tmp_path, monkeypatch):
+def test_the_export_never_loads_the_llm_in_pytorch(synthetic, tmp_path, monkeypatch):
     """Phi-3-mini in bf16 is 7.6 GB: the bundle writer reads its config, tokenizer and tensors, never the model."""
     from samf.export.bundle_writer import write_bundle
-    from samf.export.synthetic import write_synthetic_checkpoint
     from samf.train import vlm
-
-    ckpt = write_synthetic_checkpoint(str(tmp_path / "ckpt"), "tiny", layers=1)
 
     def refuse(*a, **k):
         raise AssertionError("the export loaded the LLM in PyTorch")
 
     monkeypatch.setattr(vlm, "load_phi3", refuse)
-    m = write_bundle(ckpt, str(tmp_path / "bundle"), quants=(), keep_unquantized="F32", log=lambda *_: None)
-    assert m["model"]["llm"] == dict(arch="phi3", hidden_size=128, vocab_size=32064, num_hidden_layers=1)
+    m = write_bundle(synthetic[1], str(tmp_path / "bundle"), quants=(), keep_unquantized="F32", log=lambda *_: None)
+    assert m["model"]["llm"] == dict(arch="phi3", hidden_size=128, vocab_size=32064, num_hidden_layers=2)
 
 
-def test_the_manifest_locates_each_gguf_token_table(synthetic):
-    """The runtime maps the prompt's embeddings at the offset the export recorded, instead of parsing the GGUF's
-    header (a second at Phi-3's vocabulary); the rows are the table gguf-py reads."""
+def test_the_tensor_tables_and_token_rows_are_gguf_pys(synthetic, tmp_path):
+    """samf walks a GGUF's header itself (gguf-py's reader takes 1.6 s per file at this vocabulary): the same
+    names, types, shapes, offsets and sizes as gguf-py reads, for every type the bundle holds. The runtime maps
+    the prompt's embeddings at the offset the export recorded; the rows are the table gguf-py reads."""
     import gguf
     import numpy as np
 
-    from samf.engines.llama_cpp_engine import GGUFTokenEmbeddings
+    from samf.engines.llama_cpp_engine import GGUFTokenEmbeddings, gguf_tensor_infos
+    from samf.errors import SamfError
 
     bundle, _, _ = synthetic
     m = json.load(open(os.path.join(bundle, "manifest.json")))
     ids = [1, 32010, 450, 29871, 32007, 32063]
     for quant, name in m["llm"]["files"].items():
         path = os.path.join(bundle, name)
-        table = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+        tensors = gguf.GGUFReader(path).tensors
+        assert gguf_tensor_infos(path) == {
+            t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
+                     int(t.n_bytes)) for t in tensors}, quant
+        table = next(t for t in tensors if t.name == "token_embd.weight")
         want = gguf.quants.dequantize(np.asarray(table.data)[ids], table.tensor_type).reshape(len(ids), -1)
         got = GGUFTokenEmbeddings(path, m["llm"]["token_embd"][quant])(ids)
         assert got.shape == (len(ids), 128) and np.array_equal(got, want.astype(np.float32)), quant
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(open(os.path.join(bundle, "llm-F16.gguf"), "rb").read(300_000))  # inside the vocabulary
+    for path, words in ((cut, "runs past the end|unpack"), (tmp_path, "not a readable GGUF"),
+                        (os.path.join(bundle, "vit.onnx"), "not a little-endian GGUF")):
+        with pytest.raises(SamfError, match=words):
+            gguf_tensor_infos(str(path))
 
 
 def test_repacked_and_mapped_4bit_weights_give_the_same_logits(synthetic):

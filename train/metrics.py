@@ -15,6 +15,7 @@ A metric whose library or runtime is missing is returned as ``None`` with the re
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -42,11 +43,18 @@ def rouge_l(hyps: list, refs: list) -> float:
     return sum(sc.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / max(1, len(hyps))
 
 
-def meteor(hyps: list, refs: list) -> float:
+@functools.lru_cache(maxsize=1)
+def _meteor_scorer():
+    """One METEOR 1.5 process per Python process: its start (a JVM loading the paraphrase tables) takes about
+    5 s, scoring a few reports milliseconds, and an evaluation scores twice (with and without the image)."""
     from pycocoevalcap.meteor.meteor import Meteor
 
+    return Meteor()
+
+
+def meteor(hyps: list, refs: list) -> float:
     clean = lambda t: " ".join(t.replace("\n", " ").split()) or "."  # noqa: E731 - METEOR's stdin protocol
-    score, _ = Meteor().compute_score({i: [clean(r)] for i, r in enumerate(refs)},
+    score, _ = _meteor_scorer().compute_score({i: [clean(r)] for i, r in enumerate(refs)},
                                       {i: [clean(h)] for i, h in enumerate(hyps)})
     return float(score)
 
@@ -69,6 +77,7 @@ def report_metrics(hyps: list, refs: list, bertscore_model: str | None = "defaul
             raise RuntimeError("METEOR 1.5 needs Java (apt install default-jre-headless)")
         out["meteor"] = meteor(hyps, refs)
     except (ImportError, RuntimeError, OSError, BrokenPipeError) as e:
+        _meteor_scorer.cache_clear()  # a broken METEOR process is started afresh next time
         out["meteor"], notes["meteor"] = None, str(e).splitlines()[0] if str(e) else type(e).__name__
     model = default_bertscore_model() if bertscore_model == "default" else bertscore_model
     if not model or not os.path.isdir(model):
