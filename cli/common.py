@@ -1,7 +1,9 @@
-"""What the three CLIs share: one-line errors with a non-zero exit, and quieter third-party logging."""
+"""What the three CLIs share: one-line errors with a non-zero exit, quieter third-party logging, and options
+generated from a stage's config dataclass."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -89,3 +91,56 @@ def torch_threads(n: int | None) -> None:
     import torch
 
     torch.set_num_threads(n or max(1, os.cpu_count() or 1))
+
+
+class CommaList(click.ParamType):
+    """``a,b,c`` -> ``("a", "b", "c")``."""
+
+    name = "a,b,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        if not items:
+            self.fail("needs at least one name", param, ctx)
+        return items
+
+
+def config_options(cls, skip: tuple = ()):
+    """One click option per field of the config dataclass ``cls`` (fields made with
+    :func:`samf.train.run_folder.option`), named after the field, with its help, choices and range.
+
+    Every option's value is None unless given, so the stage takes its default from the run preset, then from
+    the dataclass: each default is written once, in the dataclass, and shown in ``--help`` from there."""
+
+    def decorate(f):
+        for fld in reversed(dataclasses.fields(cls)):
+            meta = fld.metadata
+            if fld.name in skip or "help" not in meta:
+                continue
+            default = fld.default
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            if isinstance(default, bool) or default is None and "choices" not in meta:
+                decls = meta.get("flag", f"--{fld.name.replace('_', '-')}/--no-{fld.name.replace('_', '-')}")
+                kind = dict(is_flag=True) if "/" not in decls else {}
+                if default is not None:
+                    shown = decls.split("/")[0 if default else 1].lstrip("-") if "/" in decls else default
+                decls = (decls,)
+            else:
+                decls = (f"--{fld.name.replace('_', '-')}",)
+                if "choices" in meta:
+                    kind = dict(type=click.Choice(meta["choices"]))
+                elif isinstance(default, tuple):
+                    kind = dict(type=CommaList())
+                elif "min" in meta or "max" in meta:
+                    rng = click.IntRange if isinstance(default, int) else click.FloatRange
+                    kind = dict(type=rng(min=meta.get("min"), max=meta.get("max")))
+                else:
+                    kind = dict(type=type(default))
+            plain_flag = kind.get("is_flag", False)  # absent means off: no default to show
+            help_text = meta["help"] + ("" if default is None or plain_flag else f"  [default: {shown}]")
+            f = click.option(*decls, fld.name, default=None, help=help_text, **kind)(f)
+        return f
+
+    return decorate

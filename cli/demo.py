@@ -56,7 +56,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from samf.runtime.atomic import atomic_file
     from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.prompt import REPORT_REQUESTS
-    from samf.train import stages as S
+    from samf.train import run_folder as R
     from samf.train.evaluate import finding_accuracy, format_table
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
@@ -124,7 +124,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         truths = [e.findings for e in test]
         vlm = SamfVLM.from_checkpoint(merged)
-        tok = S.base_tokenizer(run)
+        tok = R.base_tokenizer(run)
         zeroed = generate_reports(vlm, tok, test, zero_image=True, progress=False)
         table = {"runtime F32": finding_accuracy([r.text for r in results["F32"]], truths),
                  "runtime Q8_0": finding_accuracy([r.text for r in q8], truths),

@@ -13,24 +13,23 @@ import os
 
 import click
 
-from .common import SamfGroup, torch_threads
+from samf.train.configs import DinoConfig, FinetuneConfig, LMConfig, WarmupConfig
+
+from .common import SamfGroup, config_options, torch_threads
 
 data_opt = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
                         help="dataset folder: SAMF CSV / phantoms (train.csv), CT-RATE (radiology_text_reports/) "
                              "or M3D (M3D_Cap.json)")
 run_opt = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="run folder")
-steps_opt = click.option("--steps", type=int, default=None, help="optimizer steps (default: the stage's own)")
 threads_opt = click.option("--threads", type=int, default=None, help="CPU threads for torch")
 quiet_opt = click.option("--quiet", is_flag=True, help="no progress bars")
 restart_opt = click.option("--restart", is_flag=True, help="ignore this stage's checkpoint and start over")
-batch_opt = click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                         help="samples per step (default: the run preset's for this stage, else the stage's own)")
 
 
 def _config(cls, run_dir: str, stage: str, **given):
     """A stage's configuration: the dataclass's defaults, then the run preset's for this stage (the paper preset
     sets batches that fit 16 GB at ViT-B/16 size), then the options given on the command line."""
-    from samf.train.stages import read_run
+    from samf.train.run_folder import read_run
 
     preset = read_run(run_dir).get("stage_defaults", {}).get(stage, {})
     return cls(**{**preset, **{k: v for k, v in given.items() if v is not None}})
@@ -40,7 +39,7 @@ def _train_examples(run_dir, data_dir, split="train", progress=True):
     from samf.runtime.preprocess import PreprocessConfig
     from samf.train.data import load_dataset
     from samf.train.distributed import is_main
-    from samf.train.stages import read_run
+    from samf.train.run_folder import read_run
 
     pre = PreprocessConfig.from_dict(read_run(run_dir)["preprocess"])
     return load_dataset(data_dir, split, pre, progress=progress and is_main())  # under torchrun only rank 0 speaks
@@ -73,7 +72,7 @@ def make_phantoms(out_dir, n_train, n_test, seed, quiet):
                    "preset builds its own LLM without")
 def init(run_dir, preset, llm_path):
     """Start a run folder with a model/preprocessing preset."""
-    from samf.train.stages import init_run, paper_preset, tiny_preset
+    from samf.train.run_folder import init_run, paper_preset, tiny_preset
 
     if preset == "paper" and not llm_path:
         raise click.UsageError("--preset paper needs --llm-path to a local Phi-3-mini checkpoint")
@@ -101,22 +100,19 @@ def tokenizer(data_dir, run_dir, vocab_size):
 @main.command("pretrain-2d")
 @data_opt
 @run_opt
-@steps_opt
+@config_options(DinoConfig)
 @click.option("--dino-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="start from a published DINO ViT checkpoint (local file)")
-@click.option("--zero", is_flag=True, help="under torchrun: ZeRO stage 1, AdamW state sharded over the ranks")
-@batch_opt
 @threads_opt
 @quiet_opt
 @restart_opt
-def pretrain_2d(data_dir, run_dir, steps, dino_weights, zero, batch_size, threads, quiet, restart):
+def pretrain_2d(data_dir, run_dir, dino_weights, threads, quiet, restart, **given):
     """DINO self-supervised pretraining of the ViT on slices of all three planes."""
-    from samf.train.dino import DinoConfig
     from samf.train.distributed import is_main
     from samf.train.stages import stage_pretrain_2d
 
     torch_threads(threads)
-    cfg = _config(DinoConfig, run_dir, "pretrain-2d", zero=zero, steps=steps, batch_size=batch_size)
+    cfg = _config(DinoConfig, run_dir, "pretrain-2d", **given)
     losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                                dino_weights=dino_weights, progress=not quiet, restart=restart)
     if is_main():
@@ -127,16 +123,15 @@ def pretrain_2d(data_dir, run_dir, steps, dino_weights, zero, batch_size, thread
 @main.command("pretrain-lm")
 @data_opt
 @run_opt
-@steps_opt
-@batch_opt
+@config_options(LMConfig)
 @threads_opt
 @quiet_opt
-def pretrain_lm(data_dir, run_dir, steps, batch_size, threads, quiet):
+def pretrain_lm(data_dir, run_dir, threads, quiet, **given):
     """Teach the tiny Phi-3 the report language (stands in for Phi-3's own pretraining)."""
-    from samf.train.stages import LMConfig, stage_pretrain_lm
+    from samf.train.stages import stage_pretrain_lm
 
     torch_threads(threads)
-    cfg = _config(LMConfig, run_dir, "pretrain-lm", steps=steps, batch_size=batch_size)
+    cfg = _config(LMConfig, run_dir, "pretrain-lm", **given)
     losses = stage_pretrain_lm(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                                progress=not quiet)
     click.echo(f"pretrain-lm: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -145,18 +140,15 @@ def pretrain_lm(data_dir, run_dir, steps, batch_size, threads, quiet):
 @main.command("warmup-3d")
 @data_opt
 @run_opt
-@steps_opt
-@click.option("--tau", default=0.1, show_default=True, help="InfoNCE temperature")
-@batch_opt
+@config_options(WarmupConfig)
 @threads_opt
 @quiet_opt
-def warmup_3d(data_dir, run_dir, steps, tau, batch_size, threads, quiet):
+def warmup_3d(data_dir, run_dir, threads, quiet, **given):
     """InfoNCE warm-up of the aggregator on the frozen ViT (positives: adjacent-slice views of one scan)."""
     from samf.train.stages import stage_warmup_3d
-    from samf.train.warmup import WarmupConfig
 
     torch_threads(threads)
-    cfg = _config(WarmupConfig, run_dir, "warmup-3d", tau=tau, steps=steps, batch_size=batch_size)
+    cfg = _config(WarmupConfig, run_dir, "warmup-3d", **given)
     losses = stage_warmup_3d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                              progress=not quiet)
     click.echo(f"warmup-3d: InfoNCE {losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -165,36 +157,17 @@ def warmup_3d(data_dir, run_dir, steps, tau, batch_size, threads, quiet):
 @main.command("finetune")
 @data_opt
 @run_opt
-@steps_opt
-@batch_opt
-@click.option("--grad-accum", default=1, show_default=True, help="micro-batches per optimizer step")
-@click.option("--freeze-vit/--train-vit", default=True, show_default=True)
-@click.option("--freeze-aggregator/--train-aggregator", default=False, show_default=True)
-@click.option("--warmup/--no-warmup", default=False, show_default=True,
-              help="start the aggregator from warmup-3d")
-@click.option("--ao2d/--no-ao2d", default=None, help="override the preset's Ao2D switch")
-@click.option("--tasks", type=click.Choice(["both", "report", "mcq"]), default="both", show_default=True)
-@click.option("--lora-r", default=16, show_default=True)
-@click.option("--lora-alpha", default=32, show_default=True)
-@click.option("--lora-dropout", default=0.05, show_default=True)
-@click.option("--lora-targets", default="qkv_proj,o_proj,gate_up_proj,down_proj", show_default=True)
-@click.option("--lr", type=float, default=None, help="fusion, aggregator and LoRA (default 2e-3)")
-@click.option("--vit-lr", type=float, default=1e-4, show_default=True, help="the ViT, with --train-vit")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
-@click.option("--grad-checkpointing", is_flag=True, help="recompute the LLM's activations in backward")
-@click.option("--zero", is_flag=True, help="under torchrun: ZeRO stage 1, AdamW state sharded over the ranks")
-@click.option("--save-every", default=100, show_default=True, help="steps between resumable checkpoints")
+@config_options(FinetuneConfig, skip=("extra",))
 @threads_opt
 @quiet_opt
 @restart_opt
-def finetune(data_dir, run_dir, steps, lora_targets, lr, threads, quiet, restart, **kw):
+def finetune(data_dir, run_dir, threads, quiet, restart, **given):
     """SAMF(+Ao2D) into Phi-3 with LoRA: reports and multiple-choice answers, together or separately."""
     from samf.train.distributed import is_main
-    from samf.train.stages import FinetuneConfig, stage_finetune
+    from samf.train.finetune import stage_finetune
 
     torch_threads(threads)
-    kw["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-    cfg = _config(FinetuneConfig, run_dir, "finetune", steps=steps, lr=lr, **kw)
+    cfg = _config(FinetuneConfig, run_dir, "finetune", **given)
     losses = stage_finetune(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
                             progress=not quiet, restart=restart)
     if is_main():
@@ -205,7 +178,7 @@ def finetune(data_dir, run_dir, steps, lora_targets, lr, threads, quiet, restart
 @run_opt
 def merge(run_dir):
     """Fold LoRA into a plain Hugging Face checkpoint (RUN/merged) with the image modules beside it."""
-    from samf.train.stages import stage_merge
+    from samf.train.merge import stage_merge
 
     click.echo(f"merged checkpoint: {stage_merge(run_dir)}")
 

@@ -27,7 +27,7 @@ def write_synthetic_checkpoint(out: str, preset: str = "paper", layers: int | No
     import torch
 
     from samf.train.llm_folder import LLMTokenizer
-    from samf.train.stages import PREPROCESS_FILE, paper_preset, tiny_preset
+    from samf.train.run_folder import PREPROCESS_FILE, paper_preset, tiny_preset
     from samf.train.synthetic_llm import PHI3_MINI, write_phi3_folder
     from samf.train.vlm import ImageConfig, SamfVLM
 

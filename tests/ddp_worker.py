@@ -16,7 +16,8 @@ import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from samf.runtime.preprocess import PreprocessConfig
-from samf.train import stages as S
+from samf.train import finetune as FT
+from samf.train import run_folder as R
 from samf.train.data import load_split
 from samf.train.dino import DinoConfig
 from samf.train.recipe import run_recipe
@@ -44,10 +45,10 @@ def main() -> None:
         return result
 
     cls.step = recorded_step
-    pre = PreprocessConfig.from_dict(S.read_run(run)["preprocess"])
+    pre = PreprocessConfig.from_dict(R.read_run(run)["preprocess"])
     exs = load_split(data, "train", pre, progress=False)[:8]
     if stage == "finetune":
-        cfg = S.FinetuneConfig(steps=STEPS, batch_size=2, save_every=2, zero=zero)
+        cfg = FT.FinetuneConfig(steps=STEPS, batch_size=2, save_every=2, zero=zero)
     else:
         stage, cfg = "pretrain-2d", DinoConfig(steps=STEPS, batch_size=4, save_every=2, zero=zero)
     losses = run_recipe(run, exs, stages=(stage,), configs={stage: cfg}, progress=False)[stage]

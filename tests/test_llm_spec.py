@@ -154,6 +154,9 @@ def test_a_phi3_with_the_real_vocabulary_learns_to_stop_in_torch_and_in_the_runt
     from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.pipeline import ReportPipeline
     from samf.runtime.preprocess import PreprocessConfig
+    from samf.train import finetune as FT
+    from samf.train import merge as M
+    from samf.train import run_folder as R
     from samf.train import stages as S
     from samf.train.data import load_split
     from samf.train.dino import DinoConfig
@@ -162,18 +165,18 @@ def test_a_phi3_with_the_real_vocabulary_learns_to_stop_in_torch_and_in_the_runt
     llm = write_phi3_folder(str(tmp_path / "phi3"))          # hidden 128, 2 layers, bf16, random weights
     data, run = str(tmp_path / "data"), str(tmp_path / "run")
     generate_phantom_dataset(data, 120, 4, seed=2, progress=False)
-    S.init_run(run, S.tiny_preset(llm))
-    pre = PreprocessConfig.from_dict(S.read_run(run)["preprocess"])
+    R.init_run(run, R.tiny_preset(llm))
+    pre = PreprocessConfig.from_dict(R.read_run(run)["preprocess"])
     train, test = load_split(data, "train", pre, progress=False), load_split(data, "test", pre, progress=False)
     S.stage_pretrain_2d(run, train, DinoConfig(steps=5), progress=False)
     S.stage_pretrain_lm(run, train, S.LMConfig(steps=LM_STEPS), progress=False)
-    S.stage_finetune(run, train, S.FinetuneConfig(steps=FT_STEPS), progress=False)
-    merged = S.stage_merge(run)
+    FT.stage_finetune(run, train, FT.FinetuneConfig(steps=FT_STEPS), progress=False)
+    merged = M.stage_merge(run)
     bundle = str(tmp_path / "bundle")
     write_bundle(merged, bundle, quants=(), keep_unquantized="F32", log=lambda m: None)
 
     vlm = SamfVLM.from_checkpoint(merged)
-    tok = S.base_tokenizer(run)
+    tok = R.base_tokenizer(run)
     assert vlm.layout.answer_end == END and vlm.layout.chat_template
     prompt = prompt_ids(tok, REPORT_REQUESTS[0])
     pipe = ReportPipeline(bundle, quant="F32")

@@ -11,12 +11,12 @@ import pytest
 def examples(tmp_path_factory):
     from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.preprocess import PreprocessConfig
-    from samf.train import stages as S
+    from samf.train import run_folder as R
     from samf.train.data import load_split
 
     data = str(tmp_path_factory.mktemp("data"))
     generate_phantom_dataset(data, 4, 0, seed=3, progress=False)
-    return load_split(data, "train", PreprocessConfig.from_dict(S.tiny_preset()["preprocess"]), progress=False)
+    return load_split(data, "train", PreprocessConfig.from_dict(R.tiny_preset()["preprocess"]), progress=False)
 
 
 def _merged(run, examples, dtype: str) -> tuple:
@@ -24,18 +24,21 @@ def _merged(run, examples, dtype: str) -> tuple:
     2 fine-tune steps, merge. Returns the merged folder and the losses."""
     import torch
 
+    from samf.train import finetune as FT
+    from samf.train import merge as M
+    from samf.train import run_folder as R
     from samf.train import stages as S
     from samf.train.data import text_corpus
     from samf.train.vlm import TinyLLMConfig, build_phi3
 
-    S.init_run(run, S.tiny_preset())
+    R.init_run(run, R.tiny_preset())
     sp = S.stage_tokenizer(run, text_corpus(examples), vocab_size=400)
     torch.manual_seed(0)
-    llm = build_phi3(sp.vocab_size(), TinyLLMConfig(**S.read_run(run)["llm"])).to(torch.bfloat16)
+    llm = build_phi3(sp.vocab_size(), TinyLLMConfig(**R.read_run(run)["llm"])).to(torch.bfloat16)
     llm.to(getattr(torch, dtype)).save_pretrained(os.path.join(run, "lm_base"))
     shutil.copytree(os.path.join(run, S.TOKENIZER_DIR), os.path.join(run, "lm_base"), dirs_exist_ok=True)
-    losses = S.stage_finetune(run, examples, S.FinetuneConfig(steps=2, batch_size=2, save_every=1000), progress=False)
-    return S.stage_merge(run), losses
+    losses = FT.stage_finetune(run, examples, FT.FinetuneConfig(steps=2, batch_size=2, save_every=1000), progress=False)
+    return M.stage_merge(run), losses
 
 
 def _dtypes(path: str) -> set:

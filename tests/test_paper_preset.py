@@ -30,7 +30,7 @@ def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     from samf.runtime.phantom import generate_phantom_dataset
     from samf.runtime.preprocess import PreprocessConfig
     from samf.runtime.prompt import REPORT_REQUESTS
-    from samf.train import stages as S
+    from samf.train import run_folder as R
     from samf.train.data import load_split
     from samf.train.vlm import SamfVLM, prompt_ids
 
@@ -62,8 +62,8 @@ def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     assert manifest["prompt"]["layout"]["answer_end"] == 32007
     vlm = SamfVLM.from_checkpoint(merged)                     # the PyTorch pipeline, greedy, same prompt,
     vlm.llm.float()  # in fp32 as the F32 GGUF computes (bf16 arithmetic flips near-ties of a barely trained model)
-    tok = S.base_tokenizer(run)
-    pre = PreprocessConfig.from_dict(S.read_run(run)["preprocess"])
+    tok = R.base_tokenizer(run)
+    pre = PreprocessConfig.from_dict(R.read_run(run)["preprocess"])
     ex = load_split(data, "test", pre, progress=False)[0]
     ids = vlm.generate(torch.from_numpy(ex.slices), prompt_ids(tok, REPORT_REQUESTS[0]), 12)
     assert got["report"] == tok.decode(ids)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from samf.train import finetune as FT
+from samf.train import run_folder as R
 from samf.train import stages as S
 from samf.train.ablation import copy_shared
 
@@ -47,11 +49,45 @@ def test_warmup_saves_the_aggregator_and_its_config(quick):
     assert json.load(open(os.path.join(quick.run, "config", "warmup-3d.json")))["tau"] == 0.1
 
 
+def test_stage_options_are_the_config_fields_and_the_preset_comes_between(quick, tmp_path):
+    """samf-train's stage options are generated from the config dataclasses (each default written once): one
+    option per field with help, None unless given, so a value comes from the command line, else the run
+    preset's stage_defaults, else the dataclass."""
+    import dataclasses
+    import json
+
+    from click.testing import CliRunner
+
+    from samf.cli.train_cli import _config, main
+    from samf.train.configs import DinoConfig, FinetuneConfig, LMConfig, WarmupConfig
+
+    for command, cls in (("pretrain-2d", DinoConfig), ("warmup-3d", WarmupConfig), ("pretrain-lm", LMConfig),
+                         ("finetune", FinetuneConfig)):
+        params = {p.name: p for p in main.commands[command].params}
+        fields = {f.name for f in dataclasses.fields(cls) if "help" in f.metadata}
+        assert fields <= set(params) and all(params[n].default is None for n in fields), command
+    run = _cell(quick, tmp_path)
+    preset = json.load(open(os.path.join(run, "run.json")))
+    json.dump({**preset, "stage_defaults": {"finetune": {"batch_size": 3, "lr": 0.01}}},
+              open(os.path.join(run, "run.json"), "w"))
+    cfg = _config(FinetuneConfig, run, "finetune", lr=0.5, steps=None)
+    assert (cfg.lr, cfg.batch_size, cfg.steps) == (0.5, 3, FinetuneConfig().steps)
+
+    res = CliRunner().invoke(main, ["finetune", "--data", quick.data, "--run", run, "--steps", "1",
+                                    "--lora-targets", "qkv_proj, o_proj", "--train-vit", "--tasks", "report",
+                                    "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ran = json.load(open(os.path.join(run, "config", "finetune.json")))
+    assert ran["lora_targets"] == ["qkv_proj", "o_proj"] and ran["freeze_vit"] is False
+    assert (ran["steps"], ran["batch_size"], ran["lr"], ran["tasks"]) == (1, 3, 0.01, "report")
+    assert ran["mcq_fraction"] == FinetuneConfig().mcq_fraction
+
+
 def test_ablation_switches_freeze_and_override(quick, tmp_path):
     run = _cell(quick, tmp_path)
-    cfg = S.FinetuneConfig(steps=2, batch_size=2, warmup=True, freeze_aggregator=True, ao2d=False, tasks="report")
-    S.stage_finetune(run, quick.train[:8], cfg, progress=False)
-    vlm = S.load_finetuned(run)
+    cfg = FT.FinetuneConfig(steps=2, batch_size=2, warmup=True, freeze_aggregator=True, ao2d=False, tasks="report")
+    FT.stage_finetune(run, quick.train[:8], cfg, progress=False)
+    vlm = FT.load_finetuned(run)
     assert vlm.image_cfg.fusion.ao2d is False             # the override reaches the saved model
     warm = torch.load(os.path.join(run, "aggregator_warmup.pt"), weights_only=True)["aggregator"]
     for k, v in vlm.encoder.aggregator.state_dict().items():
@@ -60,14 +96,14 @@ def test_ablation_switches_freeze_and_override(quick, tmp_path):
     assert all(torch.equal(v, dino[k]) for k, v in vlm.encoder.vit.state_dict().items())
     with pytest.raises(FileNotFoundError, match="warmup-3d"):
         os.remove(os.path.join(run, "aggregator_warmup.pt"))
-        S.stage_finetune(run, quick.train[:8], cfg, progress=False)
+        FT.stage_finetune(run, quick.train[:8], cfg, progress=False)
 
 
 def test_interrupted_finetune_resumes_to_the_same_weights(quick, tmp_path, monkeypatch):
-    cfg = S.FinetuneConfig(steps=6, batch_size=2, save_every=2)
+    cfg = FT.FinetuneConfig(steps=6, batch_size=2, save_every=2)
     exs = quick.train[:8]
     ref_run = _cell(quick, tmp_path / "a")
-    ref = S.stage_finetune(ref_run, exs, cfg, progress=False)
+    ref = FT.stage_finetune(ref_run, exs, cfg, progress=False)
 
     run = _cell(quick, tmp_path / "b")
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
@@ -80,14 +116,14 @@ def test_interrupted_finetune_resumes_to_the_same_weights(quick, tmp_path, monke
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        S.stage_finetune(run, exs, cfg, progress=False)
+        FT.stage_finetune(run, exs, cfg, progress=False)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert os.path.exists(os.path.join(run, "checkpoints", "finetune.pt"))
     assert not os.path.exists(os.path.join(run, "finetune"))          # nothing half-written
-    resumed = S.stage_finetune(run, exs, cfg, progress=False)
+    resumed = FT.stage_finetune(run, exs, cfg, progress=False)
     assert resumed == pytest.approx(ref, abs=1e-6)
-    a = S.load_finetuned(ref_run).state_dict()
-    b = S.load_finetuned(run).state_dict()
+    a = FT.load_finetuned(ref_run).state_dict()
+    b = FT.load_finetuned(run).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not os.path.exists(os.path.join(run, "checkpoints", "finetune.pt"))
     from samf.train.checkpoint import ResumeError, StageCheckpoint
@@ -95,7 +131,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(quick, tmp_path, monke
     ck = StageCheckpoint(run, "finetune", {"steps": 6}, every=1)
     ck.maybe_save(1, lambda: {})
     with pytest.raises(ResumeError, match="--restart"):
-        S.stage_finetune(run, exs, cfg, progress=False)
+        FT.stage_finetune(run, exs, cfg, progress=False)
 
 
 def test_image_stages_start_from_their_seed_not_the_global_rng(quick, tmp_path):
@@ -129,9 +165,9 @@ def test_single_process_stages_refuse_torchrun(tmp_path, monkeypatch):
 
 def test_bf16_accumulation_and_checkpointing_run(quick, tmp_path):
     run = _cell(quick, tmp_path)
-    cfg = S.FinetuneConfig(steps=2, batch_size=2, grad_accum=2, precision="bf16", grad_checkpointing=True,
+    cfg = FT.FinetuneConfig(steps=2, batch_size=2, grad_accum=2, precision="bf16", grad_checkpointing=True,
                            tasks="mcq")
-    losses = S.stage_finetune(run, quick.train[:8], cfg, progress=False)
+    losses = FT.stage_finetune(run, quick.train[:8], cfg, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
     rows = [ln for ln in open(os.path.join(run, "metrics.jsonl")) if '"finetune"' in ln]
     assert '"bf16": true' in rows[-1]
@@ -367,7 +403,7 @@ def test_the_recipe_runs_its_stages_in_one_order_and_refuses_unknown_ones(quick,
     from samf.train.recipe import RecipeSteps, run_recipe
 
     run = str(tmp_path / "run")
-    S.init_run(run, S.tiny_preset())
+    R.init_run(run, R.tiny_preset())
     with pytest.raises(ValueError, match="unknown stages"):
         run_recipe(run, quick.train, stages=("finetune", "pretrain-3d"))
     entered, ended = [], []

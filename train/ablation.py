@@ -56,7 +56,8 @@ def copy_shared(base: str, run: str) -> None:
 def run_ablation(cfg: AblationConfig, echo=print) -> dict:
     from samf.runtime.phantom import generate_phantom_dataset
 
-    from . import stages as S
+    from . import finetune as FT
+    from . import run_folder as R
     from .evaluate import evaluate_model, format_findings, format_summary, summary_row
     from .recipe import RecipeSteps, run_recipe, start_run
 
@@ -74,7 +75,7 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
                    stages=("tokenizer", "pretrain-2d", "pretrain-lm", "warmup-3d"), progress=cfg.progress)
         with atomic_file(done) as f:
             json.dump(shared, f)
-    tok = S.base_tokenizer(base)
+    tok = R.base_tokenizer(base)
 
     results, rows, findings = {}, {}, {}
     for i, (name, switches) in enumerate(GRID):
@@ -85,10 +86,10 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
             shutil.rmtree(cell, ignore_errors=True)
             copy_shared(base, cell)
             t = time.time()
-            ft = S.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed, **switches)
+            ft = FT.FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed, **switches)
             losses = run_recipe(cell, train, stages=("finetune",), configs={"finetune": ft},
                                 progress=cfg.progress)["finetune"]
-            res = evaluate_model(S.load_finetuned(cell), tok, test, progress=False, zeroed=(i == len(GRID) - 1))
+            res = evaluate_model(FT.load_finetuned(cell), tok, test, progress=False, zeroed=(i == len(GRID) - 1))
             res.update(name=name, switches=switches, final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        finetune_s=time.time() - t, finetune_steps=cfg.finetune_steps, shared=shared)
             with atomic_file(result_path) as f:

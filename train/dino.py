@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,29 +18,8 @@ from torch import nn
 
 from samf.runtime.progress import progress_bar
 
+from .configs import DinoConfig
 from .models import VisionTransformer
-
-
-@dataclass
-class DinoConfig:
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.04
-    warmup_frac: float = 0.1
-    out_dim: int = 1024            # prototypes (DINO uses 65536; lightly's head in the paper code: 2048)
-    hidden_dim: int = 256
-    bottleneck_dim: int = 64
-    n_local_crops: int = 4
-    global_scale: tuple = (0.5, 1.0)
-    local_scale: tuple = (0.15, 0.5)
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    center_momentum: float = 0.9
-    momentum_start: float = 0.996  # EMA teacher momentum, cosine to 1.0
-    seed: int = 0
-    save_every: int = 100         # steps between resumable checkpoints
-    zero: bool = False            # under torchrun: ZeRO stage 1, AdamW state sharded over the ranks
 
 
 class DinoHead(nn.Module):

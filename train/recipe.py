@@ -28,7 +28,8 @@ class RecipeSteps:
 
 def stage_configs(steps: RecipeSteps) -> dict:
     from .dino import DinoConfig
-    from .stages import FinetuneConfig, LMConfig
+    from .finetune import FinetuneConfig
+    from .stages import LMConfig
     from .warmup import WarmupConfig
 
     return {"pretrain-2d": DinoConfig(steps=steps.dino, seed=steps.seed),
@@ -43,7 +44,7 @@ def start_run(run_dir: str, data_dir: str, preset: dict | None = None, progress:
     from samf.runtime.preprocess import PreprocessConfig
 
     from .data import load_dataset
-    from .stages import init_run, tiny_preset
+    from .run_folder import init_run, tiny_preset
 
     preset = preset or tiny_preset()
     init_run(run_dir, preset)
@@ -60,6 +61,8 @@ def run_recipe(run_dir: str, train: list, steps: RecipeSteps | None = None, stag
     ``configs`` replaces a stage's config ({"finetune": FinetuneConfig(...)}); ``on_stage(name)`` is a
     context manager around each stage and ``after(name, result)`` is called when one ends (the demo prints
     with them)."""
+    from . import finetune as FT
+    from . import merge as M
     from . import stages as S
     from .data import text_corpus
 
@@ -72,8 +75,8 @@ def run_recipe(run_dir: str, train: list, steps: RecipeSteps | None = None, stag
         "pretrain-2d": lambda: S.stage_pretrain_2d(run_dir, train, cfgs["pretrain-2d"], progress=progress),
         "pretrain-lm": lambda: S.stage_pretrain_lm(run_dir, train, cfgs["pretrain-lm"], progress=progress),
         "warmup-3d": lambda: S.stage_warmup_3d(run_dir, train, cfgs["warmup-3d"], progress=progress),
-        "finetune": lambda: S.stage_finetune(run_dir, train, cfgs["finetune"], progress=progress),
-        "merge": lambda: S.stage_merge(run_dir),
+        "finetune": lambda: FT.stage_finetune(run_dir, train, cfgs["finetune"], progress=progress),
+        "merge": lambda: M.stage_merge(run_dir),
     }
     results = {}
     for name in STAGES:

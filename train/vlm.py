@@ -19,7 +19,7 @@ from torch import nn
 from samf.engines.greedy import greedy_decode
 from samf.runtime.atomic import atomic_file
 from samf.runtime.progress import progress_bar
-from samf.runtime.prompt import REPORT_REQUESTS, PromptLayout, mcq_request
+from samf.runtime.prompt import REPORT_REQUESTS, PromptLayout, mcq_answer, mcq_request
 
 from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
 from .tokenizer import BOS, EOS, PAD
@@ -232,6 +232,11 @@ def prompt_ids(tok, request: str) -> list:
     return tok.encode(tok.layout.prompt_text(request))
 
 
+def mcq_sample(tok, q: dict) -> tuple:
+    """(prompt ids, answer ids) of a multiple-choice question, as training teaches and evaluation asks it."""
+    return prompt_ids(tok, mcq_request(q["question"], q["choices"])), tok.encode(mcq_answer(q["answer"], q["choices"]))
+
+
 def generate_reports(vlm: SamfVLM, tok, examples: list, zero_image: bool = False,
                      progress: bool = True, max_new_tokens: int = 96) -> list:
     """Greedy reports from the PyTorch model (the reference pipeline) for each example."""
@@ -247,8 +252,7 @@ def generate_mcq(vlm: SamfVLM, tok, examples: list, zero_image: bool = False) ->
     answers, letters = [], []
     for ex in examples:
         for q in ex.questions:
-            ids = vlm.generate(torch.from_numpy(ex.slices), prompt_ids(tok, mcq_request(q["question"], q["choices"])),
-                               24, zero_image=zero_image)
+            ids = vlm.generate(torch.from_numpy(ex.slices), mcq_sample(tok, q)[0], 24, zero_image=zero_image)
             answers.append(tok.decode(ids))
             letters.append(q["answer"])
     return answers, letters

@@ -22,7 +22,6 @@ The ViT is frozen throughout (its DINO features are the input); only the aggrega
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +29,7 @@ from torch import nn
 
 from samf.runtime.progress import progress_bar
 
-
-@dataclass
-class WarmupConfig:
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 1e-3
-    tau: float = 0.1
-    proj_dim: int = 64
-    seed: int = 0
+from .configs import WarmupConfig
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:

@@ -1,0 +1,169 @@
+"""Fine-tuning: SAMF (+Ao2D) into Phi-3 with LoRA, on reports and multiple-choice questions, resumable and
+under torchrun on several GPUs (DDP, optionally ZeRO-1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from samf.runtime.atomic import atomic_dir
+from samf.runtime.progress import progress_bar
+from samf.runtime.prompt import REPORT_REQUESTS
+
+from .configs import FinetuneConfig
+from .distributed import owns_process_group
+from .llm_folder import LLMTokenizer
+from .run_folder import (
+    WARMUP_FILE,
+    MetricsLog,
+    base_tokenizer,
+    build_vlm,
+    calibration_sample,
+    cosine_lr,
+    read_run,
+    write_stage_config,
+)
+from .vlm import ImageConfig, SamfVLM, mcq_sample, prompt_ids
+
+
+def _task_sample(ex, tok: LLMTokenizer, rng: random.Random, mcq_fraction: float):
+    if ex.questions and rng.random() < mcq_fraction:
+        return mcq_sample(tok, rng.choice(ex.questions))
+    return prompt_ids(tok, rng.choice(REPORT_REQUESTS)), tok.encode(ex.report)
+
+
+def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
+    image_cfg = ImageConfig.from_dict(read_run(run_dir)["image"])
+    if cfg.ao2d is not None:
+        image_cfg.fusion = dataclasses.replace(image_cfg.fusion, ao2d=bool(cfg.ao2d))
+    return image_cfg
+
+
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast where asked (or, with "auto", where the GPU supports it); fp32 otherwise."""
+    use = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), use
+
+
+@owns_process_group
+def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: bool = True,
+                   restart: bool = False) -> list:
+    """SAMF (+Ao2D) into Phi-3 with LoRA (peft); image modules trained fully, ViT/aggregator unless frozen.
+
+    Loss only on answer tokens (:meth:`SamfVLM.forward`). Resumes from RUN/checkpoints/finetune.pt when
+    one of the same configuration exists. Under ``torchrun`` each rank draws its own batches and DDP
+    averages the gradients; rank 0 writes.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from .checkpoint import StageCheckpoint, own_rng_state, rng_state, set_rng_state
+    from .distributed import DistributedContext
+
+    if cfg.tasks not in ("both", "report", "mcq"):
+        raise ValueError(f"tasks must be both, report or mcq, not {cfg.tasks!r}")
+    dist = DistributedContext.from_env()
+    conf = write_stage_config(run_dir, "finetune", cfg, write=dist.is_main)
+    ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main)
+    dist.barrier()  # no rank may read a checkpoint that rank 0 is about to clear
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed * 1000 + dist.rank)
+    mcq_fraction = {"both": cfg.mcq_fraction, "report": 0.0, "mcq": 1.0}[cfg.tasks]
+    if cfg.tasks == "mcq" and not any(ex.questions for ex in examples):
+        raise ValueError("tasks='mcq' but the training data has no multiple-choice questions")
+    tok = base_tokenizer(run_dir)
+    vlm = build_vlm(run_dir, finetune_image_config(run_dir, cfg), tok)
+    if cfg.warmup:
+        path = os.path.join(run_dir, WARMUP_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} (run samf-train warmup-3d first, or finetune without --warmup)")
+        vlm.encoder.aggregator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["aggregator"])
+    autocast, bf16 = _autocast(cfg.precision, dist.device)
+    if not bf16:  # a bf16 base (Phi-3-mini) trains in fp32 unless bf16 autocast was chosen
+        vlm.llm.float()
+    for p in vlm.llm.parameters():
+        p.requires_grad_(False)
+    # peft keeps the LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype, its default)
+    vlm.llm = get_peft_model(vlm.llm, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"))
+    if cfg.grad_checkpointing:
+        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for frozen, module in ((cfg.freeze_vit, vlm.encoder.vit), (cfg.freeze_aggregator, vlm.encoder.aggregator)):
+        if frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+    vlm.encoder.calibrate(torch.from_numpy(ex.slices) for ex in calibration_sample(examples))
+    vlm.to(dist.device)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    vit_ids = {id(p) for p in vlm.encoder.vit.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in vit_ids], "base_lr": cfg.lr},
+              {"params": [p for p in params if id(p) in vit_ids], "base_lr": cfg.vit_lr}]
+    opt = dist.optimizer([g for g in groups if g["params"]], zero=cfg.zero, lr=cfg.lr, weight_decay=0.01)
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+    losses, start = [], 0
+    state = ckpt.load()
+    if state is not None:
+        vlm.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        losses, start = state["losses"], state["step"]
+        own = own_rng_state(state["rng"], dist.rank, dist.world_size)
+        if own:  # each rank continues its own stream where it stopped
+            set_rng_state(own, rng)
+        else:  # saved with another number of ranks: each rank starts a fresh stream, reproducibly
+            rng.seed(hash((cfg.seed, dist.rank, start)))
+    model = dist.wrap(vlm)
+    vlm.train()
+    log = MetricsLog(run_dir)
+    bar = progress_bar(range(start, cfg.steps), desc="finetune (SAMF+LoRA)", disable=not (progress and dist.is_main),
+               initial=start, total=cfg.steps)
+    t0, seen = time.time(), 0
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, cfg.steps, g["base_lr"], max(1, cfg.steps // 20))
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = [rng.choice(examples) for _ in range(cfg.batch_size)]
+            slices = torch.from_numpy(np.stack([ex.slices for ex in batch])).to(dist.device)
+            prompts, answers = zip(*[_task_sample(ex, tok, rng, mcq_fraction) for ex in batch])
+            with autocast, dist.no_sync_unless(model, micro == cfg.grad_accum - 1):
+                loss = model(slices, list(prompts), list(answers)) / cfg.grad_accum
+                loss.backward()
+            step_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step_loss = dist.mean(step_loss)
+        losses.append(step_loss)
+        seen += cfg.batch_size * cfg.grad_accum * dist.world_size
+        bar.set_postfix(loss=f"{step_loss:.3f}", scans_s=f"{seen / (time.time() - t0):.1f}")
+        log({"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16})
+        ckpt.save_from_every_rank(step + 1, dist, opt, lambda: rng_state(rng), lambda: {
+            "model": {k: v for k, v in vlm.state_dict().items() if k in trainable}, "losses": losses})
+
+    if dist.is_main:
+        with atomic_dir(os.path.join(run_dir, "finetune")) as d:
+            vlm.llm.save_pretrained(d)
+            vlm.save_image_modules(d)
+        ckpt.clear()
+    dist.barrier()
+    return losses
+
+
+def load_finetuned(run_dir: str) -> SamfVLM:
+    """Base LLM + LoRA adapter + fine-tuned image modules, as ``stage_finetune`` left them."""
+    from peft import PeftModel
+
+    ft = os.path.join(run_dir, "finetune")
+    with open(os.path.join(ft, "samf_config.json")) as f:
+        vlm = build_vlm(run_dir, ImageConfig.from_dict(json.load(f)))
+    vlm.llm = PeftModel.from_pretrained(vlm.llm, ft)
+    state = torch.load(os.path.join(ft, "samf_modules.pt"), map_location="cpu", weights_only=True)
+    vlm.encoder.load_state_dict(state["encoder"])
+    vlm.fusion.load_state_dict(state["fusion"])
+    return vlm.eval()
