@@ -98,13 +98,15 @@ def sample_findings(rng: np.random.Generator) -> Findings:
 
 
 def sample_extras(rng: np.random.Generator, rate: float = EXTRA_RATE) -> dict:
-    """The findings beyond the first four, each present with probability ``rate``."""
+    """The findings beyond the first four, each present with probability ``rate`` (drawn in the order of
+    :class:`Findings`' fields, so a given seed keeps its phantom)."""
     out = {}
     for f in dataclasses.fields(Findings)[7:]:
         present = bool(rng.random() < rate)
-        if f.type == "bool":
+        kind = EXTRA_BY_NAME[f.name].kind
+        if kind == "bool":
             out[f.name] = present
-        elif f.name == "atelectasis":
+        elif kind == "side":
             out[f.name] = str(rng.choice(SIDES)) if present else "none"
         else:
             out[f.name] = str(rng.choice(LOCATIONS[1:])) if present else "none"
@@ -214,90 +216,157 @@ def _lobe_centre(lungs, location: str, rng) -> tuple:
 
 
 def _render_extras(vol, f: Findings, rng, a: dict) -> None:
-    """Draw the CT-RATE findings beyond the first four, each where radiologists would look for it.
+    """Draw the CT-RATE findings beyond the first four, each where radiologists would look for it, in the
+    order of their ``layer`` (diffuse lung patterns first, so that focal findings sit on top of them).
 
     Structures are at least a voxel thick at the demo's 4-5 mm so they are there to be seen.
     """
-    grid, lungs, (body_ry, body_rx) = a["grid"], a["lungs"], a["body"]
-    Z, Y, X = grid
+    for spec in sorted(EXTRA_FINDINGS, key=lambda spec: spec.layer):
+        value = getattr(f, spec.name)
+        if value and value != "none":
+            spec.draw(vol, value, rng, a)
+
+
+# The drawing of each further finding: (volume, its value, rng, the anatomy render_volume laid out).
+
+def _draw_mosaic(vol, value, rng, a) -> None:
+    """Lobular patches darker and brighter than normal lung."""
+    for side in SIDES:
+        c, r, mask = a["lungs"][side]
+        for _ in range(10):
+            off = rng.uniform(-0.7, 0.7, size=3) * np.asarray(r)
+            rb = float(rng.uniform(15, 25))
+            dens = HU["mosaic_low"] if rng.random() < 0.5 else HU["mosaic_high"]
+            vol[_ellipsoid(a["grid"], np.asarray(c) + off, (rb, rb, rb)) & mask] = dens
+
+
+def _outer_lung(a, side, depth):
+    """The lung of ``side`` beyond ``depth`` of its normalised radius, and its centre and radii."""
+    Z, Y, X = a["grid"]
+    c, r, mask = a["lungs"][side]
+    d = ((Z - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((X - c[2]) / r[2]) ** 2
+    return mask & (d > depth), c, r
+
+
+def _draw_septal(vol, value, rng, a) -> None:
+    """A reticular grid of thickened septa in the outer lung."""
+    _, Y, X = a["grid"]
+    vox = max(a["spacing"])
+    for side in SIDES:
+        outer, _, _ = _outer_lung(a, side, 0.7)
+        net = (np.mod(Y, 20.0) < vox) | (np.mod(X, 20.0) < vox)
+        vol[outer & net] = HU["septum"]
+
+
+def _draw_fibrotic(vol, value, rng, a) -> None:
+    """Irregular subpleural bands at both apices."""
+    Z, Y, X = a["grid"]
+    vox = max(a["spacing"])
+    for side in SIDES:
+        outer, c, r = _outer_lung(a, side, 0.6)
+        bands = np.mod(Y + 0.5 * X, 12.0) < vox
+        vol[outer & (Z > c[0] + 0.45 * r[0]) & bands] = HU["fibrosis"]
+
+
+def _draw_ground_glass(vol, location, rng, a) -> None:
+    centre, mask = _lobe_centre(a["lungs"], location, rng)
+    rad = float(rng.uniform(22, 32))
+    vol[_ellipsoid(a["grid"], centre, (rad, rad * 0.8, rad * 0.8)) & mask] = HU["ground_glass"]
+
+
+def _draw_consolidation(vol, location, rng, a) -> None:
+    centre, mask = _lobe_centre(a["lungs"], location, rng)
+    rad = float(rng.uniform(28, 38))
+    vol[_ellipsoid(a["grid"], centre, (rad, rad * 0.9, rad * 0.7)) & mask] = HU["soft"]
+
+
+def _draw_airways(vol, a, lumen: float, wall: float, zone) -> None:
+    """Three airways per lung running head-feet through ``zone``: soft-tissue walls around an air lumen."""
+    _, Y, X = a["grid"]
+    for side in SIDES:
+        c, r, mask = a["lungs"][side]
+        for dy, dx in ((-0.2, -0.25), (0.25, 0.2), (0.0, 0.0)):
+            rr = np.sqrt((Y - c[1] - dy * r[1]) ** 2 + (X - c[2] - dx * r[2]) ** 2)
+            vol[mask & zone & (rr < lumen + wall)] = HU["soft"]
+            vol[mask & zone & (rr < lumen)] = HU["air"]
+
+
+def _draw_bronchiectasis(vol, value, rng, a) -> None:
+    """Dilated thin-walled airways in the lower lungs."""
+    _draw_airways(vol, a, 7.0, max(a["spacing"]), a["grid"][0] < a["lung_c_z"])
+
+
+def _draw_peribronchial(vol, value, rng, a) -> None:
+    """Airways of normal calibre with thick walls, mid-chest."""
+    _draw_airways(vol, a, 3.0, 1.5 * max(a["spacing"]), np.abs(a["grid"][0] - a["lung_c_z"]) < 40.0)
+
+
+def _draw_atelectasis(vol, side, rng, a) -> None:
+    """Plate atelectasis: a flat band across the lower lobe."""
+    Z, Y, _ = a["grid"]
+    c, r, mask = a["lungs"][side]
+    zc = c[0] - 0.45 * r[0]
+    vol[mask & (np.abs(Z - zc) < max(4.0, max(a["spacing"]))) & (Y > c[1] - 0.3 * r[1])] = HU["soft"]
+
+
+def _draw_lymphadenopathy(vol, value, rng, a) -> None:
+    """Enlarged nodes at both hila, bulging into the lungs."""
+    for side, sign in (("left", -1.0), ("right", 1.0)):
+        c, r, _ = a["lungs"][side]
+        rad = float(rng.uniform(12, 16))
+        vol[_ellipsoid(a["grid"], (c[0] + 0.1 * r[0], c[1], c[2] - sign * 0.75 * r[2]), (rad, rad, rad))] = HU["soft"]
+
+
+def _draw_pericardial_effusion(vol, value, rng, a) -> None:
+    """A fluid rim around the heart."""
+    heart_c, heart_r = a["heart"]
+    vol[_ellipsoid(a["grid"], heart_c, np.asarray(heart_r) + 8.0) & ~_ellipsoid(a["grid"], heart_c, heart_r)] = \
+        HU["fluid"]
+
+
+def _draw_coronary_calcification(vol, value, rng, a) -> None:
+    """Calcified specks along the anterior heart surface."""
     heart_c, heart_r = a["heart"]
     vox = max(a["spacing"])
+    for t in np.linspace(-0.6, 0.6, 4):
+        p = (heart_c[0] + t * heart_r[0], heart_c[1] + 0.9 * heart_r[1] * np.cos(t), heart_c[2] + t * heart_r[2])
+        vol[_ellipsoid(a["grid"], p, (vox, vox, vox))] = HU["calcium"]
 
-    if f.mosaic_attenuation:  # lobular patches darker and brighter than normal lung
-        for side in SIDES:
-            c, r, mask = lungs[side]
-            for _ in range(10):
-                off = rng.uniform(-0.7, 0.7, size=3) * np.asarray(r)
-                rb = float(rng.uniform(15, 25))
-                dens = HU["mosaic_low"] if rng.random() < 0.5 else HU["mosaic_high"]
-                vol[_ellipsoid(grid, np.asarray(c) + off, (rb, rb, rb)) & mask] = dens
-    if f.septal_thickening:  # a reticular grid of thickened septa in the outer lung
-        for side in SIDES:
-            c, r, mask = lungs[side]
-            d = ((Z - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((X - c[2]) / r[2]) ** 2
-            net = (np.mod(Y, 20.0) < vox) | (np.mod(X, 20.0) < vox)
-            vol[mask & (d > 0.7) & net] = HU["septum"]
-    if f.fibrotic_sequela:  # irregular subpleural bands at both apices
-        for side in SIDES:
-            c, r, mask = lungs[side]
-            d = ((Z - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((X - c[2]) / r[2]) ** 2
-            bands = np.mod(Y + 0.5 * X, 12.0) < vox
-            vol[mask & (d > 0.6) & (Z > c[0] + 0.45 * r[0]) & bands] = HU["fibrosis"]
-    if f.lung_opacity != "none":
-        centre, mask = _lobe_centre(lungs, f.lung_opacity, rng)
-        rad = float(rng.uniform(22, 32))
-        vol[_ellipsoid(grid, centre, (rad, rad * 0.8, rad * 0.8)) & mask] = HU["ground_glass"]
-    if f.consolidation != "none":
-        centre, mask = _lobe_centre(lungs, f.consolidation, rng)
-        rad = float(rng.uniform(28, 38))
-        vol[_ellipsoid(grid, centre, (rad, rad * 0.9, rad * 0.7)) & mask] = HU["soft"]
-    for kind in ("bronchiectasis", "peribronchial_thickening"):
-        if not getattr(f, kind):
-            continue
-        # Airways running head-feet: dilated thin-walled (bronchiectasis) or normal calibre thick-walled.
-        lumen, wall = (7.0, vox) if kind == "bronchiectasis" else (3.0, 1.5 * vox)
-        zone = (Z < a["lung_c_z"]) if kind == "bronchiectasis" else (np.abs(Z - a["lung_c_z"]) < 40.0)
-        for side in SIDES:
-            c, r, mask = lungs[side]
-            for dy, dx in ((-0.2, -0.25), (0.25, 0.2), (0.0, 0.0)):
-                rr = np.sqrt((Y - c[1] - dy * r[1]) ** 2 + (X - c[2] - dx * r[2]) ** 2)
-                vol[mask & zone & (rr < lumen + wall)] = HU["soft"]
-                vol[mask & zone & (rr < lumen)] = HU["air"]
-    if f.atelectasis != "none":  # plate atelectasis: a flat band across the lower lobe
-        c, r, mask = lungs[f.atelectasis]
-        zc = c[0] - 0.45 * r[0]
-        vol[mask & (np.abs(Z - zc) < max(4.0, vox)) & (Y > c[1] - 0.3 * r[1])] = HU["soft"]
-    if f.lymphadenopathy:  # enlarged nodes at both hila, bulging into the lungs
-        for side, sign in (("left", -1.0), ("right", 1.0)):
-            c, r, _ = lungs[side]
-            rad = float(rng.uniform(12, 16))
-            node = _ellipsoid(grid, (c[0] + 0.1 * r[0], c[1], c[2] - sign * 0.75 * r[2]), (rad, rad, rad))
-            vol[node] = HU["soft"]
-    if f.pericardial_effusion:  # a fluid rim around the heart
-        shell = _ellipsoid(grid, heart_c, np.asarray(heart_r) + 8.0) & ~_ellipsoid(grid, heart_c, heart_r)
-        vol[shell] = HU["fluid"]
-    if f.coronary_calcification:  # calcified specks along the anterior heart surface
-        for t in np.linspace(-0.6, 0.6, 4):
-            p = (heart_c[0] + t * heart_r[0], heart_c[1] + 0.9 * heart_r[1] * np.cos(t), heart_c[2] + t * heart_r[2])
-            vol[_ellipsoid(grid, p, (vox, vox, vox))] = HU["calcium"]
-    if f.arterial_calcification:  # plaques in the descending aortic wall
-        for zz in rng.uniform(-0.3, 0.3, size=4) * a["zext"]:
-            p = (zz, -0.45 * body_ry + 10.0, -0.12 * body_rx + float(rng.choice([-10.0, 10.0])))
-            vol[_ellipsoid(grid, p, (vox, vox, vox))] = HU["calcium"]
-    if f.hiatal_hernia:  # stomach above the diaphragm behind the heart: soft wall, air-fluid inside
-        c = (heart_c[0] - 0.6 * heart_r[0], -0.3 * body_ry, -0.05 * body_rx)
-        vol[_ellipsoid(grid, c, (22.0, 18.0, 20.0))] = HU["soft"]
-        inner = _ellipsoid(grid, c, (16.0, 12.0, 14.0))
-        vol[inner & (Z > c[0])] = HU["air"]
-        vol[inner & (Z <= c[0])] = HU["fluid"]
-    if f.medical_material:  # a pacemaker in the left chest wall, its lead into the heart
-        box = (np.abs(Z - 0.3 * a["zext"]) < 12) & (np.abs(Y - 0.85 * body_ry) < max(5.0, vox)) & \
-              (np.abs(X + 0.5 * body_rx) < 18)
-        vol[box] = HU["metal"]
-        for t in np.linspace(0.0, 1.0, 12):
-            p = (0.3 * a["zext"] * (1 - t) + heart_c[0] * t, 0.85 * body_ry * (1 - t) + heart_c[1] * t,
-                 -0.5 * body_rx * (1 - t) + heart_c[2] * t)
-            vol[_ellipsoid(grid, p, (vox, vox, vox))] = HU["metal"]
+
+def _draw_arterial_calcification(vol, value, rng, a) -> None:
+    """Plaques in the descending aortic wall."""
+    body_ry, body_rx = a["body"]
+    vox = max(a["spacing"])
+    for zz in rng.uniform(-0.3, 0.3, size=4) * a["zext"]:
+        p = (zz, -0.45 * body_ry + 10.0, -0.12 * body_rx + float(rng.choice([-10.0, 10.0])))
+        vol[_ellipsoid(a["grid"], p, (vox, vox, vox))] = HU["calcium"]
+
+
+def _draw_hiatal_hernia(vol, value, rng, a) -> None:
+    """Stomach above the diaphragm behind the heart: a soft wall, air over fluid inside."""
+    Z = a["grid"][0]
+    body_ry, body_rx = a["body"]
+    heart_c, heart_r = a["heart"]
+    c = (heart_c[0] - 0.6 * heart_r[0], -0.3 * body_ry, -0.05 * body_rx)
+    vol[_ellipsoid(a["grid"], c, (22.0, 18.0, 20.0))] = HU["soft"]
+    inner = _ellipsoid(a["grid"], c, (16.0, 12.0, 14.0))
+    vol[inner & (Z > c[0])] = HU["air"]
+    vol[inner & (Z <= c[0])] = HU["fluid"]
+
+
+def _draw_pacemaker(vol, value, rng, a) -> None:
+    """A pacemaker in the left chest wall, its lead into the heart."""
+    Z, Y, X = a["grid"]
+    body_ry, body_rx = a["body"]
+    heart_c, _ = a["heart"]
+    vox = max(a["spacing"])
+    box = (np.abs(Z - 0.3 * a["zext"]) < 12) & (np.abs(Y - 0.85 * body_ry) < max(5.0, vox)) & \
+          (np.abs(X + 0.5 * body_rx) < 18)
+    vol[box] = HU["metal"]
+    for t in np.linspace(0.0, 1.0, 12):
+        p = (0.3 * a["zext"] * (1 - t) + heart_c[0] * t, 0.85 * body_ry * (1 - t) + heart_c[1] * t,
+             -0.5 * body_rx * (1 - t) + heart_c[2] * t)
+        vol[_ellipsoid(a["grid"], p, (vox, vox, vox))] = HU["metal"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,33 +412,80 @@ _CARDIO_NEG = (
 )
 
 
-#: Sentences for the findings beyond the first four; only present ones are written. ``{side}``/``{lobe}``
-#: come from the finding's location. Each names the finding the way CT-RATE reports do.
-_EXTRA_POS = {
-    "lung_opacity": ("A ground-glass opacity is seen in the {side} {lobe} lobe.",
-                     "There is a ground-glass opacity in the {side} {lobe} lobe."),
-    "consolidation": ("Consolidation is present in the {side} {lobe} lobe.",
-                      "There is an area of consolidation in the {side} {lobe} lobe."),
-    "atelectasis": ("Plate atelectasis is seen in the {side} lower lobe.",
-                    "There is atelectasis at the {side} lung base."),
-    "mosaic_attenuation": ("A mosaic attenuation pattern is seen in both lungs.",),
-    "septal_thickening": ("Interlobular septal thickening is seen in the periphery of both lungs.",),
-    "fibrotic_sequela": ("Fibrotic sequelae are seen at both lung apices.",),
-    "bronchiectasis": ("Bronchiectasis is present in both lower lobes.",
-                       "There are bronchiectatic changes in both lower lobes."),
-    "peribronchial_thickening": ("There is peribronchial thickening in both lungs.",),
-    "lymphadenopathy": ("Enlarged hilar lymph nodes are present, consistent with lymphadenopathy.",
-                        "There is bilateral hilar lymphadenopathy."),
-    "pericardial_effusion": ("A pericardial effusion is present.", "There is pericardial effusion."),
-    "coronary_calcification": ("Coronary artery calcification is present.",
-                               "There are calcifications in the coronary arteries."),
-    "arterial_calcification": ("Calcified atherosclerotic plaques are seen in the aortic wall.",
-                               "There is atherosclerotic calcification of the aorta."),
-    "hiatal_hernia": ("A hiatal hernia is seen.", "There is a hiatal hernia."),
-    "medical_material": ("A cardiac pacemaker with its lead is in place.",
-                         "A pacemaker device and lead are noted."),
-}
-EXTRAS = tuple(_EXTRA_POS)
+@dataclass(frozen=True)
+class ExtraFinding:
+    """One CT-RATE finding beyond the first four: everything the phantoms know about it, in one place.
+
+    Adding a finding is adding one record to :data:`EXTRA_FINDINGS` and its field to :class:`Findings` (a test
+    checks the two agree); sampling, drawing, the report, its parser, the CT-RATE label and the question all
+    read the record."""
+
+    name: str          # the field of Findings
+    kind: str          # "bool" (present or not), "side" (left/right) or "location" (side and lobe)
+    label: str         # CT-RATE's abnormality label
+    sentences: tuple   # what a report says when present ({side}/{lobe} from the value); silent when absent
+    mention: str       # how parse_report recognises it in a sentence (a regex, lower case)
+    option: str        # its plain name as a multiple-choice option
+    draw: object       # draw(volume, value, rng, anatomy)
+    layer: int = 3     # drawing order: 0 diffuse lung patterns, 1 opacities, 2 airways, 3 the rest
+
+
+#: The further findings, in the order reports state them.
+EXTRA_FINDINGS = (
+    ExtraFinding("lung_opacity", "location", "Lung opacity",
+                 ("A ground-glass opacity is seen in the {side} {lobe} lobe.",
+                  "There is a ground-glass opacity in the {side} {lobe} lobe."),
+                 r"ground-glass opacity", "ground-glass opacity", _draw_ground_glass, layer=1),
+    ExtraFinding("consolidation", "location", "Consolidation",
+                 ("Consolidation is present in the {side} {lobe} lobe.",
+                  "There is an area of consolidation in the {side} {lobe} lobe."),
+                 r"consolidation", "consolidation", _draw_consolidation, layer=1),
+    ExtraFinding("atelectasis", "side", "Atelectasis",
+                 ("Plate atelectasis is seen in the {side} lower lobe.",
+                  "There is atelectasis at the {side} lung base."),
+                 r"atelectasis", "atelectasis", _draw_atelectasis),
+    ExtraFinding("mosaic_attenuation", "bool", "Mosaic attenuation pattern",
+                 ("A mosaic attenuation pattern is seen in both lungs.",),
+                 r"mosaic", "mosaic attenuation", _draw_mosaic, layer=0),
+    ExtraFinding("septal_thickening", "bool", "Interlobular septal thickening",
+                 ("Interlobular septal thickening is seen in the periphery of both lungs.",),
+                 r"septal thickening", "septal thickening", _draw_septal, layer=0),
+    ExtraFinding("fibrotic_sequela", "bool", "Pulmonary fibrotic sequela",
+                 ("Fibrotic sequelae are seen at both lung apices.",),
+                 r"fibrotic", "fibrotic sequela", _draw_fibrotic, layer=0),
+    ExtraFinding("bronchiectasis", "bool", "Bronchiectasis",
+                 ("Bronchiectasis is present in both lower lobes.",
+                  "There are bronchiectatic changes in both lower lobes."),
+                 r"bronchiecta", "bronchiectasis", _draw_bronchiectasis, layer=2),
+    ExtraFinding("peribronchial_thickening", "bool", "Peribronchial thickening",
+                 ("There is peribronchial thickening in both lungs.",),
+                 r"peribronchial", "peribronchial thickening", _draw_peribronchial, layer=2),
+    ExtraFinding("lymphadenopathy", "bool", "Lymphadenopathy",
+                 ("Enlarged hilar lymph nodes are present, consistent with lymphadenopathy.",
+                  "There is bilateral hilar lymphadenopathy."),
+                 r"lymph", "lymphadenopathy", _draw_lymphadenopathy),
+    ExtraFinding("pericardial_effusion", "bool", "Pericardial effusion",
+                 ("A pericardial effusion is present.", "There is pericardial effusion."),
+                 r"pericardial effusion", "pericardial effusion", _draw_pericardial_effusion),
+    ExtraFinding("coronary_calcification", "bool", "Coronary artery wall calcification",
+                 ("Coronary artery calcification is present.", "There are calcifications in the coronary arteries."),
+                 r"coronary", "coronary calcification", _draw_coronary_calcification),
+    ExtraFinding("arterial_calcification", "bool", "Arterial wall calcification",
+                 ("Calcified atherosclerotic plaques are seen in the aortic wall.",
+                  "There is atherosclerotic calcification of the aorta."),
+                 r"aort", "aortic calcification", _draw_arterial_calcification),
+    ExtraFinding("hiatal_hernia", "bool", "Hiatal hernia",
+                 ("A hiatal hernia is seen.", "There is a hiatal hernia."),
+                 r"hiatal hernia", "hiatal hernia", _draw_hiatal_hernia),
+    ExtraFinding("medical_material", "bool", "Medical material",
+                 ("A cardiac pacemaker with its lead is in place.", "A pacemaker device and lead are noted."),
+                 r"pacemaker", "pacemaker", _draw_pacemaker),
+)
+EXTRA_BY_NAME = {spec.name: spec for spec in EXTRA_FINDINGS}
+EXTRAS = tuple(EXTRA_BY_NAME)
+#: The CT-RATE label of each of the first four findings (the further ones carry theirs).
+CORE_LABELS = {"nodule": "Lung nodule", "effusion": "Pleural effusion", "cardiomegaly": "Cardiomegaly",
+               "emphysema": "Emphysema"}
 
 
 def write_report(f: Findings, rng: np.random.Generator) -> str:
@@ -389,11 +505,11 @@ def write_report(f: Findings, rng: np.random.Generator) -> str:
     else:
         parts.append(pick(_EFF_POS).format(side=f.effusion))
     parts.append(pick(_CARDIO_POS if f.cardiomegaly else _CARDIO_NEG))
-    for key in EXTRAS:
-        value = getattr(f, key)
+    for spec in EXTRA_FINDINGS:
+        value = getattr(f, spec.name)
         if value and value != "none":
             side, _, lobe = str(value).partition(" ")
-            parts.append(pick(_EXTRA_POS[key]).format(side=side, lobe=lobe))
+            parts.append(pick(spec.sentences).format(side=side, lobe=lobe))
     return " ".join(parts)
 
 
@@ -405,7 +521,7 @@ def parse_report(text: str) -> dict:
     """
     out: dict = dict(nodule=None, nodule_side=None, nodule_lobe=None, effusion=None,
                      cardiomegaly=None, emphysema=None)
-    out.update({k: ("none" if k in ("atelectasis", "lung_opacity", "consolidation") else False) for k in EXTRAS})
+    out.update({spec.name: (False if spec.kind == "bool" else "none") for spec in EXTRA_FINDINGS})
     for t in re.split(r"(?<=\.)\s+", text.lower()):
         loc = re.search(r"\b(left|right) (upper|lower) lobe", t)
         side = re.search(r"\b(left|right)\b", t)
@@ -429,26 +545,15 @@ def parse_report(text: str) -> dict:
             out["emphysema"] = False
         elif "emphysema" in t:
             out["emphysema"] = True
-        for key, pattern in _EXTRA_KEYS.items():
-            if re.search(pattern, t):
-                if key in ("lung_opacity", "consolidation"):
-                    out[key] = f"{loc.group(1)} {loc.group(2)}" if loc else out[key]
-                elif key == "atelectasis":
-                    out[key] = side.group(1) if side else out[key]
+        for spec in EXTRA_FINDINGS:
+            if re.search(spec.mention, t):
+                if spec.kind == "location":
+                    out[spec.name] = f"{loc.group(1)} {loc.group(2)}" if loc else out[spec.name]
+                elif spec.kind == "side":
+                    out[spec.name] = side.group(1) if side else out[spec.name]
                 else:
-                    out[key] = True
+                    out[spec.name] = True
     return out
-
-
-#: How :func:`parse_report` recognises each further finding in a sentence.
-_EXTRA_KEYS = {
-    "lung_opacity": r"ground-glass opacity", "consolidation": r"consolidation", "atelectasis": r"atelectasis",
-    "mosaic_attenuation": r"mosaic", "septal_thickening": r"septal thickening", "fibrotic_sequela": r"fibrotic",
-    "bronchiectasis": r"bronchiecta", "peribronchial_thickening": r"peribronchial",
-    "lymphadenopathy": r"lymph", "pericardial_effusion": r"pericardial effusion",
-    "coronary_calcification": r"coronary", "arterial_calcification": r"aort", "hiatal_hernia": r"hiatal hernia",
-    "medical_material": r"pacemaker",
-}
 
 
 #: The findings scored per phantom; nodule side/lobe only count where a nodule is present.
@@ -492,23 +597,11 @@ def write_questions(f: Findings, rng: np.random.Generator) -> list:
     wrong = [wrong[i] for i in rng.permutation(len(wrong))]
     qs.append(_mcq(rng, "Where is the lung nodule?", loc, wrong))
     present = [k for k in EXTRAS if getattr(f, k) not in (False, "none")]
-    absent = [EXTRA_NAMES[k] for k in EXTRAS if k not in present]
+    absent = [EXTRA_BY_NAME[k].option for k in EXTRAS if k not in present]
     absent = [absent[i] for i in rng.permutation(len(absent))]
-    right = EXTRA_NAMES[present[int(rng.integers(len(present)))]] if present else "none of these"
+    right = EXTRA_BY_NAME[present[int(rng.integers(len(present)))]].option if present else "none of these"
     qs.append(_mcq(rng, "Which of these abnormalities is seen?", right, absent[:3]))
     return qs
-
-
-#: Plain names for the further findings, as multiple-choice options.
-EXTRA_NAMES = {
-    "lung_opacity": "ground-glass opacity", "consolidation": "consolidation", "atelectasis": "atelectasis",
-    "mosaic_attenuation": "mosaic attenuation", "septal_thickening": "septal thickening",
-    "fibrotic_sequela": "fibrotic sequela", "bronchiectasis": "bronchiectasis",
-    "peribronchial_thickening": "peribronchial thickening", "lymphadenopathy": "lymphadenopathy",
-    "pericardial_effusion": "pericardial effusion", "coronary_calcification": "coronary calcification",
-    "arterial_calcification": "aortic calcification", "hiatal_hernia": "hiatal hernia",
-    "medical_material": "pacemaker",
-}
 
 
 def make_phantom(seed: int, shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0)) -> Phantom:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from samf.runtime.phantom import (
+    EXTRA_FINDINGS,
     EXTRAS,
     HU,
     Findings,
@@ -87,21 +88,25 @@ def test_reports_state_normal_findings_too():
     assert parse_report(text) == parsed_truth(Findings())
 
 
-@pytest.mark.parametrize("key", EXTRAS)
-def test_each_further_finding_is_drawn(key):
+def _only(spec) -> Findings:
+    """Findings with ``spec``'s finding alone present (left upper lobe / left side where it has a place)."""
+    return Findings(**{spec.name: {"bool": True, "side": "left", "location": "left upper"}[spec.kind]})
+
+
+@pytest.mark.parametrize("spec", EXTRA_FINDINGS, ids=lambda spec: spec.name)
+def test_each_further_finding_is_drawn(spec):
     """Every CT-RATE finding beyond the first four changes the image where it should be (same seed)."""
-    value = {"lung_opacity": "left upper", "consolidation": "left upper", "atelectasis": "left"}.get(key, True)
     base = render_volume(Findings(), np.random.default_rng(1))
-    vol = render_volume(Findings(**{key: value}), np.random.default_rng(1))
+    vol = render_volume(_only(spec), np.random.default_rng(1))
     changed = np.abs(vol - base) > 150           # noise is 15 HU: 150 is far beyond it
     assert changed.sum() >= 20
     zs, _, xs = np.nonzero(changed)
-    if key in ("lung_opacity", "consolidation", "atelectasis"):
+    if spec.kind != "bool":
         assert xs.mean() < 48                    # the patient's left: small X
-    if key == "medical_material":
-        assert vol.max() > 2000                  # metal
-    if key in ("lung_opacity", "consolidation"):
+    if spec.kind == "location":
         assert zs.mean() > 32                    # upper lobe
+    if spec.name == "medical_material":
+        assert vol.max() > 2000                  # metal
 
 
 def test_phantom_labels_read_back_from_reports():
@@ -129,3 +134,26 @@ def test_labeller_reads_ctrate_style_sentences():
         "Arterial wall calcification", "Coronary artery wall calcification"}
     assert pos("Subsegmental atelectasis in both lower lobes; ground-glass densities in the right lung.") == {
         "Atelectasis", "Lung opacity"}
+
+
+def test_every_findings_field_beyond_the_first_four_has_its_record():
+    import dataclasses
+
+    assert set(EXTRAS) == {f.name for f in dataclasses.fields(Findings)[7:]} and len(EXTRAS) == 14
+
+
+@pytest.mark.parametrize("spec", EXTRA_FINDINGS, ids=lambda spec: spec.name)
+def test_each_further_finding_is_reported_parsed_labelled_and_asked(spec):
+    """From its one record: the report states it (with its place), the parser and the CT-RATE labeller read it
+    back, and the 'which abnormality' question has it as the answer."""
+    from samf.train.labels import report_labels, truth_labels
+
+    f = _only(spec)
+    for seed in range(4):  # every sentence of its bank
+        rng = np.random.default_rng(seed)
+        text = write_report(f, rng)
+        assert parse_report(text) == parsed_truth(f), text
+        labels = report_labels(text)
+        assert labels == truth_labels(f.to_dict()) and labels[spec.label], text
+        q = write_questions(f, rng)[-1]
+        assert q["choices"]["ABCD".index(q["answer"])] == spec.option

@@ -3,12 +3,14 @@
 One labeller scores generated reports on phantoms and on CT-RATE alike. It is rule-based (keywords per
 label plus NegEx-style negation within the sentence), not CT-RATE's own RadBERT classifier, so its labels
 on real reports are an approximation; on phantom reports it is exact (a test checks every finding).
-Pure Python.
+No torch.
 """
 
 from __future__ import annotations
 
 import re
+
+from samf.runtime.phantom import CORE_LABELS, EXTRA_FINDINGS
 
 #: The 18 labels, in the order of CT-RATE's multi_abnormality_labels CSV.
 CTRATE_LABELS = (
@@ -58,17 +60,8 @@ def report_labels(text: str) -> dict:
     return out
 
 
-#: Phantom finding -> CT-RATE label.
-PHANTOM_TO_CTRATE = {
-    "medical_material": "Medical material", "arterial_calcification": "Arterial wall calcification",
-    "cardiomegaly": "Cardiomegaly", "pericardial_effusion": "Pericardial effusion",
-    "coronary_calcification": "Coronary artery wall calcification", "hiatal_hernia": "Hiatal hernia",
-    "lymphadenopathy": "Lymphadenopathy", "emphysema": "Emphysema", "atelectasis": "Atelectasis",
-    "nodule": "Lung nodule", "lung_opacity": "Lung opacity", "fibrotic_sequela": "Pulmonary fibrotic sequela",
-    "effusion": "Pleural effusion", "mosaic_attenuation": "Mosaic attenuation pattern",
-    "peribronchial_thickening": "Peribronchial thickening", "consolidation": "Consolidation",
-    "bronchiectasis": "Bronchiectasis", "septal_thickening": "Interlobular septal thickening",
-}
+#: Phantom finding -> CT-RATE label (each finding's record in samf.runtime.phantom carries its label).
+PHANTOM_TO_CTRATE = {**CORE_LABELS, **{spec.name: spec.label for spec in EXTRA_FINDINGS}}
 
 
 def truth_labels(findings: dict) -> dict:
