@@ -173,6 +173,47 @@ def test_bf16_accumulation_and_checkpointing_run(quick, tmp_path):
     assert '"bf16": true' in rows[-1]
 
 
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(quick):
+    """--grad-accum 2 with batches of 2 is a batch of 4: the same loss and gradient in fp32, and in bf16 autocast
+    the same up to bf16's rounding (other padding, other matmul shapes). The mean of the micro-batches' means,
+    which accumulation used to take, is measurably another gradient when answers differ in length."""
+    import random
+
+    from samf.train.distributed import DistributedContext
+    from samf.train.finetune import _autocast, _task_sample, accumulate_gradients
+    from samf.train.run_folder import base_tokenizer, build_vlm
+
+    tok = base_tokenizer(quick.run)
+    torch.manual_seed(0)
+    vlm = build_vlm(quick.run, tok=tok).eval()  # dropout off; every weight takes a gradient
+    rng = random.Random(3)
+    samples = [(ex, *_task_sample(ex, tok, rng, 0.5)) for ex in quick.train[:4]]
+    assert len({len(a) for _, _, a in samples}) > 1
+    dist = DistributedContext.from_env()
+
+    def gradient(micro_batches, precision):
+        vlm.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(vlm, micro_batches, _autocast(precision, torch.device("cpu"))[0], dist)
+        return loss, torch.cat([p.grad.flatten() for p in vlm.parameters() if p.grad is not None])
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    whole_loss, whole = gradient([samples], "fp32")
+    split_loss, split = gradient([samples[:2], samples[2:]], "fp32")
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6) and rel(split, whole) < 1e-5
+    bf16_loss, bf16 = gradient([samples[:2], samples[2:]], "bf16")
+    assert bf16_loss == pytest.approx(whole_loss, rel=2e-2) and rel(bf16, whole) < 0.05
+
+    vlm.zero_grad(set_to_none=True)
+    for part in (samples[:2], samples[2:]):
+        slices = torch.from_numpy(np.stack([ex.slices for ex, _, _ in part]))
+        (vlm(slices, [p for _, p, _ in part], [a for _, _, a in part]) / 2).backward()
+    mean_of_means = torch.cat([p.grad.flatten() for p in vlm.parameters() if p.grad is not None])
+    print(f"fp32 {rel(split, whole):.1e}, bf16 {rel(bf16, whole):.1e}, mean of means {rel(mean_of_means, whole):.1e}")
+    assert rel(mean_of_means, whole) > 100 * rel(split, whole) and rel(mean_of_means, whole) > 1e-3
+
+
 REFS = ["There is a left pleural effusion. Heart size is normal.", "Cardiomegaly is noted. No nodule."]
 
 

@@ -38,6 +38,24 @@ def _task_sample(ex, tok: LLMTokenizer, rng: random.Random, mcq_fraction: float)
     return prompt_ids(tok, rng.choice(REPORT_REQUESTS)), tok.encode(ex.report)
 
 
+def accumulate_gradients(model, micro_batches: list, autocast, dist) -> float:
+    """Forward and backward over the micro-batches of one optimizer step, each a list of (example, prompt ids,
+    answer ids); returns the step's loss.
+
+    The loss, and so the gradient, is the mean over every answer token of the step, as one batch holding all
+    of them gives: each micro-batch's token sum is divided by the step's token count. (A mean of micro-batch
+    means would weight the tokens of short answers more.) Under DDP only the last micro-batch all-reduces."""
+    n_items = sum(len(answer) + 1 for batch in micro_batches for _, _, answer in batch)  # + the answer end
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        slices = torch.from_numpy(np.stack([ex.slices for ex, _, _ in batch])).to(dist.device)
+        with autocast, dist.no_sync_unless(model, i == len(micro_batches) - 1):
+            loss = model(slices, [p for _, p, _ in batch], [a for _, _, a in batch], num_items=n_items)
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
     image_cfg = ImageConfig.from_dict(read_run(run_dir)["image"])
     if cfg.ao2d is not None:
@@ -127,15 +145,10 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, g["base_lr"], max(1, cfg.steps // 20))
         opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = [rng.choice(examples) for _ in range(cfg.batch_size)]
-            slices = torch.from_numpy(np.stack([ex.slices for ex in batch])).to(dist.device)
-            prompts, answers = zip(*[_task_sample(ex, tok, rng, mcq_fraction) for ex in batch])
-            with autocast, dist.no_sync_unless(model, micro == cfg.grad_accum - 1):
-                loss = model(slices, list(prompts), list(answers)) / cfg.grad_accum
-                loss.backward()
-            step_loss += float(loss.detach())
+        chosen = [rng.choice(examples) for _ in range(cfg.batch_size * cfg.grad_accum)]
+        samples = [(ex, *_task_sample(ex, tok, rng, mcq_fraction)) for ex in chosen]
+        micro_batches = [samples[i: i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
+        step_loss = accumulate_gradients(model, micro_batches, autocast, dist)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step_loss = dist.mean(step_loss)

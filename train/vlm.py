@@ -132,9 +132,11 @@ class SamfVLM(nn.Module):
         return next(self.fusion.parameters()).dtype
 
     # ------------------------------------------------------------------------------- training
-    def forward(self, slices, prompts: list, answers: list, zero_image: bool = False):
+    def forward(self, slices, prompts: list, answers: list, zero_image: bool = False, num_items: int | None = None):
         """Mean cross-entropy over answer tokens (+ the layout's answer end) for a batch of (prompt ids,
-        answer ids); the sequence is ``head [image rows] prompt after_prompt answer answer_end``."""
+        answer ids); the sequence is ``head [image rows] prompt after_prompt answer answer_end``.
+
+        ``num_items``: divide the token sum by this count instead (gradient accumulation: the step's tokens)."""
         dev = slices.device
         lay = self.layout
         B = len(prompts)
@@ -165,7 +167,8 @@ class SamfVLM(nn.Module):
             emb[i, : s.shape[0]] = s
             att[i, : s.shape[0]] = 1
             lab[i, : s.shape[0]] = torch.tensor(labels[i], device=dev)
-        return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab).loss
+        extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items, device=dev)}
+        return self.llm(inputs_embeds=emb, attention_mask=att, labels=lab, **extra).loss
 
     # ----------------------------------------------------------------------------- generation
     @torch.no_grad()
