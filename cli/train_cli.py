@@ -35,6 +35,14 @@ def _config(cls, run_dir: str, stage: str, **given):
     return cls(**{**preset, **{k: v for k, v in given.items() if v is not None}})
 
 
+def _run_stage(run, cls, stage: str, data_dir, run_dir, threads, quiet, given: dict, **kwargs) -> list:
+    """One training stage from the command line: its config (see :func:`_config`), the run's training
+    examples, then ``run``; its losses."""
+    torch_threads(threads)
+    cfg = _config(cls, run_dir, stage, **given)
+    return run(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg, progress=not quiet, **kwargs)
+
+
 def _train_examples(run_dir, data_dir, split="train", progress=True):
     from samf.runtime.preprocess import PreprocessConfig
     from samf.train.data import load_dataset
@@ -48,6 +56,18 @@ def _train_examples(run_dir, data_dir, split="train", progress=True):
 @click.group(cls=SamfGroup)
 def main():
     """Train SAMF: DINO ViT, aggregator, SAMF(+Ao2D) fusion and Phi-3 with LoRA."""
+
+
+def stage_command(name: str, cls):
+    """A training stage's command: --data, --run, one option per field of its config ``cls`` (see
+    :func:`config_options`), --threads and --quiet."""
+
+    def decorate(f):
+        for option in reversed((data_opt, run_opt, config_options(cls, skip=("extra",)), threads_opt, quiet_opt)):
+            f = option(f)
+        return main.command(name)(f)
+
+    return decorate
 
 
 @main.command("make-phantoms")
@@ -97,79 +117,49 @@ def tokenizer(data_dir, run_dir, vocab_size):
     click.echo(f"tokenizer: {sp.vocab_size()} pieces -> {os.path.join(run_dir, 'tokenizer.model')}")
 
 
-@main.command("pretrain-2d")
-@data_opt
-@run_opt
-@config_options(DinoConfig)
+@stage_command("pretrain-2d", DinoConfig)
 @click.option("--dino-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="start from a published DINO ViT checkpoint (local file)")
-@threads_opt
-@quiet_opt
 @restart_opt
 def pretrain_2d(data_dir, run_dir, dino_weights, threads, quiet, restart, **given):
     """DINO self-supervised pretraining of the ViT on slices of all three planes."""
     from samf.train.distributed import is_main
     from samf.train.stages import stage_pretrain_2d
 
-    torch_threads(threads)
-    cfg = _config(DinoConfig, run_dir, "pretrain-2d", **given)
-    losses = stage_pretrain_2d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
-                               dino_weights=dino_weights, progress=not quiet, restart=restart)
+    losses = _run_stage(stage_pretrain_2d, DinoConfig, "pretrain-2d", data_dir, run_dir, threads, quiet, given,
+                        dino_weights=dino_weights, restart=restart)
     if is_main():
         click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
                    f"ViT saved to {os.path.join(run_dir, 'vit_dino.pt')}")
 
 
-@main.command("pretrain-lm")
-@data_opt
-@run_opt
-@config_options(LMConfig)
-@threads_opt
-@quiet_opt
+@stage_command("pretrain-lm", LMConfig)
 def pretrain_lm(data_dir, run_dir, threads, quiet, **given):
     """Teach the tiny Phi-3 the report language (stands in for Phi-3's own pretraining)."""
     from samf.train.stages import stage_pretrain_lm
 
-    torch_threads(threads)
-    cfg = _config(LMConfig, run_dir, "pretrain-lm", **given)
-    losses = stage_pretrain_lm(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
-                               progress=not quiet)
+    losses = _run_stage(stage_pretrain_lm, LMConfig, "pretrain-lm", data_dir, run_dir, threads, quiet, given)
     click.echo(f"pretrain-lm: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
-@main.command("warmup-3d")
-@data_opt
-@run_opt
-@config_options(WarmupConfig)
-@threads_opt
-@quiet_opt
+@stage_command("warmup-3d", WarmupConfig)
 def warmup_3d(data_dir, run_dir, threads, quiet, **given):
     """InfoNCE warm-up of the aggregator on the frozen ViT (positives: adjacent-slice views of one scan)."""
     from samf.train.stages import stage_warmup_3d
 
-    torch_threads(threads)
-    cfg = _config(WarmupConfig, run_dir, "warmup-3d", **given)
-    losses = stage_warmup_3d(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
-                             progress=not quiet)
+    losses = _run_stage(stage_warmup_3d, WarmupConfig, "warmup-3d", data_dir, run_dir, threads, quiet, given)
     click.echo(f"warmup-3d: InfoNCE {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
-@main.command("finetune")
-@data_opt
-@run_opt
-@config_options(FinetuneConfig, skip=("extra",))
-@threads_opt
-@quiet_opt
+@stage_command("finetune", FinetuneConfig)
 @restart_opt
 def finetune(data_dir, run_dir, threads, quiet, restart, **given):
     """SAMF(+Ao2D) into Phi-3 with LoRA: reports and multiple-choice answers, together or separately."""
     from samf.train.distributed import is_main
     from samf.train.finetune import stage_finetune
 
-    torch_threads(threads)
-    cfg = _config(FinetuneConfig, run_dir, "finetune", **given)
-    losses = stage_finetune(run_dir, _train_examples(run_dir, data_dir, progress=not quiet), cfg,
-                            progress=not quiet, restart=restart)
+    losses = _run_stage(stage_finetune, FinetuneConfig, "finetune", data_dir, run_dir, threads, quiet, given,
+                        restart=restart)
     if is_main():
         click.echo(f"finetune: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 

@@ -7,10 +7,28 @@ import os
 import numpy as np
 
 
+def _image_dataset(sop_class, modality: str, series_uid: str, study_uid: str, rows: int, columns: int):
+    """A dataset with its file meta, identity and 16-bit monochrome pixel description (both writers' start)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, study_uid
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    return ds
+
+
 def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", series_uid: str | None = None,
                  names=None, slope: float = 1.0, intercept: float = -1024.0, shuffle_instance=True) -> str:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
     os.makedirs(folder, exist_ok=True)
     series_uid = series_uid or generate_uid()
@@ -22,23 +40,13 @@ def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", ser
     names = names or [f"IMG{rng.integers(1e9):09d}" for _ in range(nz)]
     sop_class = CTImageStorage if modality == "CT" else MRImageStorage
     for k in range(nz):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, study
+        ds = _image_dataset(sop_class, modality, series_uid, study, ny, nx)
         ds.SeriesDescription = f"test {modality}"
         ds.InstanceNumber = int(instance[k])
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]   # columns -> patient left, rows -> posterior (LPS)
         ds.ImagePositionPatient = [-100.0, -120.0, 50.0 + k * sz]
         ds.PixelSpacing = [sy, sx]
         ds.SliceThickness = sz
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         raw = np.round((hu[k, ::-1, ::-1] - intercept) / slope)
         ds.PixelData = np.clip(raw, 0, 65535).astype(np.uint16).tobytes()
@@ -49,25 +57,15 @@ def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", ser
 def write_enhanced(path: str, hu: np.ndarray, spacing, slope: float = 1.0, intercept: float = -1024.0,
                    frame_order=None) -> str:
     """One Enhanced CT multi-frame file; frames stored in ``frame_order`` (default: shuffled)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import EnhancedCTImageStorage, generate_uid
 
     nz, ny, nx = hu.shape
     sz, sy, sx = spacing
     order = np.random.default_rng(1).permutation(nz) if frame_order is None else np.asarray(frame_order)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", generate_uid(), generate_uid()
+    ds = _image_dataset(EnhancedCTImageStorage, "CT", generate_uid(), generate_uid(), ny, nx)
     ds.NumberOfFrames = nz
-    ds.Rows, ds.Columns = ny, nx
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
 
     def item(**kw):
         d = Dataset()
