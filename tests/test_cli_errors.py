@@ -115,15 +115,6 @@ def test_report_runs_from_the_bundle(quick, good_scan):
     assert {"preprocess", "vit", "aggregator", "fusion", "llm_prefill", "llm_decode"} <= set(out["timings_s"])
 
 
-def test_tensorrt_absence_is_a_clear_message(quick, tmp_path):
-    b = tmp_path / "b"
-    shutil.copytree(quick.bundle, b)
-    before = (b / "manifest.json").read_text()
-    proc = run_cli("samf-export", "build-engines", str(b))
-    assert_clean_failure(proc, "TensorRT is not available")
-    assert (b / "manifest.json").read_text() == before  # nothing half-written
-
-
 def test_tensorrt_backend_without_tensorrt(quick, good_scan):
     assert_clean_failure(samf("report", good_scan, "--bundle", quick.bundle, "--backend", "tensorrt"),
                          "TensorRT is not available")

@@ -131,6 +131,7 @@ def test_runtime_answer_equals_pytorch_answer(quick, vlm, tok):
 
     ex = quick.test[0]
     refs, _ = generate_mcq(vlm, tok, [ex])
+    assert ex.questions and len(refs) == len(ex.questions)
     with ReportPipeline(quick.bundle, quant="F32") as pipe:
         for q, ref in zip(ex.questions, refs):
             letter, res = pipe.answer(os.path.join(quick.data, ex.image), q["question"], q["choices"], 24)

@@ -42,6 +42,7 @@ def test_the_runtime_answers_multiple_choice_with_a_letter(trained):
 
     with ReportPipeline(trained.bundle) as pipe:
         ex = trained.test[0]
+        assert ex.questions
         for q in ex.questions:
             letter, res = pipe.answer(os.path.join(trained.data, ex.image), q["question"], q["choices"])
             assert letter in ("A", "B", "C", "D") and res.text.startswith(f"{letter}."), res.text

@@ -12,7 +12,6 @@ from samf.runtime.phantom import (
     parse_report,
     parsed_truth,
     render_volume,
-    truth_of,
     write_questions,
     write_report,
 )
@@ -29,7 +28,6 @@ def test_report_round_trips_to_findings():
     for seed in range(300):
         p = make_phantom(seed, shape=(8, 8, 8), spacing=(40.0, 48.0, 48.0))
         assert parse_report(p.report) == parsed_truth(p.findings), p.report
-        assert {k: parse_report(p.report)[k] for k in truth_of(p.findings)} == truth_of(p.findings)
 
 
 def test_questions_have_one_right_answer_among_four():

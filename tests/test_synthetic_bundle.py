@@ -88,8 +88,9 @@ def test_synthetic_bundle_is_an_ordinary_validated_bundle(synthetic):
     assert sorted(os.listdir(os.path.dirname(bundle))) == ["bundle", "checkpoint"]  # nothing half-written left
 
 
-def test_a_fresh_bundle_needs_no_hashing_and_a_later_edit_is_still_caught(synthetic, monkeypatch):
-    from samf.errors import BundleError
+def test_a_fresh_bundle_needs_no_hashing(synthetic, monkeypatch):
+    """The export fills the verification cache with what it hashed (that an edit after it is still caught is
+    test_bundle_verify's)."""
     from samf.runtime import bundle as B
 
     bundle, _, _ = synthetic
@@ -97,19 +98,7 @@ def test_a_fresh_bundle_needs_no_hashing_and_a_later_edit_is_still_caught(synthe
     real = B.hash_fd
     monkeypatch.setattr(B, "hash_fd", lambda fd, *a, **k: hashed.append(fd) or real(fd, *a, **k))
     B.read_bundle(bundle, quant="Q4_K_M")
-    assert hashed == []  # the export remembered what it hashed
-    path = os.path.join(bundle, "fusion.onnx")
-    data = bytearray(open(path, "rb").read())
-    data[-5] ^= 1
-    st = os.stat(path)
-    open(path, "wb").write(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    try:
-        with pytest.raises(BundleError, match="fusion.onnx does not match"):
-            B.read_bundle(bundle, quant="Q4_K_M")
-    finally:
-        data[-5] ^= 1
-        open(path, "wb").write(bytes(data))
+    assert hashed == []
 
 
 def test_bench_runs_on_phantoms_with_fixed_length_reports(synthetic, tmp_path):
