@@ -263,7 +263,6 @@ class ImageEncoder(nn.Module):
         return (self.vit(x) - self.slice_mean) / self.slice_std
 
     @torch.no_grad()
-    @torch.no_grad()
     def calibrate(self, slice_batches) -> None:
         """Set the standardisation from an iterable of ``[K, C, H, W]`` slice tensors (no graph is kept: at
         ViT-B/16 size the activations of a few scans would fill the memory)."""
