@@ -254,8 +254,7 @@ def gguf_tensor_infos(path: str) -> dict:
     import gguf
 
     vt = gguf.GGUFValueType
-    sizes = {vt.UINT8: 1, vt.INT8: 1, vt.BOOL: 1, vt.UINT16: 2, vt.INT16: 2, vt.UINT32: 4, vt.INT32: 4,
-             vt.FLOAT32: 4, vt.UINT64: 8, vt.INT64: 8, vt.FLOAT64: 8}
+    sizes = {t: np.dtype(d).itemsize for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}  # gguf-py's table
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             u32 = lambda o: struct.unpack_from("<I", buf, o)[0]  # noqa: E731
