@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+#: What fine-tuning trains on: reports and multiple-choice questions together, or one of them.
+TASKS = ("both", "report", "mcq")
+
 
 def option(default, help: str, **cli):
     """A field that is also a command-line option: its default, its help, and how the option is spelled
@@ -89,7 +92,7 @@ class FinetuneConfig:
     warmup: bool = option(False, "start the aggregator from warmup-3d (RUN/aggregator_warmup.pt)")
     ao2d: bool | None = option(None, "override the preset's Ao2D switch (the SAMF vs SAMF+Ao2D ablation)")
     tasks: str = option("both", "reports and multiple choice in one run, or one of them",
-                        choices=("both", "report", "mcq"))
+                        choices=TASKS)
     mcq_fraction: float = option(0.3, "with --tasks both: the share of samples that are multiple-choice questions",
                                  min=0.0, max=1.0)
     precision: str = option("auto", "bf16 autocast, fp32, or auto: bf16 where the GPU has it",

@@ -16,7 +16,7 @@ from samf.runtime.atomic import atomic_dir
 from samf.runtime.progress import progress_bar
 from samf.runtime.prompt import REPORT_REQUESTS
 
-from .configs import FinetuneConfig
+from .configs import TASKS, FinetuneConfig
 from .distributed import owns_process_group
 from .llm_folder import LLMTokenizer
 from .run_folder import (
@@ -83,8 +83,8 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     from .checkpoint import StageCheckpoint, own_rng_state, rng_state, set_rng_state
     from .distributed import DistributedContext
 
-    if cfg.tasks not in ("both", "report", "mcq"):
-        raise ValueError(f"tasks must be both, report or mcq, not {cfg.tasks!r}")
+    if cfg.tasks not in TASKS:
+        raise ValueError(f"tasks must be {', '.join(TASKS[:-1])} or {TASKS[-1]}, not {cfg.tasks!r}")
     dist = DistributedContext.from_env()
     conf = write_stage_config(run_dir, "finetune", cfg, write=dist.is_main)
     ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main)
