@@ -5,9 +5,10 @@ PIP := $(PY) -m pip
 .PHONY: install demo test test-all ablation
 
 # torch first, pinned, so nothing pulls the multi-GB CUDA build on a CPU machine. The stamp file makes a
-# repeated `make test` skip pip's ten seconds of checking; a changed pyproject.toml or Makefile, or another
-# Python environment (the stamp is named after its prefix), installs again.
-INSTALLED := .installed-$(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])")
+# repeated `make test` skip pip's ten seconds of checking; a changed pyproject.toml or Makefile installs again.
+# The stamp lives inside the Python environment (named after this checkout), so a rebuilt or other
+# environment, which has no samf installed, has no stamp either.
+INSTALLED := $(shell $(PY) -c "import hashlib, os, sys; print(os.path.join(sys.prefix, '.samf-installed-' + hashlib.sha1(os.getcwd().encode()).hexdigest()[:10]))")
 
 install: $(INSTALLED)
 
