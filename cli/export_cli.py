@@ -21,11 +21,31 @@ def main():
               help="llama.cpp quant types to add (Q8_0, Q4_K_M, ...); repeatable")
 @click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True,
               help="unquantized GGUF kept in the bundle (the fidelity reference)")
-def bundle(checkpoint, out_dir, quants, base):
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "none"]),
+              default=("fp16", "int8"), show_default=True,
+              help="encoder precisions made besides fp32, each kept only if it holds its tolerance; repeatable")
+@click.option("--check-data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="dataset folder whose test.csv lists the held-out scans the variants are checked on "
+                   "(default: synthetic phantoms no samf dataset contains)")
+@click.option("--check-scans", type=click.IntRange(min=1, max=10000), default=20, show_default=True,
+              help="held-out scans the variants are checked on")
+@click.option("--check-tokens", type=click.IntRange(min=0, max=3072), default=256, show_default=True,
+              help="longest greedy report compared with the fp32 encoders' (0: compare embeddings only)")
+@click.option("--int8-tolerance", type=(click.FloatRange(-1, 1), click.FloatRange(-1, 1), click.FloatRange(0, 1)),
+              default=None, metavar="COS_MEAN COS_MIN REPORTS",
+              help="what int8 must hold to be written: slice cosine mean and minimum, share of fp32's reports "
+                   "[default: 0.99 0.9 0.95]")
+def bundle(checkpoint, out_dir, quants, base, precisions, check_data, check_scans, check_tokens, int8_tolerance):
     """Export CHECKPOINT (RUN/merged) into a verified bundle directory."""
     from samf.export.bundle_writer import write_bundle
+    from samf.export.encoder_variants import TOLERANCES, Tolerance, VariantCheck
 
-    m = write_bundle(checkpoint, out_dir, quants=tuple(quants), keep_unquantized=base, log=click.echo)
+    tolerances = dict(TOLERANCES)
+    if int8_tolerance:
+        tolerances["int8"] = Tolerance(*int8_tolerance)
+    check = VariantCheck(precisions=tuple(p for p in dict.fromkeys(precisions) if p != "none"), scans=check_scans,
+                         report_tokens=check_tokens, data=check_data, tolerances=tolerances)
+    m = write_bundle(checkpoint, out_dir, quants=tuple(quants), keep_unquantized=base, check=check, log=click.echo)
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB)")
 
@@ -51,6 +71,7 @@ def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, out_dir):
 
     m = write_synthetic_bundle(out_dir, preset, layers, quants=tuple(quants), base=base, checkpoint=checkpoint,
                                seed=seed, log=click.echo)
+    click.echo("encoders: " + ", ".join(m["encoders"]))
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB; random weights)")
 
@@ -155,18 +176,23 @@ def sign_cmd(bundle_dir, private_key):
 
 @main.command("build-engines")
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", type=click.Choice(["auto", "fp16", "fp32"]), default="auto", show_default=True,
+              help="which graphs to build from: auto is fp16 where the bundle has it (strongly typed plans take "
+                   "their precision from the graph)")
 @click.option("--max-slices", type=int, default=None, help="largest slice batch the ViT plan accepts")
 @click.option("--max-prompt-tokens", type=int, default=256, show_default=True)
 @click.option("--workspace-gib", type=float, default=4.0, show_default=True)
-def build_engines(bundle_dir, max_slices, max_prompt_tokens, workspace_gib):
-    """Build TensorRT plans for this GPU from the bundle's ONNX files and record them in its manifest."""
+def build_engines(bundle_dir, precision, max_slices, max_prompt_tokens, workspace_gib):
+    """Build TensorRT plans for this GPU from the bundle's ONNX graphs, check each against ONNX Runtime, and
+    record them in its manifest."""
     from samf.export.tensorrt_build import build_bundle_engines
     from samf.runtime.signature import SIGNATURE
 
     signed = os.path.exists(os.path.join(bundle_dir, SIGNATURE))
-    entry = build_bundle_engines(bundle_dir, max_slices=max_slices, max_prompt_tokens=max_prompt_tokens,
-                                 workspace_gib=workspace_gib, log=click.echo)
-    click.echo(f"TensorRT {entry['tensorrt']} plans for {entry['gpu']} added to {bundle_dir}")
+    entry = build_bundle_engines(bundle_dir, precision=precision, max_slices=max_slices,
+                                 max_prompt_tokens=max_prompt_tokens, workspace_gib=workspace_gib, log=click.echo)
+    click.echo(f"TensorRT {entry['tensorrt']} {entry['precision']} plans for {entry['gpu']} added to "
+               f"{bundle_dir}")
     if signed:
         click.echo(f"the manifest changed, so its signature was removed: run `samf-export sign {bundle_dir} --key K`")
 

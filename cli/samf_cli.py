@@ -39,6 +39,10 @@ threads_opt = click.option("--threads", type=click.IntRange(min=1, max=1024), de
                            help="CPU threads for the engines (default: all cores)")
 backend_opt = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                            show_default=True, help="engine for the ViT, aggregator and fusion")
+encoders_opt = click.option(
+    "--encoders", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
+    help="the encoders' precision: auto is fp16 on a GPU (CUDA, TensorRT), int8 on a CPU where the bundle has it "
+         "(the export keeps it only if it held its tolerance), else fp32")
 gpu_layers_opt = click.option("--gpu-layers", type=click.IntRange(min=-1, max=100000), default=0, show_default=True,
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA; -1: all)")
 
@@ -51,8 +55,8 @@ def scan_and_bundle_options(f):
 
 
 def engine_options(f):
-    """Where the engines run: CPU threads, the encoders' backend, LLM layers on the GPU."""
-    for opt in (gpu_layers_opt, backend_opt, threads_opt):
+    """Where the engines run: CPU threads, the encoders' backend and precision, LLM layers on the GPU."""
+    for opt in (gpu_layers_opt, encoders_opt, backend_opt, threads_opt):
         f = opt(f)
     return f
 
@@ -110,8 +114,8 @@ def main():
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 @engine_options
-def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, threads, backend, gpu_layers,
-           **scan_kw):
+def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, threads, backend, encoders,
+           gpu_layers, **scan_kw):
     """Write the findings report for SCAN (.nii, .nii.gz, a DICOM series folder, or .npy)."""
     from samf.runtime.pipeline import ReportPipeline
 
@@ -119,16 +123,18 @@ def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, 
     vol = _load(scan, quiet=as_json, **scan_kw)
     # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than repacking
     # saves on one report); the LLM's context: the image rows, the request and max_tokens.
-    with ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
-                        max_new_tokens=max_tokens, repack=False, trusted_keys=trusted_keys) as pipe:
+    with ReportPipeline(bundle_dir, quant=quant, backend=backend, encoders=encoders, n_threads=threads,
+                        n_gpu_layers=gpu_layers, max_new_tokens=max_tokens, repack=False,
+                        trusted_keys=trusted_keys) as pipe:
         res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(dict(scan=scan, report=res.text, timings_s=res.timings, identity=res.identity,
-                                   tokens=len(res.token_ids))))
+                                   encoders=res.identity["encoder_precision"], tokens=len(res.token_ids))))
     else:
         click.echo(res.text)
         speed = f"{res.tokens_per_s:.1f} tok/s" if res.decode_steps else "one token"
-        click.echo(f"[{_timings_line(res.timings)}  |  {speed}  |  {res.identity['llm']}]", err=True)
+        click.echo(f"[{_timings_line(res.timings)}  |  {speed}  |  {res.identity['llm']}, "
+                   f"{res.identity['encoder_precision']} encoders]", err=True)
 
 
 @main.command()
@@ -137,13 +143,15 @@ def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, 
 @click.option("--choice", "choices", multiple=True, required=True, callback=_four_choices,
               help="give exactly four, in order A-D")
 @engine_options
-def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backend, gpu_layers, **scan_kw):
+def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backend, encoders, gpu_layers,
+        **scan_kw):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.pipeline import ReportPipeline
 
     vol = _load(scan, **scan_kw)
-    with ReportPipeline(bundle_dir, quant=quant, backend=backend, n_threads=threads, n_gpu_layers=gpu_layers,
-                        repack=False, trusted_keys=trusted_keys) as pipe:  # one question per process, as for report
+    with ReportPipeline(bundle_dir, quant=quant, backend=backend, encoders=encoders, n_threads=threads,
+                        n_gpu_layers=gpu_layers, repack=False,
+                        trusted_keys=trusted_keys) as pipe:  # one question per process, as for report
         letter, res = pipe.answer(vol, question, list(choices))
     click.echo(f"{letter or '?'}  ({res.text})")
 
@@ -211,8 +219,11 @@ def slices(scan, out_dir, bundle_dir, trusted_keys, **scan_kw):
 @click.option("--new-tokens", type=click.IntRange(min=1), default=None,
               help="decode exactly this many tokens per report, end token or not (random-weight bundles)")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
+@click.option("--encoders", "encoders", multiple=True, type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+              help="encoder precisions to compare, each with every GGUF type (default: auto); repeatable")
+@backend_opt
 @threads_opt
-def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_json, threads):
+def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_json, encoders, backend, threads):
     """Per-stage latency, decode speed and quantization cost of a bundle on held-out scans."""
     import tempfile
 
@@ -225,7 +236,8 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
 
             data_dir = tmp
             generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)
-        out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens, trusted_keys)
+        out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens, trusted_keys,
+                        encoders or ("auto",), backend)
         if data_dir == tmp:
             out["data"] = f"{scans} synthetic phantoms (seed 7)"
     click.echo(format_bench(out))

@@ -1,4 +1,9 @@
-"""ONNX Runtime sessions for the encoder modules: CUDA when onnxruntime-gpu sees a GPU, else CPU."""
+"""ONNX Runtime sessions for the encoder modules: CUDA when onnxruntime-gpu sees a GPU, else CPU.
+
+:meth:`OrtModule.run_bound` runs with I/O binding: inputs may be arrays already on the session's device
+(:class:`onnxruntime.OrtValue`), and outputs are written into arrays on that device, so on CUDA the slice
+embeddings stay on the GPU from the ViT through the aggregator to the fusion. On CPU the same calls run with
+host memory; the pipeline uses them on both, so the path a GPU takes is the path the tests run."""
 
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ class OrtModule:
         except Exception as e:
             raise SamfError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = {o.name: o for o in self.session.get_outputs()}
         self.provider = self.session.get_providers()[0]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
 
     def close(self) -> None:
         self.session = None  # ONNX Runtime frees a session with its last reference
@@ -47,3 +54,30 @@ class OrtModule:
         if missing:
             raise SamfError(f"missing inputs {sorted(missing)}")
         return self.session.run(None, feeds)[0]
+
+    def device_array(self, shape) -> "object":
+        """An fp32 array of ``shape`` on this session's device (an ``OrtValue``), for :meth:`run_bound`."""
+        return _ort().OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device, 0)
+
+    def run_bound(self, feeds: dict, outputs: dict | None = None):
+        """Run with I/O binding. ``feeds``: numpy arrays (copied to the device) or ``OrtValue``s already there.
+        ``outputs``: ``{name: (OrtValue, shape)}``, written in place (``shape`` may differ from the array's
+        as long as the size is the same: a ``[K, D]`` output can fill a ``[1, K, D]`` array). Without
+        ``outputs`` the first output is returned as numpy."""
+        missing = set(self.inputs) - set(feeds)
+        if missing:
+            raise SamfError(f"missing inputs {sorted(missing)}")
+        ort = _ort()
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if outputs:
+            for name, (array, shape) in outputs.items():
+                binding.bind_output(name, array.device_name(), 0, np.float32, list(shape), array.data_ptr())
+        else:
+            binding.bind_output(next(iter(self.outputs)), "cpu")
+        self.session.run_with_iobinding(binding)
+        return None if outputs else binding.copy_outputs_to_cpu()[0]

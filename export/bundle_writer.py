@@ -8,8 +8,10 @@ Memory stays near the size of one tensor whatever the LLM's size: the LLM is nev
 export needs only the image modules), the GGUF is written and checked one tensor at a time, and llama.cpp
 quantizes from the GGUF. Each artifact is validated against its source right after it is made: ONNX Runtime
 against PyTorch, the GGUF tensor by tensor against the safetensors, each quantized GGUF against the
-unquantized one. The hashes written into the manifest are remembered as verified, so the first start after
-an export does not hash the bundle again.
+unquantized one, and the fp16 and int8 encoders against the fp32 ones with the runtime's own pipeline
+(:mod:`samf.export.encoder_variants`; a variant that misses its tolerance is not written). The hashes written
+into the manifest are remembered as verified, so the first start after an export does not hash the bundle
+again.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from samf.runtime.manifest import seal
 from samf.runtime.prompt import REPORT_REQUESTS
 from samf.runtime.verified import VerifiedCache
 
+from .encoder_variants import VariantCheck, add_encoder_variants, variant_files
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
 from .onnx_export import OPSET, export_onnx
 
 
 def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized: str = "F32",
-                 log=print) -> dict:
-    """Export the merged checkpoint at ``ckpt_dir`` into a verified bundle at ``out_dir``; returns the manifest."""
+                 check: VariantCheck | None = None, log=print) -> dict:
+    """Export the merged checkpoint at ``ckpt_dir`` into a verified bundle at ``out_dir``; returns the manifest.
+
+    ``check``: which encoder precisions besides fp32 to make and how to check them (default: fp16 and int8 on
+    20 held-out phantoms)."""
     import llama_cpp
     import onnxruntime
 
@@ -83,16 +89,36 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
                         sequence="[bos] before_image [image x N] prompt_text after_prompt | answer answer_end"),
             llm=dict(default=quants[0] if quants else keep_unquantized, files=llm_files,
                      token_embd={q: token_embd_location(os.path.join(tmp, n)) for q, n in llm_files.items()}),
+            encoders=dict(fp32=dict(files=variant_files("fp32"))),
             engines=dict(onnxruntime=dict(version=onnxruntime.__version__, opset=OPSET),
                          llama_cpp=dict(llama_cpp_python=llama_cpp.__version__), tensorrt=[]),
             fidelity=dict(onnx_max_abs_diff=diffs, gguf_relative_rms_error=gguf_fidelity),
         )
-        manifest["files"] = {n: dict(sha256=sha256_of(os.path.join(tmp, n)), size=os.path.getsize(os.path.join(tmp, n)))
-                             for n in sorted(os.listdir(tmp))}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(seal(manifest), f, indent=2)
+        _write_manifest(tmp, manifest)  # the variants are checked by the runtime, which reads it
+        kept, rejected = add_encoder_variants(tmp, keep_unquantized, check or VariantCheck(), log)
+        manifest["encoders"].update(kept)
+        if rejected:
+            manifest["fidelity"]["encoders_rejected"] = rejected
+        _write_manifest(tmp, manifest)
     remember_verified(out_dir, manifest)
     return manifest
+
+
+def _write_manifest(tmp: str, manifest: dict) -> None:
+    """List every file in ``tmp`` with its sha256 and size (reusing the entries of files already listed at the
+    same size: this process wrote them) and write the sealed manifest."""
+    known = manifest.get("files", {})
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        path = os.path.join(tmp, name)
+        if name == MANIFEST or not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        files[name] = known[name] if known.get(name, {}).get("size") == size else dict(sha256=sha256_of(path),
+                                                                                       size=size)
+    manifest["files"] = files
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(seal(manifest), f, indent=2)
 
 
 def remember_verified(bundle_dir: str, manifest: dict) -> None:

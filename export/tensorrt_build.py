@@ -7,17 +7,32 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from samf.engines.tensorrt_engine import cuda_ok, import_tensorrt
 from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
-from samf.runtime.bundle import read_bundle, update_manifest
+from samf.runtime.bundle import Bundle, read_bundle, update_manifest
+
+from .encoder_variants import CHECK_SEED
+
+#: A plan must give what ONNX Runtime gives on the graph it was built from: the worst output row's cosine.
+PLAN_MIN_COSINE = 0.999
 
 
-def build_bundle_engines(bundle_dir: str, max_slices: int | None = None, max_prompt_tokens: int = 256,
-                         workspace_gib: float = 4.0, log=print) -> dict:
-    """Build vit/aggregator/fusion plans with shape profiles from the bundle's config."""
+def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: int | None = None,
+                         max_prompt_tokens: int = 256, workspace_gib: float = 4.0, log=print) -> dict:
+    """Build vit/aggregator/fusion plans from the bundle's graphs of ``precision`` (``auto``: fp16 where the
+    bundle has it, else fp32), with shape profiles from the bundle's config, each checked against ONNX
+    Runtime on the same graph right after it is built."""
     import_tensorrt()  # EngineUnavailable, in one line, before anything is read
     b = read_bundle(bundle_dir)
+    have = b.encoder_precisions()
+    if precision == "auto":
+        precision = "fp16" if "fp16" in have else "fp32"
+    if precision not in have or precision == "int8":
+        raise SamfError(f"bundle has no {precision} encoder graphs to build TensorRT plans from (it has "
+                        f"{', '.join(p for p in have if p != 'int8')})")
     img = b.manifest["model"]["image"]
     v, a, f = img["vit"], img["aggregator"], img["fusion"]
     K = a["n_slices"]
@@ -31,27 +46,74 @@ def build_bundle_engines(bundle_dir: str, max_slices: int | None = None, max_pro
                    "text": ((1, 1, f["d_text"]), (1, 32, f["d_text"]), (1, max_prompt_tokens, f["d_text"])),
                    "text_mask": ((1, 1), (1, 32), (1, max_prompt_tokens))},
     }
-    plans, facts = {}, {}
+    sources = b.encoder_files(precision)
+    feeds = check_feeds(b)
+    plans, parity, facts = {}, {}, {}
     for name, prof in profiles.items():
-        plan = f"{name}.plan"
-        log(f"build-engines: {name} ...")
-        onnx = b.open(f"{name}.onnx")  # built from the very file that was verified
+        plan = f"{name}-{precision}.plan"
+        log(f"build-engines: {name} ({precision}) ...")
+        onnx = b.open(sources[name])  # built from the very file that was verified
         try:
             facts = build_plan(onnx.path, os.path.join(bundle_dir, plan), prof, workspace_gib,
                                timing_cache=os.path.join(bundle_dir, "timing.cache"))
+            parity[name] = check_plan(os.path.join(bundle_dir, plan), onnx.path, feeds[name])
         finally:
             onnx.close()
+        log(f"build-engines: {plan}: worst cosine with ONNX Runtime {parity[name]['cos_min']:.5f}, "
+            f"max |diff| {parity[name]['max_abs_diff']:.2g}")
         plans[name] = plan
-    entry = dict(facts, plans=plans)
+    entry = dict(facts, precision=precision, plans=plans, parity_vs_onnxruntime=parity)
 
     def add(m):
         m["engines"]["tensorrt"] = [e for e in m["engines"].get("tensorrt", [])
-                                    if (e.get("gpu"), e.get("tensorrt")) != (entry["gpu"], entry["tensorrt"])]
+                                    if (e.get("gpu"), e.get("tensorrt"), e.get("precision", "fp32"))
+                                    != (entry["gpu"], entry["tensorrt"], precision)]
         m["engines"]["tensorrt"].append(entry)
         for p in plans.values():
             m["files"][p] = {}
     update_manifest(bundle_dir, add)
     return entry
+
+
+def check_feeds(bundle: Bundle) -> dict:
+    """Inputs to check each plan with: the slices of a held-out phantom, the fp32 ViT's embeddings of them and
+    its aggregator's tokens, and a small random prompt (no LLM is needed)."""
+    from samf.engines.onnxruntime_engine import OrtModule
+    from samf.runtime.ct import Volume
+    from samf.runtime.phantom import make_phantom
+    from samf.runtime.preprocess import preprocess
+
+    p = make_phantom(CHECK_SEED)
+    slices = preprocess(Volume(p.volume, p.spacing, "phantom"), bundle.preprocess)
+    files = bundle.encoder_files("fp32")
+    z2d = OrtModule(bundle.path(files["vit"]), prefer_gpu=False)(slices=slices)[None]
+    z3d = OrtModule(bundle.path(files["aggregator"]), prefer_gpu=False)(z2d=z2d)
+    d_text = bundle.manifest["model"]["image"]["fusion"]["d_text"]
+    text = np.random.default_rng(0).normal(0, 0.05, (1, 12, d_text)).astype(np.float32)
+    return dict(vit=dict(slices=slices), aggregator=dict(z2d=z2d),
+                fusion=dict(z2d=z2d, z3d=z3d, text=text, text_mask=np.ones((1, 12), np.int64)))
+
+
+def check_plan(plan_path: str, onnx_path: str, feeds: dict) -> dict:
+    """The plan against ONNX Runtime on the graph it was built from; the plan is removed and
+    :class:`SamfError` raised when its worst output row's cosine is below :data:`PLAN_MIN_COSINE`."""
+    from samf.engines.onnxruntime_engine import OrtModule
+    from samf.engines.tensorrt_engine import TrtModule
+
+    ref = OrtModule(onnx_path)(**feeds)
+    trt = TrtModule(plan_path)
+    try:
+        got = trt(**feeds)
+    finally:
+        trt.close()
+    ref2, got2 = ref.reshape(-1, ref.shape[-1]).astype(np.float64), got.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cos = (ref2 * got2).sum(1) / np.maximum(np.linalg.norm(ref2, axis=1) * np.linalg.norm(got2, axis=1), 1e-30)
+    out = dict(cos_min=round(float(cos.min()), 6), max_abs_diff=round(float(np.abs(ref2 - got2).max()), 6))
+    if not out["cos_min"] >= PLAN_MIN_COSINE:
+        os.remove(plan_path)
+        raise SamfError(f"TensorRT plan {os.path.basename(plan_path)} differs from ONNX Runtime on its graph: worst "
+                        f"cosine {out['cos_min']:.4f} < {PLAN_MIN_COSINE} (not kept)")
+    return out
 
 
 def build_plan(onnx_path: str, plan_path: str, profiles: dict, workspace_gib: float = 4.0,

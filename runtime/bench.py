@@ -46,12 +46,13 @@ def rss_mb() -> dict:
 
 
 def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int | None,
-                new_tokens: int | None = None, trusted_keys=()) -> dict:
-    """One GGUF type on ``scans``: a warm-up report, then one each. With ``new_tokens`` every report decodes
-    exactly that many tokens (the model's end token is not honoured; random weights never say it) and the
-    reference reports' loss is not measured."""
-    with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys,
-                        max_new_tokens=max(new_tokens or 0, 512)) as pipe:
+                new_tokens: int | None = None, trusted_keys=(), encoders: str = "auto",
+                backend: str = "onnxruntime") -> dict:
+    """One GGUF type with one encoder precision on ``scans``: a warm-up report, then one each. With
+    ``new_tokens`` every report decodes exactly that many tokens (the model's end token is not honoured; random
+    weights never say it) and the reference reports' loss is not measured."""
+    with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys, encoders=encoders,
+                        backend=backend, max_new_tokens=max(new_tokens or 0, 512)) as pipe:
         mem_loaded = rss_mb()
         kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
         pipe.report(scans[0], **kw)  # warm-up
@@ -61,7 +62,9 @@ def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int |
     per = {k: dict(p50_ms=1000 * float(np.median([r.timings[k] for r in results])),
                    p90_ms=1000 * float(np.percentile([r.timings[k] for r in results], 90))) for k in stages}
     first = [sum(v for k, v in r.timings.items() if k not in ("llm_decode", "total")) for r in results]
-    return dict(quant=quant, load_s=pipe.load_s, stages=per, reference_nll=nll,
+    return dict(quant=quant, encoders=pipe.identity["encoder_precision"], encoder_engine=pipe.identity["encoders"],
+                load_s=pipe.load_s, stages=per,
+                reference_nll=nll,
                 new_tokens=float(np.median([len(r.token_ids) for r in results])),
                 prompt_tokens=int(np.median([r.prompt_tokens for r in results])),
                 decode_tok_s=float(np.median([r.tokens_per_s for r in results])),
@@ -72,8 +75,9 @@ def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int |
 
 
 def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = None, quants=None,
-              new_tokens: int | None = None, trusted_keys=()) -> dict:
-    """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv; returns the results as a dict."""
+              new_tokens: int | None = None, trusted_keys=(), encoders=("auto",), backend: str = "onnxruntime") -> dict:
+    """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv, each GGUF type with each encoder
+    precision; returns the results as a dict."""
     from .bundle import read_bundle
 
     with open(os.path.join(data, "test.csv")) as f:
@@ -82,7 +86,8 @@ def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = N
     # Each pipeline verifies what it loads.
     manifest = read_bundle(bundle, verify_hashes=False, trusted_keys=trusted_keys).manifest
     quants = list(quants or manifest["llm"]["files"])
-    runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens, trusted_keys) for q in quants]
+    runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens, trusted_keys, e, backend)
+            for q in quants for e in encoders]
     ref = runs[0]["texts"]
     for r in runs:
         r["same_report_as_first"] = sum(a == b for a, b in zip(r.pop("texts"), ref)) / len(ref)
@@ -95,11 +100,12 @@ def format_bench(out: dict) -> str:
     """The results as a markdown table plus the preprocessing line."""
     runs = out["runs"]
     stages = list(runs[0]["stages"])
-    lines = ["| GGUF | " + " | ".join(f"{s} p50 ms" for s in stages)
+    lines = ["| GGUF | encoders | " + " | ".join(f"{s} p50 ms" for s in stages)
              + " | decode tok/s | same report | reference NLL/token |",
-             "|---" * (len(stages) + 4) + "|"]
+             "|---" * (len(stages) + 5) + "|"]
     for r in runs:
-        lines.append(f"| {r['quant']} | " + " | ".join(f"{r['stages'][s]['p50_ms']:.1f}" for s in stages)
+        lines.append(f"| {r['quant']} | {r['encoders']} | "
+                     + " | ".join(f"{r['stages'][s]['p50_ms']:.1f}" for s in stages)
                      + f" | {r['decode_tok_s']:.3g} | {r['same_report_as_first']:.0%} | "
                      + ("-" if r["reference_nll"] is None else f"{r['reference_nll']:.4f}") + " |")
     pre = out["preprocess_512x512x300"]

@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 from samf.errors import BundleError
 
 from .atomic import atomic_file
-from .manifest import ENCODER_FILES, check_manifest, seal
+from .manifest import ENCODER_PRECISIONS, check_manifest, seal
 from .preprocess import PreprocessConfig
 from .prompt import PromptLayout
 from .signature import SIGNATURE, check_signature
 from .verified import VerifiedCache, stamp_of
 
-SCHEMA_VERSION = 3  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest;
-#                    3: the manifest carries its own digest, and where each GGUF keeps its token embeddings
+SCHEMA_VERSION = 4  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest;
+#                    3: the manifest carries its own digest, and where each GGUF keeps its token embeddings;
+#                    4: the encoders come in precisions (fp32, and fp16/int8 where they held their tolerance)
 MANIFEST_MAX_BYTES = 16 << 20
 MANIFEST = "manifest.json"
 
@@ -138,6 +139,19 @@ class Bundle:
         """Where the ``quant`` GGUF keeps its token embeddings, as the export recorded it (None: not recorded)."""
         return (self.manifest["llm"].get("token_embd") or {}).get(self.llm_quant(quant))
 
+    def encoder_precisions(self) -> list:
+        """The precisions the bundle's encoders come in, fp32 first."""
+        return [p for p in ENCODER_PRECISIONS if p in self.manifest["encoders"]]
+
+    def encoder_files(self, precision: str = "fp32") -> dict:
+        """``{"vit": file, "aggregator": file, "fusion": file}`` of one precision."""
+        return dict(self.manifest["encoders"][precision]["files"])
+
+    def rejected_encoders(self) -> dict:
+        """``{precision: why}`` for the variants the export made and dropped for missing their tolerance."""
+        rejected = self.manifest.get("fidelity", {}).get("encoders_rejected", {})
+        return {p: r.get("reason", "") for p, r in rejected.items() if isinstance(r, dict)}
+
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.manifest["preprocess"])
@@ -161,7 +175,7 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None,
     ``trusted_keys``: public key files; when given, the manifest must carry a signature by one of them
     (:mod:`samf.runtime.signature`).
 
-    Every file must be there at its size; the encoders and the ``quant`` LLM (the default one when None)
+    Every file must be there at its size; the fp32 encoders and the ``quant`` LLM (the default one when None)
     are hashed, or found unchanged since they last were."""
     mpath = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
@@ -204,7 +218,7 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None,
                               "(altered or truncated)")
     bundle = Bundle(root=root, manifest=manifest, signed_by=signed_by, manifest_bytes=raw)
     if verify_hashes:
-        bundle.verify(ENCODER_FILES + (bundle.llm_name(quant),))
+        bundle.verify([*bundle.encoder_files("fp32").values(), bundle.llm_name(quant)])
     return bundle
 
 

@@ -20,8 +20,11 @@ import json
 
 from samf.errors import BundleError
 
-#: The encoder artifacts every bundle holds.
-ENCODER_FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx")
+#: The exported encoder modules, and the fp32 file of each (every bundle holds these).
+ENCODER_MODULES = ("vit", "aggregator", "fusion")
+ENCODER_FILES = tuple(f"{m}.onnx" for m in ENCODER_MODULES)
+#: The precisions encoders come in: fp32 (the reference, always), fp16 (GPUs), int8 (CPUs).
+ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
 #: A plain file name: no separator, not "." or "..", no control characters.
 PLAIN_NAME = r"^(?!\.\.?$)[^/\\\x00-\x1f]{1,255}$"
 
@@ -29,10 +32,13 @@ _int = {"type": "integer"}
 _num = {"type": "number"}
 _ids = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _name = {"type": "string", "pattern": PLAIN_NAME}
+#: One file per encoder module.
+_modules = {"type": "object", "required": list(ENCODER_MODULES), "additionalProperties": False,
+            "properties": {m: _name for m in ENCODER_MODULES}}
 
 SCHEMA = {
     "type": "object",
-    "required": ["schema", "model", "preprocess", "prompt", "llm", "engines", "files", "integrity"],
+    "required": ["schema", "model", "preprocess", "prompt", "llm", "encoders", "engines", "files", "integrity"],
     "properties": {
         "schema": _int,
         "model": {
@@ -94,11 +100,15 @@ SCHEMA = {
                                              "items": {"type": "integer", "minimum": 1}}}}},
             },
         },
+        "encoders": {
+            "type": "object", "required": ["fp32"], "propertyNames": {"enum": list(ENCODER_PRECISIONS)},
+            "additionalProperties": {"type": "object", "required": ["files"], "properties": {"files": _modules}},
+        },
         "engines": {
             "type": "object",
             "properties": {"tensorrt": {"type": "array", "items": {
                 "type": "object", "required": ["tensorrt", "plans"],
-                "properties": {"plans": {"type": "object", "additionalProperties": _name}}}}},
+                "properties": {"plans": _modules, "precision": {"enum": list(ENCODER_PRECISIONS)}}}}},
         },
         "files": {
             "type": "object", "minProperties": 1,
@@ -160,8 +170,10 @@ def check_compatibility(m: dict, root: str) -> None:
                         f"{image['aggregator']['n_tokens']}")
     if m["llm"]["default"] not in m["llm"]["files"]:
         problems.append(f"the default LLM {m['llm']['default']} is not among its files")
-    named = set(m["llm"]["files"].values()) | {p for e in m["engines"].get("tensorrt", []) for p in e["plans"].values()}
-    missing = sorted(n for n in named | set(ENCODER_FILES) if n not in m["files"])
+    named = (set(m["llm"]["files"].values())
+             | {p for e in m["engines"].get("tensorrt", []) for p in e["plans"].values()}
+             | {f for e in m["encoders"].values() for f in e["files"].values()})
+    missing = sorted(n for n in named if n not in m["files"])
     if missing:
         problems.append(f"the manifest does not list {', '.join(missing)}")
     if problems:

@@ -34,6 +34,29 @@ class Result:
         return self.decode_steps / d if d > 0 and self.decode_steps else float("nan")
 
 
+#: What ``--encoders auto`` picks, in order of preference: fp16 where the encoders run on a GPU (ONNX Runtime
+#: CUDA, TensorRT), int8 on a CPU when the bundle has it (kept only if it held its tolerance at export).
+AUTO_PRECISION = {"gpu": ("fp16", "fp32"), "cpu": ("int8", "fp32")}
+
+
+def choose_precision(bundle: Bundle, requested: str, gpu: bool) -> str:
+    """The encoders' precision to run: ``requested`` (``auto``, ``fp32``, ``fp16``, ``int8``) among the bundle's.
+    A precision the bundle lacks is refused in one line, with the figure that kept it out of the export."""
+    have = bundle.encoder_precisions()
+    if requested == "auto":
+        return next(p for p in AUTO_PRECISION["gpu" if gpu else "cpu"] if p in have)
+    if requested not in have:
+        why = bundle.rejected_encoders().get(requested)
+        raise BundleError(f"bundle has no {requested} encoders (it has {', '.join(have)})"
+                          + (f": its export measured {why}" if why else ""))
+    return requested
+
+
+def host(value) -> np.ndarray:
+    """A stage output as numpy, wherever it lives (ONNX Runtime keeps them on the encoders' device)."""
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+
 #: Positions kept for the prompt around the image rows (scaffolding and request) when n_ctx is derived.
 PROMPT_ROOM = 256
 
@@ -51,6 +74,7 @@ class PipelineConfig:
 
     quant: str | None = None            # which GGUF (None: the manifest's default)
     backend: str = "onnxruntime"        # encoders: onnxruntime or tensorrt
+    encoders: str = "auto"              # the encoders' precision: auto, fp32, fp16 or int8 (see choose_precision)
     n_threads: int | None = None        # None: every core this process may use
     n_gpu_layers: int = 0               # LLM layers on the GPU (-1: all)
     n_ctx: int | None = None
@@ -75,6 +99,7 @@ class ReportPipeline:
         t0 = time.perf_counter()
         self._open: list = []
         self.vit = self.aggregator = self.fusion = self.llm = self.embed = None
+        self.precision, self._bound = None, None
         try:
             self._load(bundle)
         except BaseException:
@@ -83,7 +108,6 @@ class ReportPipeline:
         self.load_s = time.perf_counter() - t0
 
     def _load(self, bundle) -> None:
-        from samf.engines import load_encoder_module
         from samf.engines.llama_cpp_engine import REPACKED_ON_CPU, GGUFTokenEmbeddings, LlamaCppLLM
 
         cfg = self.config
@@ -95,14 +119,7 @@ class ReportPipeline:
         # Each artifact is opened once, verified through that descriptor, and loaded through it
         # (/proc/self/fd/N): a file swapped at the bundle's path after its check is not what runs. (Loading
         # ONNX models from the hashed bytes instead kept a second copy of ViT-B/16 resident: +0.35 GB.)
-        if cfg.backend == "tensorrt":
-            plans = self._trt_plans()  # plans are executable: never load one that changed
-            mods = {n: load_encoder_module(cfg.backend, self._artifact(p, cfg.verify_hashes).path)
-                    for n, p in plans.items()}
-        else:
-            mods = {n: load_encoder_module(cfg.backend, self._artifact(f"{n}.onnx", cfg.verify_hashes).path,
-                                           threads=cfg.n_threads or 0) for n in ("vit", "aggregator", "fusion")}
-        self.vit, self.aggregator, self.fusion = mods["vit"], mods["aggregator"], mods["fusion"]
+        self._load_encoders(cfg.encoders)
         llm = self._artifact(self.bundle.llm_name(quant), cfg.verify_hashes)
         llm_path = llm.path
         four_bit = cfg.n_gpu_layers == 0 and quant.startswith(REPACKED_ON_CPU)
@@ -112,7 +129,7 @@ class ReportPipeline:
         self._check_engines_fit()
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
                              llm=llm.name, encoders=getattr(self.vit, "provider", cfg.backend),
-                             signed_by=self.bundle.signed_by)
+                             encoder_precision=self.precision, signed_by=self.bundle.signed_by)
 
     def _artifact(self, name: str, verify: bool):
         art = self.bundle.open(name, verify=verify)
@@ -133,32 +150,85 @@ class ReportPipeline:
             raise BundleError(f"{self.bundle.root}: vit.onnx takes slices of {shape[1:]}, the preprocessing makes "
                               f"{want}")
 
-    def _trt_plans(self) -> dict:
-        """Names of the bundle's plans built with the installed TensorRT (plans are not portable across versions)."""
+    def _load_encoders(self, requested: str) -> None:
+        """The vit, aggregator and fusion of the chosen precision (see :func:`choose_precision`)."""
+        from samf.engines import load_encoder_module
+
+        cfg = self.config
+        if cfg.backend == "tensorrt":
+            entry = self._trt_plans(requested)  # plans are executable: never load one that changed
+            precision, files = entry.get("precision", "fp32"), entry["plans"]
+            kw = {}
+        else:
+            from samf.engines.onnxruntime_engine import available_providers
+
+            gpu = available_providers()[0] == "CUDAExecutionProvider"
+            precision = choose_precision(self.bundle, requested, gpu)
+            files, kw = self.bundle.encoder_files(precision), dict(threads=cfg.n_threads or 0)
+        self.set_encoders({n: load_encoder_module(cfg.backend, self._artifact(f, cfg.verify_hashes).path, **kw)
+                           for n, f in files.items()}, precision)
+
+    def set_encoders(self, modules: dict, precision: str) -> None:
+        """Run ``modules`` (``{"vit": ..., "aggregator": ..., "fusion": ...}``) from now on, closing the ones
+        before. The export checks each precision variant through this, with the runtime's own stages."""
+        for old in (self.vit, self.aggregator, self.fusion):
+            if old is not None and old not in modules.values():
+                old.close()
+        self.vit, self.aggregator, self.fusion = modules["vit"], modules["aggregator"], modules["fusion"]
+        self.precision = precision
+        self._bound = None  # (D2, z3d shape) when every stage can keep its outputs on the device
+        if all(hasattr(m, "run_bound") for m in modules.values()):
+            d2 = self.vit.outputs["z2d"].shape[-1]
+            z3d = [1, *self.aggregator.outputs["z3d"].shape[1:]]
+            if all(isinstance(n, int) for n in [d2, *z3d]):
+                self._bound = (d2, tuple(z3d))
+
+    def _trt_plans(self, requested: str) -> dict:
+        """The manifest's entry for the plans built with the installed TensorRT (plans are not portable across
+        versions), in the requested precision (``auto``: fp16 if built, else fp32)."""
         from samf.engines.tensorrt_engine import INSTALL_HINT, tensorrt_version
 
         version = tensorrt_version()
         if version is None:
             raise EngineUnavailable(INSTALL_HINT)
-        for entry in self.bundle.manifest.get("engines", {}).get("tensorrt", []):
-            if entry.get("tensorrt") == version:
-                return dict(entry["plans"])
-        raise SamfError(f"bundle has no TensorRT {version} plans: run `samf-export build-engines` on this machine")
+        built = {e.get("precision", "fp32"): e for e in self.bundle.manifest.get("engines", {}).get("tensorrt", [])
+                 if e.get("tensorrt") == version}
+        if not built:
+            raise SamfError(f"bundle has no TensorRT {version} plans: run `samf-export build-engines` on this machine")
+        want = [p for p in AUTO_PRECISION["gpu"] if p in built] if requested == "auto" else [requested]
+        if not want or want[0] not in built:
+            raise SamfError(f"bundle has no {requested} TensorRT {version} plans; it has {', '.join(sorted(built))} "
+                            "(`samf-export build-engines --precision` builds others)")
+        return dict(built[want[0]])
 
     # ------------------------------------------------------------------------------ stages
     def encode(self, slices: np.ndarray, timings: dict) -> tuple:
+        """Slices ``[K, C, H, W]`` -> (z2d ``[1, K, D2]``, z3d ``[1, N, D3]``). On ONNX Runtime both stay on the
+        encoders' device (the GPU on CUDA) for :meth:`image_prefix`; :func:`host` brings one back."""
+        x = np.ascontiguousarray(slices, dtype=np.float32)
         t = time.perf_counter()
-        z2d = self.vit(slices=slices.astype(np.float32))[None]
-        timings["vit"] = time.perf_counter() - t
-        t = time.perf_counter()
-        z3d = self.aggregator(z2d=z2d)
+        if self._bound is None:  # TensorRT: numpy in, numpy out
+            z2d = self.vit(slices=x)[None]
+            timings["vit"] = time.perf_counter() - t
+            t = time.perf_counter()
+            z3d = self.aggregator(z2d=z2d)
+        else:
+            d2, z3d_shape = self._bound
+            z2d = self.vit.device_array((1, len(x), d2))
+            self.vit.run_bound({"slices": x}, {"z2d": (z2d, (len(x), d2))})  # [K, D2] written as [1, K, D2]
+            timings["vit"] = time.perf_counter() - t
+            t = time.perf_counter()
+            z3d = self.aggregator.device_array(z3d_shape)
+            self.aggregator.run_bound({"z2d": z2d}, {"z3d": (z3d, z3d_shape)})
         timings["aggregator"] = time.perf_counter() - t
         return z2d, z3d
 
     def image_prefix(self, z2d, z3d, prompt_ids: list, timings: dict) -> np.ndarray:
+        """The fused image rows ``[N, d_llm]`` for this prompt, from :meth:`encode`'s outputs."""
         t = time.perf_counter()
-        text = self.embed(prompt_ids)[None]
-        fused = self.fusion(z2d=z2d, z3d=z3d, text=text, text_mask=np.ones((1, len(prompt_ids)), np.int64))
+        feeds = dict(z2d=z2d, z3d=z3d, text=self.embed(prompt_ids)[None],
+                     text_mask=np.ones((1, len(prompt_ids)), np.int64))
+        fused = self.fusion(**feeds) if self._bound is None else self.fusion.run_bound(feeds)
         timings["fusion"] = time.perf_counter() - t
         return fused[0]
 
@@ -173,12 +243,16 @@ class ReportPipeline:
         prompt_ids = self.llm.tokenize(self.layout.prompt_text(request))
         return self.image_prefix(z2d, z3d, prompt_ids, timings), prompt_ids
 
+    def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int, stop_at_end: bool = True) -> dict:
+        """Greedy decoding after the image rows ``prefix`` and the prompt: llama.cpp's result dict."""
+        lay = self.layout
+        stop = lay.stop_ids() if stop_at_end else set()
+        return self.llm.generate(lay.head(), prefix, lay.tail(prompt_ids), stop, max_new_tokens)
+
     def _run(self, scan, request: str, max_new_tokens: int, stop_at_end: bool = True) -> Result:
         timings: dict = {}
         prefix, prompt_ids = self._prefix(scan, request, timings)
-        lay = self.layout
-        stop = lay.stop_ids() if stop_at_end else set()
-        out = self.llm.generate(lay.head(), prefix, lay.tail(prompt_ids), stop, max_new_tokens)
+        out = self.generate(prefix, prompt_ids, max_new_tokens, stop_at_end)
         timings["llm_prefill"] = out["prefill_s"]
         timings["llm_decode"] = out["decode_s"]
         timings["total"] = sum(timings.values())

@@ -18,9 +18,12 @@ import pytest
 
 # 48 held-out scans: on 16 one scan moves an accuracy by 0.06, which was the learning test's whole margin.
 # Every stage is seeded, so this run is the same on every machine with the same thread count.
-SMALL = dict(n_train=200, n_test=48, dino_steps=20, warmup_steps=60, lm_steps=200, finetune_steps=600)
-# A few steps of each stage; 20 LM steps so that generation ends and reads like the report language.
-QUICK = dict(n_train=16, n_test=8, dino_steps=2, warmup_steps=2, lm_steps=20, finetune_steps=4)
+SMALL = dict(n_train=200, n_test=48, dino_steps=20, warmup_steps=60, lm_steps=200, finetune_steps=600,
+             check_scans=20, check_tokens=256)
+# A few steps of each stage; 20 LM steps so that generation ends and reads like the report language. The
+# encoder variants are checked on 6 held-out scans, reports up to 64 tokens (the export's default: 20, 256).
+QUICK = dict(n_train=16, n_test=8, dino_steps=2, warmup_steps=2, lm_steps=20, finetune_steps=4,
+             check_scans=6, check_tokens=64)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +48,7 @@ def _recipe_run(root, sizes: dict) -> Trained:
     import torch
 
     from samf.export.bundle_writer import write_bundle
+    from samf.export.encoder_variants import VariantCheck
     from samf.runtime.phantom import generate_phantom_dataset
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
@@ -56,7 +60,8 @@ def _recipe_run(root, sizes: dict) -> Trained:
                         finetune=sizes["finetune_steps"])
     merged = run_recipe(run, train, steps, progress=False)["merge"]
     bundle = str(root / "bundle")
-    write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32", log=lambda m: None)
+    write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32", log=lambda m: None,
+                 check=VariantCheck(scans=sizes["check_scans"], report_tokens=sizes["check_tokens"]))
     return Trained(data=data, run=run, merged=merged, bundle=bundle, train=train, test=test)
 
 

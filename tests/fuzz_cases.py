@@ -724,6 +724,12 @@ def bundle_cases(rng) -> list:
     resealed("schema-99", lambda m: m.__setitem__("schema", 99), words=("schema",))
     resealed("default-llm-absent", lambda m: m["llm"].__setitem__("default", "Q3_K"))
     resealed("vit-hash-changed", lambda m: m["files"]["vit.onnx"].__setitem__("sha256", "ab" * 32), words=("sha256",))
+    resealed("encoders-unknown-precision", lambda m: m["encoders"].__setitem__("fp8", m["encoders"]["fp32"]))
+    resealed("encoders-without-fp32", lambda m: m["encoders"].pop("fp32"))
+    resealed("encoders-unlisted-file", lambda m: m["encoders"]["fp32"]["files"].__setitem__("vit", "vit-x.onnx"),
+             words=("does not list",))
+    resealed("encoders-dotdot-file", lambda m: m["encoders"]["fp32"]["files"].__setitem__("vit", "../vit.onnx"))
+    resealed("encoders-extra-module", lambda m: m["encoders"]["fp32"]["files"].__setitem__("head", "vit.onnx"))
     resealed("windows-string", lambda m: m["preprocess"].__setitem__("windows", "lung"))
     resealed("negative-spacing", lambda m: m["preprocess"].__setitem__("pixel_spacing_mm", -1.0))
     # Edits a re-sealing forger can make unnoticed, unless the site requires a signature:

@@ -45,7 +45,8 @@ def stand_in_manifest(files: dict) -> dict:
         preprocess=dict(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6, windows=[[-600, 1500], [40, 400],
                                                                                            [400, 1800]]),
         prompt=dict(layout=dict(answer_end=2)),
-        llm=dict(default="Q8_0", files={"F32": "llm-F32.gguf", "Q8_0": "llm-Q8_0.gguf"})))
+        llm=dict(default="Q8_0", files={"F32": "llm-F32.gguf", "Q8_0": "llm-Q8_0.gguf"}),
+        encoders=dict(fp32=dict(files=dict(vit="vit.onnx", aggregator="aggregator.onnx", fusion="fusion.onnx")))))
 
 
 @pytest.fixture()

@@ -1,0 +1,318 @@
+"""Precision variants of the encoder graphs, made from the fp32 ones and kept only if they hold their tolerance.
+
+- **fp16** (GPUs: ONNX Runtime CUDA, TensorRT strongly typed, which takes its precision from the graph): ONNX
+  Runtime's converter, with fp32 inputs and outputs. LayerNorm, Softmax, the slice-embedding standardisation
+  (Sub, Div) and the fusion's scaled dot products stay fp32, as TensorRT advises for ViTs: they overflow, or
+  lose the small differences the findings live in, in fp16.
+- **int8** (CPUs; the ViT only: the aggregator and the fusion are under 1% of the encoders' time and stay fp32):
+  ONNX Runtime's dynamic quantization, weights int8 per output channel, activations per tensor scaled at run
+  time. Chosen over static QDQ (activation ranges calibrated on training slices), which measured worse on the
+  paper ViT (slice cosine 0.958 against 0.972, ``benchmarks/encoder-precision.md``) and whose fixed ranges
+  would not follow a hospital's scans where they differ from the training data. The blocks that carry the error
+  are found by measuring: each is quantized alone and its error on held-out slices measured; the most sensitive
+  are kept fp32, as few as the tolerance allows, at most half of them (beyond that it is hardly faster).
+- **bf16** is not offered: ONNX Runtime's CPU provider has no bf16 MatMul (``NOT_IMPLEMENTED``).
+
+Each variant is checked against fp32 with the runtime's own pipeline on held-out scans: cosine and max abs
+difference of the slice embeddings, max abs difference of the fused embeddings, and the share of greedy reports
+equal to the fp32 encoders'. Its figures go into the manifest; one that misses its :class:`Tolerance` is not
+written, and its figures are recorded under ``fidelity.encoders_rejected``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from samf.runtime.manifest import ENCODER_MODULES
+
+#: Seeds of the held-out phantoms the export checks with: far above any seed a samf dataset is generated from
+#: (``generate_phantom_dataset`` uses ``seed * 1_000_003 + i``).
+CHECK_SEED = 10**12
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a variant must hold against fp32 on the held-out scans to be written."""
+
+    slice_cos_mean: float    # mean cosine of the (standardised) slice embeddings
+    slice_cos_min: float     # the worst slice's
+    report_agreement: float  # share of greedy reports identical to the fp32 encoders' (when reports are checked)
+
+
+TOLERANCES = {
+    # fp16 is held to its embeddings (0.99998 mean, 0.9998 worst measured on the demo and the paper ViT). Its
+    # reports flip on near ties of a greedy decoder: 18-19 of 20 on the demo, whichever further ops (activation
+    # products, residual adds, GELU, the patch embedding) were kept fp32, so the report bound is looser.
+    "fp16": Tolerance(slice_cos_mean=0.999, slice_cos_min=0.999, report_agreement=0.8),
+    # The issue's floor: cosine 0.99, and the fp32 encoders' report on 95% of held-out scans.
+    "int8": Tolerance(slice_cos_mean=0.99, slice_cos_min=0.9, report_agreement=0.95),
+}
+
+
+@dataclass
+class VariantCheck:
+    """Which variants the export makes and how it checks them."""
+
+    precisions: tuple = ("fp16", "int8")
+    scans: int = 20                # held-out scans
+    report_tokens: int = 256       # longest greedy report compared; 0: no reports (random-weight bundles)
+    data: str | None = None        # a dataset folder whose test.csv lists the held-out scans; None: phantoms
+    tolerances: dict = field(default_factory=lambda: dict(TOLERANCES))
+
+
+def variant_files(precision: str) -> dict:
+    """The file each module of a precision is written to (int8 quantizes the ViT only)."""
+    if precision == "fp32":
+        return {m: f"{m}.onnx" for m in ENCODER_MODULES}
+    if precision == "int8":
+        return {"vit": "vit-int8.onnx", "aggregator": "aggregator.onnx", "fusion": "fusion.onnx"}
+    return {m: f"{m}-{precision}.onnx" for m in ENCODER_MODULES}
+
+
+# ---------------------------------------------------------------------------------------------- making
+
+def to_fp16(src: str, dst: str, module: str) -> None:
+    """An fp16 graph with fp32 inputs and outputs; LayerNorm, Softmax, Sub/Div (the standardisation) fp32, and
+    in the fusion also every product of two activations and every Mul (the scaled dot products)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(src)
+    keep = []
+    if module == "fusion":
+        weights = {i.name for i in model.graph.initializer}
+        keep = [n.name for n in model.graph.node
+                if n.op_type == "Mul" or (n.op_type == "MatMul" and not weights & set(n.input))]
+    onnx.save(convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                       op_block_list=["LayerNormalization", "Softmax", "Sub", "Div"]), dst)
+
+
+def vit_units(path: str) -> dict:
+    """The ViT's weighted nodes (MatMul/Conv/Gemm with a weight) by unit: ``patch_embed``, ``blocks.0``, ..."""
+    import onnx
+
+    model = onnx.load(path)
+    weights = {i.name for i in model.graph.initializer}
+    units: dict = {}
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Conv", "Gemm") and weights & set(n.input[1:]):
+            m = re.search(r"(patch_embed|blocks\.\d+)/", n.name)
+            if m:
+                units.setdefault(m.group(1), []).append(n.name)
+    return units
+
+
+def to_int8(src: str, dst: str, nodes: list) -> None:
+    """``nodes`` quantized dynamically: int8 weights per output channel, activations per tensor at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
+                     op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+def cosine_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    return (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-30)
+
+
+class VariantChecker:
+    """The fp32 encoders' outputs on the held-out scans, and each variant's figures against them.
+
+    Runs the runtime's :class:`~samf.runtime.pipeline.ReportPipeline` on the bundle being written (the
+    unquantized GGUF), swapping only the encoders, so a variant is judged by the very stages that will run it."""
+
+    def __init__(self, bundle_dir: str, quant: str, check: VariantCheck, log=print):
+        from samf.runtime.pipeline import ReportPipeline, host
+
+        self.dir, self.check, self.log, self._host = bundle_dir, check, log, host
+        self.pipe = ReportPipeline(bundle_dir, quant=quant, encoders="fp32", verify_hashes=False, repack=False,
+                                   max_new_tokens=max(check.report_tokens, 1))
+        pre = self.pipe.pre
+        from samf.runtime.preprocess import preprocess
+
+        self.slices = [preprocess(v, pre) for v in held_out_volumes(check)]
+        self.prompt_ids = self.pipe.llm.tokenize(self.pipe.layout.prompt_text(_report_request()))
+        self.reference = self._outputs()
+
+    def _outputs(self) -> list:
+        """Per scan: (slice embeddings, fused embeddings, greedy report ids or None) with the current encoders."""
+        out = []
+        for x in self.slices:
+            z2d, z3d = self.pipe.encode(x, {})
+            fused = self.pipe.image_prefix(z2d, z3d, self.prompt_ids, {})
+            ids = (self.pipe.generate(fused, self.prompt_ids, self.check.report_tokens)["ids"]
+                   if self.check.report_tokens else None)
+            out.append((self._host(z2d)[0], fused, ids))
+        return out
+
+    def slice_cosines(self, vit_path: str, scans: int | None = None) -> np.ndarray:
+        """Cosines of the slice embeddings of ``vit_path`` (a ViT graph) with fp32's, on the first ``scans``."""
+        from samf.engines.onnxruntime_engine import OrtModule
+
+        vit = OrtModule(vit_path, prefer_gpu=False, threads=self.pipe.config.n_threads or 0)
+        try:
+            return np.concatenate([cosine_rows(ref, vit(slices=x)) for x, (ref, _, _) in
+                                   zip(self.slices[:scans], self.reference[:scans])])
+        finally:
+            vit.close()
+
+    def figures(self, files: dict, precision: str) -> dict:
+        """Run the pipeline with the variant's encoders (``{module: path}``) and measure it against fp32."""
+        from samf.engines.onnxruntime_engine import OrtModule
+
+        threads = self.pipe.config.n_threads or 0
+        self.pipe.set_encoders({m: OrtModule(p, prefer_gpu=False, threads=threads) for m, p in files.items()},
+                               precision)
+        try:
+            got = self._outputs()
+        finally:
+            self.pipe.set_encoders({m: OrtModule(os.path.join(self.dir, f), prefer_gpu=False, threads=threads)
+                                    for m, f in variant_files("fp32").items()}, "fp32")
+        cos = np.concatenate([cosine_rows(r[0], g[0]) for r, g in zip(self.reference, got)])
+
+        def worst(i, diff=True):
+            pairs = zip(self.reference, got)
+            return round(max(float(np.abs(r[i] - g[i] if diff else r[i]).max()) for r, g in pairs), 6)
+
+        fig = dict(scans=len(got), slice_cos_mean=round(float(cos.mean()), 6), slice_cos_min=round(float(cos.min()), 6),
+                   slice_max_abs_diff=worst(0), fused_max_abs_diff=worst(1), fused_max_abs=worst(1, diff=False))
+        if self.check.report_tokens:
+            fig["same_reports"] = sum(r[2] == g[2] for r, g in zip(self.reference, got))
+            fig["report_tokens"] = self.check.report_tokens
+        return fig
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+def _report_request() -> str:
+    from samf.runtime.prompt import REPORT_REQUESTS
+
+    return REPORT_REQUESTS[0]
+
+
+def held_out_volumes(check: VariantCheck) -> list:
+    """The scans a variant is checked on: ``check.data``'s test.csv, or phantoms no samf dataset contains."""
+    if check.data:
+        import csv
+
+        from samf.runtime.ct import load_scan
+
+        with open(os.path.join(check.data, "test.csv")) as f:
+            rows = list(csv.DictReader(f))[: check.scans]
+        return [load_scan(os.path.join(check.data, r["image"])) for r in rows]
+    from samf.runtime.ct import Volume
+    from samf.runtime.phantom import make_phantom
+
+    return [Volume(p.volume, p.spacing, "phantom") for p in (make_phantom(CHECK_SEED + i) for i in range(check.scans))]
+
+
+def misses(fig: dict, tol: Tolerance) -> str | None:
+    """Why ``fig`` misses ``tol``, in a few words; None when it holds."""
+    if fig["slice_cos_mean"] < tol.slice_cos_mean:
+        return f"slice-embedding cosine {fig['slice_cos_mean']:.4f} < {tol.slice_cos_mean}"
+    if fig["slice_cos_min"] < tol.slice_cos_min:
+        return f"worst slice's cosine {fig['slice_cos_min']:.4f} < {tol.slice_cos_min}"
+    if "same_reports" in fig and fig["same_reports"] < tol.report_agreement * fig["scans"]:
+        return (f"the fp32 encoders' report on {fig['same_reports']}/{fig['scans']} scans "
+                f"< {tol.report_agreement:.0%}")
+    return None
+
+
+def _int8_candidates(checker: VariantChecker, src: str, tmp_dir: str, tol: Tolerance, log):
+    """Int8 ViT graphs to try, fewest fp32 units first: yields (path, units kept fp32).
+
+    Each unit (the patch embedding, each block) is quantized alone and its error measured on the first two
+    held-out scans; the errors add up (measured on the paper ViT), so the first candidate keeps the most
+    sensitive units fp32 until the predicted error fits the cosine tolerance. Each next one keeps one unit
+    more, up to half of them; one whose slice cosine already misses is skipped, unless it is the last."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    base = os.path.join(tmp_dir, "vit-prepared.onnx")
+    quant_pre_process(src, base, skip_symbolic_shape=True)
+    units = vit_units(base)
+    error = {}
+    for unit, nodes in units.items():
+        path = os.path.join(tmp_dir, "vit-one-unit.onnx")
+        to_int8(base, path, nodes)
+        error[unit] = float(1 - checker.slice_cosines(path, scans=2).mean())
+    order = sorted(units, key=lambda u: -error[u])
+    log("export: int8 error per unit (1 - cosine, quantized alone): "
+        + ", ".join(f"{u} {error[u]:.1e}" for u in order[:4]) + (" ..." if len(order) > 4 else ""))
+    most = len(order) // 2
+    first = next((k for k in range(most + 1) if sum(error[u] for u in order[k:]) <= 1 - tol.slice_cos_mean), most)
+    path = os.path.join(tmp_dir, "vit-int8.onnx")
+    for k in range(first, most + 1):
+        to_int8(base, path, [n for u in order[k:] for n in units[u]])
+        cos = checker.slice_cosines(path)
+        if k == most or (cos.mean() >= tol.slice_cos_mean and cos.min() >= tol.slice_cos_min):
+            yield path, sorted(order[:k], key=_unit_order)
+
+
+def _unit_order(unit: str) -> int:
+    return -1 if unit == "patch_embed" else int(unit.split(".")[1])
+
+
+def _candidates(precision: str, checker: VariantChecker, bundle_dir: str, work: str, tol: Tolerance, log):
+    """The variants of ``precision`` to check, in order of preference: yields (``{module: path}``, what to record
+    about how it was made)."""
+    fp32 = {m: os.path.join(bundle_dir, f) for m, f in variant_files("fp32").items()}
+    if precision == "fp16":
+        paths = {m: os.path.join(work, f) for m, f in variant_files("fp16").items()}
+        for module in ENCODER_MODULES:
+            to_fp16(fp32[module], paths[module], module)
+        yield paths, dict(method="ONNX Runtime float16 converter; LayerNorm, Softmax, the standardisation and the "
+                                 "fusion's scaled dot products fp32; fp32 inputs and outputs")
+    elif precision == "int8":
+        for path, kept in _int8_candidates(checker, fp32["vit"], work, tol, log):
+            yield dict(fp32, vit=path), dict(
+                method="ONNX Runtime quantize_dynamic: ViT weights int8 per output channel, activations per "
+                       "tensor at run time; aggregator and fusion fp32", vit_units_fp32=kept)
+    else:
+        raise ValueError(f"no {precision} encoder variant")
+
+
+def add_encoder_variants(bundle_dir: str, quant: str, check: VariantCheck, log=print) -> tuple:
+    """Make ``check.precisions`` from the fp32 graphs in ``bundle_dir`` (whose manifest lists fp32 only),
+    check each, and leave in ``bundle_dir`` those that hold their tolerance.
+
+    Returns ``(kept, rejected)``: ``{precision: manifest entry}`` and ``{precision: figures and reason}``."""
+    import shutil
+    import tempfile
+
+    kept, rejected = {}, {}
+    if not check.precisions:
+        return kept, rejected
+    checker = VariantChecker(bundle_dir, quant, check, log)
+    work = tempfile.mkdtemp(prefix="variants-", dir=bundle_dir)
+    try:
+        for precision in check.precisions:
+            tol = check.tolerances[precision]
+            files = variant_files(precision)
+            for paths, extra in _candidates(precision, checker, bundle_dir, work, tol, log):
+                fig = checker.figures(paths, precision)
+                why = misses(fig, tol)
+                if not why:
+                    break
+            summary = (f"slice cosine mean {fig['slice_cos_mean']:.4f} min {fig['slice_cos_min']:.4f}, fused max "
+                       f"|diff| {fig['fused_max_abs_diff']:.2g}"
+                       + (f", same report {fig['same_reports']}/{fig['scans']}" if "same_reports" in fig else ""))
+            if why:
+                log(f"export: {precision} encoders not written: {why} ({summary})")
+                rejected[precision] = dict(figures=fig, tolerance=vars(tol), reason=why, **extra)
+                continue
+            for module, name in files.items():
+                if paths[module] != os.path.join(bundle_dir, name):
+                    os.replace(paths[module], os.path.join(bundle_dir, name))
+            log(f"export: {precision} encoders: {summary}")
+            kept[precision] = dict(files=files, figures=fig, tolerance=vars(tol), **extra)
+    finally:
+        checker.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return kept, rejected

@@ -1,0 +1,177 @@
+"""Encoder precision variants: made at export, checked against fp32, kept only within tolerance, chosen at run time."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from cli_runner import run_cli
+from conftest import QUICK
+from test_cli_errors import assert_clean_failure, good_scan  # noqa: F401  (a fixture)
+
+from samf.export.encoder_variants import TOLERANCES, Tolerance, VariantCheck
+
+#: Accepts any int8 graph, refuses any fp16 one: a bundle with int8 and without fp16, whatever the weights.
+LAX_INT8 = Tolerance(slice_cos_mean=-1.0, slice_cos_min=-1.0, report_agreement=0.0)
+IMPOSSIBLE = Tolerance(slice_cos_mean=1.0, slice_cos_min=1.0, report_agreement=1.0)
+
+
+def manifest_of(bundle):
+    with open(os.path.join(bundle, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(quick, tmp_path_factory):
+    """The quick model exported with int8 forced in and fp16 kept out by their tolerances."""
+    from samf.export.bundle_writer import write_bundle
+
+    out = str(tmp_path_factory.mktemp("int8") / "bundle")
+    lines = []
+    write_bundle(quick.merged, out, quants=(), keep_unquantized="F32", log=lines.append,
+                 check=VariantCheck(scans=3, report_tokens=16, tolerances=dict(fp16=IMPOSSIBLE, int8=LAX_INT8)))
+    return out, lines
+
+
+def test_every_variant_is_kept_within_its_tolerance_or_left_out(quick):
+    """In the default export, each precision is either in the bundle with figures that hold its tolerance, or
+    recorded as rejected with figures that miss it and no file left behind."""
+    from samf.export.encoder_variants import misses, variant_files
+
+    m = manifest_of(quick.bundle)
+    rejected = m["fidelity"].get("encoders_rejected", {})
+    assert set(m["encoders"]) | set(rejected) == {"fp32", "fp16", "int8"}
+    assert not set(m["encoders"]) & set(rejected)
+    for precision, entry in m["encoders"].items():
+        assert entry["files"] == variant_files(precision)
+        assert all(f in m["files"] and os.path.isfile(os.path.join(quick.bundle, f)) for f in entry["files"].values())
+        if precision != "fp32":
+            assert misses(entry["figures"], TOLERANCES[precision]) is None
+            assert entry["figures"]["scans"] == QUICK["check_scans"]
+            assert entry["figures"]["report_tokens"] == QUICK["check_tokens"]
+    for precision, entry in rejected.items():
+        assert misses(entry["figures"], TOLERANCES[precision]) == entry["reason"]
+        assert not os.path.exists(os.path.join(quick.bundle, variant_files(precision)["vit"]))
+    # fp16 holds its embeddings whatever it does to near-tie reports.
+    fp16 = (m["encoders"].get("fp16") or rejected["fp16"])["figures"]
+    assert fp16["slice_cos_min"] >= 0.999 and fp16["fused_max_abs_diff"] < 0.05 * fp16["fused_max_abs"]
+
+
+def test_fp16_graph_keeps_the_overflow_prone_ops_in_fp32(quick, tmp_path):
+    """LayerNorm, Softmax, the standardisation and the fusion's products of two activations read fp32."""
+    import onnx
+
+    from samf.export.encoder_variants import to_fp16
+
+    for module in ("vit", "fusion"):
+        dst = str(tmp_path / f"{module}-fp16.onnx")
+        to_fp16(os.path.join(quick.bundle, f"{module}.onnx"), dst, module)
+        model = onnx.shape_inference.infer_shapes(onnx.load(dst))
+        types = {v.name: v.type.tensor_type.elem_type for v in
+                 [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+        weights = {i.name: i.data_type for i in model.graph.initializer}
+        fp16_weights = [n for n, t in weights.items() if t == onnx.TensorProto.FLOAT16]
+        assert fp16_weights, "nothing was converted"
+        checked = 0
+        for node in model.graph.node:
+            two_activations = node.op_type == "MatMul" and not set(node.input) & set(weights)
+            kept = node.op_type in ("LayerNormalization", "Softmax", "Sub", "Div")
+            if not (kept or (module == "fusion" and two_activations)):
+                continue
+            dtype = types.get(node.input[0], weights.get(node.input[0]))
+            if dtype != onnx.TensorProto.INT64:  # not shape arithmetic
+                assert dtype == onnx.TensorProto.FLOAT, node.name
+                checked += 1
+        assert checked >= (3 if module == "fusion" else 2)
+        assert {types[o.name] for o in model.graph.output} == {onnx.TensorProto.FLOAT}
+
+
+def test_int8_forced_in_and_fp16_kept_out(int8_bundle):
+    bundle, lines = int8_bundle
+    m = manifest_of(bundle)
+    assert list(m["encoders"]) == ["fp32", "int8"]
+    entry = m["encoders"]["int8"]
+    assert entry["files"] == {"vit": "vit-int8.onnx", "aggregator": "aggregator.onnx", "fusion": "fusion.onnx"}
+    assert isinstance(entry["vit_units_fp32"], list) and entry["figures"]["scans"] == 3
+    assert "fp16" in m["fidelity"]["encoders_rejected"] and not os.path.exists(os.path.join(bundle, "vit-fp16.onnx"))
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(os.path.join(bundle, "vit-int8.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert any(ln.startswith("export: fp16 encoders not written: slice-embedding cosine") for ln in lines)
+    assert any(ln.startswith("export: int8 encoders: slice cosine mean") for ln in lines)
+    assert not [f for f in os.listdir(bundle) if f.startswith("variants-")]  # the work folder is gone
+
+
+def test_the_runtime_chooses_and_says_which(int8_bundle, quick, good_scan):  # noqa: F811
+    bundle, _ = int8_bundle
+
+    def report(b, *args):
+        proc = run_cli("samf", "report", good_scan, "--bundle", b, "--max-tokens", "4", "--json", *args)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    assert report(bundle)["encoders"] == "int8"  # auto, on a CPU, with int8 present
+    out = report(bundle, "--encoders", "fp32")
+    assert out["encoders"] == out["identity"]["encoder_precision"] == "fp32"
+    quick_has = manifest_of(quick.bundle)["encoders"]
+    assert report(quick.bundle)["encoders"] == ("int8" if "int8" in quick_has else "fp32")
+    assert_clean_failure(run_cli("samf", "report", good_scan, "--bundle", bundle, "--encoders", "fp16"),
+                         "no fp16 encoders (it has fp32, int8): its export measured slice-embedding cosine")
+
+
+def test_precisions_side_by_side_in_the_bench(int8_bundle, quick):
+    from samf.runtime.bench import format_bench, run_bench
+
+    out = run_bench(int8_bundle[0], quick.data, n_scans=2, quants=["F32"], new_tokens=3, encoders=("fp32", "int8"))
+    assert [r["encoders"] for r in out["runs"]] == ["fp32", "int8"]
+    table = format_bench(out)
+    assert "| F32 | fp32 |" in table and "| F32 | int8 |" in table
+
+
+def test_io_bound_stages_equal_plain_runs(quick):
+    """The pipeline keeps stage outputs on the encoders' device (I/O binding); on CPU that path gives exactly
+    what plain session runs give."""
+    from samf.engines.onnxruntime_engine import OrtModule
+    from samf.runtime.pipeline import ReportPipeline, host
+
+    x = quick.test[0].slices
+    with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe:
+        assert pipe._bound is not None
+        z2d, z3d = pipe.encode(x, {})
+        ids = pipe.llm.tokenize("findings:")
+        fused = pipe.image_prefix(z2d, z3d, ids, {})
+        text = pipe.embed(ids)[None]
+    mods = {m: OrtModule(os.path.join(quick.bundle, f"{m}.onnx")) for m in ("vit", "aggregator", "fusion")}
+    z2d_ref = mods["vit"](slices=x)[None]
+    z3d_ref = mods["aggregator"](z2d=z2d_ref)
+    fused_ref = mods["fusion"](z2d=z2d_ref, z3d=z3d_ref, text=text, text_mask=np.ones((1, len(ids)), np.int64))[0]
+    np.testing.assert_array_equal(host(z2d), z2d_ref)
+    np.testing.assert_array_equal(host(z3d), z3d_ref)
+    np.testing.assert_array_equal(fused, fused_ref)
+
+
+def test_tensorrt_plans_from_fp16_graphs_match_onnx_runtime(quick, tmp_path):
+    """build-engines on a GPU: strongly typed plans from the fp16 graphs, each checked against ONNX Runtime,
+    recorded with their precision, and run by `samf report --backend tensorrt`."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (NVIDIA's wheels need a GPU machine)")
+    import shutil
+
+    from samf.export.tensorrt_build import PLAN_MIN_COSINE, build_bundle_engines
+    from samf.runtime.pipeline import ReportPipeline
+
+    bundle = str(tmp_path / "bundle")
+    shutil.copytree(quick.bundle, bundle)
+    if "fp16" not in manifest_of(bundle)["encoders"]:
+        pytest.skip("the quick bundle's fp16 variant missed its tolerance")
+    entry = build_bundle_engines(bundle, log=lambda m: None)
+    assert entry["precision"] == "fp16" and set(entry["plans"]) == {"vit", "aggregator", "fusion"}
+    assert all(p["cos_min"] >= PLAN_MIN_COSINE for p in entry["parity_vs_onnxruntime"].values())
+    x = quick.test[0].slices
+    with ReportPipeline(bundle, quant="F32", backend="tensorrt") as trt, \
+            ReportPipeline(bundle, quant="F32", encoders="fp16") as ort:
+        assert trt.precision == ort.precision == "fp16"
+        ids = ort.llm.tokenize("findings:")
+        got, ref = (p.image_prefix(*p.encode(x, {}), ids, {}) for p in (trt, ort))
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.999
