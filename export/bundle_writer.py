@@ -30,7 +30,7 @@ from samf.runtime.verified import VerifiedCache
 
 from .encoder_variants import VariantCheck, add_encoder_variants, variant_files
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
-from .onnx_export import OPSET, export_onnx
+from .onnx_export import OPSET, export_onnx, io_signature
 
 
 def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized: str = "F32",
@@ -90,6 +90,8 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
             llm=dict(default=quants[0] if quants else keep_unquantized, files=llm_files,
                      token_embd={q: token_embd_location(os.path.join(tmp, n)) for q, n in llm_files.items()}),
             encoders=dict(fp32=dict(files=variant_files("fp32"))),
+            # Every precision keeps these (fp16 and int8 graphs take and give fp32).
+            io_signature={m: io_signature(os.path.join(tmp, f)) for m, f in variant_files("fp32").items()},
             engines=dict(onnxruntime=dict(version=onnxruntime.__version__, opset=OPSET),
                          llama_cpp=dict(llama_cpp_python=llama_cpp.__version__), tensorrt=[]),
             fidelity=dict(onnx_max_abs_diff=diffs, gguf_relative_rms_error=gguf_fidelity),

@@ -13,6 +13,10 @@
   are kept fp32, as few as the tolerance allows, at most half of them (beyond that it is hardly faster).
 - **bf16** is not offered: ONNX Runtime's CPU provider has no bf16 MatMul (``NOT_IMPLEMENTED``).
 
+ONNX Runtime's own tools (``quantize_dynamic``, the float16 converter) rather than Optimum's ``ORTQuantizer``:
+Optimum wraps the same calls for Hugging Face models and calibrates from a ``datasets.Dataset``; for our own
+three graphs it would bring transformers and datasets into the export and offer no scheme beyond these.
+
 Each variant is checked against fp32 with the runtime's own pipeline on held-out scans: cosine and max abs
 difference of the slice embeddings, max abs difference of the fused embeddings, and the share of greedy reports
 equal to the fp32 encoders'. Its figures go into the manifest; one that misses its :class:`Tolerance` is not
@@ -127,16 +131,16 @@ class VariantChecker:
     Runs the runtime's :class:`~samf.runtime.pipeline.ReportPipeline` on the bundle being written (the
     unquantized GGUF), swapping only the encoders, so a variant is judged by the very stages that will run it."""
 
-    def __init__(self, bundle_dir: str, quant: str, check: VariantCheck, log=print):
+    def __init__(self, bundle_dir: str, quant: str, check: VariantCheck):
         from samf.runtime.pipeline import ReportPipeline, host
-
-        self.dir, self.check, self.log, self._host = bundle_dir, check, log, host
-        self.pipe = ReportPipeline(bundle_dir, quant=quant, encoders="fp32", verify_hashes=False, repack=False,
-                                   max_new_tokens=max(check.report_tokens, 1))
-        pre = self.pipe.pre
         from samf.runtime.preprocess import preprocess
 
-        self.slices = [preprocess(v, pre) for v in held_out_volumes(check)]
+        self.check, self._host = check, host
+        self.pipe = ReportPipeline(bundle_dir, quant=quant, encoders="fp32", verify_hashes=False, repack=False,
+                                   max_new_tokens=max(check.report_tokens, 1))
+        self.fp32 = {m: os.path.join(bundle_dir, f) for m, f in variant_files("fp32").items()}
+        self.pipe.set_encoders(self._on_cpu(self.fp32), "fp32")  # every precision on the same provider
+        self.slices = [preprocess(v, self.pipe.pre) for v in held_out_volumes(check)]
         self.prompt_ids = self.pipe.llm.tokenize(self.pipe.layout.prompt_text(_report_request()))
         self.reference = self._outputs()
 
@@ -153,27 +157,25 @@ class VariantChecker:
 
     def slice_cosines(self, vit_path: str, scans: int | None = None) -> np.ndarray:
         """Cosines of the slice embeddings of ``vit_path`` (a ViT graph) with fp32's, on the first ``scans``."""
-        from samf.engines.onnxruntime_engine import OrtModule
-
-        vit = OrtModule(vit_path, prefer_gpu=False, threads=self.pipe.config.n_threads or 0)
+        vit = self._on_cpu(dict(vit=vit_path))["vit"]
         try:
             return np.concatenate([cosine_rows(ref, vit(slices=x)) for x, (ref, _, _) in
                                    zip(self.slices[:scans], self.reference[:scans])])
         finally:
             vit.close()
 
-    def figures(self, files: dict, precision: str) -> dict:
-        """Run the pipeline with the variant's encoders (``{module: path}``) and measure it against fp32."""
+    def _on_cpu(self, paths: dict) -> dict:
         from samf.engines.onnxruntime_engine import OrtModule
 
-        threads = self.pipe.config.n_threads or 0
-        self.pipe.set_encoders({m: OrtModule(p, prefer_gpu=False, threads=threads) for m, p in files.items()},
-                               precision)
+        return {m: OrtModule(p, prefer_gpu=False, threads=self.pipe.config.n_threads or 0) for m, p in paths.items()}
+
+    def figures(self, paths: dict, precision: str) -> dict:
+        """Run the pipeline with the variant's encoders (``{module: path}``) and measure it against fp32."""
+        self.pipe.set_encoders(self._on_cpu(paths), precision)
         try:
             got = self._outputs()
         finally:
-            self.pipe.set_encoders({m: OrtModule(os.path.join(self.dir, f), prefer_gpu=False, threads=threads)
-                                    for m, f in variant_files("fp32").items()}, "fp32")
+            self.pipe.set_encoders(self._on_cpu(self.fp32), "fp32")
         cos = np.concatenate([cosine_rows(r[0], g[0]) for r, g in zip(self.reference, got)])
 
         def worst(i, diff=True):
@@ -228,30 +230,38 @@ def misses(fig: dict, tol: Tolerance) -> str | None:
 def _int8_candidates(checker: VariantChecker, src: str, tmp_dir: str, tol: Tolerance, log):
     """Int8 ViT graphs to try, fewest fp32 units first: yields (path, units kept fp32).
 
-    Each unit (the patch embedding, each block) is quantized alone and its error measured on the first two
-    held-out scans; the errors add up (measured on the paper ViT), so the first candidate keeps the most
-    sensitive units fp32 until the predicted error fits the cosine tolerance. Each next one keeps one unit
-    more, up to half of them; one whose slice cosine already misses is skipped, unless it is the last."""
+    First every unit (the patch embedding, each block) quantized. If that misses, each unit is quantized alone
+    and its error measured on the first two held-out scans; the errors add up (measured on the paper ViT), so
+    the next candidate keeps the most sensitive units fp32 until the predicted error fits the cosine
+    tolerance, and each one after keeps one unit more, up to half of them. A candidate whose slice cosine
+    already misses is skipped, unless it is the last."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     base = os.path.join(tmp_dir, "vit-prepared.onnx")
     quant_pre_process(src, base, skip_symbolic_shape=True)
     units = vit_units(base)
+    path = os.path.join(tmp_dir, "vit-int8.onnx")
+
+    def holds(cos):
+        return cos.mean() >= tol.slice_cos_mean and cos.min() >= tol.slice_cos_min
+
+    to_int8(base, path, [n for nodes in units.values() for n in nodes])
+    if holds(checker.slice_cosines(path)):
+        yield path, []
     error = {}
     for unit, nodes in units.items():
-        path = os.path.join(tmp_dir, "vit-one-unit.onnx")
-        to_int8(base, path, nodes)
-        error[unit] = float(1 - checker.slice_cosines(path, scans=2).mean())
+        one = os.path.join(tmp_dir, "vit-one-unit.onnx")
+        to_int8(base, one, nodes)
+        error[unit] = float(1 - checker.slice_cosines(one, scans=2).mean())
     order = sorted(units, key=lambda u: -error[u])
     log("export: int8 error per unit (1 - cosine, quantized alone): "
         + ", ".join(f"{u} {error[u]:.1e}" for u in order[:4]) + (" ..." if len(order) > 4 else ""))
     most = len(order) // 2
-    first = next((k for k in range(most + 1) if sum(error[u] for u in order[k:]) <= 1 - tol.slice_cos_mean), most)
-    path = os.path.join(tmp_dir, "vit-int8.onnx")
+    first = next((k for k in range(1, most + 1) if sum(error[u] for u in order[k:]) <= 1 - tol.slice_cos_mean),
+                 most)
     for k in range(first, most + 1):
         to_int8(base, path, [n for u in order[k:] for n in units[u]])
-        cos = checker.slice_cosines(path)
-        if k == most or (cos.mean() >= tol.slice_cos_mean and cos.min() >= tol.slice_cos_min):
+        if k == most or holds(checker.slice_cosines(path)):
             yield path, sorted(order[:k], key=_unit_order)
 
 
@@ -289,7 +299,7 @@ def add_encoder_variants(bundle_dir: str, quant: str, check: VariantCheck, log=p
     kept, rejected = {}, {}
     if not check.precisions:
         return kept, rejected
-    checker = VariantChecker(bundle_dir, quant, check, log)
+    checker = VariantChecker(bundle_dir, quant, check)
     work = tempfile.mkdtemp(prefix="variants-", dir=bundle_dir)
     try:
         for precision in check.precisions:

@@ -125,6 +125,22 @@ def validate_onnx(spec: OnnxSpec, path: str, seeds=(1, 2, 3)) -> float:
     return worst
 
 
+def io_signature(path: str) -> dict:
+    """An ONNX graph's inputs and outputs: ``{"inputs": {name: {"dtype", "shape"}}, "outputs": ...}``, each dim an
+    int or the name of a dynamic axis (what TensorRT's shape profiles are built from)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+
+    def describe(values):
+        return {v.name: dict(dtype=onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                             shape=[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+                for v in values}
+
+    weights = {i.name for i in graph.initializer}
+    return dict(inputs=describe(v for v in graph.input if v.name not in weights), outputs=describe(graph.output))
+
+
 def export_onnx(vlm: SamfVLM, out_dir: str) -> dict:
     """Export vit/aggregator/fusion into ``out_dir``; returns ``{name: max abs diff}``."""
     os.makedirs(out_dir, exist_ok=True)

@@ -23,8 +23,8 @@ PLAN_MIN_COSINE = 0.999
 def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: int | None = None,
                          max_prompt_tokens: int = 256, workspace_gib: float = 4.0, log=print) -> dict:
     """Build vit/aggregator/fusion plans from the bundle's graphs of ``precision`` (``auto``: fp16 where the
-    bundle has it, else fp32), with shape profiles from the bundle's config, each checked against ONNX
-    Runtime on the same graph right after it is built."""
+    bundle has it, else fp32), with shape profiles from the manifest's recorded I/O signature, each checked
+    against ONNX Runtime on the same graph right after it is built."""
     import_tensorrt()  # EngineUnavailable, in one line, before anything is read
     b = read_bundle(bundle_dir)
     have = b.encoder_precisions()
@@ -33,19 +33,7 @@ def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: i
     if precision not in have or precision == "int8":
         raise SamfError(f"bundle has no {precision} encoder graphs to build TensorRT plans from (it has "
                         f"{', '.join(p for p in have if p != 'int8')})")
-    img = b.manifest["model"]["image"]
-    v, a, f = img["vit"], img["aggregator"], img["fusion"]
-    K = a["n_slices"]
-    kmax = max_slices or K
-    C, S = v["in_chans"], v["img_size"]
-    profiles = {
-        "vit": {"slices": ((1, C, S, S), (K, C, S, S), (kmax, C, S, S))},
-        "aggregator": {"z2d": ((1, K, v["embed_dim"]),) * 3},
-        "fusion": {"z2d": ((1, K, v["embed_dim"]),) * 3,
-                   "z3d": ((1, a["n_tokens"], a["out_dim"]),) * 3,
-                   "text": ((1, 1, f["d_text"]), (1, 32, f["d_text"]), (1, max_prompt_tokens, f["d_text"])),
-                   "text_mask": ((1, 1), (1, 32), (1, max_prompt_tokens))},
-    }
+    profiles = shape_profiles(b.manifest, max_slices, max_prompt_tokens)
     sources = b.encoder_files(precision)
     feeds = check_feeds(b)
     plans, parity, facts = {}, {}, {}
@@ -73,6 +61,27 @@ def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: i
             m["files"][p] = {}
     update_manifest(bundle_dir, add)
     return entry
+
+
+def shape_profiles(manifest: dict, max_slices: int | None = None, max_prompt_tokens: int = 256) -> dict:
+    """``{module: {input: (min, opt, max)}}`` from the manifest's recorded I/O signature: each dynamic axis gets
+    its range (``slices``: 1 to ``max_slices``, optimal at the model's slice count; ``tokens``: 1 to
+    ``max_prompt_tokens``, optimal at 32; ``batch``: 1, one scan per call), fixed axes their size."""
+    if "io_signature" not in manifest:
+        raise SamfError("the bundle's manifest records no I/O signature (an older export): rebuild it with "
+                        "`samf-export bundle`")
+    K = manifest["model"]["image"]["aggregator"]["n_slices"]
+    ranges = dict(slices=(1, K, max(max_slices or K, K)), tokens=(1, min(32, max_prompt_tokens), max_prompt_tokens),
+                  batch=(1, 1, 1))
+    out = {}
+    for module, sig in manifest["io_signature"].items():
+        out[module] = {}
+        for name, spec in sig["inputs"].items():
+            dims = [ranges.get(d) if isinstance(d, str) else (d, d, d) for d in spec["shape"]]
+            if any(r is None for r in dims):
+                raise SamfError(f"{module}.onnx input {name} has a dynamic axis samf does not know: {spec['shape']}")
+            out[module][name] = tuple(tuple(r[i] for r in dims) for i in range(3))
+    return out
 
 
 def check_feeds(bundle: Bundle) -> dict:

@@ -104,6 +104,13 @@ SCHEMA = {
             "type": "object", "required": ["fp32"], "propertyNames": {"enum": list(ENCODER_PRECISIONS)},
             "additionalProperties": {"type": "object", "required": ["files"], "properties": {"files": _modules}},
         },
+        "io_signature": {"type": "object", "additionalProperties": False, "properties": {m: {
+            "type": "object", "required": ["inputs", "outputs"],
+            "additionalProperties": {"type": "object", "additionalProperties": {
+                "type": "object", "required": ["dtype", "shape"],
+                "properties": {"dtype": {"type": "string"}, "shape": {"type": "array", "items": {
+                    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "minLength": 1}]}}}}}}
+            for m in ENCODER_MODULES}},
         "engines": {
             "type": "object",
             "properties": {"tensorrt": {"type": "array", "items": {

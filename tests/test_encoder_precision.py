@@ -151,6 +151,31 @@ def test_io_bound_stages_equal_plain_runs(quick):
     np.testing.assert_array_equal(fused, fused_ref)
 
 
+def test_tensorrt_shape_profiles_from_the_recorded_signature_run_on_onnx_runtime(quick):
+    """build-engines' shape profiles come from the manifest's I/O signature; each profile's smallest, optimal
+    and largest shapes are inputs the ONNX graphs accept."""
+    from samf.engines.onnxruntime_engine import OrtModule
+    from samf.export.tensorrt_build import shape_profiles
+
+    m = manifest_of(quick.bundle)
+    profiles = shape_profiles(m, max_slices=40, max_prompt_tokens=64)
+    assert set(profiles) == {"vit", "aggregator", "fusion"}
+    K = m["model"]["image"]["aggregator"]["n_slices"]
+    assert profiles["vit"]["slices"][0][0] == 1 and profiles["vit"]["slices"][1][0] == K
+    assert profiles["vit"]["slices"][2][0] == 40 and profiles["fusion"]["text"][2][1] == 64
+    rng = np.random.default_rng(0)
+    for module, inputs in profiles.items():
+        session = OrtModule(os.path.join(quick.bundle, f"{module}.onnx"))
+        for i in range(3):
+            feeds = {}
+            for name, shapes in inputs.items():
+                dtype = m["io_signature"][module]["inputs"][name]["dtype"]
+                feeds[name] = (np.ones(shapes[i], dtype) if dtype == "int64" else
+                               rng.normal(0, 0.1, shapes[i]).astype(dtype))
+            out = session(**feeds)
+            assert np.isfinite(out).all()
+
+
 def test_tensorrt_plans_from_fp16_graphs_match_onnx_runtime(quick, tmp_path):
     """build-engines on a GPU: strongly typed plans from the fp16 graphs, each checked against ONNX Runtime,
     recorded with their precision, and run by `samf report --backend tensorrt`."""

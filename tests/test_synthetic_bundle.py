@@ -85,6 +85,11 @@ def test_synthetic_bundle_is_an_ordinary_validated_bundle(synthetic):
     fid = m["fidelity"]["gguf_relative_rms_error"]
     assert fid["F16"] == "bit-exact" and fid["Q8_0"]["Q8_0"] < 0.01 and 0 < fid["Q4_K_M"]["Q4_K"] < 0.14
     assert "tensors equal the checkpoint's" in out and "random weights" in out
+    assert "encoders: fp32" in out and m["encoders"]["fp32"]["files"]["vit"] == "vit.onnx"
+    from samf.train.vlm import SamfVLM
+
+    enc = SamfVLM.from_checkpoint(ckpt, with_llm=False).encoder  # standardised as training standardises
+    assert float(enc.slice_mean.abs().max()) > 0 and float((enc.slice_std - 1).abs().max()) > 0
     assert sorted(os.listdir(os.path.dirname(bundle))) == ["bundle", "checkpoint"]  # nothing half-written left
 
 
@@ -158,7 +163,10 @@ def test_the_export_never_loads_the_llm_in_pytorch(synthetic, tmp_path, monkeypa
         raise AssertionError("the export loaded the LLM in PyTorch")
 
     monkeypatch.setattr(vlm, "load_phi3", refuse)
-    m = write_bundle(synthetic[1], str(tmp_path / "bundle"), quants=(), keep_unquantized="F32", log=lambda *_: None)
+    from samf.export.encoder_variants import VariantCheck
+
+    m = write_bundle(synthetic[1], str(tmp_path / "bundle"), quants=(), keep_unquantized="F32", log=lambda *_: None,
+                     check=VariantCheck(scans=2, report_tokens=8))  # the variants' check runs llama.cpp too
     assert m["model"]["llm"] == dict(arch="phi3", hidden_size=128, vocab_size=32064, num_hidden_layers=2)
 
 
