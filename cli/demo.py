@@ -104,8 +104,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         from samf.runtime.pipeline import ReportPipeline
 
         results = {}
-        for quant in ("F32", "Q8_0"):
-            with ReportPipeline(bundle, quant=quant, n_threads=cfg.threads) as pipe:
+        # F32 with the fp32 encoders: the reference the PyTorch pipeline is compared with below; Q8_0 with the
+        # encoders a workstation would pick (--encoders auto).
+        for quant, encoders in (("F32", "fp32"), ("Q8_0", "auto")):
+            with ReportPipeline(bundle, quant=quant, encoders=encoders, n_threads=cfg.threads) as pipe:
                 results[quant] = [pipe.report(os.path.join(data, ex.image)) for ex in test]
         q8 = results["Q8_0"]
         for ex, res in list(zip(test, q8))[: cfg.show]:
@@ -114,7 +116,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             click.echo(f"   reference {ex.report}")
         keys = list(q8[0].timings)
         mean_t = {k: float(np.mean([r.timings[k] for r in q8])) for k in keys}
-        click.echo("\n   mean per-scan timings (Q8_0): "
+        click.echo(f"\n   mean per-scan timings (Q8_0, {q8[0].identity['encoder_precision']} encoders): "
                    + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in mean_t.items()))
         click.echo(f"   decode speed: {np.mean([r.tokens_per_s for r in q8]):.0f} tok/s (Q8_0), "
                    f"{np.mean([r.tokens_per_s for r in results['F32']]):.0f} tok/s (F32)")

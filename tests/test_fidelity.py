@@ -112,7 +112,7 @@ def test_llama_cpp_matches_transformers_with_injected_embeddings(quick, vlm, pro
 def test_runtime_report_equals_pytorch_report(quick, vlm, tok, prompt):
     from samf.runtime.pipeline import ReportPipeline
 
-    pipe = ReportPipeline(quick.bundle, quant="F32")
+    pipe = ReportPipeline(quick.bundle, quant="F32", encoders="fp32")
     try:
         for ex in quick.test[:6]:
             ref = tok.decode(vlm.generate(torch.from_numpy(ex.slices), prompt, 256))
@@ -132,7 +132,7 @@ def test_runtime_answer_equals_pytorch_answer(quick, vlm, tok):
     ex = quick.test[0]
     refs, _ = generate_mcq(vlm, tok, [ex])
     assert ex.questions and len(refs) == len(ex.questions)
-    with ReportPipeline(quick.bundle, quant="F32") as pipe:
+    with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe:
         for q, ref in zip(ex.questions, refs):
             letter, res = pipe.answer(os.path.join(quick.data, ex.image), q["question"], q["choices"], 24)
             assert res.text == ref and letter == mcq_choice_of(ref)
@@ -146,7 +146,7 @@ def test_quantized_q8_mostly_agrees(trained):
 
     texts = {}
     for q in ("F32", "Q8_0"):
-        pipe = ReportPipeline(trained.bundle, quant=q)
+        pipe = ReportPipeline(trained.bundle, quant=q, encoders="fp32")
         texts[q] = [pipe.report(os.path.join(trained.data, ex.image)).text for ex in trained.test[:6]]
         pipe.close()
     same = sum(a == b for a, b in zip(texts["F32"], texts["Q8_0"]))
@@ -157,7 +157,7 @@ def test_llama_cpp_loss_matches_transformers(quick, vlm, tok, prompt):
     """Teacher-forced loss of the reference report: the runtime's figure equals the training loss."""
     from samf.runtime.pipeline import ReportPipeline
 
-    pipe = ReportPipeline(quick.bundle, quant="F32")
+    pipe = ReportPipeline(quick.bundle, quant="F32", encoders="fp32")
     try:
         for ex in quick.test[:3]:
             with torch.no_grad():

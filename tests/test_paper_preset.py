@@ -43,13 +43,16 @@ def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     _cli("samf-train", "finetune", *common, "--steps", "2")
     _cli("samf-train", "merge", "--run", run)
     merged = os.path.join(run, "merged")
-    _cli("samf-export", "bundle", merged, "--out", bundle, "--quant", "Q8_0", "--quant", "Q4_K_M")
+    # The encoder variants checked on 2 phantoms, 8 tokens each (the default 20 x 256 takes minutes here).
+    _cli("samf-export", "bundle", merged, "--out", bundle, "--quant", "Q8_0", "--quant", "Q4_K_M",
+         "--check-scans", "2", "--check-tokens", "8")
     scan = os.path.join(data, "scans", "phantom_00008.nii.gz")
     got = json.loads(_cli("samf", "report", scan, "--bundle", bundle, "--quant", "F32", "--max-tokens", "12",
-                          "--json"))
+                          "--json", "--encoders", "fp32"))
     for quant in ("Q8_0", "Q4_K_M"):
-        assert json.loads(_cli("samf", "report", scan, "--bundle", bundle, "--quant", quant, "--max-tokens", "12",
-                               "--json"))["report"] is not None
+        out = json.loads(_cli("samf", "report", scan, "--bundle", bundle, "--quant", quant, "--max-tokens", "12",
+                              "--json"))
+        assert out["report"] is not None and out["encoders"] in ("int8", "fp32")
     vqa = _cli("samf", "vqa", scan, "--bundle", bundle, "--question", "Which side?", "--choice", "left",
                "--choice", "right", "--choice", "both", "--choice", "neither")
     assert vqa.strip()
