@@ -109,32 +109,57 @@ def main():
 
 
 @main.command()
-@scan_and_bundle_options
+@click.argument("scans", nargs=-1, required=True, type=click.Path())
+@bundle_opt
+@trusted_key_opt
+@quant_opt
+@scan_options
 @click.option("--request", default=None, callback=_not_blank, help="the report request (default: the trained one)")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072))
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per scan instead of text")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="write each scan's report (.json and .txt) and reports.jsonl here; a rerun skips the scans "
+                   "already reported (same path and content)")
+@click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
+              help="reports decoded together in a batch (each holds its own KV cache)")
 @engine_options
-def report(scan, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, threads, backend, encoders,
-           gpu_layers, **scan_kw):
-    """Write the findings report for SCAN (.nii, .nii.gz, a DICOM series folder, or .npy)."""
-    from samf.runtime.pipeline import ReportPipeline
+def report(scans, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, out_dir, parallel, threads, backend,
+           encoders, gpu_layers, **scan_kw):
+    """Write the findings report for each SCAN: a .nii/.nii.gz, a DICOM series folder or an .npy, a folder of
+    scans, or a worklist (.txt: one path per line; .csv: a path column).
 
-    # Refuse a bad scan before loading any model.
-    vol = _load(scan, quiet=as_json, **scan_kw)
-    # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than repacking
-    # saves on one report); the LLM's context: the image rows, the request and max_tokens.
-    with ReportPipeline(bundle_dir, quant=quant, backend=backend, encoders=encoders, n_threads=threads,
-                        n_gpu_layers=gpu_layers, max_new_tokens=max_tokens, repack=False,
-                        trusted_keys=trusted_keys) as pipe:
-        res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
-    if as_json:
-        click.echo(json.dumps(dict(scan=scan, report=res.text, timings_s=res.timings, identity=res.identity,
-                                   encoders=res.identity["encoder_precision"], tokens=len(res.token_ids))))
-    else:
-        click.echo(res.text)
-        speed = f"{res.tokens_per_s:.1f} tok/s" if res.decode_steps else "one token"
-        click.echo(f"[{_timings_line(res.timings)}  |  {speed}  |  {res.identity['llm']}, "
-                   f"{res.identity['encoder_precision']} encoders]", err=True)
+    One scan prints its report. Several, or --out DIR, run as a batch on one load of the bundle: scans are read
+    ahead while the engines work, and --parallel reports are decoded together. A bad scan becomes an error row
+    with its reason and the batch goes on; the exit code is 1 if any scan failed."""
+    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.worklist import expand_worklist
+
+    items = expand_worklist(scans)
+    engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
+                   max_new_tokens=max_tokens, trusted_keys=trusted_keys)
+    if out_dir is None and len(scans) == 1 and items == list(scans):
+        # Refuse a bad scan before loading any model.
+        vol = _load(scans[0], quiet=as_json, **scan_kw)
+        # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than
+        # repacking saves on one report); the LLM's context: the image rows, the request and max_tokens.
+        with ReportPipeline(bundle_dir, repack=False, **engines) as pipe:
+            res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
+        if as_json:
+            click.echo(json.dumps(dict(scan=scans[0], report=res.text, timings_s=res.timings, identity=res.identity,
+                                       encoders=res.identity["encoder_precision"], scan_info=res.scan,
+                                       tokens=len(res.token_ids))))
+        else:
+            click.echo(res.text)
+            speed = f"{res.tokens_per_s:.1f} tok/s" if res.decode_steps else "one token"
+            click.echo(f"[{_timings_line(res.timings)}  |  {speed}  |  {res.identity['llm']}, "
+                       f"{res.identity['encoder_precision']} encoders]", err=True)
+        return
+    from .batch import report_batch
+
+    failed = report_batch(items, bundle_dir, out_dir, engines, parallel, request, max_tokens, as_json,
+                          lambda path: _load(path, quiet=True, **scan_kw))
+    if failed:
+        raise SystemExit(1)
 
 
 @main.command()

@@ -26,6 +26,7 @@ class Result:
     identity: dict = field(default_factory=dict)  # bundle/model identity
     prompt_tokens: int = 0                        # positions before the first new token (image rows included)
     decode_steps: int = 0                         # single-token forward passes after the prefill
+    scan: dict = field(default_factory=dict)      # what was read: format, shape, spacing, series (no identifiers)
 
     @property
     def tokens_per_s(self) -> float:
@@ -70,6 +71,9 @@ class PipelineConfig:
     one line. The KV cache costs 0.4 GB per 1024 positions at Phi-3-mini's size.
     ``repack``: faster decoding of 4-bit GGUFs on CPU for 2 s more of loading (see
     :class:`~samf.engines.llama_cpp_engine.LlamaCppLLM`); worth it when one load serves several scans.
+    ``parallel``: reports :meth:`ReportPipeline.report_many` decodes together (llama.cpp sequences, each with
+    its own ``n_ctx`` KV cells: 0.4 GB per 1024 positions at Phi-3-mini's size). ``prefetch``: scans loaded
+    and preprocessed ahead, in worker threads, while the engines work.
     ``trusted_keys``: public key files, one of which must have signed the bundle's manifest."""
 
     quant: str | None = None            # which GGUF (None: the manifest's default)
@@ -80,6 +84,8 @@ class PipelineConfig:
     n_ctx: int | None = None
     max_new_tokens: int = 512           # the longest answer n_ctx=None leaves room for
     repack: bool = True
+    parallel: int = 1
+    prefetch: int = 2
     verify_hashes: bool = True
     trusted_keys: tuple = ()
 
@@ -124,7 +130,8 @@ class ReportPipeline:
         llm_path = llm.path
         four_bit = cfg.n_gpu_layers == 0 and quant.startswith(REPACKED_ON_CPU)
         self.llm = LlamaCppLLM(llm_path, n_ctx=cfg.context_for(self.bundle.image_tokens), n_threads=cfg.n_threads,
-                               n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack if four_bit else None)
+                               n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack if four_bit else None,
+                               n_seq=cfg.parallel)
         self.embed = GGUFTokenEmbeddings(llm_path, self.bundle.token_embd(quant))
         self._check_engines_fit()
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
@@ -232,16 +239,27 @@ class ReportPipeline:
         timings["fusion"] = time.perf_counter() - t
         return fused[0]
 
-    def _prefix(self, scan, request: str, timings: dict) -> tuple:
-        """Scan + request -> (fused image embeddings, ids of the prompt text), timing each stage."""
-        vol = scan if isinstance(scan, Volume) else load_scan(str(scan))
-        timings["load"] = vol.info.get("load_s", 0.0)
+    def _slices(self, scan, load=None) -> tuple:
+        """Scan (a path, read with ``load`` or :func:`load_scan`, or a :class:`Volume`) -> (slices, timings,
+        scan info)."""
+        vol = scan if isinstance(scan, Volume) else (load or load_scan)(str(scan))
+        timings = {"load": vol.info.get("load_s", 0.0)}
         t = time.perf_counter()
         slices = preprocess(vol, self.pre)
         timings["preprocess"] = time.perf_counter() - t
+        info = dict(format=vol.info.get("format"), shape=list(vol.hu.shape),
+                    spacing_mm=[round(float(x), 4) for x in vol.spacing], intensity=vol.intensity)
+        if vol.info.get("choice"):
+            info["series"] = vol.info["choice"]  # names a series by UID only with --verbose
+        return slices, timings, info
+
+    def _prefix(self, scan, request: str, timings: dict) -> tuple:
+        """Scan + request -> (fused image embeddings, ids of the prompt text, scan info), timing each stage."""
+        slices, loaded, info = self._slices(scan)
+        timings.update(loaded)
         z2d, z3d = self.encode(slices, timings)
         prompt_ids = self.llm.tokenize(self.layout.prompt_text(request))
-        return self.image_prefix(z2d, z3d, prompt_ids, timings), prompt_ids
+        return self.image_prefix(z2d, z3d, prompt_ids, timings), prompt_ids, info
 
     def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int, stop_at_end: bool = True) -> dict:
         """Greedy decoding after the image rows ``prefix`` and the prompt: llama.cpp's result dict."""
@@ -251,13 +269,13 @@ class ReportPipeline:
 
     def _run(self, scan, request: str, max_new_tokens: int, stop_at_end: bool = True) -> Result:
         timings: dict = {}
-        prefix, prompt_ids = self._prefix(scan, request, timings)
+        prefix, prompt_ids, info = self._prefix(scan, request, timings)
         out = self.generate(prefix, prompt_ids, max_new_tokens, stop_at_end)
         timings["llm_prefill"] = out["prefill_s"]
         timings["llm_decode"] = out["decode_s"]
         timings["total"] = sum(timings.values())
         return Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
-                      prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"])
+                      prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info)
 
     # ------------------------------------------------------------------------------ entry points
     def report(self, scan, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True) -> Result:
@@ -272,9 +290,67 @@ class ReportPipeline:
         res = self._run(scan, mcq_request(question, choices), max_new_tokens)
         return mcq_choice_of(res.text), res
 
+    def report_many(self, scans, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
+                    load=None):
+        """Reports for many scans with one load of the engines: yields ``(scan, Result)`` or ``(scan, error)``
+        (a :class:`SamfError` or other exception, with its one-line reason) as each finishes, not in order.
+
+        ``scans``: paths or :class:`Volume` objects, drawn lazily; ``load``: how a path is read (default
+        :func:`load_scan`). Scans are read and preprocessed ``config.prefetch`` ahead in worker threads while
+        the engines work, the encoders run as a scan's turn comes, and llama.cpp decodes up to
+        ``config.parallel`` reports together (:meth:`LlamaCppLLM.generate_many`): a report finished frees its
+        sequence for the next scan. At most ``parallel + prefetch`` scans are held at a time, whatever the length
+        of ``scans``. Greedy reports are the ones :meth:`report` gives."""
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        lay, request = self.layout, request or REPORT_REQUESTS[0]
+        stop = lay.stop_ids() if stop_at_end else set()
+        prompt_ids = self.llm.tokenize(lay.prompt_text(request))
+        waiting: dict = {}  # key -> (scan, timings, started) or (scan, error)
+
+        def requests(pool):
+            queue, todo = collections.deque(), iter(enumerate(scans))
+
+            def fill():
+                while len(queue) < max(1, self.config.prefetch):
+                    item = next(todo, None)
+                    if item is None:
+                        return
+                    queue.append((*item, time.perf_counter(), pool.submit(self._slices, item[1], load)))
+
+            fill()
+            while queue:
+                key, scan, started, future = queue.popleft()
+                fill()
+                try:
+                    slices, timings, info = future.result()
+                    del future
+                    z2d, z3d = self.encode(slices, timings)
+                    prefix = self.image_prefix(z2d, z3d, prompt_ids, timings)
+                except Exception as e:  # noqa: BLE001 - one bad scan must not end the batch; its reason is kept
+                    waiting[key] = (scan, e)
+                    yield key, None, None, None
+                    continue
+                waiting[key] = (scan, timings, started, info)
+                yield key, lay.head(), prefix, lay.tail(prompt_ids)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.config.prefetch), thread_name_prefix="samf-load") as pool:
+            for key, out in self.llm.generate_many(requests(pool), stop, max_new_tokens):
+                entry = waiting.pop(key)
+                if out is None:
+                    yield entry
+                    continue
+                scan, timings, started, info = entry
+                timings.update(llm_prefill=out["prefill_s"], llm_decode=out["decode_s"])
+                timings["total"] = sum(timings.values())
+                timings["wall"] = time.perf_counter() - started  # submitted to finished, queueing included
+                yield scan, Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
+                                   prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info)
+
     def report_nll(self, scan, reference: str, request: str | None = None) -> float:
         """Teacher-forced negative log-likelihood per token of a reference report for this scan."""
-        prefix, prompt_ids = self._prefix(scan, request or REPORT_REQUESTS[0], {})
+        prefix, prompt_ids, _ = self._prefix(scan, request or REPORT_REQUESTS[0], {})
         lay = self.layout
         return self.llm.answer_nll(lay.head(), prefix, lay.tail(prompt_ids), self.llm.tokenize(reference),
                                    lay.answer_end)
