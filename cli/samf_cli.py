@@ -246,9 +246,13 @@ def slices(scan, out_dir, bundle_dir, trusted_keys, **scan_kw):
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
 @click.option("--encoders", "encoders", multiple=True, type=click.Choice(["auto", "fp32", "fp16", "int8"]),
               help="encoder precisions to compare, each with every GGUF type (default: auto); repeatable")
+@click.option("--concurrency", multiple=True, type=click.IntRange(min=1, max=64),
+              help="instead: scans/hour, latency and decode tok/s with K reports decoded together (the first "
+                   "--quant, one --encoders); repeatable, e.g. --concurrency 1 --concurrency 4")
 @backend_opt
 @threads_opt
-def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_json, encoders, backend, threads):
+def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_json, encoders, concurrency, backend,
+          threads):
     """Per-stage latency, decode speed and quantization cost of a bundle on held-out scans."""
     import tempfile
 
@@ -262,7 +266,7 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
             data_dir = tmp
             generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)
         out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens, trusted_keys,
-                        encoders or ("auto",), backend)
+                        encoders or ("auto",), backend, concurrency)
         if data_dir == tmp:
             out["data"] = f"{scans} synthetic phantoms (seed 7)"
     click.echo(format_bench(out))

@@ -25,7 +25,7 @@ import numpy as np
 from samf.errors import EngineUnavailable, SamfError
 
 from .greedy import Greedy, greedy_decode
-from .native import quiet_native_stderr, usable_cores
+from .native import CoreShare, quiet_native_stderr, usable_cores
 
 
 def _llama_cpp():
@@ -72,9 +72,11 @@ class LlamaCppLLM:
         """``n_ctx``: positions per sequence. ``n_seq``: sequences :meth:`generate_many` decodes together, each
         with its own ``n_ctx`` KV cells (the context holds ``n_ctx * n_seq``).
 
-        ``n_threads``: for decoding and prefill alike; default every core this process may use
-        (llama-cpp-python's own default for decoding is half of them: one of two cores idle, measured 7.3
-        against 13.4 tok/s on Phi-3-mini Q4_K_M).
+        ``n_threads``: for decoding and prefill alike (both set: llama-cpp-python's own default for decoding is
+        half the cores, one of two idle, measured 7.3 against 13.4 tok/s on Phi-3-mini Q4_K_M). Default: every
+        core this process may use that no other program keeps busy, followed as it changes
+        (:class:`~samf.engines.native.CoreShare`): llama.cpp's threads spin at every operation's barrier, so
+        one on a core another process holds stalls the rest.
 
         ``repack``, for weights llama.cpp's CPU backend repacks (:data:`REPACKED_ON_CPU`): True copies them
         into its interleaved layout at load (its "extra buffer types") and reads the file rather than mapping
@@ -87,6 +89,8 @@ class LlamaCppLLM:
             raise SamfError(f"LLM file not found: {gguf_path}")
         self._ll = llama_cpp.llama_cpp
         threads = n_threads or usable_cores()
+        self._share = CoreShare(threads) if n_threads is None else None
+        self.n_threads = threads
         ctxmgr = contextlib.nullcontext() if verbose else quiet_native_stderr()
         most = min(n_batch, self._ll.llama_max_parallel_sequences())
         if not 1 <= n_seq <= most:
@@ -105,8 +109,18 @@ class LlamaCppLLM:
         self.n_batch = n_batch
         self.n_embd = int(self._ll.llama_model_n_embd_inp(self.llm.model))
         self.n_vocab = self.llm.n_vocab()
+        self.adapt_threads()
         #: Time spent in :meth:`generate_many`'s decode steps and the tokens they produced (decode throughput).
         self.step_stats = dict(seconds=0.0, tokens=0)
+
+    def adapt_threads(self) -> int:
+        """Set llama.cpp's decode and batch threads to the cores free now (when ``n_threads`` was not given)."""
+        if self._share is not None:
+            n = self._share.threads()
+            if n != self.n_threads:
+                self._ll.llama_set_n_threads(self.llm.ctx, n, n)
+                self.n_threads = n
+        return self.n_threads
 
     def tokenize(self, text: str) -> list:
         """Plain text -> ids, without BOS or special tokens (the layout's scaffolding comes as ids)."""
@@ -205,12 +219,14 @@ class LlamaCppLLM:
         if total > self.n_ctx:
             raise SamfError(f"request needs {total} positions but the LLM context holds {self.n_ctx}")
         t0 = time.perf_counter()
+        self.adapt_threads()
         pos, _ = self._prefill(head, rows, tail)
         prompt = pos
         t1 = time.perf_counter()
 
         def advance(token: int):
             nonlocal pos
+            self.adapt_threads()
             self._decode(pos, tokens=[token])
             pos += 1
             return self._logits_at(-1)
@@ -247,6 +263,7 @@ class LlamaCppLLM:
                     raise SamfError(f"request needs {len(head) + len(rows) + len(tail) + max_new_tokens} positions "
                                     f"but the LLM context holds {self.n_ctx} per sequence")
                 seq, t0 = free.pop(), time.perf_counter()
+                self.adapt_threads()
                 pos, _ = self._prefill(head, rows, tail, seq=seq)
                 state = dict(key=key, greedy=Greedy(stop, max_new_tokens), pos=pos, prompt=pos,
                              started=time.perf_counter())
@@ -262,6 +279,7 @@ class LlamaCppLLM:
                     return
                 continue
             seqs = sorted(active)
+            self.adapt_threads()
             t = time.perf_counter()
             logits = self._step([(s, active[s]["pos"], active[s]["token"]) for s in seqs])
             self.step_stats["seconds"] += time.perf_counter() - t

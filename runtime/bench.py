@@ -74,8 +74,51 @@ def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int |
                 texts=[r.text for r in results])
 
 
+def bench_concurrency(bundle: str, scans: list, quant: str | None, threads: int | None, levels=(1, 2, 4, 8),
+                      new_tokens: int | None = None, trusted_keys=(), encoders: str = "auto") -> list:
+    """``report_many`` over ``scans`` with K reports decoded together, for each K in ``levels``, each after a
+    warm-up of K reports: scans per hour, per-scan latency (submitted to finished), decode tok/s (tokens of
+    the batched decode steps over their time), and whether each report equals K = 1's."""
+    rows, first = [], None
+    for k in levels:
+        with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys, encoders=encoders,
+                            parallel=k, repack=True, max_new_tokens=max(new_tokens or 0, 512)) as pipe:
+            kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
+            list(pipe.report_many(scans[:k], **kw))  # warm-up
+            pipe.llm.step_stats.update(seconds=0.0, tokens=0)
+            t = time.perf_counter()
+            out = dict(pipe.report_many(scans, **kw))
+            wall = time.perf_counter() - t
+            steps = dict(pipe.llm.step_stats)
+            identity = pipe.identity
+        failed = [s for s, r in out.items() if isinstance(r, BaseException)]
+        if failed:
+            raise out[failed[0]]
+        texts = {s: r.text for s, r in out.items()}
+        first = first or texts
+        latency = [r.timings["wall"] for r in out.values()]
+        rows.append(dict(concurrency=k, quant=identity["llm"], encoders=identity["encoder_precision"],
+                         scans=len(out), wall_s=wall, scans_per_hour=3600 * len(out) / wall,
+                         latency_p50_s=float(np.median(latency)), latency_p90_s=float(np.percentile(latency, 90)),
+                         new_tokens=sum(len(r.token_ids) for r in out.values()),
+                         decode_tok_s=steps["tokens"] / steps["seconds"] if steps["seconds"] else float("nan"),
+                         same_report_as_first=sum(texts[s] == first[s] for s in texts) / len(texts)))
+    return rows
+
+
+def format_concurrency(rows: list) -> str:
+    lines = ["| K | GGUF | encoders | scans/hour | latency p50 s | latency p90 s | decode tok/s | same report as K="
+             f"{rows[0]['concurrency']} |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['quant']} | {r['encoders']} | {r['scans_per_hour']:.0f} | "
+                     f"{r['latency_p50_s']:.2f} | {r['latency_p90_s']:.2f} | {r['decode_tok_s']:.3g} | "
+                     f"{r['same_report_as_first']:.0%} |")
+    return "\n".join(lines)
+
+
 def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = None, quants=None,
-              new_tokens: int | None = None, trusted_keys=(), encoders=("auto",), backend: str = "onnxruntime") -> dict:
+              new_tokens: int | None = None, trusted_keys=(), encoders=("auto",), backend: str = "onnxruntime",
+              concurrency=()) -> dict:
     """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv, each GGUF type with each encoder
     precision; returns the results as a dict."""
     from .bundle import read_bundle
@@ -86,6 +129,11 @@ def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = N
     # Each pipeline verifies what it loads.
     manifest = read_bundle(bundle, verify_hashes=False, trusted_keys=trusted_keys).manifest
     quants = list(quants or manifest["llm"]["files"])
+    if concurrency:
+        rows = bench_concurrency(bundle, scans, quants[0], threads, tuple(concurrency), new_tokens, trusted_keys,
+                                 encoders[0])
+        return dict(host=platform.node(), machine=platform.machine(), cpus=os.cpu_count(), scans=len(scans),
+                    data=data, new_tokens=new_tokens, concurrency=rows)
     runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens, trusted_keys, e, backend)
             for q in quants for e in encoders]
     ref = runs[0]["texts"]
@@ -98,6 +146,8 @@ def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = N
 
 def format_bench(out: dict) -> str:
     """The results as a markdown table plus the preprocessing line."""
+    if "concurrency" in out:
+        return format_concurrency(out["concurrency"])
     runs = out["runs"]
     stages = list(runs[0]["stages"])
     lines = ["| GGUF | encoders | " + " | ".join(f"{s} p50 ms" for s in stages)

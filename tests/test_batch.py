@@ -159,3 +159,37 @@ def test_a_worklist_csv_without_a_path_column_is_refused(tmp_path, quick):
     proc = run_cli("samf", "report", str(bad), "--bundle", quick.bundle)
     assert proc.returncode == 2 and "needs a column named path" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_measures_each_concurrency(quick):
+    from samf.runtime.bench import format_bench, run_bench
+
+    out = run_bench(quick.bundle, quick.data, n_scans=3, quants=["F32"], new_tokens=5, encoders=("fp32",),
+                    concurrency=(1, 2))
+    rows = out["concurrency"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["scans"] == 3 and r["new_tokens"] == 15 and r["decode_tok_s"] > 0 and r["scans_per_hour"] > 0
+        assert r["same_report_as_first"] == 1.0 and r["latency_p90_s"] >= r["latency_p50_s"] > 0
+    assert "| 2 | llm-F32.gguf | fp32 |" in format_bench(out)
+
+
+def test_llama_threads_follow_the_cores_other_programs_leave(tmp_path):
+    """Other processes' CPU time, read from /proc/stat between two samples, takes cores away from llama.cpp's
+    threads (at least one is kept); an idle machine gives them all back."""
+    from samf.engines.native import CoreShare
+
+    cpus = sorted(os.sched_getaffinity(0))
+    stat = tmp_path / "stat"
+
+    def write(ticks):
+        lines = ["cpu  0 0 0 0 0 0 0 0 0 0"] + [f"cpu{c} {ticks} 0 0 1000 0 0 0 0 0 0" for c in cpus]
+        stat.write_text("\n".join(lines) + "\n")
+
+    write(0)
+    share = CoreShare(cores=len(cpus), min_interval_s=0.0, stat_path=str(stat))
+    assert share.threads() == len(cpus)  # no second sample yet: all cores
+    write(10**9)  # every core busy for ages (in clock ticks) since the last sample: someone else's
+    assert share.threads() == 1
+    write(10**9)  # nothing more since: all cores free again
+    assert share.threads() == len(cpus)
