@@ -109,7 +109,10 @@ def main():
 
 
 @main.command()
-@click.argument("scans", nargs=-1, required=True, type=click.Path())
+@click.argument("scans", nargs=-1, type=click.Path())
+@click.option("--worklist", "worklists", multiple=True, type=click.Path(dir_okay=False),
+              help="a list of scans: .txt, one path per line, or .csv with a path (or scan, image) column; relative "
+                   "paths are relative to the list; repeatable")
 @bundle_opt
 @trusted_key_opt
 @quant_opt
@@ -123,10 +126,10 @@ def main():
 @click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="reports decoded together in a batch (each holds its own KV cache)")
 @engine_options
-def report(scans, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, out_dir, parallel, threads, backend,
-           encoders, gpu_layers, **scan_kw):
-    """Write the findings report for each SCAN: a .nii/.nii.gz, a DICOM series folder or an .npy, a folder of
-    scans, or a worklist (.txt: one path per line; .csv: a path column).
+def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, out_dir, parallel,
+           threads, backend, encoders, gpu_layers, **scan_kw):
+    """Write the findings report for each SCAN (a .nii/.nii.gz, a DICOM series folder or an .npy, or a folder of
+    scans) and each scan of --worklist.
 
     One scan prints its report. Several, or --out DIR, run as a batch on one load of the bundle: scans are read
     ahead while the engines work, and --parallel reports are decoded together. A bad scan becomes an error row
@@ -134,10 +137,12 @@ def report(scans, bundle_dir, trusted_keys, quant, request, max_tokens, as_json,
     from samf.runtime.pipeline import ReportPipeline
     from samf.runtime.worklist import expand_worklist
 
-    items = expand_worklist(scans)
+    if not scans and not worklists:
+        raise click.UsageError("give one or more SCANs, or --worklist FILE")
+    items = expand_worklist(scans, worklists)
     engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
                    max_new_tokens=max_tokens, trusted_keys=trusted_keys)
-    if out_dir is None and len(scans) == 1 and items == list(scans):
+    if out_dir is None and not worklists and len(scans) == 1 and items == list(scans):
         # Refuse a bad scan before loading any model.
         vol = _load(scans[0], quiet=as_json, **scan_kw)
         # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than

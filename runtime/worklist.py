@@ -1,7 +1,9 @@
 """A worklist for ``samf report``: which scans it holds, which are done already, and where each result goes.
 
-A worklist is given as scan files, DICOM series folders, folders of scans, or list files (one path per line,
-or a CSV with a ``path``, ``scan`` or ``image`` column; relative paths are relative to the list file). Each
+A worklist is given as scan files, DICOM series folders, folders of scans, and list files (``--worklist``: one
+path per line, or a CSV with a ``path``, ``scan`` or ``image`` column; relative paths are relative to the list
+file). List files are named as such, never guessed from a suffix: a stray ``notes.txt`` given as a scan gets
+the scan's error, not read as paths. Each
 scan's result is one JSON (report, timings, bundle identity, scan info) and one .txt in the output folder,
 written atomically as the scan finishes, plus ``reports.jsonl`` for the whole worklist. A scan counts as done
 when its JSON names the same path and content hash (sha256 of the file, or of a folder's files) and holds a
@@ -24,23 +26,17 @@ from .slices_png import scan_folder_name
 
 #: Files a folder of scans is made of (anything else in a folder makes it a DICOM series).
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".npy")
-#: Files read as lists of scans.
-LIST_SUFFIXES = (".txt", ".csv")
 #: CSV columns that hold a scan's path, in order of preference.
 PATH_COLUMNS = ("path", "scan", "image")
 JSONL = "reports.jsonl"
 
 
-def expand_worklist(args) -> list:
-    """The scans ``args`` name, in order, each once (by absolute path)."""
+def expand_worklist(args, lists=()) -> list:
+    """The scans ``args`` (files and folders) and the list files ``lists`` name, in order, each once (by
+    absolute path)."""
     out, seen = [], set()
-    for arg in args:
-        if os.path.isdir(arg):
-            found = _folder(arg)
-        elif arg.lower().endswith(LIST_SUFFIXES):
-            found = _list_file(arg)
-        else:
-            found = [arg]  # a scan file; a missing one becomes that scan's error
+    found_all = [_folder(a) if os.path.isdir(a) else [a] for a in args]  # a missing file: that scan's error
+    for found in found_all + [_list_file(f) for f in lists]:
         for path in found:
             key = os.path.abspath(path)
             if key not in seen:

@@ -90,8 +90,8 @@ def test_a_worklist_runs_resumes_and_keeps_going_past_bad_scans(quick, scan_path
     out = tmp_path / "out"
 
     def run(*args):
-        return run_cli("samf", "report", str(scans), str(worklist), "--bundle", quick.bundle, "--out", str(out),
-                       "--max-tokens", "16", "--parallel", "2", *args)
+        return run_cli("samf", "report", str(scans), "--worklist", str(worklist), "--bundle", quick.bundle,
+                       "--out", str(out), "--max-tokens", "16", "--parallel", "2", *args)
 
     proc = run()
     assert proc.returncode == 1, proc.stderr  # some scans failed
@@ -148,7 +148,7 @@ def test_a_worklist_is_files_series_folders_folders_of_scans_and_lists(tmp_path)
     (studies / "s2").mkdir()
     lst = tmp_path / "list.txt"
     lst.write_text("# today\n\nscans/a.nii.gz\n/abs/x.nii\n")
-    got = expand_worklist([str(scans), str(series), str(studies), str(lst), str(scans / "c.npy")])
+    got = expand_worklist([str(scans), str(series), str(studies), str(scans / "c.npy")], [str(lst)])
     assert got == [str(scans / "a.nii.gz"), str(scans / "c.npy"), str(scans / "series_b"), str(series),
                    str(studies / "s1"), str(studies / "s2"), "/abs/x.nii"]
 
@@ -156,7 +156,7 @@ def test_a_worklist_is_files_series_folders_folders_of_scans_and_lists(tmp_path)
 def test_a_worklist_csv_without_a_path_column_is_refused(tmp_path, quick):
     bad = tmp_path / "list.csv"
     bad.write_text("file\na.nii.gz\n")
-    proc = run_cli("samf", "report", str(bad), "--bundle", quick.bundle)
+    proc = run_cli("samf", "report", "--worklist", str(bad), "--bundle", quick.bundle)
     assert proc.returncode == 2 and "needs a column named path" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
