@@ -254,10 +254,11 @@ def slices(scan, out_dir, bundle_dir, trusted_keys, **scan_kw):
 @click.option("--concurrency", multiple=True, type=click.IntRange(min=1, max=64),
               help="instead: scans/hour, latency and decode tok/s with K reports decoded together (the first "
                    "--quant, one --encoders); repeatable, e.g. --concurrency 1 --concurrency 4")
+@gpu_layers_opt
 @backend_opt
 @threads_opt
 def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_json, encoders, concurrency, backend,
-          threads):
+          threads, gpu_layers):
     """Per-stage latency, decode speed and quantization cost of a bundle on held-out scans."""
     import tempfile
 
@@ -271,7 +272,7 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
             data_dir = tmp
             generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)
         out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens, trusted_keys,
-                        encoders or ("auto",), backend, concurrency)
+                        encoders or ("auto",), backend, concurrency, gpu_layers)
         if data_dir == tmp:
             out["data"] = f"{scans} synthetic phantoms (seed 7)"
     click.echo(format_bench(out))

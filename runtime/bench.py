@@ -47,12 +47,12 @@ def rss_mb() -> dict:
 
 def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int | None,
                 new_tokens: int | None = None, trusted_keys=(), encoders: str = "auto",
-                backend: str = "onnxruntime") -> dict:
+                backend: str = "onnxruntime", gpu_layers: int = 0) -> dict:
     """One GGUF type with one encoder precision on ``scans``: a warm-up report, then one each. With
     ``new_tokens`` every report decodes exactly that many tokens (the model's end token is not honoured; random
     weights never say it) and the reference reports' loss is not measured."""
     with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys, encoders=encoders,
-                        backend=backend, max_new_tokens=max(new_tokens or 0, 512)) as pipe:
+                        backend=backend, n_gpu_layers=gpu_layers, max_new_tokens=max(new_tokens or 0, 512)) as pipe:
         mem_loaded = rss_mb()
         kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
         pipe.report(scans[0], **kw)  # warm-up
@@ -75,14 +75,16 @@ def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int |
 
 
 def bench_concurrency(bundle: str, scans: list, quant: str | None, threads: int | None, levels=(1, 2, 4, 8),
-                      new_tokens: int | None = None, trusted_keys=(), encoders: str = "auto") -> list:
+                      new_tokens: int | None = None, trusted_keys=(), encoders: str = "auto",
+                      backend: str = "onnxruntime", gpu_layers: int = 0) -> list:
     """``report_many`` over ``scans`` with K reports decoded together, for each K in ``levels``, each after a
     warm-up of K reports: scans per hour, per-scan latency (submitted to finished), decode tok/s (tokens of
     the batched decode steps over their time), and whether each report equals K = 1's."""
     rows, first = [], None
     for k in levels:
         with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys, encoders=encoders,
-                            parallel=k, repack=True, max_new_tokens=max(new_tokens or 0, 512)) as pipe:
+                            backend=backend, n_gpu_layers=gpu_layers, parallel=k, repack=True,
+                            max_new_tokens=max(new_tokens or 0, 512)) as pipe:
             kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
             list(pipe.report_many(scans[:k], **kw))  # warm-up
             pipe.llm.step_stats.update(seconds=0.0, tokens=0)
@@ -118,7 +120,7 @@ def format_concurrency(rows: list) -> str:
 
 def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = None, quants=None,
               new_tokens: int | None = None, trusted_keys=(), encoders=("auto",), backend: str = "onnxruntime",
-              concurrency=()) -> dict:
+              concurrency=(), gpu_layers: int = 0) -> dict:
     """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv, each GGUF type with each encoder
     precision; returns the results as a dict."""
     from .bundle import read_bundle
@@ -131,10 +133,10 @@ def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = N
     quants = list(quants or manifest["llm"]["files"])
     if concurrency:
         rows = bench_concurrency(bundle, scans, quants[0], threads, tuple(concurrency), new_tokens, trusted_keys,
-                                 encoders[0])
+                                 encoders[0], backend, gpu_layers)
         return dict(host=platform.node(), machine=platform.machine(), cpus=os.cpu_count(), scans=len(scans),
                     data=data, new_tokens=new_tokens, concurrency=rows)
-    runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens, trusted_keys, e, backend)
+    runs = [bench_quant(bundle, scans, refs, q, threads, new_tokens, trusted_keys, e, backend, gpu_layers)
             for q in quants for e in encoders]
     ref = runs[0]["texts"]
     for r in runs:
