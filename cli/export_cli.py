@@ -62,15 +62,19 @@ def bundle(checkpoint, out_dir, quants, base, precisions, check_data, check_scan
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
               help="also keep the random checkpoint here (the PyTorch pipeline runs from it)")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "none"]),
+              default=("fp16", "int8"), show_default=True,
+              help="encoder precisions made besides fp32 (checked on the embeddings of 2 phantoms); repeatable")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, out_dir):
+def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, precisions, out_dir):
     """A bundle of random weights at the real shapes, to measure speed before there are trained weights.
 
     Its reports are gibberish; `samf bench --bundle OUT` measures latency and throughput on phantoms."""
     from samf.export.synthetic import write_synthetic_bundle
 
     m = write_synthetic_bundle(out_dir, preset, layers, quants=tuple(quants), base=base, checkpoint=checkpoint,
-                               seed=seed, log=click.echo)
+                               seed=seed, precisions=tuple(p for p in dict.fromkeys(precisions) if p != "none"),
+                               log=click.echo)
     click.echo("encoders: " + ", ".join(m["encoders"]))
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB; random weights)")

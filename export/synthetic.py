@@ -72,7 +72,7 @@ def calibrate_on_phantoms(vlm, preprocess_cfg: dict, seed: int) -> None:
 
 def write_synthetic_bundle(out_dir: str, preset: str = "paper", layers: int | None = None,
                            quants=("Q4_K_M",), base: str = "F16", checkpoint: str | None = None, seed: int = 0,
-                           log=print) -> dict:
+                           precisions=("fp16", "int8"), log=print) -> dict:
     """Random weights of ``preset``'s shapes -> a bundle at ``out_dir``; returns its manifest.
 
     The checkpoint goes to ``checkpoint`` when given (kept: the PyTorch pipeline runs from it), else to a
@@ -89,7 +89,7 @@ def write_synthetic_bundle(out_dir: str, preset: str = "paper", layers: int | No
         write_synthetic_checkpoint(ckpt, preset, layers, seed=seed)
         # Random weights: the variants' embeddings are checked on two phantoms; their reports mean nothing.
         return write_bundle(ckpt, out_dir, quants=tuple(quants), keep_unquantized=base,
-                            check=VariantCheck(scans=2, report_tokens=0), log=log)
+                            check=VariantCheck(precisions=tuple(precisions), scans=2, report_tokens=0), log=log)
     finally:
         if not keep:
             shutil.rmtree(ckpt, ignore_errors=True)

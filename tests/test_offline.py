@@ -24,7 +24,8 @@ time.sleep(12)  # ONNX Runtime's telemetry, when on, makes its first DNS lookup 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("offline") / "bundle")
-    proc = run_cli("samf-export", "synthetic-bundle", "--preset", "tiny", "--quant", "Q8_0", "--out", out)
+    proc = run_cli("samf-export", "synthetic-bundle", "--preset", "tiny", "--quant", "Q8_0", "--precision", "fp16",
+                   "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
 

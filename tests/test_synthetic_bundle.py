@@ -72,7 +72,7 @@ def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     bundle, ckpt = str(root / "bundle"), str(root / "checkpoint")
     proc = run_cli("samf-export", "synthetic-bundle", "--preset", "tiny", "--quant", "Q8_0", "--quant", "Q4_K_M",
-                   "--checkpoint", ckpt, "--out", bundle)
+                   "--checkpoint", ckpt, "--precision", "fp16", "--out", bundle)  # int8: test_encoder_precision
     assert proc.returncode == 0, proc.stderr
     return bundle, ckpt, proc.stdout
 
@@ -86,6 +86,7 @@ def test_synthetic_bundle_is_an_ordinary_validated_bundle(synthetic):
     assert fid["F16"] == "bit-exact" and fid["Q8_0"]["Q8_0"] < 0.01 and 0 < fid["Q4_K_M"]["Q4_K"] < 0.14
     assert "tensors equal the checkpoint's" in out and "random weights" in out
     assert "encoders: fp32" in out and m["encoders"]["fp32"]["files"]["vit"] == "vit.onnx"
+    assert set(m["encoders"]) | set(m["fidelity"].get("encoders_rejected", {})) == {"fp32", "fp16"}
     from samf.train.vlm import SamfVLM
 
     enc = SamfVLM.from_checkpoint(ckpt, with_llm=False).encoder  # standardised as training standardises
