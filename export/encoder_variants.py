@@ -121,6 +121,7 @@ def to_int8(src: str, dst: str, nodes: list) -> None:
 # ---------------------------------------------------------------------------------------------- checking
 
 def cosine_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosine of each row (last axis) of ``got`` with the same row of ``ref``."""
     ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
     return (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-30)
 
@@ -269,10 +270,10 @@ def _unit_order(unit: str) -> int:
     return -1 if unit == "patch_embed" else int(unit.split(".")[1])
 
 
-def _candidates(precision: str, checker: VariantChecker, bundle_dir: str, work: str, tol: Tolerance, log):
+def _candidates(precision: str, checker: VariantChecker, work: str, tol: Tolerance, log):
     """The variants of ``precision`` to check, in order of preference: yields (``{module: path}``, what to record
     about how it was made)."""
-    fp32 = {m: os.path.join(bundle_dir, f) for m, f in variant_files("fp32").items()}
+    fp32 = checker.fp32
     if precision == "fp16":
         paths = {m: os.path.join(work, f) for m, f in variant_files("fp16").items()}
         for module in ENCODER_MODULES:
@@ -305,7 +306,7 @@ def add_encoder_variants(bundle_dir: str, quant: str, check: VariantCheck, log=p
         for precision in check.precisions:
             tol = check.tolerances[precision]
             files = variant_files(precision)
-            for paths, extra in _candidates(precision, checker, bundle_dir, work, tol, log):
+            for paths, extra in _candidates(precision, checker, work, tol, log):
                 fig = checker.figures(paths, precision)
                 why = misses(fig, tol)
                 if not why:

@@ -14,7 +14,7 @@ from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
 from samf.runtime.bundle import Bundle, read_bundle, update_manifest
 
-from .encoder_variants import CHECK_SEED
+from .encoder_variants import VariantCheck, cosine_rows, held_out_volumes
 
 #: A plan must give what ONNX Runtime gives on the graph it was built from: the worst output row's cosine.
 PLAN_MIN_COSINE = 0.999
@@ -29,7 +29,9 @@ def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: i
     b = read_bundle(bundle_dir)
     have = b.encoder_precisions()
     if precision == "auto":
-        precision = "fp16" if "fp16" in have else "fp32"
+        from samf.runtime.pipeline import AUTO_PRECISION
+
+        precision = next(p for p in AUTO_PRECISION["gpu"] if p in have)
     if precision not in have or precision == "int8":
         raise SamfError(f"bundle has no {precision} encoder graphs to build TensorRT plans from (it has "
                         f"{', '.join(p for p in have if p != 'int8')})")
@@ -88,12 +90,9 @@ def check_feeds(bundle: Bundle) -> dict:
     """Inputs to check each plan with: the slices of a held-out phantom, the fp32 ViT's embeddings of them and
     its aggregator's tokens, and a small random prompt (no LLM is needed)."""
     from samf.engines.onnxruntime_engine import OrtModule
-    from samf.runtime.ct import Volume
-    from samf.runtime.phantom import make_phantom
     from samf.runtime.preprocess import preprocess
 
-    p = make_phantom(CHECK_SEED)
-    slices = preprocess(Volume(p.volume, p.spacing, "phantom"), bundle.preprocess)
+    slices = preprocess(held_out_volumes(VariantCheck(scans=1))[0], bundle.preprocess)
     files = bundle.encoder_files("fp32")
     z2d = OrtModule(bundle.path(files["vit"]), prefer_gpu=False)(slices=slices)[None]
     z3d = OrtModule(bundle.path(files["aggregator"]), prefer_gpu=False)(z2d=z2d)
@@ -115,9 +114,9 @@ def check_plan(plan_path: str, onnx_path: str, feeds: dict) -> dict:
         got = trt(**feeds)
     finally:
         trt.close()
-    ref2, got2 = ref.reshape(-1, ref.shape[-1]).astype(np.float64), got.reshape(-1, ref.shape[-1]).astype(np.float64)
-    cos = (ref2 * got2).sum(1) / np.maximum(np.linalg.norm(ref2, axis=1) * np.linalg.norm(got2, axis=1), 1e-30)
-    out = dict(cos_min=round(float(cos.min()), 6), max_abs_diff=round(float(np.abs(ref2 - got2).max()), 6))
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    out = dict(cos_min=round(float(cosine_rows(ref, got).min()), 6),
+               max_abs_diff=round(float(np.abs(ref - got).max()), 6))
     if not out["cos_min"] >= PLAN_MIN_COSINE:
         os.remove(plan_path)
         raise SamfError(f"TensorRT plan {os.path.basename(plan_path)} differs from ONNX Runtime on its graph: worst "
