@@ -144,8 +144,8 @@ class LlamaCppLLM:
             rows = np.ascontiguousarray(rows, dtype=np.float32)
             if rows.ndim != 2 or rows.shape[1] != self.n_embd:
                 raise SamfError(f"image embeddings have shape {rows.shape}; the LLM expects [N, {self.n_embd}]")
-        elif any(not 0 <= int(t) < self.n_vocab for t in tokens):
-            raise SamfError(f"a token id outside the LLM's vocabulary of {self.n_vocab}")
+        else:
+            self._check_ids(tokens)
         total = len(rows) if rows is not None else len(tokens)
         if pos0 + total > self.n_ctx:
             raise SamfError(f"request needs {pos0 + total} positions but the LLM context holds {self.n_ctx}")
@@ -172,6 +172,16 @@ class LlamaCppLLM:
                 ll.llama_batch_free(batch)
         return out
 
+    def _check_ids(self, tokens) -> None:
+        if any(not 0 <= int(t) < self.n_vocab for t in tokens):
+            raise SamfError(f"a token id outside the LLM's vocabulary of {self.n_vocab}")
+
+    def _check_fits(self, head: list, rows, tail: list, max_new_tokens: int) -> None:
+        """A request and its longest answer fit in one sequence's context, or one line saying they do not."""
+        total = len(head) + len(rows) + len(tail) + max_new_tokens
+        if total > self.n_ctx:
+            raise SamfError(f"request needs {total} positions but the LLM context holds {self.n_ctx} per sequence")
+
     def _logits_at(self, i: int) -> np.ndarray:
         """Logits of output ``i`` of the last decode (-1: the last one), copied out of llama.cpp."""
         ptr = self._ll.llama_get_logits_ith(self.llm.ctx, i)
@@ -195,8 +205,7 @@ class LlamaCppLLM:
         """One decode step for several sequences: ``entries`` is ``[(seq, pos, token)]``, one token each, all in
         one ``llama_batch``; the logits after each, in order."""
         ll = self._ll
-        if any(not 0 <= int(t) < self.n_vocab for _, _, t in entries):
-            raise SamfError(f"a token id outside the LLM's vocabulary of {self.n_vocab}")
+        self._check_ids([t for _, _, t in entries])
         if any(pos >= self.n_ctx for _, pos, _ in entries):
             raise SamfError(f"a sequence needs more than the {self.n_ctx} positions the LLM context holds")
         batch = ll.llama_batch_init(len(entries), 0, 1)
@@ -215,9 +224,7 @@ class LlamaCppLLM:
                  return_logits: bool = False) -> dict:
         """Greedy decoding after ``head rows tail`` until a token in ``stop``; ids, text, timings (and the
         logits of every step)."""
-        total = len(head) + len(rows) + len(tail) + max_new_tokens
-        if total > self.n_ctx:
-            raise SamfError(f"request needs {total} positions but the LLM context holds {self.n_ctx}")
+        self._check_fits(head, rows, tail, max_new_tokens)
         t0 = time.perf_counter()
         self.adapt_threads()
         pos, _ = self._prefill(head, rows, tail)
@@ -259,9 +266,7 @@ class LlamaCppLLM:
                 if rows is None:
                     yield key, None
                     continue
-                if len(head) + len(rows) + len(tail) + max_new_tokens > self.n_ctx:
-                    raise SamfError(f"request needs {len(head) + len(rows) + len(tail) + max_new_tokens} positions "
-                                    f"but the LLM context holds {self.n_ctx} per sequence")
+                self._check_fits(head, rows, tail, max_new_tokens)
                 seq, t0 = free.pop(), time.perf_counter()
                 self.adapt_threads()
                 pos, _ = self._prefill(head, rows, tail, seq=seq)
