@@ -9,6 +9,13 @@ import click
 from .common import SamfGroup
 
 
+def _precisions_option(help: str):
+    """--precision (repeatable): the encoder precisions made besides fp32, as a tuple without "none"."""
+    return click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "none"]),
+                        default=("fp16", "int8"), show_default=True, help=help,
+                        callback=lambda ctx, param, v: tuple(p for p in dict.fromkeys(v) if p != "none"))
+
+
 @click.group(cls=SamfGroup)
 def main():
     """Export a trained SAMF model for the runtime."""
@@ -21,9 +28,7 @@ def main():
               help="llama.cpp quant types to add (Q8_0, Q4_K_M, ...); repeatable")
 @click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True,
               help="unquantized GGUF kept in the bundle (the fidelity reference)")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "none"]),
-              default=("fp16", "int8"), show_default=True,
-              help="encoder precisions made besides fp32, each kept only if it holds its tolerance; repeatable")
+@_precisions_option("encoder precisions made besides fp32, each kept only if it holds its tolerance; repeatable")
 @click.option("--check-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="dataset folder whose test.csv lists the held-out scans the variants are checked on "
                    "(default: synthetic phantoms no samf dataset contains)")
@@ -43,8 +48,8 @@ def bundle(checkpoint, out_dir, quants, base, precisions, check_data, check_scan
     tolerances = dict(TOLERANCES)
     if int8_tolerance:
         tolerances["int8"] = Tolerance(*int8_tolerance)
-    check = VariantCheck(precisions=tuple(p for p in dict.fromkeys(precisions) if p != "none"), scans=check_scans,
-                         report_tokens=check_tokens, data=check_data, tolerances=tolerances)
+    check = VariantCheck(precisions=precisions, scans=check_scans, report_tokens=check_tokens, data=check_data,
+                         tolerances=tolerances)
     m = write_bundle(checkpoint, out_dir, quants=tuple(quants), keep_unquantized=base, check=check, log=click.echo)
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB)")
@@ -62,9 +67,7 @@ def bundle(checkpoint, out_dir, quants, base, precisions, check_data, check_scan
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
               help="also keep the random checkpoint here (the PyTorch pipeline runs from it)")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "none"]),
-              default=("fp16", "int8"), show_default=True,
-              help="encoder precisions made besides fp32 (checked on the embeddings of 2 phantoms); repeatable")
+@_precisions_option("encoder precisions made besides fp32 (checked on the embeddings of 2 phantoms); repeatable")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, precisions, out_dir):
     """A bundle of random weights at the real shapes, to measure speed before there are trained weights.
@@ -73,8 +76,7 @@ def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, precisions,
     from samf.export.synthetic import write_synthetic_bundle
 
     m = write_synthetic_bundle(out_dir, preset, layers, quants=tuple(quants), base=base, checkpoint=checkpoint,
-                               seed=seed, precisions=tuple(p for p in dict.fromkeys(precisions) if p != "none"),
-                               log=click.echo)
+                               seed=seed, precisions=precisions, log=click.echo)
     click.echo("encoders: " + ", ".join(m["encoders"]))
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB; random weights)")

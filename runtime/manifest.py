@@ -20,9 +20,8 @@ import json
 
 from samf.errors import BundleError
 
-#: The exported encoder modules, and the fp32 file of each (every bundle holds these).
+#: The exported encoder modules (the manifest lists each precision's file of each).
 ENCODER_MODULES = ("vit", "aggregator", "fusion")
-ENCODER_FILES = tuple(f"{m}.onnx" for m in ENCODER_MODULES)
 #: The precisions encoders come in: fp32 (the reference, always), fp16 (GPUs), int8 (CPUs).
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
 #: A plain file name: no separator, not "." or "..", no control characters.

@@ -67,7 +67,7 @@ def _list_file(path: str) -> list:
                     raise ScanError(f"{path}: a worklist CSV needs a column named {', '.join(PATH_COLUMNS)}")
                 names = [row[column] for row in reader]
             else:
-                names = [line for line in f.read().splitlines()]
+                names = f.read().splitlines()
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ScanError(f"{path}: cannot read the worklist ({e})") from None
     names = [n.strip() for n in names if n.strip() and not n.strip().startswith("#")]
