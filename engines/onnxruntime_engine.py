@@ -50,10 +50,13 @@ class OrtModule:
         self.session = None  # ONNX Runtime frees a session with its last reference
 
     def __call__(self, **feeds) -> np.ndarray:
+        self._require(feeds)
+        return self.session.run(None, feeds)[0]
+
+    def _require(self, feeds: dict) -> None:
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise SamfError(f"missing inputs {sorted(missing)}")
-        return self.session.run(None, feeds)[0]
 
     def device_array(self, shape) -> "object":
         """An fp32 array of ``shape`` on this session's device (an ``OrtValue``), for :meth:`run_bound`."""
@@ -64,9 +67,7 @@ class OrtModule:
         ``outputs``: ``{name: (OrtValue, shape)}``, written in place (``shape`` may differ from the array's
         as long as the size is the same: a ``[K, D]`` output can fill a ``[1, K, D]`` array). Without
         ``outputs`` the first output is returned as numpy."""
-        missing = set(self.inputs) - set(feeds)
-        if missing:
-            raise SamfError(f"missing inputs {sorted(missing)}")
+        self._require(feeds)
         ort = _ort()
         binding = self.session.io_binding()
         for name, value in feeds.items():
