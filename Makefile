@@ -8,7 +8,13 @@ PIP := $(PY) -m pip
 # repeated `make test` skip pip's ten seconds of checking; a changed pyproject.toml or Makefile installs again.
 # The stamp lives inside the Python environment (named after this checkout), so a rebuilt or other
 # environment, which has no samf installed, has no stamp either.
-INSTALLED := $(shell $(PY) -c "import hashlib, os, sys; print(os.path.join(sys.prefix, '.samf-installed-' + hashlib.sha1(os.getcwd().encode()).hexdigest()[:10]))")
+# An editable install points at one checkout: when samf resolves elsewhere (installed from another
+# checkout since), this checkout's stamp is stale and is removed, so the install runs again.
+INSTALLED := $(shell $(PY) -c "import hashlib, importlib.util, os, sys; \
+  stamp = os.path.join(sys.prefix, '.samf-installed-' + hashlib.sha1(os.getcwd().encode()).hexdigest()[:10]); \
+  spec = importlib.util.find_spec('samf'); \
+  here = spec is not None and os.path.realpath(list(spec.submodule_search_locations)[0]) == os.path.realpath(os.getcwd()); \
+  here or not os.path.exists(stamp) or os.remove(stamp); print(stamp)")
 
 install: $(INSTALLED)
 

@@ -1,6 +1,8 @@
 """samf-train: the training stages, each on a data folder and a run folder.
 
-Typical order: make-phantoms, init, tokenizer, pretrain-2d, warmup-3d, pretrain-lm, finetune, merge, evaluate.
+Typical order: make-phantoms, init, tokenizer, pretrain-2d, warmup-3d, pretrain-lm, finetune, merge, evaluate. A
+large dataset is read once by prepare into a cache that every stage takes as --data; embed caches the frozen
+ViT's outputs for finetune.
 pretrain-2d and finetune, the long stages, resume from RUN/checkpoints/<stage>.pt after an interruption (the
 short warmup-3d and pretrain-lm start over); on several GPUs pretrain-2d and finetune run under torchrun
 (``torchrun --nproc_per_node N -m samf.cli.train_cli -- finetune …``; see samf.train.distributed).
@@ -75,13 +77,88 @@ def stage_command(name: str, cls):
 @click.option("--train", "n_train", default=300, show_default=True)
 @click.option("--test", "n_test", default=24, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--layout", type=click.Choice(["samf", "ctrate"]), default="samf", show_default=True,
+              help="samf: NIfTI + train.csv/test.csv + questions; ctrate: CT-RATE's release tree (raw values, "
+                   "spacing and rescale in the metadata CSV; --test scans go to valid/)")
 @quiet_opt
-def make_phantoms(out_dir, n_train, n_test, seed, quiet):
+def make_phantoms(out_dir, n_train, n_test, seed, layout, quiet):
     """Write a synthetic chest-CT dataset (NIfTI + reports + questions)."""
+    if layout == "ctrate":
+        from samf.train.synthetic_ctrate import write_ctrate_release
+
+        names = write_ctrate_release(out_dir, n_train, n_test, seed=seed, progress=not quiet)
+        click.echo(f"wrote {len(names['train'])} train + {len(names['valid'])} valid phantoms to {out_dir} "
+                   "(CT-RATE layout)")
+        return
     from samf.runtime.phantom import generate_phantom_dataset
 
     counts = generate_phantom_dataset(out_dir, n_train, n_test, seed=seed, progress=not quiet)
     click.echo(f"wrote {counts['train']} train + {counts['test']} test phantoms to {out_dir}")
+
+
+@main.command("prepare")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="dataset folder: SAMF CSV / phantoms, CT-RATE or M3D")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="cache folder to write (a new one, or the same one again to finish an interrupted run)")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="preprocess as this run folder does")
+@click.option("--preset", type=click.Choice(["tiny", "paper"]), default=None,
+              help="preprocess as a run of this preset does (instead of --run)")
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "valid", "test"]),
+              help="splits to cache (default: every split the dataset has)")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="all cores",
+              help="processes reading scans")
+@click.option("--storage", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
+              help="how each window's values are kept (uint8: within 1/255)")
+@click.option("--shard-size", type=click.IntRange(min=1), default=32, show_default=True, help="scans per shard file")
+@quiet_opt
+def prepare(data_dir, out_dir, run_dir, preset, splits, workers, storage, shard_size, quiet):
+    """Read and preprocess a dataset once into a cache that training streams from (--data CACHE)."""
+    from samf.runtime.preprocess import PreprocessConfig
+    from samf.train.run_folder import PRESET_PREPROCESS, read_run
+    from samf.train.scan_cache import prepare_cache
+
+    if (run_dir is None) == (preset is None):
+        raise click.UsageError("give the preprocessing: --run RUN or --preset tiny|paper (one of them)")
+    pre = PreprocessConfig.from_dict(read_run(run_dir)["preprocess"]) if run_dir else PRESET_PREPROCESS[preset]
+    record = prepare_cache(data_dir, out_dir, pre, list(splits) or None, workers, storage, shard_size,
+                           progress=not quiet, echo=click.echo)
+    for name, s in record["splits"].items():
+        rejected = f", {s['rejected']} rejected (see {os.path.join(out_dir, name, 'rejects.jsonl')})" \
+            if s["rejected"] else ""
+        click.echo(f"{name}: {s['scans']} scans, {s['bytes_per_scan'] / 1e6:.2f} MB per scan{rejected}")
+    click.echo(f"cache ready: {out_dir} (train with --data {out_dir})")
+
+
+@main.command("embed")
+@run_opt
+@click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="a cache made by samf-train prepare")
+@click.option("--batch-scans", type=click.IntRange(min=1), default=4, show_default=True,
+              help="scans per ViT batch")
+@threads_opt
+@quiet_opt
+def embed(run_dir, cache_dir, batch_scans, threads, quiet):
+    """Run the run's pretrained ViT once over every cached scan (float16), for fine-tuning with a frozen ViT."""
+    from samf.runtime.preprocess import PreprocessConfig
+    from samf.train.distributed import single_process_device
+    from samf.train.embed_cache import compute_embeddings
+    from samf.train.run_folder import DINO_FILE, read_run
+    from samf.train.scan_cache import ScanCache
+    from samf.train.stages import pretrained_image_encoder
+
+    torch_threads(threads)
+    cache = ScanCache(cache_dir)
+    cache.check_preprocess(PreprocessConfig.from_dict(read_run(run_dir)["preprocess"]))
+    if not os.path.exists(os.path.join(run_dir, DINO_FILE)):
+        raise click.ClickException(f"{run_dir} has no pretrained ViT ({DINO_FILE}): run samf-train pretrain-2d "
+                                   "first (the embeddings are of the frozen, pretrained ViT)")
+    emb = compute_embeddings(cache, pretrained_image_encoder(run_dir).vit, single_process_device("embed"), batch_scans,
+                             progress=not quiet)
+    per_scan = max(s["bytes_per_scan"] for s in emb.record["splits"].values())
+    click.echo(f"embeddings of ViT {emb.key}: {sum(s['scans'] for s in emb.record['splits'].values())} scans, "
+               f"{per_scan / 1e3:.1f} kB per scan -> {emb.folder}")
 
 
 @main.command("init")

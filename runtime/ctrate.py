@@ -53,7 +53,13 @@ def read_metadata(csv_path: str) -> dict:
 
 
 def apply_metadata(hu: np.ndarray, spacing: tuple, meta: dict) -> tuple:
-    """(values, spacing) after CT-RATE metadata; rescale only raw (non-negative) scanner values."""
+    """(values, spacing) after CT-RATE metadata; rescale only raw (non-negative) scanner values.
+
+    A float32 ``hu`` is rescaled in place: at 512×512×300 a copy costs half a second, a quarter of the load."""
+    hu = hu.astype(np.float32, copy=False)
     if float(hu.min()) >= 0.0:
-        hu = hu * np.float32(meta["slope"]) + np.float32(meta["intercept"])
-    return hu.astype(np.float32, copy=False), meta["spacing"] or spacing
+        if not hu.flags.writeable:
+            hu = hu.copy()
+        hu *= np.float32(meta["slope"])
+        hu += np.float32(meta["intercept"])
+    return hu, meta["spacing"] or spacing

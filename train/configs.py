@@ -102,4 +102,9 @@ class FinetuneConfig:
     zero: bool = option(False, "under torchrun: ZeRO stage 1, AdamW state sharded over the ranks", flag="--zero")
     save_every: int = option(100, "steps between resumable checkpoints", min=1)
     seed: int = option(0, "seed of the batches, the new weights and LoRA's dropout")
+    loader_workers: int = option(2, "from a prepared cache: DataLoader processes reading scans", min=0)
+    shuffle_buffer: int = option(256, "from a prepared cache: scans in each rank's shuffle buffer", min=1)
+    embedding_cache: bool = option(True, "from a prepared cache with a frozen ViT: read its embeddings "
+                                         "(samf-train embed) instead of running the ViT, when the cache has them",
+                                   flag="--embedding-cache/--no-embedding-cache")
     extra: dict = field(default_factory=dict)

@@ -52,10 +52,56 @@ class Example:
     findings: dict
     questions: list = field(default_factory=list)
 
+    @property
+    def model_input(self) -> np.ndarray:
+        """What the image encoder takes for this scan (a cached example may hand ViT embeddings instead)."""
+        return self.slices
+
+
+@dataclass
+class ScanEntry:
+    """One scan of a dataset before it is read: where it is, how to read it, and its texts. Listing a dataset
+    is cheap; reading and preprocessing (:meth:`slices`) is the cost that ``samf-train prepare`` pays once."""
+
+    image: str                    # the dataset's own name for the scan (CSV path, CT-RATE VolumeName)
+    path: str
+    report: str
+    findings: dict
+    questions: list = field(default_factory=list)
+    ctrate_meta: dict | None = None
+
+    def slices(self, pre: PreprocessConfig) -> np.ndarray:
+        """The model input, read by the runtime's loader and preprocessed as the runtime does."""
+        return preprocess(load_scan(self.path, ctrate_meta=self.ctrate_meta), pre)
+
+    def example(self, pre: PreprocessConfig) -> Example:
+        return Example(image=self.image, slices=self.slices(pre), report=self.report, findings=self.findings,
+                       questions=self.questions)
+
+    def texts(self) -> dict:
+        """What a cache's index keeps of the entry: everything but where the scan was read from."""
+        return dict(image=self.image, report=self.report, findings=self.findings, questions=self.questions)
+
+
+def load_entries(entries: list, pre: PreprocessConfig, desc: str, progress: bool = True) -> list:
+    """Every entry read and preprocessed into memory, as :class:`Example` s (small datasets; a large one goes
+    through ``samf-train prepare``)."""
+    return [e.example(pre) for e in progress_bar(entries, desc=desc, disable=not progress, unit="scan")]
+
 
 def load_split(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
                limit: int | None = None) -> list:
     """A split of a SAMF/phantom dataset folder: ``SPLIT.csv`` plus ``questions.jsonl`` or ``mcq_SPLIT.csv``."""
+    by_image = _split_questions(data_dir, split)
+    return load_samf_csv(os.path.join(data_dir, f"{split}.csv"), pre, by_image, progress, limit)
+
+
+def list_split(data_dir: str, split: str) -> list:
+    """The :class:`ScanEntry` s of a SAMF/phantom dataset's split (see :func:`load_split`)."""
+    return list_samf_csv(os.path.join(data_dir, f"{split}.csv"), _split_questions(data_dir, split))
+
+
+def _split_questions(data_dir: str, split: str) -> dict:
     by_image: dict = {}
     qpath = os.path.join(data_dir, "questions.jsonl")
     if os.path.exists(qpath):
@@ -67,7 +113,7 @@ def load_split(data_dir: str, split: str, pre: PreprocessConfig, progress: bool 
     if os.path.exists(mcq):
         for image, qs in read_mcq_csv(mcq).items():
             by_image.setdefault(image, []).extend(qs)
-    return load_samf_csv(os.path.join(data_dir, f"{split}.csv"), pre, by_image, progress, limit)
+    return by_image
 
 
 def read_mcq_csv(csv_path: str) -> dict:
@@ -115,18 +161,20 @@ def _label(text: str):
     return value if isinstance(value, dict) else {"label": value}
 
 
+def list_samf_csv(csv_path: str, questions: dict | None = None) -> list:
+    """The SAMF README's CSV (``image, caption, label``) as :class:`ScanEntry` s. Image paths are absolute or
+    relative to the CSV's folder."""
+    root = os.path.dirname(os.path.abspath(csv_path))
+    return [ScanEntry(image=r["image"], path=os.path.join(root, r["image"]), report=r["caption"],
+                      findings=_label(r.get("label", "")), questions=(questions or {}).get(r["image"], []))
+            for r in _read_csv(csv_path, ("image", "caption"))]
+
+
 def load_samf_csv(csv_path: str, pre: PreprocessConfig, questions: dict | None = None, progress: bool = True,
                   limit: int | None = None) -> list:
-    """The SAMF README's CSV (``image, caption, label``): scans read with the runtime's loader and preprocessed
-    as the runtime does. Image paths are absolute or relative to the CSV's folder."""
-    root = os.path.dirname(os.path.abspath(csv_path))
-    rows = _read_csv(csv_path, ("image", "caption"))[:limit]
-    out = []
-    for r in progress_bar(rows, desc=f"load {os.path.basename(csv_path)}", disable=not progress, unit="scan"):
-        vol = load_scan(os.path.join(root, r["image"]))
-        out.append(Example(image=r["image"], slices=preprocess(vol, pre), report=r["caption"],
-                           findings=_label(r.get("label", "")), questions=(questions or {}).get(r["image"], [])))
-    return out
+    """The SAMF README's CSV, its scans read with the runtime's loader and preprocessed as the runtime does."""
+    return load_entries(list_samf_csv(csv_path, questions)[:limit], pre, f"load {os.path.basename(csv_path)}",
+                        progress)
 
 
 def text_corpus(examples: list) -> list:
@@ -148,9 +196,12 @@ _SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "va
 
 
 def dataset_kind(data_dir: str) -> str:
-    """``samf`` (SAMF CSV / phantoms), ``ctrate`` or ``m3d``, from the folder's layout."""
+    """``samf`` (SAMF CSV / phantoms), ``ctrate``, ``m3d`` or ``cache`` (``samf-train prepare``), from the
+    folder's layout."""
     if not os.path.isdir(data_dir):
         raise DataError(f"dataset folder not found: {data_dir}")
+    if os.path.exists(os.path.join(data_dir, "samf-cache.json")):
+        return "cache"
     if os.path.isdir(os.path.join(data_dir, "radiology_text_reports")):
         return "ctrate"
     if os.path.exists(os.path.join(data_dir, "M3D_Cap.json")):
@@ -161,26 +212,55 @@ def dataset_kind(data_dir: str) -> str:
                     "radiology_text_reports/ (CT-RATE) or M3D_Cap.json (M3D))")
 
 
-def load_dataset(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
-                 limit: int | None = None) -> list:
-    """One split of any supported dataset folder, as :class:`Example` s."""
+def list_dataset(data_dir: str, split: str) -> list:
+    """One split of any supported dataset folder, as :class:`ScanEntry` s (nothing read yet)."""
     kind = dataset_kind(data_dir)
+    if kind == "cache":
+        raise DataError(f"{data_dir} is a prepared cache, not a dataset to read scans from")
     if split not in _SPLITS:
         raise DataError(f"unknown split {split!r} (train, valid, test)")
     if kind == "ctrate":
-        return load_ctrate_release(data_dir, _SPLITS[split], pre, progress=progress, limit=limit)
+        return list_ctrate_release(data_dir, _SPLITS[split])
     if kind == "m3d":
-        return load_m3d(data_dir, _SPLITS[split], pre, progress=progress, limit=limit)
+        return list_m3d(data_dir, _SPLITS[split])
     name = split if os.path.exists(os.path.join(data_dir, f"{split}.csv")) else _SPLITS[split]
     if not os.path.exists(os.path.join(data_dir, f"{name}.csv")):
         raise DataError(f"{data_dir} has no {split}.csv")
-    return load_split(data_dir, name, pre, progress=progress, limit=limit)
+    return list_split(data_dir, name)
+
+
+def dataset_splits(data_dir: str) -> list:
+    """The splits a dataset folder has, by their common names (train, valid, test)."""
+    kind = dataset_kind(data_dir)
+    out = []
+    for split in ("train", "valid", "test"):
+        try:
+            list_dataset(data_dir, split)
+        except DataError:
+            continue
+        out.append(split)
+    if kind == "ctrate" and "test" in out:  # CT-RATE's test is its valid: the same scans once
+        out.remove("test")
+    return out
+
+
+def load_dataset(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
+                 limit: int | None = None):
+    """One split of any supported dataset folder, as :class:`Example` s in memory; for a cache made by
+    ``samf-train prepare``, its split read lazily from disk (:class:`samf.train.scan_cache.CachedSplit`)."""
+    if dataset_kind(data_dir) == "cache":
+        from .scan_cache import ScanCache
+
+        cache = ScanCache(data_dir)
+        cache.check_preprocess(pre)
+        return cache.split(_SPLITS.get(split, split)).head(limit)
+    desc = f"{os.path.basename(os.path.normpath(data_dir))} {split}"
+    return load_entries(list_dataset(data_dir, split)[:limit], pre, desc, progress)
 
 
 # ------------------------------------------------------------------------------------------ M3D
 
-def load_m3d(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
-             limit: int | None = None) -> list:
+def list_m3d(data_dir: str, split: str) -> list:
     """M3D-Cap captions (``M3D_Cap.json``) with the M3D-VQA questions of the same volumes when present.
 
     Volumes are M3D's normalised .npy (see :mod:`samf.runtime.ct`); entries whose files are missing are
@@ -198,15 +278,21 @@ def load_m3d(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = 
         if os.path.exists(path):
             questions = read_mcq_csv(path)
             break
-    rows = [r for r in index[key] if os.path.exists(os.path.join(data_dir, r["image"]))][:limit]
     out = []
-    for r in progress_bar(rows, desc=f"M3D {key}", disable=not progress, unit="scan"):
+    for r in index[key]:
+        if not os.path.exists(os.path.join(data_dir, r["image"])):
+            continue
         with open(os.path.join(data_dir, r["text"]), encoding="utf-8") as f:
             text = " ".join(f.read().split())
-        vol = load_scan(os.path.join(data_dir, r["image"]))
-        out.append(Example(image=r["image"], slices=preprocess(vol, pre), report=text, findings={},
-                           questions=questions.get(r["image"], [])))
+        out.append(ScanEntry(image=r["image"], path=os.path.join(data_dir, r["image"]), report=text, findings={},
+                             questions=questions.get(r["image"], [])))
     return out
+
+
+def load_m3d(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
+             limit: int | None = None) -> list:
+    """M3D's split in memory (see :func:`list_m3d`)."""
+    return load_entries(list_m3d(data_dir, split)[:limit], pre, f"M3D {split}", progress)
 
 
 # ------------------------------------------------------------------------------------------ CT-RATE
@@ -216,11 +302,11 @@ def ctrate_report(row: dict) -> str:
     return " ".join(t.strip() for t in (row.get("Findings_EN", ""), row.get("Impressions_EN", "")) if t and t.strip())
 
 
-def load_ctrate(root: str, split_dir: str, reports_csv: str, pre: PreprocessConfig, metadata_csv: str | None = None,
-                labels_csv: str | None = None, limit: int | None = None, progress: bool = True) -> list:
-    """CT-RATE volumes of one split (``train``/``valid`` or ``*_fixed``) with their reports (and labels).
+def list_ctrate(root: str, split_dir: str, reports_csv: str, metadata_csv: str | None = None,
+                labels_csv: str | None = None) -> list:
+    """CT-RATE volumes of one split (``train``/``valid`` or ``*_fixed``) with their reports (and labels), as
+    :class:`ScanEntry` s carrying each volume's metadata row (spacing and rescale).
 
-    Volumes are read by the runtime's loader, with spacing/rescale from the metadata CSV when given.
     Rows whose volume is not on disk are skipped (CT-RATE is often downloaded in part).
     """
     from samf.runtime.ctrate import ctrate_path, read_metadata
@@ -232,19 +318,24 @@ def load_ctrate(root: str, split_dir: str, reports_csv: str, pre: PreprocessConf
             for r in csv.DictReader(f):
                 name = r.pop("VolumeName")
                 labels[name] = {k: bool(int(float(v))) for k, v in r.items()}
-    rows = [r for r in _read_csv(reports_csv, ("VolumeName", "Findings_EN", "Impressions_EN"))
-            if os.path.exists(ctrate_path(root, split_dir, r["VolumeName"]))]
     out = []
-    for r in progress_bar(rows[:limit], desc=f"CT-RATE {split_dir}", disable=not progress, unit="scan"):
+    for r in _read_csv(reports_csv, ("VolumeName", "Findings_EN", "Impressions_EN")):
         name = r["VolumeName"]
-        vol = load_scan(ctrate_path(root, split_dir, name), ctrate_meta=meta.get(name))
-        out.append(Example(image=name, slices=preprocess(vol, pre), report=ctrate_report(r),
-                           findings=labels.get(name, {})))
+        path = ctrate_path(root, split_dir, name)
+        if os.path.exists(path):
+            out.append(ScanEntry(image=name, path=path, report=ctrate_report(r), findings=labels.get(name, {}),
+                                 ctrate_meta=meta.get(name)))
     return out
 
 
-def load_ctrate_release(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
-                        limit: int | None = None) -> list:
+def load_ctrate(root: str, split_dir: str, reports_csv: str, pre: PreprocessConfig, metadata_csv: str | None = None,
+                labels_csv: str | None = None, limit: int | None = None, progress: bool = True) -> list:
+    """CT-RATE's split in memory (see :func:`list_ctrate`)."""
+    return load_entries(list_ctrate(root, split_dir, reports_csv, metadata_csv, labels_csv)[:limit], pre,
+                        f"CT-RATE {split_dir}", progress)
+
+
+def list_ctrate_release(data_dir: str, split: str) -> list:
     """CT-RATE's official split (``train`` or ``valid``; ``test`` means ``valid``, CT-RATE has no other)
     from its release folder, preferring the fixed (already-HU) volumes when they are there."""
     split = "valid" if split == "test" else split
@@ -262,7 +353,6 @@ def load_ctrate_release(data_dir: str, split: str, pre: PreprocessConfig, progre
             raise DataError(f"{data_dir}/{folder}/ has no {prefixes[0]}*.csv")
         return None
 
-    return load_ctrate(data_dir, vol_dir, find("radiology_text_reports", long, split), pre,
+    return list_ctrate(data_dir, vol_dir, find("radiology_text_reports", long, split),
                        metadata_csv=find("metadata", long, split, required=False),
-                       labels_csv=find("multi_abnormality_labels", split, long, required=False),
-                       limit=limit, progress=progress)
+                       labels_csv=find("multi_abnormality_labels", split, long, required=False))

@@ -83,7 +83,8 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
                   log=None, ckpt=None, dist=None) -> list:
     """Train ``vit`` in place (it ends as the teacher backbone, as DINO ships); returns the loss per step.
 
-    ``slices [M, C, H, W]``: single slices pooled from all planes of the training scans. ``ckpt``: a
+    ``slices [M, C, H, W]``: single slices pooled from all planes of the training scans (an array, or a
+    :class:`samf.train.scan_cache.CachedSlices` that reads each drawn slice from a prepared cache). ``ckpt``: a
     :class:`samf.train.checkpoint.StageCheckpoint` to resume from and save to. ``dist``: a
     :class:`samf.train.distributed.DistributedContext` (default: from the environment). Under torchrun, as in
     DINO's own code, each rank crops its own batch, the student is DDP-wrapped with synchronised BatchNorm
@@ -107,7 +108,7 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         p.requires_grad_(False)
     opt = dist.optimizer(student.parameters(), zero=cfg.zero, lr=cfg.lr, weight_decay=cfg.weight_decay)
     center = torch.zeros(1, cfg.out_dim, device=dev)
-    data = torch.from_numpy(slices)
+    data = torch.from_numpy(slices) if isinstance(slices, np.ndarray) else slices  # or a cache's slice pool
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
     losses, start = [], 0
     state = ckpt.load() if ckpt else None
@@ -130,7 +131,7 @@ def pretrain_dino(vit: VisionTransformer, slices: np.ndarray, cfg: DinoConfig, p
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-        x = data[idx]
+        x = data[idx] if torch.is_tensor(data) else torch.from_numpy(data[idx.numpy()])
         g_crops = [c.to(dev) for c in random_crops(x, 2, size, cfg.global_scale, gen)]
         l_crops = [c.to(dev) for c in random_crops(x, cfg.n_local_crops, local, cfg.local_scale, gen)]
         s_out = model(g_crops + l_crops).chunk(2 + cfg.n_local_crops)

@@ -48,12 +48,61 @@ def accumulate_gradients(model, micro_batches: list, autocast, dist) -> float:
     n_items = sum(len(answer) + 1 for batch in micro_batches for _, _, answer in batch)  # + the answer end
     total = 0.0
     for i, batch in enumerate(micro_batches):
-        slices = torch.from_numpy(np.stack([ex.slices for ex, _, _ in batch])).to(dist.device)
+        slices = torch.from_numpy(np.stack([ex.model_input for ex, _, _ in batch])).to(dist.device)
         with autocast, dist.no_sync_unless(model, i == len(micro_batches) - 1):
             loss = model(slices, [p for _, p, _ in batch], [a for _, _, a in batch], num_items=n_items)
             loss.backward()
         total += float(loss.detach())
     return total
+
+
+def _cached_embeddings(examples, vlm, cfg: FinetuneConfig, dist):
+    """The frozen ViT's embeddings in the cache being trained from (``samf-train embed``), or None: the ViT runs.
+    A cache holding embeddings of another ViT is said once, as the step is then several times slower."""
+    from .scan_cache import CachedSplit
+
+    if not (isinstance(examples, CachedSplit) and cfg.freeze_vit and cfg.embedding_cache):
+        return None
+    from .embed_cache import find_embeddings, other_embeddings, vit_fingerprint
+
+    key = vit_fingerprint(vlm.encoder.vit)
+    found = find_embeddings(examples.cache, key)
+    if found is None and other_embeddings(examples.cache) and dist.is_main:
+        print(f"note: {examples.cache.path} has embeddings of ViT(s) {', '.join(other_embeddings(examples.cache))}"
+              f", not of this run's ({key}); the ViT runs at every step (samf-train embed makes them)")
+    return found
+
+
+def _model_input(ex, embeddings) -> np.ndarray:
+    if embeddings is None:
+        return ex.model_input
+    return embeddings.read(ex.split_name, ex.row).astype(np.float32)
+
+
+class _Draw:
+    """The examples of each step: drawn at random from an in-memory list (with replacement), or the next ones of
+    this rank's stream from a prepared cache, from where a resumed run stopped."""
+
+    def __init__(self, examples, cfg: FinetuneConfig, dist, rng: random.Random, start_step: int, embeddings):
+        from .scan_cache import CachedSplit
+
+        self.examples, self.rng, self.stream = examples, rng, None
+        if isinstance(examples, CachedSplit):
+            from .cache_stream import stream_examples
+
+            per_step = cfg.batch_size * cfg.grad_accum
+            self.stream = stream_examples(examples, cfg.seed, dist.rank, dist.world_size, start=start_step * per_step,
+                                          workers=cfg.loader_workers, buffer=cfg.shuffle_buffer, embeddings=embeddings)
+
+    def __call__(self, n: int) -> list:
+        if self.stream is None:
+            return [self.rng.choice(self.examples) for _ in range(n)]
+        return [next(self.stream) for _ in range(n)]
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
 
 
 def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
@@ -116,7 +165,8 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         if frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
-    vlm.encoder.calibrate(torch.from_numpy(ex.slices) for ex in calibration_sample(examples))
+    embeddings = _cached_embeddings(examples, vlm, cfg, dist)
+    vlm.encoder.calibrate(torch.from_numpy(_model_input(ex, embeddings)) for ex in calibration_sample(examples))
     vlm.to(dist.device)
     params = [p for p in vlm.parameters() if p.requires_grad]
     vit_ids = {id(p) for p in vlm.encoder.vit.parameters()}
@@ -135,6 +185,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
             set_rng_state(own, rng)
         else:  # saved with another number of ranks: each rank starts a fresh stream, reproducibly
             rng.seed(hash((cfg.seed, dist.rank, start)))
+    draw = _Draw(examples, cfg, dist, rng, start, embeddings)
     model = dist.wrap(vlm)
     vlm.train()
     log = MetricsLog(run_dir)
@@ -145,7 +196,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, g["base_lr"], max(1, cfg.steps // 20))
         opt.zero_grad(set_to_none=True)
-        chosen = [rng.choice(examples) for _ in range(cfg.batch_size * cfg.grad_accum)]
+        chosen = draw(cfg.batch_size * cfg.grad_accum)
         samples = [(ex, *_task_sample(ex, tok, rng, mcq_fraction)) for ex in chosen]
         micro_batches = [samples[i: i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
         step_loss = accumulate_gradients(model, micro_batches, autocast, dist)
@@ -159,6 +210,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         ckpt.save_from_every_rank(step + 1, dist, opt, lambda: rng_state(rng), lambda: {
             "model": {k: v for k, v in vlm.state_dict().items() if k in trainable}, "losses": losses})
 
+    draw.close()  # the cache's DataLoader workers
     if dist.is_main:
         with atomic_dir(os.path.join(run_dir, "finetune")) as d:
             vlm.llm.save_pretrained(d)

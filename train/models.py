@@ -264,13 +264,19 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, slice_batches) -> None:
-        """Set the standardisation from an iterable of ``[K, C, H, W]`` slice tensors (no graph is kept: at
-        ViT-B/16 size the activations of a few scans would fill the memory)."""
-        z = torch.cat([self.vit(x) for x in slice_batches])
+        """Set the standardisation from an iterable of ``[K, C, H, W]`` slice tensors, or of ``[K, D2]`` ViT
+        outputs already computed (the embedding cache). No graph is kept: at ViT-B/16 size the activations of a
+        few scans would fill the memory."""
+        z = torch.cat([x.float() if x.dim() == 2 else self.vit(x) for x in slice_batches])
         self.slice_mean.copy_(z.mean(0))
         self.slice_std.copy_(z.std(0).clamp(min=1e-4))
 
     def forward(self, slices: torch.Tensor):
+        """``[B, K, C, H, W]`` slices, or ``[B, K, D2]`` outputs of this (frozen) ViT computed beforehand by
+        ``samf-train embed``: the standardisation and the aggregator are the same for both."""
         B, K = slices.shape[:2]
-        z2d = self.embed_slices(slices.flatten(0, 1)).reshape(B, K, -1)
+        if slices.dim() == 3:
+            z2d = (slices.to(self.slice_mean.dtype) - self.slice_mean) / self.slice_std
+        else:
+            z2d = self.embed_slices(slices.flatten(0, 1)).reshape(B, K, -1)
         return z2d, self.aggregator(z2d)

@@ -43,6 +43,13 @@ WARMUP_FILE = "aggregator_warmup.pt"
 
 # ------------------------------------------------------------------------------------------ presets
 
+#: The presets' preprocessing, also what ``samf-train prepare --preset`` caches a dataset with.
+PRESET_PREPROCESS = {
+    "tiny": PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6),
+    "paper": PreprocessConfig(image_size=224, pixel_spacing_mm=1.5, slices_per_plane=8),
+}
+
+
 def _llm_width(llm_path: str) -> int:
     return int(read_llm_config(llm_path)["hidden_size"])
 
@@ -50,7 +57,7 @@ def _llm_width(llm_path: str) -> int:
 def tiny_preset(llm_path: str | None = None) -> dict:
     """Sizes for tests and the demo: minutes on 2 CPU cores, same classes as the paper's model. Without
     ``llm_path`` the LLM is a tiny Phi-3 built in-process; with one, that folder's model (fusion at its width)."""
-    pre = PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6)
+    pre = PRESET_PREPROCESS["tiny"]
     llm = TinyLLMConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
     if llm_path:
         llm = dataclasses.replace(llm, hidden_size=_llm_width(llm_path))
@@ -66,7 +73,7 @@ def tiny_preset(llm_path: str | None = None) -> dict:
 
 def paper_preset(llm_path: str) -> dict:
     """DINO ViT-B/16 at 224², 3×8 slices, 32 volume tokens, Phi-3-mini (3072 wide) from a local path."""
-    pre = PreprocessConfig(image_size=224, pixel_spacing_mm=1.5, slices_per_plane=8)
+    pre = PRESET_PREPROCESS["paper"]
     width = _llm_width(llm_path)
     image = ImageConfig(aggregator=AggregatorConfig(n_slices=pre.n_slices),
                         fusion=FusionConfig(d_text=width, d_llm=width))

@@ -73,7 +73,10 @@ def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | Non
                               write=dist.is_main)
     ckpt = StageCheckpoint(run_dir, "pretrain-2d", conf, every=cfg.save_every, restart=restart and dist.is_main)
     dist.barrier()
-    slices = np.concatenate([e.slices for e in examples])
+    from .scan_cache import CachedSlices, CachedSplit
+
+    cached = isinstance(examples, CachedSplit)  # a cache's slices are read as they are drawn
+    slices = CachedSlices(examples) if cached else np.concatenate([e.slices for e in examples])
     losses = pretrain_dino(vit, slices, cfg, progress=progress, log=MetricsLog(run_dir), ckpt=ckpt, dist=dist)
     if dist.is_main:
         with atomic_file(os.path.join(run_dir, DINO_FILE), "wb") as f:
@@ -85,7 +88,8 @@ def stage_pretrain_2d(run_dir: str, examples: list, cfg, dino_weights: str | Non
 
 # -------------------------------------------------------------------------------------- warmup-3d
 
-def _image_encoder(run_dir: str, image_cfg: ImageConfig | None = None):
+def pretrained_image_encoder(run_dir: str, image_cfg: ImageConfig | None = None):
+    """The image encoder with the run's DINO ViT (RUN/vit_dino.pt) when pretrain-2d wrote one."""
     from .models import ImageEncoder
 
     image_cfg = image_cfg or ImageConfig.from_dict(read_run(run_dir)["image"])
@@ -110,7 +114,7 @@ def stage_warmup_3d(run_dir: str, examples: list, cfg=None, progress: bool = Tru
     write_stage_config(run_dir, "warmup-3d", cfg)
     run = read_run(run_dir)
     torch.manual_seed(cfg.seed)  # the aggregator's initial weights (and the ViT's when there is no DINO run)
-    enc = _image_encoder(run_dir).eval()
+    enc = pretrained_image_encoder(run_dir).eval()
     enc.calibrate(torch.from_numpy(ex.slices) for ex in calibration_sample(examples))
     enc.to(dev)
     with torch.no_grad():
