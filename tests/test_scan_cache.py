@@ -91,6 +91,20 @@ def _prepare_cmd(data, out):
             "--workers", "2", "--shard-size", "3", "--quiet"]
 
 
+def _orphans() -> list:
+    """Processes of prepare's spawned workers still alive (they should end with their parent)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd and os.getppid() != int(pid):
+            out.append(int(pid))
+    return out
+
+
 def _kill_when(cmd, ready) -> bool:
     """Start ``cmd`` and kill -9 it as soon as ``ready()`` holds (polling the files it writes); False when it
     finished first."""
@@ -129,8 +143,8 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_clean_cache(tmp_path):
         subprocess.run(_prepare_cmd(data, out), check=True)
         _same_tree(clean, out)
         assert not [f for f in _files(out) if ".tmp-" in f]
-    print("killed", killed)
     assert sum(killed) >= 5   # most moments were caught (a fast write can finish before it is seen)
+    assert not _orphans(), "worker processes outlived a killed prepare"
 
 
 def test_refusals_are_one_line(tmp_path):
@@ -337,5 +351,4 @@ def test_peak_memory_does_not_grow_with_the_cache(tmp_path):
     for name, cache in (("50", small), ("500", big)):
         r = subprocess.run([sys.executable, "-c", _PEAK, run, cache], capture_output=True, text=True, check=True)
         peaks[name] = int(r.stdout.split()[-1])
-    print(peaks)
     assert abs(peaks["500"] - peaks["50"]) <= 0.10 * peaks["50"], peaks
