@@ -193,6 +193,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
                initial=start, total=cfg.steps)
     t0, seen = time.time(), 0
     for step in bar:
+        t_step = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, g["base_lr"], max(1, cfg.steps // 20))
         opt.zero_grad(set_to_none=True)
@@ -206,7 +207,8 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         losses.append(step_loss)
         seen += cfg.batch_size * cfg.grad_accum * dist.world_size
         bar.set_postfix(loss=f"{step_loss:.3f}", scans_s=f"{seen / (time.time() - t0):.1f}")
-        log({"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16})
+        log({"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16,
+             "step_s": round(time.perf_counter() - t_step, 4)})
         ckpt.save_from_every_rank(step + 1, dist, opt, lambda: rng_state(rng), lambda: {
             "model": {k: v for k, v in vlm.state_dict().items() if k in trainable}, "losses": losses})
 
