@@ -1,11 +1,13 @@
 """Run by test_training under torchrun (2 CPU ranks, gloo): one short stage, recorded per rank.
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py STAGE RUN DATA OUT [--zero] [--crash-at N]
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py STAGE RUN DATA OUT [--zero] [--crash-at N] [--cache]
 
 Writes OUT/rank<R>.json with the losses the stage returned and, after every optimizer step, the sum of all
 trained weights (equal on both ranks only if DDP really averaged their gradients) and how many parameters
 this rank keeps AdamW moments for (all of them, or its share under ZeRO). ``--crash-at N`` interrupts the
-run just before its N-th optimizer step, as a killed job would be; the stage checkpoints every 2 steps.
+run just before its N-th optimizer step, as a killed job would be; the stage checkpoints every 2 steps. With
+``--cache``, DATA is a cache made by ``samf-train prepare`` that the stage streams (one loader worker per rank),
+and the record also holds the scans this rank was given, in order.
 """
 
 import json
@@ -46,9 +48,24 @@ def main() -> None:
 
     cls.step = recorded_step
     pre = PreprocessConfig.from_dict(R.read_run(run)["preprocess"])
-    exs = load_split(data, "train", pre, progress=False)[:8]
+    cached = "--cache" in sys.argv
+    if cached:
+        from samf.train import cache_stream
+        from samf.train.data import load_dataset
+
+        record["scans"] = []
+        real_init = cache_stream.StreamedScan.__init__
+
+        def recorded_init(self, split, index, *a):
+            record["scans"].append(index)
+            real_init(self, split, index, *a)
+
+        cache_stream.StreamedScan.__init__ = recorded_init
+        exs = load_dataset(data, "train", pre)
+    else:
+        exs = load_split(data, "train", pre, progress=False)[:8]
     if stage == "finetune":
-        cfg = FT.FinetuneConfig(steps=STEPS, batch_size=2, save_every=2, zero=zero)
+        cfg = FT.FinetuneConfig(steps=STEPS, batch_size=2, save_every=2, zero=zero, loader_workers=1)
     else:
         stage, cfg = "pretrain-2d", DinoConfig(steps=STEPS, batch_size=4, save_every=2, zero=zero)
     losses = run_recipe(run, exs, stages=(stage,), configs={stage: cfg}, progress=False)[stage]

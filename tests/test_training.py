@@ -284,8 +284,9 @@ WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
-def _launch(quick, tmp_path, stage, name, *args, ranks=2, fresh=True):
-    """Run the worker (under torchrun with ``ranks`` 2) in its own run folder; its per-rank records."""
+def _launch(quick, tmp_path, stage, name, *args, ranks=2, fresh=True, data=None):
+    """Run the worker (under torchrun with ``ranks`` 2) in its own run folder, on ``data`` (the quick run's
+    phantoms by default); its per-rank records."""
     import json
     import subprocess
     import sys
@@ -296,7 +297,7 @@ def _launch(quick, tmp_path, stage, name, *args, ranks=2, fresh=True):
         copy_shared(quick.run, str(run))
     out.mkdir(parents=True)
     launcher = [sys.executable, *(TORCHRUN if ranks == 2 else ())]
-    proc = subprocess.run([*launcher, WORKER, stage, str(run), quick.data, str(out), *args],
+    proc = subprocess.run([*launcher, WORKER, stage, str(run), data or quick.data, str(out), *args],
                           capture_output=True, text=True, timeout=600)
     return proc, [json.load(open(out / f)) for f in sorted(os.listdir(out))]
 
@@ -315,6 +316,33 @@ def test_two_ranks_average_their_gradients(quick, tmp_path, stage):
     assert r0["losses"] == r1["losses"]                              # the logged loss is the mean over ranks
     assert r0["sums"][0] != pytest.approx(single["sums"][0], rel=1e-9)  # rank 1's batch counted
     assert r0["losses"][0] != pytest.approx(single["losses"][0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_disjoint_shares_of_a_cache_and_resume_in_it(quick, tmp_path):
+    """finetune from a prepared cache under torchrun: in each epoch the two ranks are given different scans,
+    together all of them; the weights stay equal; killed after its checkpoint, the run resumes at its place in
+    the stream, to the weights and the scans of a run never stopped."""
+    from samf.runtime.preprocess import PreprocessConfig
+    from samf.train.run_folder import read_run
+    from samf.train.scan_cache import prepare_cache
+
+    cache = str(tmp_path / "cache")
+    pre = PreprocessConfig.from_dict(read_run(quick.run)["preprocess"])
+    prepare_cache(quick.data, cache, pre, splits=["train"], progress=False, echo=lambda m: None)
+    proc, (r0, r1) = _launch(quick, tmp_path, "finetune", "ddp", "--cache", data=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert r0["sums"] == pytest.approx(r1["sums"], rel=1e-12)
+    n = len(quick.train)                       # 16 scans: an epoch is 8 per rank, the 4 steps × 2 take 8
+    assert len(r0["scans"]) == len(r1["scans"]) == n // 2
+    assert sorted(r0["scans"] + r1["scans"]) == list(range(n))
+
+    proc, _ = _launch(quick, tmp_path, "finetune", "killed", "--cache", "--crash-at", "4", data=cache)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    proc, (k0, k1) = _launch(quick, tmp_path, "finetune", "killed", "--cache", fresh=False, data=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert k0["scans"] == r0["scans"][4:] and k1["scans"] == r1["scans"][4:]   # steps 3-4: where it stopped
+    assert k0["sums"] == pytest.approx(r0["sums"][2:], rel=1e-9) and k0["losses"] == pytest.approx(r0["losses"])
 
 
 @pytest.mark.slow

@@ -104,7 +104,10 @@ def stream_examples(split: CachedSplit, seed: int, rank: int, world: int, start:
                     buffer: int = 256, embeddings=None):
     """An endless iterator of :class:`StreamedScan` for one rank, read by ``workers`` DataLoader processes."""
     stream = ScanStream(split, seed, rank, world, buffer, start, embeddings)
+    # The DataLoader draws its workers' base seed from a generator: its own, so that starting the loader does
+    # not advance torch's global RNG (LoRA's dropout), which a resumed run restores from its checkpoint.
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         prefetch_factor=2 if workers else None)
+                                         prefetch_factor=2 if workers else None,
+                                         generator=torch.Generator().manual_seed(seed))
     for item in loader:
         yield StreamedScan(split, int(item["index"]), item["image"], embeddings is not None)

@@ -22,6 +22,12 @@
       DATA/M3D_Cap.json                  {"train"|"validation"|"test": [{"image": "<npy>", "text": "<txt>"}]}
       DATA/ct_quizze/000001/Axial_....npy, .../text.txt    (paths as the JSON gives them, under DATA)
       DATA/M3D_VQA_{train,val,test}.csv  Image Path, Question, Choice A..D, Answer Choice, Answer, ... (optional)
+
+- A cache that ``samf-train prepare`` made from any of these (``samf-cache.json``; :mod:`samf.train.scan_cache`):
+  its splits are read lazily from disk, and training streams them.
+
+Each layout is first listed (:func:`list_dataset`: :class:`ScanEntry` s, nothing read), then read: into memory by
+:func:`load_dataset`, or once into a cache by ``prepare``.
 """
 
 from __future__ import annotations

@@ -68,12 +68,14 @@ def decode(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32)
 
 
-def listing_sha256(entries: list) -> str:
-    """A fingerprint of a split's listing: which scans, from where, with which texts. A resumed prepare whose
-    listing differs (the dataset changed) would mix two datasets in one cache, so it is refused."""
+def listing_sha256(entries: list, root: str) -> str:
+    """A fingerprint of a split's listing: which scans, from where under ``root``, with which texts. A resumed
+    prepare whose listing differs (the dataset changed) would mix two datasets in one cache, so it is refused;
+    the dataset's folder itself may move."""
     h = hashlib.sha256()
     for e in entries:
-        h.update(json.dumps([e.image, e.path, e.texts(), e.ctrate_meta], sort_keys=True, default=list).encode())
+        where = os.path.relpath(e.path, root)
+        h.update(json.dumps([e.image, where, e.texts(), e.ctrate_meta], sort_keys=True, default=list).encode())
     return h.hexdigest()
 
 
@@ -120,9 +122,8 @@ class _Shard:
 def _plan(data_dir: str, pre: PreprocessConfig, splits: list, storage: str, shard_size: int) -> tuple:
     listings = {s: list_dataset(data_dir, s) for s in splits}
     plan = dict(format=CACHE_FORMAT, version=CACHE_VERSION, kind=dataset_kind(data_dir), preprocess=pre.to_dict(),
-                storage=storage,
-                shard_size=shard_size,
-                listing={s: dict(scans=len(e), sha256=listing_sha256(e)) for s, e in listings.items()})
+                storage=storage, shard_size=shard_size,
+                listing={s: dict(scans=len(e), sha256=listing_sha256(e, data_dir)) for s, e in listings.items()})
     return plan, listings
 
 
