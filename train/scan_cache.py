@@ -104,7 +104,7 @@ def _read_one(entry: ScanEntry, pre: PreprocessConfig, storage: str):
     """In a worker process: (stored slices, None) or (None, the one-line reason the scan is rejected)."""
     try:
         return encode(entry.slices(pre), storage), None
-    except (SamfError, OSError) as e:
+    except (SamfError, OSError, MemoryError) as e:
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -220,17 +220,26 @@ def prepare_cache(data_dir: str, out: str, pre: PreprocessConfig, splits: list |
             remove_stale_temporaries(p)
     total = sum(len(e) for e in listings.values())
     left = sum(len(s.entries) for s in todo)
-    log = open(os.path.join(out, "prepare.log"), "a")  # noqa: SIM115 (closed below; appended through the run)
-    log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start: {left} of {total} scans to read, {workers} worker(s)\n")
-    t0 = time.perf_counter()
-    bar = progress_bar(total=total, initial=total - left, desc="prepare", unit="scan", disable=not progress)
+    with open(os.path.join(out, "prepare.log"), "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start: {left} of {total} scans to read, {workers} worker(s)\n")
+        t0 = time.perf_counter()
+        _read_shards(out, todo, pre, storage, workers, log, t0,
+                     progress_bar(total=total, initial=total - left, desc="prepare", unit="scan", disable=not progress))
+        record = _finish(out, plan, shards)
+        took = time.perf_counter() - t0
+        log.write(f"done: {left} scans in {took:.1f} s ({left / max(took, 1e-9):.2f} scans/s)\n")
+    return record
+
+
+def _read_shards(out: str, todo: list, pre, storage: str, workers: int, log, t0: float, bar) -> None:
+    """Read the scans of the ``todo`` shards (in worker processes when ``workers`` > 1) and write each shard as
+    soon as its last scan is read."""
     pool = None if workers <= 1 else cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                             initializer=_die_with_parent)
     try:
         jobs = ((s, e) for s in todo for e in s.entries)
-        window: list = []   # futures in dataset order; at most 2 per worker ahead of the one awaited
         rows: dict = {}
-        for shard, result in _bounded(jobs, window, pool, pre, storage, 2 * max(1, workers)):
+        for shard, result in _bounded(jobs, pool, pre, storage, 2 * max(1, workers)):
             key = (shard.split, shard.number)
             rows.setdefault(key, []).append(result)
             bar.update(1)
@@ -238,20 +247,19 @@ def prepare_cache(data_dir: str, out: str, pre: PreprocessConfig, splits: list |
                 _write_shard(out, shard, rows.pop(key), storage, pre)
                 log.write(f"{shard.split}/{shard_name(shard.number)}: {time.perf_counter() - t0:.1f} s\n")
                 log.flush()
+    except cf.BrokenExecutor:
+        raise DataError(f"a prepare worker died (out of memory?): the shards written so far are kept; run the same "
+                        f"command again, with fewer --workers than {workers} if it recurs") from None
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    record = _finish(out, plan, shards)
-    took = time.perf_counter() - t0
-    log.write(f"done: {left} scans in {took:.1f} s ({left / max(took, 1e-9):.2f} scans/s)\n")
-    log.close()
-    return record
 
 
-def _bounded(jobs, window: list, pool, pre, storage, ahead: int):
-    """Each job's (shard, (stored, reason)) in job order, with at most ``ahead`` jobs in flight."""
-    jobs = iter(jobs)
+def _bounded(jobs, pool, pre, storage, ahead: int):
+    """Each job's (shard, (stored, reason)) in job order, with at most ``ahead`` jobs in flight (the results that
+    are read ahead wait in memory: a few scans, not a dataset)."""
+    jobs, window = iter(jobs), []
 
     def submit():
         job = next(jobs, None)
