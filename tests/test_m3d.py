@@ -130,3 +130,19 @@ def test_unknown_folder_is_refused_in_one_line(tmp_path):
     with pytest.raises(DataError, match="missing column"):
         load_dataset(str(tmp_path), "train", PRE, progress=False)
     assert os.path.exists(tmp_path / "train.csv")
+
+
+def test_m3d_through_a_prepared_cache(phantom, tmp_path):
+    """samf-train prepare reads M3D's layout as load_dataset does: the same texts and questions, slices within the
+    cache's 1/255."""
+    from samf.train.scan_cache import prepare_cache
+
+    _write_m3d_tree(tmp_path / "m3d", phantom)
+    out = str(tmp_path / "cache")
+    record = prepare_cache(str(tmp_path / "m3d"), out, PRE, progress=False, echo=lambda m: None)
+    assert {s: v["scans"] for s, v in record["splits"].items()} == {"train": 2, "valid": 1, "test": 0}
+    fresh = load_dataset(str(tmp_path / "m3d"), "train", PRE, progress=False)
+    cached = load_dataset(out, "train", PRE)
+    for c, e in zip(cached, fresh):
+        assert (c.image, c.report, c.questions) == (e.image, e.report, e.questions)
+        assert np.abs(c.slices - e.slices).max() <= 0.5 / 127.5 + 1e-6
