@@ -246,9 +246,11 @@ class LlamaCppLLM:
             out["logits"] = np.stack(logits) if logits else np.zeros((0, self.n_vocab), np.float32)
         return out
 
-    def generate_many(self, requests, stop: set, max_new_tokens: int = 256):
+    def generate_many(self, requests, stop: set, max_new_tokens: int = 256, on_token=None):
         """Greedy decoding of many requests, up to ``n_seq`` at once: yields ``(key, result)`` as each finishes,
         ``result`` as :meth:`generate` gives it (None for a request whose ``rows`` is None: passed through).
+        ``on_token(key, ids)``, when given, is called with a request's ids so far each time one is added (a
+        service streams them).
 
         ``requests``: an iterable of ``(key, head, rows, tail)``, drawn only when a sequence is free, so a long
         worklist is never held in memory. Each step decodes one ``llama_batch`` holding the next token of every
@@ -256,6 +258,11 @@ class LlamaCppLLM:
         request (continuous batching). Decoding is memory bound, so the sequences share each read of the
         weights. A request's prefill runs alone, between two steps."""
         pending, free, active, drained = iter(requests), list(range(self.n_seq))[::-1], {}, False
+
+        def took(state):
+            if on_token is not None and state["greedy"].ids:
+                on_token(state["key"], state["greedy"].ids)
+
         while True:
             while free and not drained:
                 request = next(pending, None)
@@ -274,6 +281,7 @@ class LlamaCppLLM:
                              started=time.perf_counter())
                 state["prefill_s"] = state["started"] - t0
                 state["token"] = state["greedy"].take(self._logits_at(-1))
+                took(state)
                 if state["token"] is None:
                     free.append(seq)
                     yield key, self._finished(state)
@@ -293,7 +301,10 @@ class LlamaCppLLM:
             for s, scores in zip(seqs, logits):
                 state = active[s]
                 state["pos"] += 1
+                n = len(state["greedy"].ids)
                 state["token"] = state["greedy"].take(scores)
+                if len(state["greedy"].ids) > n:
+                    took(state)
                 if state["token"] is None:
                     done.append(s)
             for s in done:

@@ -291,7 +291,7 @@ class ReportPipeline:
         return mcq_choice_of(res.text), res
 
     def report_many(self, scans, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
-                    load=None):
+                    load=None, on_text=None):
         """Reports for many scans with one load of the engines: yields ``(scan, Result)`` or ``(scan, error)``
         (a :class:`SamfError` or other exception, with its one-line reason) as each finishes, not in order.
 
@@ -300,7 +300,8 @@ class ReportPipeline:
         the engines work, the encoders run as a scan's turn comes, and llama.cpp decodes up to
         ``config.parallel`` reports together (:meth:`LlamaCppLLM.generate_many`): a report finished frees its
         sequence for the next scan. At most ``parallel + prefetch`` scans are held at a time, whatever the length
-        of ``scans``. Greedy reports are the ones :meth:`report` gives."""
+        of ``scans``. Greedy reports are the ones :meth:`report` gives. ``on_text(scan, text so far)`` is called
+        as each token of a report is decoded."""
         import collections
         from concurrent.futures import ThreadPoolExecutor
 
@@ -336,7 +337,9 @@ class ReportPipeline:
                 yield key, lay.head(), prefix, lay.tail(prompt_ids)
 
         with ThreadPoolExecutor(max_workers=max(1, self.config.prefetch), thread_name_prefix="samf-load") as pool:
-            for key, out in self.llm.generate_many(requests(pool), stop, max_new_tokens):
+            streamed = None if on_text is None else (
+                lambda key, ids: on_text(waiting[key][0], self.llm.detokenize(ids)))
+            for key, out in self.llm.generate_many(requests(pool), stop, max_new_tokens, on_token=streamed):
                 entry = waiting.pop(key)
                 if out is None:
                     yield entry

@@ -1,0 +1,264 @@
+"""``samf serve``: the bundle loaded once behind a local HTTP API, jobs queued in SQLite (:mod:`samf.runtime.jobs`).
+
+Why FastAPI on uvicorn: the OpenAPI schema comes from the routes' own types, Starlette streams server-sent events
+from the same process, uvicorn is the ASGI server most deployments already know, and all three are well kept.
+Flask has neither the schema nor async streaming without add-ons.
+
+Safety: binds 127.0.0.1 unless told otherwise, and refuses any other address without a bearer token; uploads
+over the size limit get 413, a full queue 429; path inputs must lie under ``--input-dir``; a bad scan fails its
+own job; logs carry job ids, states and timings only.
+"""
+
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import time
+
+from samf.errors import SamfError
+from samf.runtime.jobs import JobRunner, JobStore, UploadError, kind_of_upload, path_within, unpack_dicom_zip
+
+API_VERSION = "v1"
+
+
+class ServiceConfig:
+    """What the HTTP layer needs besides the store and the runner."""
+
+    def __init__(self, token: str | None = None, max_upload_mb: int = 2048, max_queue: int = 256,
+                 input_dirs: tuple = (), max_tokens: int = 256, identity: dict | None = None):
+        self.token, self.max_upload = token, max_upload_mb << 20
+        self.max_queue, self.input_dirs, self.max_tokens = max_queue, list(input_dirs), max_tokens
+        self.identity = identity or {}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
+    """The ASGI application (FastAPI)."""
+    from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    app = FastAPI(title="samf report service", version=API_VERSION,
+                  description="CT scans in, radiology reports out (unverified AI output: not for diagnostic use).")
+
+    class Refused(Exception):
+        def __init__(self, status: int, message: str):
+            self.status, self.message = status, message
+
+    @app.exception_handler(Refused)
+    async def refused(_, exc: Refused):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.middleware("http")
+    async def size_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_upload + (1 << 20):
+            return JSONResponse({"error": f"upload larger than the {cfg.max_upload >> 20} MB accepted"},
+                                status_code=413)
+        return await call_next(request)
+
+    def authorized(request: Request) -> None:
+        if cfg.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), cfg.token.encode())):
+            raise Refused(401, "a bearer token is required (Authorization: Bearer TOKEN)")
+
+    def admit() -> None:
+        counts = store.counts()
+        if counts["queued"] + counts["running"] >= cfg.max_queue:
+            raise Refused(429, f"the queue is full ({cfg.max_queue} jobs); try again later")
+
+    def save_upload(job_id: str, upload) -> str:
+        """The uploaded scan copied into the job's folder: a NIfTI file, or a DICOM zip unpacked."""
+        folder = store.input_dir(job_id)
+        raw, size = os.path.join(folder, "upload"), 0
+        with open(raw, "wb") as out:
+            while True:
+                block = upload.file.read(1 << 20)
+                if not block:
+                    break
+                size += len(block)
+                if size > cfg.max_upload:
+                    raise Refused(413, f"upload larger than the {cfg.max_upload >> 20} MB accepted")
+                out.write(block)
+        with open(raw, "rb") as f:
+            kind = kind_of_upload(f.read(512))
+        if kind == "zip":
+            path = unpack_dicom_zip(raw, os.path.join(folder, "series"), cfg.max_upload * 4)
+            os.remove(raw)
+            return path
+        path = os.path.join(folder, "scan.nii.gz" if kind == "nifti.gz" else "scan.nii")
+        os.replace(raw, path)
+        return path
+
+    def submit(kind: str, scan: UploadFile | None, path: str | None, params: dict) -> dict:
+        if (scan is None) == (not path):
+            raise Refused(400, "give the scan as the multipart field 'scan' or a 'path' (one of them)")
+        admit()
+        job_id = store.new_id()
+        try:
+            if scan is not None:
+                source, owned = save_upload(job_id, scan), True
+            else:
+                if not cfg.input_dirs:
+                    raise Refused(403, "this service takes no paths (start it with --input-dir)")
+                source, owned = path_within(path, cfg.input_dirs), False
+                if not os.path.exists(source):
+                    raise Refused(404, "no such scan under the input folders")
+        except UploadError as e:
+            shutil.rmtree(os.path.join(store.inputs, job_id), ignore_errors=True)
+            raise Refused(403 if "input folders" in str(e) else 400, str(e)) from None
+        except Refused:
+            shutil.rmtree(os.path.join(store.inputs, job_id), ignore_errors=True)
+            raise
+        store.add(job_id, kind, source, owned, params)
+        runner.wake.set()
+        logging.getLogger("samf.service").info("job %s queued (%s, %s)", job_id, kind, "upload" if owned else "path")
+        return {"id": job_id}
+
+    def tokens(n: int | None) -> int:
+        if n is not None and not 1 <= n <= cfg.max_tokens:
+            raise Refused(400, f"max_tokens must be 1..{cfg.max_tokens} (the service's --max-tokens)")
+        return n or cfg.max_tokens
+
+    @app.post("/v1/reports", status_code=202, dependencies=[Depends(authorized)])
+    def post_report(scan: UploadFile | None = File(None), path: str | None = Form(None),
+                    request: str | None = Form(None), max_tokens: int | None = Form(None)) -> dict:
+        """Queue a report: a NIfTI upload or a zip of one DICOM series (field ``scan``), or a ``path`` under the
+        service's input folders. Returns the job's id."""
+        return submit("report", scan, path, {"request": request, "max_tokens": tokens(max_tokens)})
+
+    @app.post("/v1/vqa", status_code=202, dependencies=[Depends(authorized)])
+    def post_vqa(question: str = Form(...), choices: list[str] = Form(...), scan: UploadFile | None = File(None),
+                 path: str | None = Form(None)) -> dict:
+        """Queue a multiple-choice question about a scan (four ``choices`` fields). Returns the job's id."""
+        if len(choices) != 4 or not all(c.strip() for c in choices) or not question.strip():
+            raise Refused(400, "a question and exactly four non-empty choices are needed")
+        return submit("vqa", scan, path, {"question": question, "choices": choices, "max_tokens": 32})
+
+    def job_view(job_id: str) -> dict:
+        job = store.get(job_id)
+        if job is None:
+            raise Refused(404, "no such job")
+        out = {k: job[k] for k in ("id", "kind", "status", "created", "started", "finished")}
+        out.update(job.get("result", {}))
+        if "error" in job:
+            out["error"] = job["error"]
+        return out
+
+    @app.get("/v1/reports/{job_id}", dependencies=[Depends(authorized)])
+    def get_report(job_id: str) -> dict:
+        """A job's status (queued, running, done, failed); when done its report, timings and the bundle's
+        identity; when failed its one-line error."""
+        return job_view(job_id)
+
+    @app.get("/v1/vqa/{job_id}", dependencies=[Depends(authorized)])
+    def get_vqa(job_id: str) -> dict:
+        """A question's job, as for reports, with ``answer`` (the letter) when done."""
+        return job_view(job_id)
+
+    @app.get("/v1/reports/{job_id}/stream", dependencies=[Depends(authorized)])
+    async def stream(job_id: str):
+        """The report's text as it is generated, as server-sent events: ``data: {"text": piece}`` for each
+        piece, then ``event: done`` with the job (as ``GET /v1/reports/{id}`` gives it)."""
+        if store.get(job_id) is None:
+            raise Refused(404, "no such job")
+
+        async def events():
+            seen = 0
+            while True:
+                job = store.get(job_id)
+                if job["status"] in ("done", "failed"):
+                    text = job.get("result", {}).get("report", "")
+                    if len(text) > seen:
+                        yield f"data: {json.dumps({'text': text[seen:]})}\n\n"
+                    yield f"event: done\ndata: {json.dumps(job_view(job_id))}\n\n"
+                    return
+                live = runner.stream(job_id)
+                text, ended = await asyncio.to_thread(live.wait, seen, 1.0)
+                if len(text) > seen:
+                    yield f"data: {json.dumps({'text': text[seen:]})}\n\n"
+                    seen = len(text)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """Alive, the bundle it serves, and the queue."""
+        return {"status": "ok", "bundle": cfg.identity, "jobs": store.counts()}
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
+    def metrics() -> PlainTextResponse:
+        """Prometheus text: queue depth, jobs by state, scans per minute, p50/p95 latency (submission to end)."""
+        return PlainTextResponse(metrics_text(store, runner), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def metrics_text(store: JobStore, runner: JobRunner) -> str:
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    reg = CollectorRegistry()
+    counts = store.counts()
+    Gauge("samf_queue_depth", "jobs waiting to run", registry=reg).set(counts["queued"])
+    jobs = Gauge("samf_jobs", "jobs by state", ["state"], registry=reg)
+    for state, n in counts.items():
+        jobs.labels(state).set(n)
+    now = time.time()
+    Gauge("samf_scans_per_minute", "jobs finished in the last minute", registry=reg).set(
+        sum(1 for t in runner.finished if now - t <= 60.0))
+    lat = sorted(s for _, s in runner.latencies)
+    q = Gauge("samf_latency_seconds", "submission to end, over the last 1000 jobs", ["quantile"], registry=reg)
+    for name, p in (("0.5", 0.5), ("0.95", 0.95)):
+        q.labels(name).set(lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan"))
+    return generate_latest(reg).decode()
+
+
+def serve(bundle: str, host: str, port: int, work: str, token: str | None, input_dirs: tuple, max_upload_mb: int,
+          max_queue: int, parallel: int, max_tokens: int, engines: dict) -> None:
+    """Load the bundle, recover the queue, serve until interrupted."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise SamfError("samf serve needs the service's libraries: pip install 'samf[serve]'") from None
+
+    from samf.runtime.pipeline import ReportPipeline
+
+    if not is_loopback(host) and not token:
+        raise SamfError(f"binding {host} (not this machine only) needs a bearer token: --token or SAMF_TOKEN")
+    for d in input_dirs:
+        if not os.path.isdir(d):
+            raise SamfError(f"--input-dir {d}: not a folder")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.makedirs(work, exist_ok=True)
+    store = JobStore(work)
+    requeued = store.recover()
+    pipe = ReportPipeline(bundle, parallel=parallel, max_new_tokens=max_tokens, **engines)
+    runner = JobRunner(store, pipe, batch=max(4 * parallel, 8))
+    cfg = ServiceConfig(token, max_upload_mb, max_queue, input_dirs, max_tokens, pipe.identity)
+    app = create_app(store, runner, cfg)
+    runner.start()
+    log = logging.getLogger("samf.service")
+    log.info("serving %s on %s:%d (%d job(s) resumed)", pipe.identity.get("llm"), host, port, requeued)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        runner.stop()
+        runner.join(timeout=30)
+        pipe.close()
+        store.close()

@@ -1,0 +1,310 @@
+"""The report service's jobs: a queue kept in SQLite, so a restart loses none, and one worker thread that runs
+them through the loaded pipeline (:meth:`ReportPipeline.report_many` for reports, several decoded together).
+
+A job moves queued -> running -> done | failed. A job found ``running`` when the service starts was cut short
+(a crash, kill -9): it is queued again and runs from the start. A job's scan is copied into the service's work
+folder when it is submitted (an upload, or a zip of a DICOM series unpacked) and removed when the job ends;
+a path input stays where it is. Nothing here logs a file name, a path or a report: only job ids, states and
+timings (file names and paths can carry patient identifiers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+import zipfile
+from collections import deque
+
+from samf.errors import SamfError
+
+log = logging.getLogger("samf.service")
+
+STATES = ("queued", "running", "done", "failed")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,            -- report | vqa
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    scan TEXT NOT NULL,            -- the path the job reads
+    owned INTEGER NOT NULL,        -- 1: the scan is the service's copy, removed when the job ends
+    params TEXT NOT NULL,          -- JSON: the request, max tokens, the question and choices
+    result TEXT,                   -- JSON, when done
+    error TEXT                     -- one line, when failed
+)
+"""
+
+
+class UploadError(SamfError):
+    """An upload the service cannot take (what it is, or its size); the HTTP layer answers 4xx with it."""
+
+
+class JobStore:
+    """Jobs in ``WORK/jobs.sqlite3``; uploaded scans under ``WORK/inputs/<id>/``. Safe to use from several
+    threads (one connection, one lock: the service writes a few rows a second)."""
+
+    def __init__(self, work: str):
+        self.work = work
+        self.inputs = os.path.join(work, "inputs")
+        os.makedirs(self.inputs, exist_ok=True)
+        self._db = sqlite3.connect(os.path.join(work, "jobs.sqlite3"), check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _q(self, sql: str, args=()) -> list:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def recover(self) -> int:
+        """Queue again every job a previous run left running; how many."""
+        with self._lock:
+            n = self._db.execute("UPDATE jobs SET status='queued', started=NULL WHERE status='running'").rowcount
+        for (job_id,) in self._q("SELECT id FROM jobs WHERE status IN ('done','failed') AND owned=1"):
+            shutil.rmtree(os.path.join(self.inputs, job_id), ignore_errors=True)  # ended jobs' leftovers
+        return n
+
+    def new_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def input_dir(self, job_id: str) -> str:
+        path = os.path.join(self.inputs, job_id)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def add(self, job_id: str, kind: str, scan: str, owned: bool, params: dict) -> None:
+        self._q("INSERT INTO jobs (id, kind, status, created, scan, owned, params) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, kind, time.time(), scan, int(owned), json.dumps(params)))
+
+    def get(self, job_id: str) -> dict | None:
+        rows = self._q("SELECT id, kind, status, created, started, finished, result, error FROM jobs WHERE id=?",
+                       (job_id,))
+        if not rows:
+            return None
+        job_id, kind, status, created, started, finished, result, error = rows[0]
+        out = dict(id=job_id, kind=kind, status=status, created=created, started=started, finished=finished)
+        if result is not None:
+            out["result"] = json.loads(result)
+        if error is not None:
+            out["error"] = error
+        return out
+
+    def claim(self, limit: int) -> list:
+        """Up to ``limit`` queued jobs, oldest first, marked running: ``(id, kind, scan, params)``."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, kind, scan, params FROM jobs WHERE status='queued' ORDER BY created "
+                                    "LIMIT ?", (limit,)).fetchall()
+            now = time.time()
+            for row in rows:
+                self._db.execute("UPDATE jobs SET status='running', started=? WHERE id=?", (now, row[0]))
+        return [(i, k, s, json.loads(p)) for i, k, s, p in rows]
+
+    def _end(self, job_id: str, status: str, result: dict | None, error: str | None) -> None:
+        self._q("UPDATE jobs SET status=?, finished=?, result=?, error=? WHERE id=?",
+                (status, time.time(), None if result is None else json.dumps(result), error, job_id))
+        owned = self._q("SELECT owned FROM jobs WHERE id=?", (job_id,))
+        if owned and owned[0][0]:
+            shutil.rmtree(os.path.join(self.inputs, job_id), ignore_errors=True)
+
+    def finish(self, job_id: str, result: dict) -> None:
+        self._end(job_id, "done", result, None)
+
+    def fail(self, job_id: str, error: str) -> None:
+        self._end(job_id, "failed", None, error)
+
+    def counts(self) -> dict:
+        out = dict.fromkeys(STATES, 0)
+        out.update(dict(self._q("SELECT status, COUNT(*) FROM jobs GROUP BY status")))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+NIFTI_GZ_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def kind_of_upload(head: bytes) -> str:
+    """``nifti.gz``, ``nifti`` or ``zip`` from an upload's first bytes; :class:`UploadError` otherwise."""
+    if head.startswith(NIFTI_GZ_MAGIC):
+        return "nifti.gz"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if len(head) >= 348 and head[344:347] in (b"n+1", b"n+2"):
+        return "nifti"
+    raise UploadError("the upload is neither a NIfTI file (.nii, .nii.gz) nor a zip of a DICOM series")
+
+
+def unpack_dicom_zip(zip_path: str, out_dir: str, max_bytes: int) -> str:
+    """A zip of one DICOM series unpacked into ``out_dir`` (a folder the runtime reads as a series). Members
+    are written under flat names (no path from the archive is used), and the unpacked size is capped at
+    ``max_bytes`` (a zip bomb is refused before it fills the disk)."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if not members:
+                raise UploadError("the zip holds no files")
+            if sum(m.file_size for m in members) > max_bytes:
+                raise UploadError(f"the zip unpacks to more than the {max_bytes // (1 << 20)} MB accepted")
+            os.makedirs(out_dir, exist_ok=True)
+            written = 0
+            for i, m in enumerate(members):
+                with zf.open(m) as src, open(os.path.join(out_dir, f"{i:06d}.dcm"), "wb") as dst:
+                    while True:
+                        block = src.read(1 << 20)
+                        if not block:
+                            break
+                        written += len(block)
+                        if written > max_bytes:
+                            raise UploadError(f"the zip unpacks to more than the {max_bytes // (1 << 20)} MB "
+                                              "accepted")
+                        dst.write(block)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError) as e:
+        raise UploadError(f"not a readable zip ({type(e).__name__})") from None
+    return out_dir
+
+
+def path_within(path: str, folders: list) -> str:
+    """``path`` resolved (symbolic links followed), refused unless it lies in one of ``folders``."""
+    real = os.path.realpath(path)
+    for folder in folders:
+        root = os.path.realpath(folder)
+        if real == root or real.startswith(root + os.sep):
+            return real
+    raise UploadError("the path is not under the service's input folders (--input-dir)")
+
+
+# ------------------------------------------------------------------------------------------ running
+
+class TextStream:
+    """A running report's text as it is decoded, for the stream endpoint; ``wait(n)`` blocks until the text is
+    longer than ``n`` characters or the report ended."""
+
+    def __init__(self):
+        self.text, self.ended = "", False
+        self._cond = threading.Condition()
+
+    def update(self, text: str) -> None:
+        with self._cond:
+            self.text = text
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> tuple:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.text) > seen or self.ended, timeout)
+            return self.text, self.ended
+
+
+class JobRunner(threading.Thread):
+    """The worker: claims queued jobs and runs them on ``pipeline``; reports go through ``report_many`` up to
+    ``batch`` at a time (decoded ``pipeline.config.parallel`` together), questions one by one. A job that
+    fails takes only itself down, with its one-line reason."""
+
+    def __init__(self, store: JobStore, pipeline, batch: int = 16, latency_window: int = 1000):
+        super().__init__(name="samf-jobs", daemon=True)
+        self.store, self.pipeline, self.batch = store, pipeline, batch
+        self.wake = threading.Event()
+        self.stopping = False
+        self.streams: dict = {}
+        self.latencies: deque = deque(maxlen=latency_window)   # (finished at, seconds from submission)
+        self.finished: deque = deque(maxlen=100_000)            # finish times, for scans per minute
+
+    def stream(self, job_id: str) -> TextStream:
+        return self.streams.setdefault(job_id, TextStream())
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.stopping:
+            jobs = self.store.claim(self.batch)
+            if not jobs:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            reports = [j for j in jobs if j[1] == "report"]
+            for job in jobs:
+                if job[1] == "vqa":
+                    self._answer(job)
+            if reports:
+                self._reports(reports)
+
+    def _done(self, job_id: str, result: dict | None, error: str | None) -> None:
+        created = self.store.get(job_id)["created"]
+        if error is None:
+            self.store.finish(job_id, result)
+        else:
+            self.store.fail(job_id, error)
+        now = time.time()
+        self.latencies.append((now, now - created))
+        self.finished.append(now)
+        stream = self.streams.pop(job_id, None)
+        if stream is not None:
+            stream.end()
+        log.info("job %s %s in %.2f s", job_id, "done" if error is None else "failed", now - created)
+
+    @staticmethod
+    def _one_line(e: Exception) -> str:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return text if isinstance(e, SamfError) else f"{type(e).__name__}: {text}"
+
+    def _reports(self, jobs: list) -> None:
+        groups: dict = {}
+        for job in jobs:  # report_many takes one request and length: group the jobs that share them
+            groups.setdefault((job[3].get("request"), job[3].get("max_tokens", 256)), []).append(job)
+        for (request, max_tokens), group in groups.items():
+            def on_text(key, text):
+                self.stream(key.job_id).update(text)
+
+            keys = [_Key(job[0], job[2]) for job in group]
+            for key, res in self.pipeline.report_many(keys, request=request, max_new_tokens=max_tokens,
+                                                      on_text=on_text):
+                if isinstance(res, Exception):
+                    self._done(key.job_id, None, self._one_line(res))
+                else:
+                    self._done(key.job_id, result_record(res), None)
+
+    def _answer(self, job: tuple) -> None:
+        job_id, _, scan, params = job
+        try:
+            letter, res = self.pipeline.answer(scan, params["question"], params["choices"],
+                                               params.get("max_tokens", 32))
+        except Exception as e:  # noqa: BLE001 - a bad scan fails its own job only
+            self._done(job_id, None, self._one_line(e))
+            return
+        self._done(job_id, dict(result_record(res), answer=letter), None)
+
+
+class _Key(str):
+    """A scan path that also carries its job's id (report_many hands back what it was given)."""
+
+    def __new__(cls, job_id: str, scan: str):
+        obj = super().__new__(cls, scan)
+        obj.job_id = job_id
+        return obj
+
+
+def result_record(res) -> dict:
+    """What a finished job returns: the text, timings and the bundle's identity (no identifiers)."""
+    return dict(report=res.text, timings={k: round(v, 4) for k, v in res.timings.items()}, identity=res.identity,
+                scan=res.scan, new_tokens=len(res.token_ids))
