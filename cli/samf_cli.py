@@ -6,6 +6,7 @@ Runtime commands import no torch; ``demo`` trains, so it loads the training stac
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -125,9 +126,12 @@ def main():
                    "already reported (same path and content)")
 @click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="reports decoded together in a batch (each holds its own KV cache)")
+@click.option("--dicom-out", type=click.Path(file_okay=False), default=None,
+              help="for a DICOM series: also write the report as DICOM here, a Comprehensive 3D SR (sr.dcm) and an "
+                   "Encapsulated PDF with the slices (report_pdf.dcm), both flagged unverified AI output")
 @engine_options
 def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, out_dir, parallel,
-           threads, backend, encoders, gpu_layers, **scan_kw):
+           dicom_out, threads, backend, encoders, gpu_layers, **scan_kw):
     """Write the findings report for each SCAN (a .nii/.nii.gz, a DICOM series folder or an .npy, or a folder of
     scans) and each scan of --worklist.
 
@@ -142,13 +146,23 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
     items = expand_worklist(scans, worklists)
     engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
                    max_new_tokens=max_tokens, trusted_keys=trusted_keys)
-    if out_dir is None and not worklists and len(scans) == 1 and items == list(scans):
+    single = out_dir is None and not worklists and len(scans) == 1 and items == list(scans)
+    if dicom_out is not None and not (single and os.path.isdir(scans[0])):
+        raise click.UsageError("--dicom-out takes one DICOM series folder (the SR refers to its images)")
+    if single:
         # Refuse a bad scan before loading any model.
         vol = _load(scans[0], quiet=as_json, **scan_kw)
         # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than
         # repacking saves on one report); the LLM's context: the image rows, the request and max_tokens.
         with ReportPipeline(bundle_dir, repack=False, **engines) as pipe:
             res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
+            if dicom_out is not None:
+                from samf.runtime.dicom_out import write_dicom_results
+                from samf.runtime.preprocess import preprocess
+
+                written = write_dicom_results(scans[0], res.text, res.identity, dicom_out, preprocess(vol, pipe.pre),
+                                              pipe.pre.slices_per_plane, scan_kw.get("series"))
+                click.echo(f"DICOM: {', '.join(written)}", err=True)
         if as_json:
             click.echo(json.dumps(dict(scan=scans[0], report=res.text, timings_s=res.timings, identity=res.identity,
                                        encoders=res.identity["encoder_precision"], scan_info=res.scan,
@@ -240,8 +254,6 @@ def slices(scan, out_dir, bundle_dir, trusted_keys, **scan_kw):
 
 
 def _default_service_dir() -> str:
-    import os
-
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(state, "samf", "service")
 

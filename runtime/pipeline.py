@@ -136,7 +136,8 @@ class ReportPipeline:
         self._check_engines_fit()
         self.identity = dict(bundle=self.bundle.root, created=self.bundle.manifest.get("created"),
                              llm=llm.name, encoders=getattr(self.vit, "provider", cfg.backend),
-                             encoder_precision=self.precision, signed_by=self.bundle.signed_by)
+                             encoder_precision=self.precision, signed_by=self.bundle.signed_by,
+                             bundle_sha256=self.bundle.manifest.get("integrity", {}).get("manifest_sha256"))
 
     def _artifact(self, name: str, verify: bool):
         art = self.bundle.open(name, verify=verify)

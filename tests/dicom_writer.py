@@ -26,8 +26,15 @@ def _image_dataset(sop_class, modality: str, series_uid: str, study_uid: str, ro
     return ds
 
 
+#: Patient and study attributes a scanner writes (``write_series(..., patient=PATIENT)``), all made up.
+PATIENT = dict(PatientName="Doe^Jane", PatientID="PID-0042", PatientBirthDate="19600101", PatientSex="F",
+               StudyDate="20261130", StudyTime="101500", StudyID="S42", AccessionNumber="ACC-77",
+               ReferringPhysicianName="Who^Doctor")
+
+
 def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", series_uid: str | None = None,
-                 names=None, slope: float = 1.0, intercept: float = -1024.0, shuffle_instance=True) -> str:
+                 names=None, slope: float = 1.0, intercept: float = -1024.0, shuffle_instance=True,
+                 patient: dict | None = None) -> str:
     from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
     os.makedirs(folder, exist_ok=True)
@@ -42,6 +49,8 @@ def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", ser
     for k in range(nz):
         ds = _image_dataset(sop_class, modality, series_uid, study, ny, nx)
         ds.SeriesDescription = f"test {modality}"
+        for key, value in (patient or {}).items():
+            setattr(ds, key, value)
         ds.InstanceNumber = int(instance[k])
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]   # columns -> patient left, rows -> posterior (LPS)
         ds.ImagePositionPatient = [-100.0, -120.0, 50.0 + k * sz]

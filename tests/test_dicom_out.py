@@ -1,0 +1,74 @@
+"""The report back as DICOM: a Comprehensive 3D SR and an Encapsulated PDF from `samf report --dicom-out`, read
+back with pydicom and highdicom."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pydicom
+import pytest
+from dicom_writer import PATIENT, write_series
+
+from samf.runtime.phantom import make_phantom
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    p = make_phantom(33, shape=(24, 40, 40), spacing=(8.0, 9.0, 9.0))
+    folder = str(tmp_path_factory.mktemp("dicom") / "series")
+    uid = write_series(folder, p.volume, p.spacing, patient=PATIENT)
+    return folder, uid, p
+
+
+def _samf(*args):
+    return subprocess.run(["samf", *args], capture_output=True, text=True)
+
+
+def test_sr_and_pdf_carry_the_report_the_patient_and_the_algorithm(quick, series, tmp_path):
+    import highdicom as hd
+
+    folder, uid, _ = series
+    out = str(tmp_path / "out")
+    r = _samf("report", folder, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "32", "--dicom-out", out)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.strip()
+    sr = hd.sr.srread(os.path.join(out, "sr.dcm"))
+    source = pydicom.dcmread(os.path.join(folder, sorted(os.listdir(folder))[0]), stop_before_pixels=True)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"                # Comprehensive 3D SR
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "18748-4"
+    assert sr.ContentSequence[0].TextValue.strip() == text
+    assert sr.VerificationFlag == "UNVERIFIED" and "not for diagnostic use" in sr.SeriesDescription
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber"):
+        assert sr.get(key) == source.get(key), key
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == uid and len(evidence.ReferencedSOPSequence) == 24
+    equipment = sr.ContributingEquipmentSequence[0]
+    with open(os.path.join(quick.bundle, "manifest.json")) as f:
+        manifest_sha = json.load(f)["integrity"]
+    assert equipment.Manufacturer == "samf" and equipment.DeviceSerialNumber == manifest_sha["manifest_sha256"]
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"   # Processing Equipment
+
+    pdf = pydicom.dcmread(os.path.join(out, "report_pdf.dcm"))
+    assert pdf.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"                 # Encapsulated PDF
+    assert pdf.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert pdf.EncapsulatedDocument.startswith(b"%PDF-") and pdf.PatientID == source.PatientID
+    assert pdf.StudyInstanceUID == source.StudyInstanceUID and "not for diagnostic use" in pdf.SeriesDescription
+
+
+def test_refusals_write_nothing(quick, series, tmp_path):
+    folder, _, p = series
+    out = tmp_path / "out"
+    r = _samf("report", os.path.join(quick.data, "scans", "phantom_00000.nii.gz"), "--bundle", quick.bundle,
+              "--dicom-out", str(out))
+    assert r.returncode != 0 and "DICOM series folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    partial = tmp_path / "partial"
+    write_series(str(partial), p.volume, p.spacing, patient=PATIENT)
+    names = sorted(os.listdir(partial))
+    positions = sorted(names, key=lambda n: float(pydicom.dcmread(partial / n).ImagePositionPatient[2]))
+    os.remove(partial / positions[10])                                        # a slice lost in transfer
+    r = _samf("report", str(partial), "--bundle", quick.bundle, "--dicom-out", str(out))
+    assert r.returncode != 0 and "missing slices" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
