@@ -278,9 +278,17 @@ def _default_service_dir() -> str:
               help="reports decoded together")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072),
               help="the longest report a request may ask for")
+@click.option("--dicom-port", type=click.IntRange(min=1, max=65535), default=None,
+              help="also receive CT series over DICOM (C-STORE SCP, C-ECHO) on this port")
+@click.option("--ae-title", default="SAMF", show_default=True, help="this service's DICOM AE title")
+@click.option("--dicom-dest", default=None,
+              help="AE@HOST:PORT the SR and PDF of a DICOM-received series are sent to (C-STORE); default: written "
+                   "under WORK/dicom-out/<job id>/")
+@click.option("--series-settle", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="seconds without a new image after which a received series is complete")
 @engine_options
 def serve(bundle_dir, trusted_keys, quant, host, port, token, work, input_dirs, max_upload_mb, max_queue, parallel,
-          max_tokens, threads, backend, encoders, gpu_layers):
+          max_tokens, dicom_port, ae_title, dicom_dest, series_settle, threads, backend, encoders, gpu_layers):
     """Keep the bundle loaded and serve reports over HTTP (OpenAPI at /docs, /openapi.json): POST /v1/reports,
     GET /v1/reports/{id}[/stream], POST /v1/vqa, /healthz, /metrics. Jobs persist in WORK; a restart resumes
     them."""
@@ -288,8 +296,10 @@ def serve(bundle_dir, trusted_keys, quant, host, port, token, work, input_dirs, 
 
     engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
                    trusted_keys=trusted_keys)
+    dicom = None if dicom_port is None else dict(port=dicom_port, ae_title=ae_title, dest=dicom_dest,
+                                                 settle_s=series_settle)
     run_service(bundle_dir, host, port, work, token, input_dirs, max_upload_mb, max_queue, parallel, max_tokens,
-                engines)
+                engines, dicom)
 
 
 @main.command()

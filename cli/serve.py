@@ -229,8 +229,9 @@ def metrics_text(store: JobStore, runner: JobRunner) -> str:
 
 
 def serve(bundle: str, host: str, port: int, work: str, token: str | None, input_dirs: tuple, max_upload_mb: int,
-          max_queue: int, parallel: int, max_tokens: int, engines: dict) -> None:
-    """Load the bundle, recover the queue, serve until interrupted."""
+          max_queue: int, parallel: int, max_tokens: int, engines: dict, dicom: dict | None = None) -> None:
+    """Load the bundle, recover the queue, serve until interrupted. ``dicom``: ``port``, ``ae_title``,
+    ``dest`` (AE@HOST:PORT) or ``out_dir``, ``settle_s``, to receive series over DICOM as well."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -248,16 +249,36 @@ def serve(bundle: str, host: str, port: int, work: str, token: str | None, input
     os.makedirs(work, exist_ok=True)
     store = JobStore(work)
     requeued = store.recover()
+    if dicom and dicom.get("dest"):
+        from samf.runtime.dicom_net import parse_destination
+
+        parse_destination(dicom["dest"])  # refused before the bundle loads
     pipe = ReportPipeline(bundle, parallel=parallel, max_new_tokens=max_tokens, **engines)
-    runner = JobRunner(store, pipe, batch=max(4 * parallel, 8))
+    reply = scp = collector = None
+    if dicom:
+        from samf.runtime.dicom_net import DicomReply, SeriesCollector, queue_series, start_scp
+
+        reply = DicomReply(pipe, dicom.get("dest"), dicom.get("out_dir") or os.path.join(work, "dicom-out"),
+                           dicom["ae_title"])
+    runner = JobRunner(store, pipe, batch=max(4 * parallel, 8), reply=reply)
     cfg = ServiceConfig(token, max_upload_mb, max_queue, input_dirs, max_tokens, pipe.identity)
     app = create_app(store, runner, cfg)
     runner.start()
     log = logging.getLogger("samf.service")
+    if dicom:
+        collector = SeriesCollector(os.path.join(work, "dicom-in"), dicom["settle_s"],
+                                    queue_series(store, max_tokens, runner.wake.set))
+        collector.start()
+        scp = start_scp(dicom["ae_title"], host, dicom["port"], collector)
+        log.info("DICOM: %s listening on %s:%d, results to %s", dicom["ae_title"], host, dicom["port"],
+                 dicom.get("dest") or "a folder")
     log.info("serving %s on %s:%d (%d job(s) resumed)", pipe.identity.get("llm"), host, port, requeued)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:
+        if scp is not None:
+            scp.shutdown()
+            collector.stop()
         runner.stop()
         runner.join(timeout=30)
         pipe.close()

@@ -219,9 +219,10 @@ class JobRunner(threading.Thread):
     ``batch`` at a time (decoded ``pipeline.config.parallel`` together), questions one by one. A job that
     fails takes only itself down, with its one-line reason."""
 
-    def __init__(self, store: JobStore, pipeline, batch: int = 16, latency_window: int = 1000):
+    def __init__(self, store: JobStore, pipeline, batch: int = 16, latency_window: int = 1000, reply=None):
         super().__init__(name="samf-jobs", daemon=True)
         self.store, self.pipeline, self.batch = store, pipeline, batch
+        self.reply = reply  # reply(job id, scan, Result) for jobs that came over DICOM: the SR and PDF back
         self.wake = threading.Event()
         self.stopping = False
         self.streams: dict = {}
@@ -249,7 +250,7 @@ class JobRunner(threading.Thread):
             if reports:
                 self._reports(reports)
 
-    def _done(self, job_id: str, result: dict | None, error: str | None) -> None:
+    def _done(self, job_id: str, result: dict | None, error: str | None, scan: str | None = None) -> None:
         created = self.store.get(job_id)["created"]
         if error is None:
             self.store.finish(job_id, result)
@@ -261,7 +262,10 @@ class JobRunner(threading.Thread):
         stream = self.streams.pop(job_id, None)
         if stream is not None:
             stream.end()
-        log.info("job %s %s in %.2f s", job_id, "done" if error is None else "failed", now - created)
+        if error is None:
+            log.info("job %s done in %.2f s", job_id, now - created)
+        else:  # the reason, with the scan's own path (which may name the patient) left out
+            log.info("job %s failed in %.2f s: %s", job_id, now - created, error.replace(scan or "\0", "<scan>"))
 
     @staticmethod
     def _one_line(e: Exception) -> str:
@@ -276,13 +280,20 @@ class JobRunner(threading.Thread):
             def on_text(key, text):
                 self.stream(key.job_id).update(text)
 
-            keys = [_Key(job[0], job[2]) for job in group]
+            keys = [_Key(job[0], job[2], job[3]) for job in group]
             for key, res in self.pipeline.report_many(keys, request=request, max_new_tokens=max_tokens,
                                                       on_text=on_text):
                 if isinstance(res, Exception):
-                    self._done(key.job_id, None, self._one_line(res))
-                else:
-                    self._done(key.job_id, result_record(res), None)
+                    self._done(key.job_id, None, self._one_line(res), str(key))
+                    continue
+                if key.params.get("dicom") and self.reply is not None:
+                    try:
+                        self.reply(key.job_id, str(key), res)
+                    except Exception as e:  # noqa: BLE001 - the report stands; its delivery failed
+                        self._done(key.job_id, None, f"reported, but the DICOM results were not delivered: "
+                                                     f"{self._one_line(e)}", str(key))
+                        continue
+                self._done(key.job_id, result_record(res), None)
 
     def _answer(self, job: tuple) -> None:
         job_id, _, scan, params = job
@@ -290,7 +301,7 @@ class JobRunner(threading.Thread):
             letter, res = self.pipeline.answer(scan, params["question"], params["choices"],
                                                params.get("max_tokens", 32))
         except Exception as e:  # noqa: BLE001 - a bad scan fails its own job only
-            self._done(job_id, None, self._one_line(e))
+            self._done(job_id, None, self._one_line(e), scan)
             return
         self._done(job_id, dict(result_record(res), answer=letter), None)
 
@@ -298,9 +309,9 @@ class JobRunner(threading.Thread):
 class _Key(str):
     """A scan path that also carries its job's id (report_many hands back what it was given)."""
 
-    def __new__(cls, job_id: str, scan: str):
+    def __new__(cls, job_id: str, scan: str, params: dict):
         obj = super().__new__(cls, scan)
-        obj.job_id = job_id
+        obj.job_id, obj.params = job_id, params
         return obj
 
 

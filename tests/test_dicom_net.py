@@ -1,0 +1,116 @@
+"""samf serve's DICOM side against pynetdicom peers on localhost: a CT series sent by an SCU is reported and its SR
+and PDF arrive at a storage SCP (the "PACS"); a partial series gets no SR and a one-line reason in the log."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import httpx
+import pydicom
+import pytest
+from dicom_writer import PATIENT, write_series
+from service_runner import MAX_TOKENS, Server, free_port
+
+from samf.runtime.phantom import make_phantom
+
+
+class Pacs:
+    """A storage SCP that keeps what it is sent."""
+
+    def __init__(self):
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.port, self.received, self.lock = free_port(), [], threading.Lock()
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = AllStoragePresentationContexts
+
+        def on_store(event):
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            with self.lock:
+                self.received.append(ds)
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def wait(self, n: int, timeout: float = 120.0) -> list:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                if len(self.received) >= n:
+                    return list(self.received)
+            time.sleep(0.05)
+        raise AssertionError(f"the PACS received {len(self.received)} of {n} objects")
+
+
+def _send_series(folder: str, port: int, skip: int | None = None) -> list:
+    """C-ECHO then C-STORE every image of ``folder`` (but the ``skip``-th by position) to SAMF at ``port``."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    def height(name):
+        return float(pydicom.dcmread(os.path.join(folder, name)).ImagePositionPatient[2])
+
+    files = sorted(os.listdir(folder), key=height)
+    if skip is not None:
+        files.pop(skip)
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SAMF")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        return [assoc.send_c_store(pydicom.dcmread(os.path.join(folder, n))).Status for n in files]
+    finally:
+        assoc.release()
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(44, shape=(24, 40, 40), spacing=(8.0, 9.0, 9.0))
+
+
+def test_a_series_sent_over_dicom_comes_back_as_sr_and_pdf(quick, phantom, tmp_path):
+    import highdicom as hd
+
+    from samf.runtime.pipeline import ReportPipeline
+
+    folder = str(tmp_path / "series")
+    uid = write_series(folder, phantom.volume, phantom.spacing, patient=PATIENT)
+    partial = str(tmp_path / "partial")
+    write_series(partial, phantom.volume, phantom.spacing, patient=PATIENT)
+    with ReportPipeline(quick.bundle, quant="F32", max_new_tokens=MAX_TOKENS) as pipe:
+        expected = pipe.report(folder, max_new_tokens=MAX_TOKENS).text
+    pacs, port = Pacs(), free_port()
+    server = Server(quick.bundle, str(tmp_path / "work"), "--dicom-port", str(port), "--dicom-dest",
+                    f"PACS@127.0.0.1:{pacs.port}", "--series-settle", "1").wait_ready()
+    try:
+        assert set(_send_series(folder, port)) == {0x0000}
+        sr, pdf = sorted(pacs.wait(2), key=lambda ds: ds.Modality != "SR")
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" and pdf.MIMETypeOfEncapsulatedDocument == \
+            "application/pdf"
+        sr = hd.sr.Comprehensive3DSR.from_dataset(sr)
+        assert sr.ContentSequence[0].TextValue == expected
+        assert (sr.PatientName, sr.PatientID, sr.AccessionNumber) == (PATIENT["PatientName"], PATIENT["PatientID"],
+                                                                     PATIENT["AccessionNumber"])
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.SeriesInstanceUID == uid and sr.VerificationFlag == "UNVERIFIED"
+
+        # A series with a slice missing: no SR, and the log says why in one line.
+        assert set(_send_series(partial, port, skip=12)) == {0x0000}
+        end = time.monotonic() + 120
+        while httpx.get(server.url + "/healthz", timeout=10).json()["jobs"]["failed"] < 1:
+            assert time.monotonic() < end, "the partial series was not reported as failed"
+            time.sleep(0.05)
+        assert len(pacs.received) == 2
+        failed = [line for line in open(server.log) if " failed in " in line]
+        assert len(failed) == 1 and "missing slices" in failed[0]
+        log = open(server.log).read()
+        assert PATIENT["PatientName"] not in log and uid not in log and "Traceback" not in log
+    finally:
+        server.stop()
+        pacs.server.shutdown()
