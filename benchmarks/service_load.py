@@ -97,7 +97,8 @@ def main() -> None:
         wall = time.perf_counter() - t0
         lat = sorted(j["finished"] - j["created"] for j in jobs)
         res["concurrent"] = dict(
-            clients=args.clients, jobs=len(jobs), failed=sum(j["status"] != "done" for j in jobs), wall_s=round(wall, 2),
+            clients=args.clients, jobs=len(jobs), failed=sum(j["status"] != "done" for j in jobs),
+            wall_s=round(wall, 2),
             jobs_per_min=round(60 * len(jobs) / wall, 1), latency_p50_s=round(statistics.median(lat), 3),
             latency_p95_s=round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
             service_s_p50=round(statistics.median(j["timings"]["total"] for j in jobs if "timings" in j), 3))
