@@ -97,8 +97,11 @@ def start_scp(ae_title: str, host: str, port: int, collector: SeriesCollector):
             return 0xC210
         return 0x0000
 
-    return ae.start_server((host, port), block=False,
-                           evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)])
+    try:
+        return ae.start_server((host, port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)])
+    except OSError as e:
+        raise SamfError(f"DICOM port {host}:{port}: {e.strerror or e}") from None
 
 
 def send(datasets: list, destination: str, calling_ae: str = "SAMF") -> None:
