@@ -104,7 +104,6 @@ class _Draw:
             self.stream.close()
 
 
-
 def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
     image_cfg = ImageConfig.from_dict(read_run(run_dir)["image"])
     if cfg.ao2d is not None:
@@ -136,7 +135,9 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         raise ValueError(f"tasks must be {', '.join(TASKS[:-1])} or {TASKS[-1]}, not {cfg.tasks!r}")
     dist = DistributedContext.from_env()
     conf = write_stage_config(run_dir, "finetune", cfg, write=dist.is_main)
-    ckpt = StageCheckpoint(run_dir, "finetune", conf, every=cfg.save_every, restart=restart and dist.is_main)
+    # How many processes read the cache changes neither the order nor the weights: a resume may change it.
+    same_run = {k: v for k, v in conf.items() if k != "loader_workers"}
+    ckpt = StageCheckpoint(run_dir, "finetune", same_run, every=cfg.save_every, restart=restart and dist.is_main)
     dist.barrier()  # no rank may read a checkpoint that rank 0 is about to clear
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed * 1000 + dist.rank)
