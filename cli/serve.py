@@ -246,6 +246,7 @@ def serve(bundle: str, host: str, port: int, work: str, token: str | None, input
         if not os.path.isdir(d):
             raise SamfError(f"--input-dir {d}: not a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name peers and instances
     os.makedirs(work, exist_ok=True)
     store = JobStore(work)
     requeued = store.recover()
