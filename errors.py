@@ -1,6 +1,12 @@
 """The one exception type a user sees: the CLI prints its message on one line and exits non-zero."""
 
 
+def one_line(e: BaseException) -> str:
+    """An error as one line for a row or a log: a SamfError's own message, anything else prefixed by its type."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, SamfError) else f"{type(e).__name__}: {text}".rstrip(": ")
+
+
 class SamfError(Exception):
     """A problem with the user's input or environment (bad scan, broken bundle, missing engine)."""
 

@@ -9,12 +9,7 @@ import time
 
 import click
 
-
-def _error_line(e: BaseException) -> str:
-    from samf.errors import SamfError
-
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, SamfError) else f"{type(e).__name__}: {text}".rstrip(": ")
+from samf.errors import one_line
 
 
 def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dict, parallel: int,
@@ -40,7 +35,7 @@ def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dic
                            finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
                 if isinstance(res, BaseException):
                     failed += 1
-                    row.update(status="failed", error=_error_line(res))
+                    row.update(status="failed", error=one_line(res))
                     bar.write(f"failed: {scan}: {row['error']}")
                 else:
                     reported += 1

@@ -21,7 +21,7 @@ import uuid
 import zipfile
 from collections import deque
 
-from samf.errors import SamfError
+from samf.errors import SamfError, one_line
 
 log = logging.getLogger("samf.service")
 
@@ -267,11 +267,6 @@ class JobRunner(threading.Thread):
         else:  # the reason, with the scan's own path (which may name the patient) left out
             log.info("job %s failed in %.2f s: %s", job_id, now - created, error.replace(scan or "\0", "<scan>"))
 
-    @staticmethod
-    def _one_line(e: Exception) -> str:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return text if isinstance(e, SamfError) else f"{type(e).__name__}: {text}"
-
     def _reports(self, jobs: list) -> None:
         groups: dict = {}
         for job in jobs:  # report_many takes one request and length: group the jobs that share them
@@ -284,14 +279,14 @@ class JobRunner(threading.Thread):
             for key, res in self.pipeline.report_many(keys, request=request, max_new_tokens=max_tokens,
                                                       on_text=on_text):
                 if isinstance(res, Exception):
-                    self._done(key.job_id, None, self._one_line(res), str(key))
+                    self._done(key.job_id, None, one_line(res), str(key))
                     continue
                 if key.params.get("dicom") and self.reply is not None:
                     try:
                         self.reply(key.job_id, str(key), res)
                     except Exception as e:  # noqa: BLE001 - the report stands; its delivery failed
                         self._done(key.job_id, None, f"reported, but the DICOM results were not delivered: "
-                                                     f"{self._one_line(e)}", str(key))
+                                                     f"{one_line(e)}", str(key))
                         continue
                 self._done(key.job_id, result_record(res), None)
 
@@ -301,7 +296,7 @@ class JobRunner(threading.Thread):
             letter, res = self.pipeline.answer(scan, params["question"], params["choices"],
                                                params.get("max_tokens", 32))
         except Exception as e:  # noqa: BLE001 - a bad scan fails its own job only
-            self._done(job_id, None, self._one_line(e), scan)
+            self._done(job_id, None, one_line(e), scan)
             return
         self._done(job_id, dict(result_record(res), answer=letter), None)
 
