@@ -134,20 +134,16 @@ class DicomReply:
 
     def __call__(self, job_id: str, folder: str, result) -> None:
         from .ct import load_scan
-        from .dicom_out import source_instances, write_dicom_results
+        from .dicom_out import dicom_results, write_dicom_results
         from .preprocess import preprocess
 
-        slices = preprocess(load_scan(folder), self.pipeline.pre)
+        slices, per_plane = preprocess(load_scan(folder), self.pipeline.pre), self.pipeline.pre.slices_per_plane
         if self.destination is None:
             write_dicom_results(folder, result.text, result.identity, os.path.join(self.out_dir, job_id), slices,
-                                self.pipeline.pre.slices_per_plane)
-            return
-        from .dicom_out import montage, report_pdf, report_sr
-
-        sources = source_instances(folder)
-        image = montage(slices, self.pipeline.pre.slices_per_plane)
-        send([report_sr(sources, result.text, result.identity),
-              report_pdf(sources, result.text, result.identity, image)], self.destination, self.calling_ae)
+                                per_plane)
+        else:
+            results = dicom_results(folder, result.text, result.identity, slices, per_plane)
+            send(list(results.values()), self.destination, self.calling_ae)
 
 
 def queue_series(store, max_tokens: int, wake):

@@ -144,16 +144,15 @@ def _code(value: str, scheme: str, meaning: str):
 
 def montage(slices: np.ndarray, slices_per_plane: int, channel: int = 0) -> np.ndarray:
     """``[3·S, C, H, W]`` preprocessed slices in [-1, 1] -> one uint8 image, a row per plane."""
-    rows = [np.concatenate(list(slices[p * slices_per_plane:(p + 1) * slices_per_plane, channel]), axis=1)
-            for p in range(3)]
-    return np.round((np.concatenate(rows, axis=0) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+    from .slices_png import to_uint8
+
+    return to_uint8(np.concatenate([np.concatenate(list(slices[p * slices_per_plane:(p + 1) * slices_per_plane,
+                                                              channel]), axis=1) for p in range(3)], axis=0))
 
 
-def write_dicom_results(folder: str, text: str, identity: dict, out_dir: str, slices: np.ndarray | None = None,
-                        slices_per_plane: int = 8, series_uid: str | None = None) -> list:
-    """``sr.dcm`` and ``report_pdf.dcm`` for the series of ``folder`` in ``out_dir`` (each written atomically)."""
-    from .atomic import atomic_file
-
+def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | None = None,
+                  slices_per_plane: int = 8, series_uid: str | None = None) -> dict:
+    """``{"sr.dcm": SR, "report_pdf.dcm": PDF}`` for the series of ``folder`` (the one the loader reads)."""
     try:
         import fpdf  # noqa: F401
         import highdicom  # noqa: F401
@@ -161,10 +160,18 @@ def write_dicom_results(folder: str, text: str, identity: dict, out_dir: str, sl
         raise ScanError("DICOM results need highdicom and fpdf2: pip install 'samf[serve]'") from None
     sources = source_instances(folder, series_uid)
     image = montage(slices, slices_per_plane) if slices is not None else None
+    return {"sr.dcm": report_sr(sources, text, identity), "report_pdf.dcm": report_pdf(sources, text, identity, image)}
+
+
+def write_dicom_results(folder: str, text: str, identity: dict, out_dir: str, slices: np.ndarray | None = None,
+                        slices_per_plane: int = 8, series_uid: str | None = None) -> list:
+    """:func:`dicom_results` as ``sr.dcm`` and ``report_pdf.dcm`` in ``out_dir`` (each written atomically)."""
+    from .atomic import atomic_file
+
+    results = dicom_results(folder, text, identity, slices, slices_per_plane, series_uid)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for name, ds in (("sr.dcm", report_sr(sources, text, identity)),
-                     ("report_pdf.dcm", report_pdf(sources, text, identity, image))):
+    for name, ds in results.items():
         path = os.path.join(out_dir, name)
         with atomic_file(path, "wb") as f:
             ds.save_as(f, enforce_file_format=True)

@@ -13,7 +13,7 @@ from .preprocess import PLANES, PreprocessConfig, preprocess
 WINDOW_NAMES = ("lung", "mediastinum", "bone")
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
+def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 
 
@@ -40,7 +40,7 @@ def write_slice_pngs(vol: Volume, cfg: PreprocessConfig, out_dir: str) -> list:
     with atomic_dir(out_dir) as tmp:
 
         def save(name, img):
-            Image.fromarray(_to_uint8(img)).save(os.path.join(tmp, name), format="PNG")
+            Image.fromarray(to_uint8(img)).save(os.path.join(tmp, name), format="PNG")
             files.append(name)
 
         for p, plane in enumerate(PLANES):
