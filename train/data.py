@@ -235,18 +235,19 @@ def list_dataset(data_dir: str, split: str) -> list:
     return list_split(data_dir, name)
 
 
-def dataset_splits(data_dir: str) -> list:
-    """The splits a dataset folder has, by their common names (train, valid, test)."""
-    kind = dataset_kind(data_dir)
-    out = []
+def list_splits(data_dir: str, splits: list | None = None) -> dict:
+    """``{split: ScanEntry list}`` for ``splits``, or for every split the folder has (train, valid, test; CT-RATE's
+    test is its valid, listed once)."""
+    if splits:
+        return {s: list_dataset(data_dir, s) for s in splits}
+    out = {}
     for split in ("train", "valid", "test"):
         try:
-            list_dataset(data_dir, split)
+            out[split] = list_dataset(data_dir, split)
         except DataError:
             continue
-        out.append(split)
-    if kind == "ctrate" and "test" in out:  # CT-RATE's test is its valid: the same scans once
-        out.remove("test")
+    if dataset_kind(data_dir) == "ctrate":
+        out.pop("test", None)
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 from samf.runtime.atomic import atomic_file, remove_stale_temporaries
 
 from .data import DataError
-from .scan_cache import ScanCache, decode, read_row
+from .scan_cache import ScanCache, decode, npy_layout, read_row
 
 EMBED_FILE = "embeddings.json"
 
@@ -83,8 +83,9 @@ def compute_embeddings(cache: ScanCache, vit: torch.nn.Module, device: torch.dev
 
     key = vit_fingerprint(vit)
     folder = embeddings_dir(cache, key)
-    if find_embeddings(cache, key) is not None:
-        return find_embeddings(cache, key)
+    found = find_embeddings(cache, key)
+    if found is not None:
+        return found
     vit = vit.to(device).eval()
     splits = {s: cache.split(s) for s in cache.splits}
     total = sum(len(s) for s in splits.values())
@@ -108,10 +109,7 @@ def compute_embeddings(cache: ScanCache, vit: torch.nn.Module, device: torch.dev
                 with atomic_file(path, "wb") as f:
                     np.save(f, np.concatenate(out))
             nbytes[name] += os.path.getsize(path)
-            with open(path, "rb") as f:
-                np.lib.format.read_magic(f)
-                shape = np.lib.format.read_array_header_1_0(f)[0]
-            n_slices, dim = shape[1], shape[2]
+            n_slices, dim = npy_layout(path)[1][1:]
             bar.update(len(indices))
     bar.close()
     if dim is None:

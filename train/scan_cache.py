@@ -45,7 +45,7 @@ from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file, remove_stale_temporaries
 from samf.runtime.preprocess import PreprocessConfig
 
-from .data import DataError, Example, ScanEntry, dataset_kind, dataset_splits, list_dataset
+from .data import DataError, Example, ScanEntry, dataset_kind, list_splits
 
 CACHE_FILE = "samf-cache.json"
 CACHE_FORMAT = "samf-scan-cache"
@@ -119,12 +119,11 @@ class _Shard:
         return base + ".npy", base + ".json"
 
 
-def _plan(data_dir: str, pre: PreprocessConfig, splits: list, storage: str, shard_size: int) -> tuple:
-    listings = {s: list_dataset(data_dir, s) for s in splits}
+def _plan(data_dir: str, pre: PreprocessConfig, listings: dict, storage: str, shard_size: int) -> dict:
     plan = dict(format=CACHE_FORMAT, version=CACHE_VERSION, kind=dataset_kind(data_dir), preprocess=pre.to_dict(),
                 storage=storage, shard_size=shard_size,
                 listing={s: dict(scans=len(e), sha256=listing_sha256(e, data_dir)) for s, e in listings.items()})
-    return plan, listings
+    return plan
 
 
 def _start(out: str, plan: dict) -> dict | None:
@@ -204,10 +203,10 @@ def prepare_cache(data_dir: str, out: str, pre: PreprocessConfig, splits: list |
 
     if storage not in STORAGES:
         raise DataError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
-    splits = splits or dataset_splits(data_dir)
-    if not splits:
+    listings = list_splits(data_dir, splits)
+    if not listings:
         raise DataError(f"{data_dir} has no train, valid or test split")
-    plan, listings = _plan(data_dir, pre, splits, storage, shard_size)
+    plan = _plan(data_dir, pre, listings, storage, shard_size)
     done = _start(out, plan)
     if done is not None:
         echo(f"{out}: already complete")
@@ -365,16 +364,21 @@ class CachedSlices:
                          for i in np.asarray(indices).ravel()])
 
 
+def npy_layout(path: str) -> tuple:
+    """(offset of the data, shape, dtype) of the ``.npy`` at ``path``, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        return f.tell(), shape, dtype
+
+
 def read_row(path: str, row: int, offsets: dict, part: int | None = None) -> np.ndarray:
     """Row ``row`` of the ``.npy`` at ``path`` (only its ``part``-th element along the next axis, when given): one
     read at its offset into a fresh array (``offsets`` keeps each file's header once read)."""
     if path not in offsets:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read_header(f)
-            offsets[path] = (f.tell(), shape, dtype)
+        offsets[path] = npy_layout(path)
     start, shape, dtype = offsets[path]
     if not 0 <= row < shape[0]:
         raise DataError(f"{path}: no row {row} (has {shape[0]}); the cache is damaged, prepare it again")
