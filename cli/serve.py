@@ -109,21 +109,21 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
             raise Refused(400, "give the scan as the multipart field 'scan' or a 'path' (one of them)")
         admit()
         job_id = store.new_id()
-        try:
-            if scan is not None:
+        if scan is not None:
+            try:
                 source, owned = save_upload(job_id, scan), True
-            else:
-                if not cfg.input_dirs:
-                    raise Refused(403, "this service takes no paths (start it with --input-dir)")
+            except (UploadError, Refused) as e:
+                shutil.rmtree(os.path.join(store.inputs, job_id), ignore_errors=True)
+                raise e if isinstance(e, Refused) else Refused(400, str(e)) from None
+        else:
+            if not cfg.input_dirs:
+                raise Refused(403, "this service takes no paths (start it with --input-dir)")
+            try:
                 source, owned = path_within(path, cfg.input_dirs), False
-                if not os.path.exists(source):
-                    raise Refused(404, "no such scan under the input folders")
-        except UploadError as e:
-            shutil.rmtree(os.path.join(store.inputs, job_id), ignore_errors=True)
-            raise Refused(403 if "input folders" in str(e) else 400, str(e)) from None
-        except Refused:
-            shutil.rmtree(os.path.join(store.inputs, job_id), ignore_errors=True)
-            raise
+            except UploadError as e:
+                raise Refused(403, str(e)) from None
+            if not os.path.exists(source):
+                raise Refused(404, "no such scan under the input folders")
         store.add(job_id, kind, source, owned, params)
         runner.wake.set()
         logging.getLogger("samf.service").info("job %s queued (%s, %s)", job_id, kind, "upload" if owned else "path")
@@ -221,7 +221,7 @@ def metrics_text(store: JobStore, runner: JobRunner) -> str:
     now = time.time()
     Gauge("samf_scans_per_minute", "jobs finished in the last minute", registry=reg).set(
         sum(1 for t in runner.finished if now - t <= 60.0))
-    lat = sorted(s for _, s in runner.latencies)
+    lat = sorted(runner.latencies)
     q = Gauge("samf_latency_seconds", "submission to end, over the last 1000 jobs", ["quantile"], registry=reg)
     for name, p in (("0.5", 0.5), ("0.95", 0.95)):
         q.labels(name).set(lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan"))

@@ -226,7 +226,7 @@ class JobRunner(threading.Thread):
         self.wake = threading.Event()
         self.stopping = False
         self.streams: dict = {}
-        self.latencies: deque = deque(maxlen=latency_window)   # (finished at, seconds from submission)
+        self.latencies: deque = deque(maxlen=latency_window)   # seconds from submission to end
         self.finished: deque = deque(maxlen=100_000)            # finish times, for scans per minute
 
     def stream(self, job_id: str) -> TextStream:
@@ -257,7 +257,7 @@ class JobRunner(threading.Thread):
         else:
             self.store.fail(job_id, error)
         now = time.time()
-        self.latencies.append((now, now - created))
+        self.latencies.append(now - created)
         self.finished.append(now)
         stream = self.streams.pop(job_id, None)
         if stream is not None:
