@@ -27,7 +27,7 @@ def available_providers(prefer_gpu: bool = True) -> list:
 
 
 class OrtModule:
-    """One exported module; call it with named numpy inputs, get its first output."""
+    """One exported module; call it with named numpy inputs, get its first output (:meth:`outputs_of`: all)."""
 
     def __init__(self, path: str, prefer_gpu: bool = True, threads: int = 0):
         ort = _ort()
@@ -50,8 +50,12 @@ class OrtModule:
         self.session = None  # ONNX Runtime frees a session with its last reference
 
     def __call__(self, **feeds) -> np.ndarray:
+        return next(iter(self.outputs_of(**feeds).values()))
+
+    def outputs_of(self, **feeds) -> dict:
+        """Every output, ``{name: array}`` in the graph's order."""
         self._require(feeds)
-        return self.session.run(None, feeds)[0]
+        return dict(zip(self.outputs, self.session.run(None, feeds)))
 
     def _require(self, feeds: dict) -> None:
         missing = set(self.inputs) - set(feeds)
@@ -66,7 +70,7 @@ class OrtModule:
         """Run with I/O binding. ``feeds``: numpy arrays (copied to the device) or ``OrtValue``s already there.
         ``outputs``: ``{name: (OrtValue, shape)}``, written in place (``shape`` may differ from the array's
         as long as the size is the same: a ``[K, D]`` output can fill a ``[1, K, D]`` array). Without
-        ``outputs`` the first output is returned as numpy."""
+        ``outputs`` every output comes back as numpy, ``{name: array}``."""
         self._require(feeds)
         ort = _ort()
         binding = self.session.io_binding()
@@ -79,6 +83,7 @@ class OrtModule:
             for name, (array, shape) in outputs.items():
                 binding.bind_output(name, array.device_name(), 0, np.float32, list(shape), array.data_ptr())
         else:
-            binding.bind_output(next(iter(self.outputs)), "cpu")
+            for name in self.outputs:
+                binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return None if outputs else binding.copy_outputs_to_cpu()[0]
+        return None if outputs else dict(zip(self.outputs, binding.copy_outputs_to_cpu()))

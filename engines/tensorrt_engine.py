@@ -47,7 +47,8 @@ def tensorrt_version() -> str | None:
 
 
 class TrtModule:
-    """A deserialized plan; call with named numpy inputs, get the first output as numpy."""
+    """A deserialized plan; call with named numpy inputs, get the first output as numpy (:meth:`outputs_of`:
+    every output)."""
 
     def __init__(self, plan_path: str):
         trt, cudart = import_tensorrt()
@@ -70,6 +71,10 @@ class TrtModule:
         self.context = self.engine = None
 
     def __call__(self, **feeds) -> np.ndarray:
+        return self.outputs_of(**feeds)[self.outputs[0]]
+
+    def outputs_of(self, **feeds) -> dict:
+        """Every output, ``{name: array}`` in the plan's order."""
         trt, cudart = self._trt, self._cudart
         allocs = []
         try:
@@ -95,7 +100,7 @@ class TrtModule:
                 cuda_ok(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes,
                                               cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "D2H")
             cuda_ok(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-            return outs[self.outputs[0]][0]
+            return {name: host for name, (host, _) in outs.items()}
         finally:
             for ptr in allocs:
                 cudart.cudaFreeAsync(ptr, self.stream)

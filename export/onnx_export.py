@@ -52,12 +52,20 @@ class _Aggregator(nn.Module):
 
 
 class _Fusion(nn.Module):
+    """The fused rows and the attention behind them (:meth:`SAMF.attend`): α ``[B, K]``, and γ averaged over the
+    prompt ``[B, K]`` when the model has the Ao2D term; the runtime shows them as the slices that mattered."""
+
     def __init__(self, vlm):
         super().__init__()
         self.fusion = vlm.fusion
 
     def forward(self, z2d, z3d, text, text_mask):
-        return self.fusion(z2d, z3d, text, text_mask)
+        fused, alpha, gamma = self.fusion.attend(z2d, z3d, text, text_mask)
+        return (fused, alpha) if gamma is None else (fused, alpha, gamma)
+
+
+#: The fusion graph's outputs: the fused rows first (what the LLM reads), then the attention weights.
+FUSION_OUTPUTS = ("fused", "alpha", "gamma")
 
 
 def module_specs(vlm: SamfVLM) -> list:
@@ -76,6 +84,7 @@ def module_specs(vlm: SamfVLM) -> list:
         return (torch.randn(B, K, v.embed_dim, generator=gen), torch.randn(B, a.n_tokens, a.out_dim, generator=gen),
                 torch.randn(B, T, f.d_text, generator=gen) * 0.05, mask)
 
+    fusion_outputs = FUSION_OUTPUTS if f.ao2d else FUSION_OUTPUTS[:2]
     return [
         OnnxSpec("vit", _Vit(vlm), ("slices",), ("z2d",),
                  {"slices": {0: "slices"}, "z2d": {0: "slices"}},
@@ -83,9 +92,9 @@ def module_specs(vlm: SamfVLM) -> list:
         OnnxSpec("aggregator", _Aggregator(vlm), ("z2d",), ("z3d",),
                  {"z2d": {0: "batch"}, "z3d": {0: "batch"}},
                  lambda s: (torch.randn(1, K, v.embed_dim, generator=g(s)),)),
-        OnnxSpec("fusion", _Fusion(vlm), ("z2d", "z3d", "text", "text_mask"), ("fused",),
+        OnnxSpec("fusion", _Fusion(vlm), ("z2d", "z3d", "text", "text_mask"), fusion_outputs,
                  {"z2d": {0: "batch"}, "z3d": {0: "batch"}, "text": {0: "batch", 1: "tokens"},
-                  "text_mask": {0: "batch", 1: "tokens"}, "fused": {0: "batch"}},
+                  "text_mask": {0: "batch", 1: "tokens"}, **{o: {0: "batch"} for o in fusion_outputs}},
                  lambda s: text_inputs(s, T=5 + s % 7)),
     ]
 
@@ -111,17 +120,21 @@ def export_one(spec: OnnxSpec, out_path: str) -> float:
 
 
 def validate_onnx(spec: OnnxSpec, path: str, seeds=(1, 2, 3)) -> float:
-    """Max abs difference between ONNX Runtime (CPU) and PyTorch over a few fresh inputs."""
+    """Max abs difference between ONNX Runtime (CPU) and PyTorch over a few fresh inputs, every output."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    if [o.name for o in sess.get_outputs()] != list(spec.outputs):
+        raise ExportCheckFailed(f"{spec.name}: the graph's outputs {[o.name for o in sess.get_outputs()]} are not "
+                                f"{list(spec.outputs)}")
     worst = 0.0
     for s in seeds:
         ins = spec.dummy(s)
         with torch.no_grad():
-            ref = spec.module(*ins).numpy()
-        got = sess.run(None, {n: t.numpy() for n, t in zip(spec.inputs, ins)})[0]
-        worst = max(worst, float(np.abs(got - ref).max()))
+            ref = spec.module(*ins)
+        got = sess.run(None, {n: t.numpy() for n, t in zip(spec.inputs, ins)})
+        for r, g in zip(ref if isinstance(ref, tuple) else (ref,), got):
+            worst = max(worst, float(np.abs(g - r.numpy()).max()))
     return worst
 
 

@@ -103,20 +103,25 @@ def check_feeds(bundle: Bundle) -> dict:
 
 
 def check_plan(plan_path: str, onnx_path: str, feeds: dict) -> dict:
-    """The plan against ONNX Runtime on the graph it was built from; the plan is removed and
-    :class:`SamfError` raised when its worst output row's cosine is below :data:`PLAN_MIN_COSINE`."""
+    """The plan against ONNX Runtime on the graph it was built from, every output (the fusion's attention too);
+    the plan is removed and :class:`SamfError` raised when the worst output row's cosine is below
+    :data:`PLAN_MIN_COSINE`."""
     from samf.engines.onnxruntime_engine import OrtModule
     from samf.engines.tensorrt_engine import TrtModule
 
-    ref = OrtModule(onnx_path)(**feeds)
+    ref = OrtModule(onnx_path).outputs_of(**feeds)
     trt = TrtModule(plan_path)
     try:
-        got = trt(**feeds)
+        got = trt.outputs_of(**feeds)
     finally:
         trt.close()
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    out = dict(cos_min=round(float(cosine_rows(ref, got).min()), 6),
-               max_abs_diff=round(float(np.abs(ref - got).max()), 6))
+    if set(got) != set(ref):
+        os.remove(plan_path)
+        raise SamfError(f"TensorRT plan {os.path.basename(plan_path)} has outputs {sorted(got)}, its graph "
+                        f"{sorted(ref)} (not kept)")
+    pairs = [(ref[n].astype(np.float64), got[n].astype(np.float64)) for n in ref]
+    out = dict(cos_min=round(min(float(cosine_rows(r, g).min()) for r, g in pairs), 6),
+               max_abs_diff=round(max(float(np.abs(r - g).max()) for r, g in pairs), 6))
     if not out["cos_min"] >= PLAN_MIN_COSINE:
         os.remove(plan_path)
         raise SamfError(f"TensorRT plan {os.path.basename(plan_path)} differs from ONNX Runtime on its graph: worst "

@@ -54,6 +54,7 @@ class Volume:
     source: str = ""
     info: dict = field(default_factory=dict)
     intensity: str = "hu"           # "hu", or "unit" for already-normalised volumes (M3D)
+    affine: np.ndarray | None = None  # canonical voxel (x, y, z) -> RAS mm, where the file records a position
 
 
 def _is_nifti(path: str) -> bool:
@@ -223,7 +224,7 @@ def _canonical(img, info: dict, path: str) -> Volume:
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     # nibabel's canonical array is [X, Y, Z] (RAS); ours is [Z, Y, X].
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))
-    return Volume(hu=hu, spacing=zooms[::-1], source=path, info=info)
+    return Volume(hu=hu, spacing=zooms[::-1], source=path, info=info, affine=np.asarray(img.affine, dtype=np.float64))
 
 
 #: M3D's grid (depth, rows, columns) after its resize; the physical size is lost, so by default the grid is

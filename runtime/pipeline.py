@@ -14,7 +14,8 @@ from samf.errors import BundleError, EngineUnavailable, SamfError
 
 from .bundle import Bundle, read_bundle
 from .ct import Volume, load_scan
-from .preprocess import preprocess
+from .evidence import Evidence, evidence_of
+from .preprocess import preprocess_placed
 from .prompt import REPORT_REQUESTS, mcq_choice_of, mcq_request
 
 
@@ -27,6 +28,11 @@ class Result:
     prompt_tokens: int = 0                        # positions before the first new token (image rows included)
     decode_steps: int = 0                         # single-token forward passes after the prefill
     scan: dict = field(default_factory=dict)      # what was read: format, shape, spacing, series (no identifiers)
+    evidence: Evidence | None = None              # the fusion's attention over the slices (None: an older bundle)
+
+    def evidence_record(self) -> dict | None:
+        """The evidence as JSON (:meth:`Evidence.to_dict`), or None for a bundle without attention outputs."""
+        return None if self.evidence is None else self.evidence.to_dict()
 
     @property
     def tokens_per_s(self) -> float:
@@ -191,6 +197,11 @@ class ReportPipeline:
             if all(isinstance(n, int) for n in [d2, *z3d]):
                 self._bound = (d2, tuple(z3d))
 
+    @property
+    def has_attention(self) -> bool:
+        """Whether the fusion outputs its attention (bundles exported before it did output the fused rows only)."""
+        return "alpha" in self.fusion.outputs
+
     def _trt_plans(self, requested: str) -> dict:
         """The manifest's entry for the plans built with the installed TensorRT (plans are not portable across
         versions), in the requested precision (``auto``: fp16 if built, else fp32)."""
@@ -233,34 +244,41 @@ class ReportPipeline:
 
     def image_prefix(self, z2d, z3d, prompt_ids: list, timings: dict) -> np.ndarray:
         """The fused image rows ``[N, d_llm]`` for this prompt, from :meth:`encode`'s outputs."""
+        return self.fuse(z2d, z3d, prompt_ids, timings)["fused"][0]
+
+    def fuse(self, z2d, z3d, prompt_ids: list, timings: dict) -> dict:
+        """Every output of the fusion for this prompt, as numpy: ``fused [1, N, d_llm]``, and the attention
+        ``alpha``/``gamma [1, K]`` where the bundle's fusion outputs it (see :mod:`~samf.runtime.evidence`)."""
         t = time.perf_counter()
         feeds = dict(z2d=z2d, z3d=z3d, text=self.embed(prompt_ids)[None],
                      text_mask=np.ones((1, len(prompt_ids)), np.int64))
-        fused = self.fusion(**feeds) if self._bound is None else self.fusion.run_bound(feeds)
+        out = self.fusion.outputs_of(**feeds) if self._bound is None else self.fusion.run_bound(feeds)
         timings["fusion"] = time.perf_counter() - t
-        return fused[0]
+        return out
 
     def _slices(self, scan, load=None) -> tuple:
         """Scan (a path, read with ``load`` or :func:`load_scan`, or a :class:`Volume`) -> (slices, timings,
-        scan info)."""
+        scan info, where the slices are)."""
         vol = scan if isinstance(scan, Volume) else (load or load_scan)(str(scan))
         timings = {"load": vol.info.get("load_s", 0.0)}
         t = time.perf_counter()
-        slices = preprocess(vol, self.pre)
+        slices, placement = preprocess_placed(vol, self.pre)
         timings["preprocess"] = time.perf_counter() - t
         info = dict(format=vol.info.get("format"), shape=list(vol.hu.shape),
                     spacing_mm=[round(float(x), 4) for x in vol.spacing], intensity=vol.intensity)
         if vol.info.get("choice"):
             info["series"] = vol.info["choice"]  # names a series by UID only with --verbose
-        return slices, timings, info
+        return slices, timings, info, placement
 
     def _prefix(self, scan, request: str, timings: dict) -> tuple:
-        """Scan + request -> (fused image embeddings, ids of the prompt text, scan info), timing each stage."""
-        slices, loaded, info = self._slices(scan)
+        """Scan + request -> (fused image embeddings, ids of the prompt text, scan info, evidence), timing each
+        stage."""
+        slices, loaded, info, placement = self._slices(scan)
         timings.update(loaded)
         z2d, z3d = self.encode(slices, timings)
         prompt_ids = self.llm.tokenize(self.layout.prompt_text(request))
-        return self.image_prefix(z2d, z3d, prompt_ids, timings), prompt_ids, info
+        out = self.fuse(z2d, z3d, prompt_ids, timings)
+        return out["fused"][0], prompt_ids, info, evidence_of(out, placement)
 
     def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int, stop_at_end: bool = True) -> dict:
         """Greedy decoding after the image rows ``prefix`` and the prompt: llama.cpp's result dict."""
@@ -270,13 +288,14 @@ class ReportPipeline:
 
     def _run(self, scan, request: str, max_new_tokens: int, stop_at_end: bool = True) -> Result:
         timings: dict = {}
-        prefix, prompt_ids, info = self._prefix(scan, request, timings)
+        prefix, prompt_ids, info, evidence = self._prefix(scan, request, timings)
         out = self.generate(prefix, prompt_ids, max_new_tokens, stop_at_end)
         timings["llm_prefill"] = out["prefill_s"]
         timings["llm_decode"] = out["decode_s"]
         timings["total"] = sum(timings.values())
         return Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
-                      prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info)
+                      prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info,
+                      evidence=evidence)
 
     # ------------------------------------------------------------------------------ entry points
     def report(self, scan, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True) -> Result:
@@ -326,16 +345,16 @@ class ReportPipeline:
                 key, scan, started, future = queue.popleft()
                 fill()
                 try:
-                    slices, timings, info = future.result()
+                    slices, timings, info, placement = future.result()
                     del future
                     z2d, z3d = self.encode(slices, timings)
-                    prefix = self.image_prefix(z2d, z3d, prompt_ids, timings)
+                    out = self.fuse(z2d, z3d, prompt_ids, timings)
                 except Exception as e:  # noqa: BLE001 - one bad scan must not end the batch; its reason is kept
                     waiting[key] = (scan, e)
                     yield key, None, None, None
                     continue
-                waiting[key] = (scan, timings, started, info)
-                yield key, lay.head(), prefix, lay.tail(prompt_ids)
+                waiting[key] = (scan, timings, started, info, evidence_of(out, placement))
+                yield key, lay.head(), out["fused"][0], lay.tail(prompt_ids)
 
         with ThreadPoolExecutor(max_workers=max(1, self.config.prefetch), thread_name_prefix="samf-load") as pool:
             streamed = None if on_text is None else (
@@ -345,16 +364,17 @@ class ReportPipeline:
                 if out is None:
                     yield entry
                     continue
-                scan, timings, started, info = entry
+                scan, timings, started, info, evidence = entry
                 timings.update(llm_prefill=out["prefill_s"], llm_decode=out["decode_s"])
                 timings["total"] = sum(timings.values())
                 timings["wall"] = time.perf_counter() - started  # submitted to finished, queueing included
                 yield scan, Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
-                                   prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info)
+                                   prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info,
+                                   evidence=evidence)
 
     def report_nll(self, scan, reference: str, request: str | None = None) -> float:
         """Teacher-forced negative log-likelihood per token of a reference report for this scan."""
-        prefix, prompt_ids, _ = self._prefix(scan, request or REPORT_REQUESTS[0], {})
+        prefix, prompt_ids, _, _ = self._prefix(scan, request or REPORT_REQUESTS[0], {})
         lay = self.layout
         return self.llm.answer_nll(lay.head(), prefix, lay.tail(prompt_ids), self.llm.tokenize(reference),
                                    lay.answer_end)

@@ -87,9 +87,54 @@ def body_box(vol: Volume, threshold: float) -> np.ndarray:
     return box
 
 
-def cut_slices(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
-    """Slices ``[3·S, H, W]`` in the volume's values (HU, or [0, 1] for ``unit`` volumes): S per plane, in
-    radiological display orientation."""
+@dataclass(frozen=True)
+class SlicePlacement:
+    """Where the model's ``3·S`` slices lie in the volume, so that a slice's weight can be traced back to anatomy
+    (and, for DICOM, to a source image).
+
+    ``positions[p, k]``: slice ``k`` of plane ``p`` (axial, coronal, sagittal) as a fractional voxel index along
+    the plane's normal in the canonical ``[Z, Y, X]`` array (axial -> Z, coronal -> Y, sagittal -> X);
+    ``step[p]``: voxels between neighbouring slices (the slab a ``mip``/``mean`` slice covers); ``centre``: the
+    voxel the in-plane grids are centred on; ``affine``: canonical voxel ``(x, y, z)`` -> RAS mm (nibabel's), or
+    None where the file records no position (then positions are measured from the first voxel)."""
+
+    positions: np.ndarray
+    step: np.ndarray
+    centre: np.ndarray
+    spacing: tuple
+    thin: bool
+    affine: np.ndarray | None = None
+
+    def voxel_range(self, plane: int, k: int) -> tuple:
+        """The closed range of voxel indices along the plane's normal that slice ``k`` reads: the two voxels a
+        thin slice interpolates between, or its whole slab."""
+        p = float(self.positions[plane, k])
+        half = 0.0 if self.thin else float(self.step[plane]) / 2.0
+        return int(np.floor(p - half)), int(np.ceil(p + half))
+
+    def patient_point(self, plane: int, k: int) -> np.ndarray:
+        """The slice's centre in DICOM patient coordinates (LPS, mm)."""
+        voxel = np.array(self.centre, dtype=np.float64)
+        voxel[plane] = self.positions[plane, k]
+        zyx = voxel
+        if self.affine is None:
+            ras = zyx[::-1] * np.asarray(self.spacing[::-1])
+        else:
+            ras = (np.asarray(self.affine) @ np.append(zyx[::-1], 1.0))[:3]
+        return ras * np.array([-1.0, -1.0, 1.0])
+
+    def patient_normal(self, plane: int) -> np.ndarray:
+        """The unit normal of plane ``plane`` in patient coordinates (LPS)."""
+        axis = np.zeros(4)
+        axis[2 - plane] = 1.0  # canonical array axis `plane` is nibabel's axis 2 - plane
+        ras = (np.asarray(self.affine) @ axis)[:3] if self.affine is not None else axis[:3]
+        lps = ras * np.array([-1.0, -1.0, 1.0])
+        return lps / np.linalg.norm(lps)
+
+
+def place_slices(vol: Volume, cfg: PreprocessConfig) -> SlicePlacement:
+    """Where :func:`cut_slices` puts its slices: ``S`` per plane, evenly over the body's extent along the plane's
+    normal; refuses a scan too small to place them in."""
     hu, sp = vol.hu, np.asarray(vol.spacing, dtype=np.float64)
     extent = np.asarray(hu.shape) * sp
     if (extent < cfg.min_extent_mm).any() or min(hu.shape) < 2:
@@ -97,7 +142,20 @@ def cut_slices(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
                         f"(every axis needs at least {cfg.min_extent_mm:.0f} mm)")
     unit = vol.intensity == "unit"
     box = body_box(vol, cfg.body_threshold_unit if unit else cfg.body_threshold_hu)
-    centre_mm = box.mean(axis=1) * sp
+    S = cfg.slices_per_plane
+    step = (box[:, 1] - box[:, 0]) / S
+    positions = box[:, :1] + (np.arange(S)[None, :] + 0.5) * step[:, None]
+    return SlicePlacement(positions=positions, step=step, centre=box.mean(axis=1), spacing=tuple(vol.spacing),
+                          thin=cfg.slab == "thin", affine=vol.affine)
+
+
+def cut_slices(vol: Volume, cfg: PreprocessConfig, placement: SlicePlacement | None = None) -> np.ndarray:
+    """Slices ``[3·S, H, W]`` in the volume's values (HU, or [0, 1] for ``unit`` volumes): S per plane, in
+    radiological display orientation, where :func:`place_slices` puts them."""
+    hu, sp = vol.hu, np.asarray(vol.spacing, dtype=np.float64)
+    placement = placement or place_slices(vol, cfg)
+    unit = vol.intensity == "unit"
+    centre_mm = placement.centre * sp
     S, n = cfg.slices_per_plane, cfg.image_size
     half = n * cfg.pixel_spacing_mm / 2.0
     # In-plane sampling grid in mm around the body centre, one per axis, converted to voxel coordinates.
@@ -112,9 +170,7 @@ def cut_slices(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
         (1, (0, z_down), (2, x_rl)),      # coronal: rows superior→inferior, cols right→left
         (2, (0, z_down), (1, y_down)),    # sagittal: rows superior→inferior, cols anterior→posterior
     ):
-        lo, hi = box[normal]
-        step = (hi - lo) / S
-        pos = lo + (np.arange(S) + 0.5) * step
+        step, pos = placement.step[normal], placement.positions[normal]
         m = 1 if cfg.slab == "thin" else cfg.slab_samples
         if m > 1:  # m planes evenly across each slab, reduced below
             pos = (pos[:, None] + ((np.arange(m) + 0.5) / m - 0.5)[None, :] * step).ravel()
@@ -142,8 +198,15 @@ def apply_windows(slices_hu: np.ndarray, windows) -> np.ndarray:
 
 def preprocess(vol: Volume, cfg: PreprocessConfig) -> np.ndarray:
     """The model input for one scan: ``[3·S, C, image_size, image_size]`` float32."""
-    s = cut_slices(vol, cfg)
+    return preprocess_placed(vol, cfg)[0]
+
+
+def preprocess_placed(vol: Volume, cfg: PreprocessConfig) -> tuple:
+    """:func:`preprocess` and the :class:`SlicePlacement` of its slices (one pass over the volume for both)."""
+    placement = place_slices(vol, cfg)
+    s = cut_slices(vol, cfg, placement)
     if vol.intensity == "unit":   # already windowed: one value, every channel
         x = np.clip(s, 0.0, 1.0)[:, None] * 2.0 - 1.0
-        return np.ascontiguousarray(np.broadcast_to(x, (s.shape[0], cfg.channels) + s.shape[1:]), dtype=np.float32)
-    return apply_windows(s, cfg.windows)
+        return np.ascontiguousarray(np.broadcast_to(x, (s.shape[0], cfg.channels) + s.shape[1:]),
+                                    dtype=np.float32), placement
+    return apply_windows(s, cfg.windows), placement

@@ -122,6 +122,30 @@ def test_runtime_report_equals_pytorch_report(quick, vlm, tok, prompt):
         pipe.close()
 
 
+def test_runtime_evidence_is_pytorchs_attention(quick, vlm, prompt):
+    """α and the prompt-averaged γ that fusion.onnx hands the runtime are SAMF.attend's on the same scan and prompt,
+    and the evidence ranks the slices by them."""
+    from samf.runtime.pipeline import ReportPipeline
+
+    pipe = ReportPipeline(quick.bundle, quant="F32", encoders="fp32")
+    try:
+        assert pipe.has_attention
+        for ex in quick.test[:3]:
+            ev = pipe.report(os.path.join(quick.data, ex.image), max_new_tokens=1).evidence
+            with torch.no_grad():
+                z2d, z3d = vlm.encoder(torch.from_numpy(ex.slices)[None])
+                text = vlm.token_embeddings(torch.tensor([prompt]))
+                _, alpha, gamma = vlm.fusion.attend(z2d, z3d, text, torch.ones(1, len(prompt)))
+            assert np.abs(ev.alpha - alpha[0].numpy()).max() < 1e-5
+            assert np.abs(ev.gamma - gamma[0].numpy()).max() < 1e-5
+            S = ev.slices_per_plane
+            for p in range(3):
+                score = (alpha[0] + gamma[0]).numpy()[p * S:(p + 1) * S]
+                assert ev.top(p, 1) == [int(np.argmax(score))]
+    finally:
+        pipe.close()
+
+
 def test_runtime_answer_equals_pytorch_answer(quick, vlm, tok):
     """A multiple-choice answer: the same greedy text as PyTorch (24 tokens, as evaluation generates), and the
     letter is what the parser reads from it (that a trained model answers with a letter is test_learning's)."""

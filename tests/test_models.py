@@ -57,6 +57,20 @@ def test_matches_the_equations_written_out():
     N = F3d.shape[0]
     cat = torch.cat([F3d, A2d3d.expand(N, -1), At3d.expand(N, -1), At2d.expand(N, -1)], 1)
     assert torch.allclose(f.fusion(cat), f(z2d, z3d, text, mask)[0], atol=1e-5)
+    # The attention the runtime shows as evidence: α over the slices, γ averaged over the prompt's tokens.
+    fused, a, g = f.attend(z2d, z3d, text, mask)
+    assert torch.allclose(fused[0], f.fusion(cat), atol=1e-5)
+    assert torch.allclose(a[0], alpha, atol=1e-6) and torch.allclose(g[0], gamma.mean(0), atol=1e-6)
+    assert torch.allclose(a.sum(), torch.tensor(1.0)) and torch.allclose(g.sum(), torch.tensor(1.0))
+
+
+def test_prompt_averaged_gamma_ignores_padded_tokens():
+    z2d, z3d, text, mask = _inputs()
+    mask[:, 3:] = 0
+    f = _fusion()
+    _, a, g = f.attend(z2d, z3d, text, mask)
+    _, a_short, g_short = f.attend(z2d, z3d, text[:, :3], mask[:, :3])
+    assert torch.allclose(g, g_short, atol=1e-6) and torch.allclose(a, a_short, atol=1e-6)
 
 
 def test_without_ao2d_has_three_parts():
@@ -64,6 +78,7 @@ def test_without_ao2d_has_three_parts():
     assert f.fusion.in_features == 3 * f.cfg.d_proj
     z2d, z3d, text, mask = _inputs()
     assert f(z2d, z3d, text, mask).shape == (2, 3, 20)
+    assert f.attend(z2d, z3d, text, mask)[2] is None  # no γ without the Ao2D term
 
 
 def test_vit_b16_is_the_same_class_with_dino_sizes():

@@ -222,24 +222,33 @@ class SAMF(nn.Module):
         self.scale = cfg.d_proj ** -0.5
 
     def forward(self, z2d, z3d, text, text_mask):
+        return self.attend(z2d, z3d, text, text_mask)[0]
+
+    def attend(self, z2d, z3d, text, text_mask):
+        """``(fused [B, N, d_llm], alpha [B, S], gamma [B, S] or None)``: the fused rows and the attention that made
+        them. α weighs the slices in the volume summary (eq. 6); γ (Ao2D) is each prompt token's attention over
+        the slices, averaged over the real prompt tokens. They are what the runtime shows as the slices that
+        mattered, and ``fusion.onnx`` outputs them next to the fused rows."""
         F2d, F3d, Ft = self.proj_2d(z2d), self.proj_3d(z3d), self.proj_text(text)
         f3d = F3d.mean(dim=1)                                                    # [B, P]
         valid = text_mask.to(Ft.dtype)                                           # [B, T]
+        n_valid = valid.sum(1, keepdim=True).clamp(min=1.0)                      # [B, 1]
         neg = torch.finfo(Ft.dtype).min
         alpha = torch.softmax((F2d @ f3d.unsqueeze(-1)).squeeze(-1) * self.scale, dim=1)       # [B, S]
         beta_logits = (Ft @ f3d.unsqueeze(-1)).squeeze(-1) * self.scale                         # [B, T]
         beta = torch.softmax(beta_logits.masked_fill(valid == 0, neg), dim=1) * valid
         A2d3d = (alpha.unsqueeze(-1) * F2d).sum(dim=1)                          # [B, P]
         At3d = (beta.unsqueeze(-1) * Ft).sum(dim=1)                             # [B, P]
-        parts = [F3d, A2d3d, At3d]
+        parts, gamma_mean = [F3d, A2d3d, At3d], None
         if self.cfg.ao2d:
             gamma = torch.softmax((Ft @ F2d.transpose(1, 2)) * self.scale, dim=2)   # [B, T, S]
             per_tok = gamma @ F2d                                                   # [B, T, P]
-            At2d = (per_tok * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+            At2d = (per_tok * valid.unsqueeze(-1)).sum(1) / n_valid
             parts.append(At2d)
+            gamma_mean = (gamma * valid.unsqueeze(-1)).sum(1) / n_valid              # [B, S]
         N = F3d.shape[1]
         expanded = [parts[0]] + [p.unsqueeze(1).expand(-1, N, -1) for p in parts[1:]]
-        return self.fusion(torch.cat(expanded, dim=-1))
+        return self.fusion(torch.cat(expanded, dim=-1)), alpha, gamma_mean
 
 
 class ImageEncoder(nn.Module):
