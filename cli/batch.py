@@ -41,7 +41,7 @@ def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dic
                     reported += 1
                     row.update(status="ok", report=res.text, tokens=len(res.token_ids),
                                encoders=res.identity["encoder_precision"], timings_s=res.timings,
-                               identity=res.identity, scan_info=res.scan)
+                               identity=res.identity, scan_info=res.scan, evidence=res.evidence_record())
                 if output:
                     output.write(row)
                 if as_json:

@@ -129,9 +129,12 @@ def main():
 @click.option("--dicom-out", type=click.Path(file_okay=False), default=None,
               help="for a DICOM series: also write the report as DICOM here, a Comprehensive 3D SR (sr.dcm) and an "
                    "Encapsulated PDF with the slices (report_pdf.dcm), both flagged unverified AI output")
+@click.option("--evidence", "evidence_dir", type=click.Path(file_okay=False), default=None,
+              help="for one scan: write the slices the model weighted most into EVIDENCE/<scan name>/: the top 3 per "
+                   "plane as PNGs, a montage that frames them, and evidence.json with every slice's attention")
 @engine_options
 def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, out_dir, parallel,
-           dicom_out, threads, backend, encoders, gpu_layers, **scan_kw):
+           dicom_out, evidence_dir, threads, backend, encoders, gpu_layers, **scan_kw):
     """Write the findings report for each SCAN (a .nii/.nii.gz, a DICOM series folder or an .npy, or a folder of
     scans) and each scan of --worklist.
 
@@ -149,24 +152,38 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
     single = out_dir is None and not worklists and len(scans) == 1 and items == list(scans)
     if dicom_out is not None and not (single and os.path.isdir(scans[0])):
         raise click.UsageError("--dicom-out takes one DICOM series folder (the SR refers to its images)")
+    if evidence_dir is not None and not single:
+        raise click.UsageError("--evidence takes one scan (a batch's --json rows and --out files carry the evidence "
+                               "weights)")
     if single:
         # Refuse a bad scan before loading any model.
         vol = _load(scans[0], quiet=as_json, **scan_kw)
         # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than
         # repacking saves on one report); the LLM's context: the image rows, the request and max_tokens.
         with ReportPipeline(bundle_dir, repack=False, **engines) as pipe:
+            if evidence_dir is not None and not pipe.has_attention:
+                from samf.errors import BundleError
+                from samf.runtime.evidence import NO_ATTENTION
+
+                raise BundleError(NO_ATTENTION)
             res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
-            if dicom_out is not None:
-                from samf.runtime.dicom_out import write_dicom_results
+            if dicom_out is not None or evidence_dir is not None:
                 from samf.runtime.preprocess import preprocess
 
-                written = write_dicom_results(scans[0], res.text, res.identity, dicom_out, preprocess(vol, pipe.pre),
-                                              pipe.pre.slices_per_plane, scan_kw.get("series"))
+                slices = preprocess(vol, pipe.pre)
+            if dicom_out is not None:
+                from samf.runtime.dicom_out import write_dicom_results
+
+                written = write_dicom_results(scans[0], res.text, res.identity, dicom_out, slices,
+                                              pipe.pre.slices_per_plane, scan_kw.get("series"), res.evidence)
                 click.echo(f"DICOM: {', '.join(written)}", err=True)
+            if evidence_dir is not None:
+                folder = _write_evidence(scans[0], evidence_dir, slices, res.evidence, scan_kw.get("series"))
+                click.echo(f"evidence: {folder}", err=True)
         if as_json:
             click.echo(json.dumps(dict(scan=scans[0], report=res.text, timings_s=res.timings, identity=res.identity,
                                        encoders=res.identity["encoder_precision"], scan_info=res.scan,
-                                       tokens=len(res.token_ids))))
+                                       tokens=len(res.token_ids), evidence=res.evidence_record())))
         else:
             click.echo(res.text)
             speed = f"{res.tokens_per_s:.1f} tok/s" if res.decode_steps else "one token"
@@ -179,6 +196,29 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
                           lambda path: _load(path, quiet=True, **scan_kw))
     if failed:
         raise SystemExit(1)
+
+
+def _int_or_none(value):
+    return None if value is None or value == "" else int(value)
+
+
+def _write_evidence(scan: str, evidence_dir: str, slices, evidence, series_uid=None) -> str:
+    """EVIDENCE/<scan name>/ (see :func:`~samf.runtime.evidence.write_evidence`); for a DICOM series, evidence.json
+    also names the source image (instance and frame number) each top slice falls on."""
+    from samf.runtime.evidence import write_evidence
+    from samf.runtime.slices_png import scan_folder_name
+
+    extra = {}
+    if os.path.isdir(scan):
+        from samf.runtime.dicom_out import evidence_images, source_instances
+
+        sources, frames = source_instances(scan, series_uid)
+        extra["source_images"] = [
+            dict(plane=d["plane"], slice=d["slice"], instance_number=_int_or_none(ds.get("InstanceNumber")),
+                 frame=frame) for d, ds, frame in evidence_images(sources, frames, evidence)]
+    folder = os.path.join(evidence_dir, scan_folder_name(scan))
+    write_evidence(folder, slices, evidence, extra=extra)
+    return folder
 
 
 @main.command()

@@ -138,11 +138,12 @@ class DicomReply:
         from .preprocess import preprocess
 
         slices, per_plane = preprocess(load_scan(folder), self.pipeline.pre), self.pipeline.pre.slices_per_plane
+        ev = result.evidence  # the SR references the images the top slices fall on, the PDF frames them
         if self.destination is None:
             write_dicom_results(folder, result.text, result.identity, os.path.join(self.out_dir, job_id), slices,
-                                per_plane)
+                                per_plane, evidence=ev)
         else:
-            results = dicom_results(folder, result.text, result.identity, slices, per_plane)
+            results = dicom_results(folder, result.text, result.identity, slices, per_plane, evidence=ev)
             send(list(results.values()), self.destination, self.calling_ae)
 
 

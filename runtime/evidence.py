@@ -27,6 +27,8 @@ TOP_PER_PLANE = 3
 #: The patient axis (LPS) each plane's position is given along, and its name: a PACS shows an axial slice's
 #: location as its S coordinate, a coronal one's as P, a sagittal one's as L.
 PLANE_AXIS = {"axial": (2, "S"), "coronal": (1, "P"), "sagittal": (0, "L")}
+#: What the weights are, said wherever they are shown (measured: benchmarks/evidence.md).
+NOTE = "attention weights: what the fusion weighed, not a localisation of a finding"
 NO_ATTENTION = ("this bundle's fusion.onnx outputs no attention weights (exported before samf had them): "
                 "export the bundle again with `samf-export bundle` to get the evidence slices")
 
@@ -72,7 +74,7 @@ class Evidence:
 
     def to_dict(self, n: int = TOP_PER_PLANE) -> dict:
         """The JSON form: the ranking, the top ``n`` per plane (best first), and every slice's weights."""
-        return dict(ranking=self.ranking, positioned=self.placement.affine is not None,
+        return dict(ranking=self.ranking, note=NOTE, positioned=self.placement.affine is not None,
                     top={PLANES[p]: [dict(rank=r + 1, **self.describe(p, k)) for r, k in enumerate(self.top(p, n))]
                          for p in range(3)},
                     alpha=[round(float(a), 6) for a in self.alpha],

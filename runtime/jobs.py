@@ -313,4 +313,4 @@ class _Key(str):
 def result_record(res) -> dict:
     """What a finished job returns: the text, timings and the bundle's identity (no identifiers)."""
     return dict(report=res.text, timings={k: round(v, 4) for k, v in res.timings.items()}, identity=res.identity,
-                scan=res.scan, new_tokens=len(res.token_ids))
+                scan=res.scan, new_tokens=len(res.token_ids), evidence=res.evidence_record())

@@ -80,6 +80,7 @@ class Phantom:
     findings: Findings
     report: str
     questions: list             # list of dicts: question, choices (4), answer ("A".."D")
+    masks: dict = dataclasses.field(default_factory=dict)  # with_masks: where located findings are (render_volume)
 
 
 def sample_findings(rng: np.random.Generator) -> Findings:
@@ -120,11 +121,13 @@ def _ellipsoid(grid, center, radii):
 
 
 def render_volume(findings: Findings, rng: np.random.Generator, shape=(64, 96, 96),
-                  spacing=(5.0, 4.0, 4.0)) -> np.ndarray:
+                  spacing=(5.0, 4.0, 4.0), masks: dict | None = None) -> np.ndarray:
     """Draw a chest at ``spacing`` mm: body, fat, lungs, mediastinum, heart, spine, ribs, then the findings.
 
     Geometry is in millimetres so the same anatomy comes out at any resolution. Individual anatomy
-    varies (body size, lung size, heart position) so the model has to look, not memorise.
+    varies (body size, lung size, heart position) so the model has to look, not memorise. ``masks``, when
+    given, receives where the located findings were drawn (``effusion_left``/``effusion_right``, ``nodule``),
+    as boolean ``[Z, Y, X]`` arrays: the ground truth the evidence slices are measured against.
     """
     nz, ny, nx = shape
     sz, sy, sx = spacing
@@ -190,6 +193,8 @@ def render_volume(findings: Findings, rng: np.random.Generator, shape=(64, 96, 9
         depth = float(rng.uniform(0.45, 0.65))
         dependent = (Y < c[1] - r[1] + 2 * depth * r[1]) & (Z < c[0] + 0.2 * r[0])
         vol[mask & dependent] = HU["fluid"]
+        if masks is not None:
+            masks[f"effusion_{side}"] = mask & dependent
 
     # Nodule: a soft-tissue sphere in the named lobe (upper = above the lung centre).
     if findings.nodule:
@@ -198,7 +203,10 @@ def render_volume(findings: Findings, rng: np.random.Generator, shape=(64, 96, 9
         ncenter = (c[0] + dz, c[1] + float(rng.uniform(0.0, 0.35)) * r[1],
                    c[2] + float(rng.uniform(-0.3, 0.3)) * r[2])
         rad = findings.nodule_size_mm / 2.0
-        vol[_ellipsoid(grid, ncenter, (rad, rad, rad))] = HU["nodule"]
+        nodule = _ellipsoid(grid, ncenter, (rad, rad, rad))
+        vol[nodule] = HU["nodule"]
+        if masks is not None:
+            masks["nodule"] = np.broadcast_to(nodule, shape)
 
     anatomy = dict(grid=grid, lungs=lungs, body=(body_ry, body_rx), heart=(heart_c, heart_r), zext=zext,
                    lung_c_z=lung_c_z, spacing=spacing)
@@ -604,13 +612,15 @@ def write_questions(f: Findings, rng: np.random.Generator) -> list:
     return qs
 
 
-def make_phantom(seed: int, shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0)) -> Phantom:
-    """The phantom with this seed: the same seed always gives the same volume, report and questions."""
+def make_phantom(seed: int, shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0), with_masks: bool = False) -> Phantom:
+    """The phantom with this seed: the same seed always gives the same volume, report and questions
+    (``with_masks`` adds where its located findings are, and changes nothing else)."""
     rng = np.random.default_rng(seed)
     f = sample_findings(rng)
-    vol = render_volume(f, rng, shape=shape, spacing=spacing)
+    masks: dict | None = {} if with_masks else None
+    vol = render_volume(f, rng, shape=shape, spacing=spacing, masks=masks)
     return Phantom(volume=vol, spacing=tuple(float(s) for s in spacing), findings=f,
-                   report=write_report(f, rng), questions=write_questions(f, rng))
+                   report=write_report(f, rng), questions=write_questions(f, rng), masks=masks or {})
 
 
 #: The columns of a SAMF dataset CSV (``train.csv``, ``test.csv``).

@@ -72,3 +72,35 @@ def test_refusals_write_nothing(quick, series, tmp_path):
     r = _samf("report", str(partial), "--bundle", quick.bundle, "--dicom-out", str(out))
     assert r.returncode != 0 and "missing slices" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_sr_points_at_the_source_images_the_top_axial_slices_fall_on(quick, series, tmp_path):
+    """The evidence through DICOM geometry: the SR's "best illustration" images are the source images nearest the
+    axial top slices (the series is axial, so coronal and sagittal evidence map to none), and evidence.json names
+    the same images."""
+    import highdicom as hd
+
+    folder, _, _ = series
+    out, ev_dir = str(tmp_path / "out"), str(tmp_path / "ev")
+    r = _samf("report", folder, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "8", "--json",
+              "--dicom-out", out, "--evidence", ev_dir)
+    assert r.returncode == 0, r.stderr
+    axial = json.loads(r.stdout)["evidence"]["top"]["axial"]
+    sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(os.path.join(folder, n), stop_before_pixels=True)
+                                                for n in os.listdir(folder))}
+    sr = hd.sr.srread(os.path.join(out, "sr.dcm"))
+    finding, comment = sr.ContentSequence
+    refs = [item.ReferencedSOPSequence[0] for item in finding.ContentSequence]
+    assert [item.RelationshipType for item in finding.ContentSequence] == ["INFERRED FROM"] * 3
+    assert all(item.ConceptNameCodeSequence[0].CodeValue == "121080" for item in finding.ContentSequence)
+    assert len({ref.ReferencedSOPInstanceUID for ref in refs}) == 3
+    for ref, slice_ in zip(refs, axial):
+        src = sources[ref.ReferencedSOPInstanceUID]
+        assert ref.ReferencedSOPClassUID == src.SOPClassUID
+        # DICOM's z is the axial slice's location (S); the series is 8 mm apart: the nearest is within 4 mm.
+        assert abs(float(src.ImagePositionPatient[2]) - slice_["location_mm"]) <= 4.0 + 1e-3
+    assert "axial slice" in comment.TextValue and "not a localisation" in comment.TextValue
+    with open(os.path.join(ev_dir, "series", "evidence.json")) as f:
+        named = json.load(f)["source_images"]
+    assert [(n["plane"], n["instance_number"]) for n in named] == [
+        ("axial", int(sources[ref.ReferencedSOPInstanceUID].InstanceNumber)) for ref in refs]

@@ -67,8 +67,13 @@ def test_twenty_concurrent_clients_get_the_reports_samf_report_gives(quick, scan
             assert jobs[job_id]["identity"]["llm"] == "llm-F32.gguf" and "load" in jobs[job_id]["timings"]
         assert "".join(pieces) == final["report"] == jobs[first]["report"]
         cli = subprocess.run(["samf", "report", scans[3], "--bundle", quick.bundle, "--quant", "F32", "--max-tokens",
-                              str(MAX_TOKENS)], capture_output=True, text=True, check=True)
-        assert cli.stdout.strip() == jobs[next(i for i, s in ids.items() if s == scans[3])]["report"].strip()
+                              str(MAX_TOKENS), "--json"], capture_output=True, text=True, check=True)
+        said, job = json.loads(cli.stdout), jobs[next(i for i, s in ids.items() if s == scans[3])]
+        assert said["report"].strip() == job["report"].strip()
+        # The evidence (the fusion's attention) comes with the job's result, as with `samf report --json`.
+        assert {p: [e["slice"] for e in t] for p, t in job["evidence"]["top"].items()} == {
+            p: [e["slice"] for e in t] for p, t in said["evidence"]["top"].items()}
+        assert max(abs(a - b) for a, b in zip(job["evidence"]["alpha"], said["evidence"]["alpha"])) < 1e-5
 
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
         assert 'samf_jobs{state="done"} 20.0' in metrics and "samf_queue_depth 0.0" in metrics

@@ -1,0 +1,137 @@
+"""The slices that mattered: the fusion's attention as evidence, from `samf report --evidence`, the JSON, and an
+older bundle's fusion that has none."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from cli_runner import run_cli
+from PIL import Image
+
+from samf.runtime.evidence import RANK_COLOURS, Evidence, evidence_montage
+from samf.runtime.phantom import make_phantom, sample_findings
+from samf.runtime.preprocess import PLANES, SlicePlacement
+
+
+def _one_line_failure(proc, *words):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
+def test_report_evidence_writes_the_top_slices_and_says_the_same_in_json(quick, tmp_path):
+    scan = os.path.join(quick.data, quick.test[0].image)
+    r = run_cli("samf", "report", scan, "--bundle", quick.bundle, "--quant", "F32", "--encoders", "fp32",
+                "--max-tokens", "8", "--json", "--evidence", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr
+    said = json.loads(r.stdout)["evidence"]
+    folder = tmp_path / "ev" / os.path.basename(scan)[: -len(".nii.gz")]
+    with open(folder / "evidence.json") as f:
+        written = json.load(f)
+    alpha, gamma = np.array(said["alpha"]), np.array(said["gamma"])
+    assert abs(alpha.sum() - 1) < 1e-4 and abs(gamma.sum() - 1) < 1e-4
+    assert said["ranking"] == "mean of alpha and gamma" and written["alpha"] == said["alpha"]
+    S = len(alpha) // 3
+    files = set(os.listdir(folder))
+    for p, plane in enumerate(PLANES):
+        top = said["top"][plane]
+        score = (alpha + gamma)[p * S:(p + 1) * S]
+        assert [e["slice"] for e in top] == list(np.argsort(-score, kind="stable")[:3])  # best first
+        assert [e["rank"] for e in top] == [1, 2, 3]
+        for e, w in zip(top, written["top"][plane]):
+            assert {k: v for k, v in w.items() if k != "png"} == e
+            assert w["png"] == f"{plane}_top{e['rank']}_slice{e['slice']:02d}.png" and w["png"] in files
+            assert e["alpha"] == pytest.approx(alpha[p * S + e["slice"]], abs=1e-6)
+            lo, hi = e["voxels"]
+            assert 0 <= lo <= hi
+    assert files == {"evidence.json", "montage.png"} | {w["png"] for t in written["top"].values() for w in t}
+    montage = np.asarray(Image.open(folder / "montage.png"))
+    assert montage.ndim == 3 and montage.shape[2] == 3
+    rows = np.array_split(montage, 3, axis=0)
+    for row in rows:  # each plane's row frames its best slice in the rank-1 colour
+        assert (row == RANK_COLOURS[0]).all(axis=2).any()
+
+
+def _without_attention(src: str, dst: str) -> str:
+    """A copy of bundle ``src`` whose fusion.onnx outputs the fused rows only, as bundles exported before the
+    attention outputs did, resealed."""
+    import onnx
+
+    from samf.runtime.bundle import sha256_of
+    from samf.runtime.manifest import seal
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "fusion.onnx")
+    model = onnx.load(path)
+    keep = [o for o in model.graph.output if o.name == "fused"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    os.remove(path)
+    onnx.save(model, path)
+    with open(os.path.join(dst, "manifest.json")) as f:
+        m = json.load(f)
+    m["files"]["fusion.onnx"] = dict(sha256=sha256_of(path), size=os.path.getsize(path))
+    m["io_signature"]["fusion"]["outputs"] = {"fused": m["io_signature"]["fusion"]["outputs"]["fused"]}
+    os.remove(os.path.join(dst, "manifest.json"))  # copytree kept the original's mode: replace, not overwrite
+    with open(os.path.join(dst, "manifest.json"), "w") as f:
+        json.dump(seal(m), f, indent=2)
+    return dst
+
+
+def test_an_older_bundle_reports_but_has_no_evidence(quick, tmp_path):
+    bundle = _without_attention(quick.bundle, str(tmp_path / "older"))
+    scan = os.path.join(quick.data, quick.test[0].image)
+    common = ("--bundle", bundle, "--quant", "F32", "--encoders", "fp32", "--max-tokens", "8")
+    r = run_cli("samf", "report", scan, *common, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["evidence"] is None and out["report"]
+    r = run_cli("samf", "report", scan, *common, "--evidence", str(tmp_path / "ev"))
+    _one_line_failure(r, "no attention", "samf-export bundle")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_evidence_needs_one_scan(quick, tmp_path):
+    scan = os.path.join(quick.data, quick.test[0].image)
+    r = run_cli("samf", "report", scan, scan, "--bundle", quick.bundle, "--evidence", str(tmp_path / "ev"))
+    _one_line_failure(r, "--evidence takes one scan")
+
+
+def test_montage_frames_each_planes_best_slices_by_rank():
+    S, H = 4, 16
+    alpha = np.full(3 * S, 1.0 / (3 * S))
+    alpha[[2, S + 0, 2 * S + 3]] += 0.05   # each plane's best slice
+    alpha[[1, S + 3, 2 * S + 1]] += 0.02   # each plane's second
+    alpha /= alpha.sum()
+    placement = SlicePlacement(positions=np.tile(np.arange(S) + 0.5, (3, 1)), step=np.ones(3), centre=np.zeros(3),
+                               spacing=(1.0, 1.0, 1.0), thin=True)
+    ev = Evidence(alpha=alpha, gamma=None, placement=placement)
+    assert ev.ranking == "alpha" and [ev.top(p, 2) for p in range(3)] == [[2, 1], [0, 3], [3, 1]]
+    img = evidence_montage(np.zeros((3 * S, 3, H, H), np.float32), ev, n=2)
+    tile_h, tile_w = img.shape[0] // 3, img.shape[1] // S
+    for p, (best, second) in enumerate([[2, 1], [0, 3], [3, 1]]):
+        for k in range(S):
+            corner = tuple(img[p * tile_h, k * tile_w])
+            want = RANK_COLOURS[0] if k == best else RANK_COLOURS[1] if k == second else (32, 32, 32)
+            assert corner == want, (p, k, corner)
+
+
+def test_phantom_masks_change_nothing_and_sit_where_the_finding_is():
+    seed = next(s for s in range(100) if (f := sample_findings(np.random.default_rng(s))).nodule
+                and f.effusion in ("left", "right"))
+    plain = make_phantom(seed)
+    masked = make_phantom(seed, with_masks=True)
+    assert len(masked.masks) == 2
+    assert np.array_equal(plain.volume, masked.volume) and plain.report == masked.report
+    assert masked.masks.keys() == {k for k, present in (
+        ("nodule", masked.findings.nodule), ("effusion_left", masked.findings.effusion in ("left", "bilateral")),
+        ("effusion_right", masked.findings.effusion in ("right", "bilateral"))) if present}
+    for name, mask in masked.masks.items():
+        assert mask.shape == masked.volume.shape and mask.any()
+        value = 30.0 if name == "nodule" else 15.0       # the finding's HU, before noise
+        assert abs(float(np.median(masked.volume[mask])) - value) < 60, name
