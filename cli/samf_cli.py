@@ -326,9 +326,13 @@ def _default_service_dir() -> str:
                    "under WORK/dicom-out/<job id>/")
 @click.option("--series-settle", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="seconds without a new image after which a received series is complete")
+@click.option("--dicom-allow", "dicom_allow", multiple=True,
+              help="a calling AE title allowed to send (repeatable; others are rejected at association); required "
+                   "when --host is not this machine")
 @engine_options
 def serve(bundle_dir, trusted_keys, quant, host, port, token, work, input_dirs, max_upload_mb, max_queue, parallel,
-          max_tokens, dicom_port, ae_title, dicom_dest, series_settle, threads, backend, encoders, gpu_layers):
+          max_tokens, dicom_port, ae_title, dicom_dest, series_settle, dicom_allow, threads, backend, encoders,
+          gpu_layers):
     """Keep the bundle loaded and serve reports over HTTP (OpenAPI at /docs, /openapi.json): POST /v1/reports,
     GET /v1/reports/{id}[/stream], POST /v1/vqa, /healthz, /metrics. Jobs persist in WORK; a restart resumes
     them."""
@@ -336,8 +340,10 @@ def serve(bundle_dir, trusted_keys, quant, host, port, token, work, input_dirs, 
 
     engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
                    trusted_keys=trusted_keys)
+    if dicom_port is None and (dicom_allow or dicom_dest):
+        raise click.UsageError("--dicom-allow and --dicom-dest need --dicom-port")
     dicom = None if dicom_port is None else dict(port=dicom_port, ae_title=ae_title, dest=dicom_dest,
-                                                 settle_s=series_settle)
+                                                 settle_s=series_settle, allow=dicom_allow)
     run_service(bundle_dir, host, port, work, token, input_dirs, max_upload_mb, max_queue, parallel, max_tokens,
                 engines, dicom)
 

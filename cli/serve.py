@@ -231,7 +231,8 @@ def metrics_text(store: JobStore, runner: JobRunner) -> str:
 def serve(bundle: str, host: str, port: int, work: str, token: str | None, input_dirs: tuple, max_upload_mb: int,
           max_queue: int, parallel: int, max_tokens: int, engines: dict, dicom: dict | None = None) -> None:
     """Load the bundle, recover the queue, serve until interrupted. ``dicom``: ``port``, ``ae_title``,
-    ``dest`` (AE@HOST:PORT) or ``out_dir``, ``settle_s``, to receive series over DICOM as well."""
+    ``dest`` (AE@HOST:PORT) or ``out_dir``, ``settle_s``, ``allow`` (calling AE titles; required off this
+    machine), to receive series over DICOM as well."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -242,6 +243,14 @@ def serve(bundle: str, host: str, port: int, work: str, token: str | None, input
 
     if not is_loopback(host) and not token:
         raise SamfError(f"binding {host} (not this machine only) needs a bearer token: --token or SAMF_TOKEN")
+    if dicom and not is_loopback(host) and not dicom.get("allow"):
+        raise SamfError(f"receiving DICOM on {host} (not this machine only) needs the senders' AE titles: "
+                        "--dicom-allow AE (repeatable)")
+    if dicom:
+        from samf.runtime.dicom_net import check_ae_title
+
+        for title in (dicom["ae_title"], *dicom.get("allow", ())):
+            check_ae_title(title, "AE title")
     for d in input_dirs:
         if not os.path.isdir(d):
             raise SamfError(f"--input-dir {d}: not a folder")
@@ -270,7 +279,7 @@ def serve(bundle: str, host: str, port: int, work: str, token: str | None, input
         collector = SeriesCollector(os.path.join(work, "dicom-in"), dicom["settle_s"],
                                     queue_series(store, max_tokens, runner.wake.set))
         collector.start()
-        scp = start_scp(dicom["ae_title"], host, dicom["port"], collector)
+        scp = start_scp(dicom["ae_title"], host, dicom["port"], collector, tuple(dicom.get("allow", ())))
         log.info("DICOM: %s listening on %s:%d, results to %s", dicom["ae_title"], host, dicom["port"],
                  dicom.get("dest") or "a folder")
     log.info("serving %s on %s:%d (%d job(s) resumed)", pipe.identity.get("llm"), host, port, requeued)

@@ -21,6 +21,14 @@ from samf.errors import SamfError
 log = logging.getLogger("samf.service")
 
 
+def check_ae_title(title: str, what: str) -> str:
+    """An AE title as DICOM allows it: 1-16 characters of printable ASCII, not only spaces, no backslash."""
+    if not 0 < len(title.strip()) <= 16 or len(title) > 16 or "\\" in title or not title.isprintable() \
+            or not title.isascii():
+        raise SamfError(f"{what} {title!r}: an AE title is 1-16 printable ASCII characters, no backslash")
+    return title
+
+
 def parse_destination(text: str) -> tuple:
     """``AE@HOST:PORT`` -> (ae title, host, port)."""
     try:
@@ -78,14 +86,18 @@ class SeriesCollector:
                     log.warning("a received series could not be queued: %s", type(e).__name__)
 
 
-def start_scp(ae_title: str, host: str, port: int, collector: SeriesCollector):
-    """A C-STORE and C-ECHO SCP for the storage SOP classes; returns the running server (``.shutdown()``)."""
+def start_scp(ae_title: str, host: str, port: int, collector: SeriesCollector, allowed: tuple = ()):
+    """A C-STORE and C-ECHO SCP for the storage SOP classes; returns the running server (``.shutdown()``).
+    ``allowed``: the calling AE titles it associates with (any, when empty); others are rejected at association
+    (A-ASSOCIATE-RJ, "calling AE title not recognised") and logged in one line."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=ae_title)
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
+    if allowed:
+        ae.require_calling_aet = list(allowed)
 
     def on_store(event):
         try:
@@ -97,9 +109,13 @@ def start_scp(ae_title: str, host: str, port: int, collector: SeriesCollector):
             return 0xC210
         return 0x0000
 
+    def on_rejected(event):
+        log.warning("DICOM association refused: its calling AE title is not in --dicom-allow")
+
     try:
         return ae.start_server((host, port), block=False,
-                               evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)])
+                               evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
+                                             (evt.EVT_REJECTED, on_rejected)])
     except OSError as e:
         raise SamfError(f"DICOM port {host}:{port}: {e.strerror or e}") from None
 

@@ -114,3 +114,53 @@ def test_a_series_sent_over_dicom_comes_back_as_sr_and_pdf(quick, phantom, tmp_p
     finally:
         server.stop()
         pacs.server.shutdown()
+
+
+def _echo(port: int, calling_ae: str) -> bool:
+    """Whether an SCU calling itself ``calling_ae`` gets an association and a C-ECHO answer."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SAMF")
+    if not assoc.is_established:
+        return False
+    try:
+        return assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_only_allowed_senders_associate(tmp_path, caplog):
+    from samf.runtime.dicom_net import SeriesCollector, start_scp
+
+    collector = SeriesCollector(str(tmp_path / "in"), 60.0, lambda folder: None)
+    port = free_port()
+    scp = start_scp("SAMF", "127.0.0.1", port, collector, allowed=("SCANNER", "CT2"))
+    try:
+        with caplog.at_level("WARNING", logger="samf.service"):
+            assert _echo(port, "SCANNER") and _echo(port, "CT2")
+            assert not _echo(port, "INTRUDER")
+        assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == [
+            "DICOM association refused: its calling AE title is not in --dicom-allow"]
+    finally:
+        scp.shutdown()
+    open_scp = start_scp("SAMF", "127.0.0.1", port := free_port(), collector)  # no list: any sender
+    try:
+        assert _echo(port, "ANYONE")
+    finally:
+        open_scp.shutdown()
+
+
+def test_dicom_off_this_machine_needs_an_allow_list(quick, tmp_path):
+    import subprocess
+
+    def serve(*extra):
+        return subprocess.run(["samf", "serve", "--bundle", quick.bundle, "--host", "0.0.0.0", "--token", "t0ken",
+                               "--port", str(free_port()), "--work", str(tmp_path / "w"), "--dicom-port",
+                               str(free_port()), *extra], capture_output=True, text=True, timeout=120)
+
+    for extra, words in (((), "--dicom-allow"), (("--dicom-allow", "BAD\\AE"), "AE title")):
+        r = serve(*extra)
+        assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
