@@ -12,45 +12,98 @@ import click
 from samf.errors import one_line
 
 
+def write_scan_outputs(scan: str, res, slices_per_plane: int, series_uid: str | None, dicom_dir: str | None,
+                       evidence_dir: str | None) -> dict:
+    """A reported scan's --dicom-out (``dicom_dir``: sr.dcm, report_pdf.dcm; only for a DICOM series folder) and
+    --evidence (``evidence_dir``: see :func:`~samf.runtime.evidence.write_evidence`; for a DICOM series
+    evidence.json also names the source image each top slice falls on). ``res.slices`` must be set. Returns what
+    was written: ``{"DICOM": [paths], "evidence": folder}``."""
+    out: dict = {}
+    if dicom_dir is not None and os.path.isdir(scan):
+        from samf.runtime.dicom_out import write_dicom_results
+
+        out["DICOM"] = write_dicom_results(scan, res.text, res.identity, dicom_dir, res.slices, slices_per_plane,
+                                           series_uid, res.evidence)
+    if evidence_dir is not None:
+        from samf.runtime.evidence import require, write_evidence
+
+        require(res.evidence)
+        extra = {}
+        if os.path.isdir(scan):
+            from samf.runtime.dicom_out import evidence_images, source_instances
+
+            sources, frames = source_instances(scan, series_uid)
+            extra["source_images"] = [
+                dict(plane=d["plane"], slice=d["slice"], instance_number=_int_or_none(ds.get("InstanceNumber")),
+                     frame=frame) for d, ds, frame in evidence_images(sources, frames, res.evidence)]
+        write_evidence(evidence_dir, res.slices, res.evidence, extra=extra)
+        out["evidence"] = evidence_dir
+    return out
+
+
+def _int_or_none(value):
+    return None if value is None or value == "" else int(value)
+
+
 def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dict, parallel: int,
-                 request: str | None, max_tokens: int, as_json: bool, load) -> int:
+                 request: str | None, max_tokens: int, as_json: bool, load, dicom_out: str | None = None,
+                 evidence_dir: str | None = None, series_uid: str | None = None) -> int:
     """Report every scan of ``items``; returns how many failed. With ``out_dir``, scans already reported there
-    (same path, same content) are skipped, and each result is written as it finishes (:mod:`worklist`)."""
+    (same path, same content) are skipped, and each result is written as it finishes (:mod:`worklist`).
+    ``dicom_out``/``evidence_dir``: each scan's SR and PDF (DICOM series only), evidence images, under
+    ``<dir>/<scan name>/`` (:func:`write_scan_outputs`); a scan whose outputs cannot be written fails."""
     from samf.runtime.pipeline import ReportPipeline
     from samf.runtime.progress import progress_bar
-    from samf.runtime.worklist import JSONL, BatchOutput, content_sha256
+    from samf.runtime.worklist import JSONL, BatchOutput, content_sha256, output_names
 
     output = BatchOutput(out_dir, items) if out_dir else None
+    names = output.names if output else output_names(items)
+    extras = dicom_out is not None or evidence_dir is not None
     digests = {os.path.abspath(p): content_sha256(p) for p in items} if output else {}
     todo = [p for p in items if not (output and output.done(p, digests[os.path.abspath(p)]))]
     skipped, failed, reported = len(items) - len(todo), 0, 0
     if todo:
         # Many scans per load: 4-bit weights repacked (2 s more loading, faster decoding of every report).
-        with ReportPipeline(bundle_dir, repack=True, parallel=parallel, **engines) as pipe, \
-                progress_bar(total=len(todo), unit="scan", desc="reports") as bar:
-            t0 = time.perf_counter()
-            for scan, res in pipe.report_many(todo, request=request, max_new_tokens=max_tokens, load=load):
-                path = os.path.abspath(scan)
-                row = dict(path=path, scan=scan, sha256=digests.get(path),
-                           finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-                if isinstance(res, BaseException):
-                    failed += 1
-                    row.update(status="failed", error=one_line(res))
-                    bar.write(f"failed: {scan}: {row['error']}")
-                else:
-                    reported += 1
-                    row.update(status="ok", report=res.text, tokens=len(res.token_ids),
-                               encoders=res.identity["encoder_precision"], timings_s=res.timings,
-                               identity=res.identity, scan_info=res.scan, evidence=res.evidence_record())
-                if output:
-                    output.write(row)
-                if as_json:
-                    bar.write(json.dumps(row), file=click.get_text_stream("stdout"))
-                elif not output:
-                    bar.write(f"# {scan}\n{row.get('report') or 'error: ' + row['error']}\n",
-                              file=click.get_text_stream("stdout"))
-                bar.update(1)
-                bar.set_postfix(per_min=f"{60 * bar.n / (time.perf_counter() - t0):.1f}")
+        with ReportPipeline(bundle_dir, repack=True, parallel=parallel, **engines) as pipe:
+            if evidence_dir is not None:
+                pipe.require_attention()  # before any scan is read, and before the progress bar
+            with progress_bar(total=len(todo), unit="scan", desc="reports") as bar:
+                t0 = time.perf_counter()
+                for scan, res in pipe.report_many(todo, request=request, max_new_tokens=max_tokens, load=load,
+                                                  keep_slices=extras):
+                    path = os.path.abspath(scan)
+                    row = dict(path=path, scan=scan, sha256=digests.get(path),
+                               finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                    if extras and not isinstance(res, BaseException):
+                        try:
+                            written = write_scan_outputs(
+                                scan, res, pipe.pre.slices_per_plane, series_uid,
+                                dicom_out and os.path.join(dicom_out, names[path]),
+                                evidence_dir and os.path.join(evidence_dir, names[path]))
+                            row.update({"dicom_out" if k == "DICOM" else "evidence_dir": v for k, v in written.items()})
+                            if dicom_out is not None and "DICOM" not in written:
+                                bar.write(f"no DICOM results for {scan}: not a DICOM series folder",
+                                          file=click.get_text_stream("stderr"))
+                        except Exception as e:  # noqa: BLE001 - this scan's outputs failed; the batch goes on
+                            res = e
+                    if isinstance(res, BaseException):
+                        failed += 1
+                        row.update(status="failed", error=one_line(res))
+                        bar.write(f"failed: {scan}: {row['error']}")
+                    else:
+                        reported += 1
+                        row.update(status="ok", report=res.text, tokens=len(res.token_ids),
+                                   encoders=res.identity["encoder_precision"], timings_s=res.timings,
+                                   identity=res.identity, scan_info=res.scan, evidence=res.evidence_record())
+                    if output:
+                        output.write(row)
+                    if as_json:
+                        bar.write(json.dumps(row), file=click.get_text_stream("stdout"))
+                    elif not output:
+                        bar.write(f"# {scan}\n{row.get('report') or 'error: ' + row['error']}\n",
+                                  file=click.get_text_stream("stdout"))
+                    bar.update(1)
+                    bar.set_postfix(per_min=f"{60 * bar.n / (time.perf_counter() - t0):.1f}")
     if output:
         output.finish()
     where = f" -> {os.path.join(out_dir, JSONL)}" if out_dir else ""

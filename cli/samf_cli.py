@@ -128,9 +128,10 @@ def main():
               help="reports decoded together in a batch (each holds its own KV cache)")
 @click.option("--dicom-out", type=click.Path(file_okay=False), default=None,
               help="for a DICOM series: also write the report as DICOM here, a Comprehensive 3D SR (sr.dcm) and an "
-                   "Encapsulated PDF with the slices (report_pdf.dcm), both flagged unverified AI output")
+                   "Encapsulated PDF with the slices (report_pdf.dcm), both flagged unverified AI output; for several "
+                   "scans, into DICOM_OUT/<scan name>/ for each DICOM series")
 @click.option("--evidence", "evidence_dir", type=click.Path(file_okay=False), default=None,
-              help="for one scan: write the slices the model weighted most into EVIDENCE/<scan name>/: the top 3 per "
+              help="write the slices the model weighted most into EVIDENCE/<scan name>/ for each scan: the top 3 per "
                    "plane as PNGs, a montage that frames them, and evidence.json with every slice's attention")
 @engine_options
 def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, out_dir, parallel,
@@ -150,36 +151,29 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
     engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
                    max_new_tokens=max_tokens, trusted_keys=trusted_keys)
     single = out_dir is None and not worklists and len(scans) == 1 and items == list(scans)
-    if dicom_out is not None and not (single and os.path.isdir(scans[0])):
-        raise click.UsageError("--dicom-out takes one DICOM series folder (the SR refers to its images)")
-    if evidence_dir is not None and not single:
-        raise click.UsageError("--evidence takes one scan (a batch's --json rows and --out files carry the evidence "
-                               "weights)")
+    if dicom_out is not None and single and not os.path.isdir(scans[0]):
+        raise click.UsageError("--dicom-out needs a DICOM series folder (the SR refers to its images)")
     if single:
         # Refuse a bad scan before loading any model.
         vol = _load(scans[0], quiet=as_json, **scan_kw)
         # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than
         # repacking saves on one report); the LLM's context: the image rows, the request and max_tokens.
         with ReportPipeline(bundle_dir, repack=False, **engines) as pipe:
-            if evidence_dir is not None and not pipe.has_attention:
-                from samf.errors import BundleError
-                from samf.runtime.evidence import NO_ATTENTION
-
-                raise BundleError(NO_ATTENTION)
+            if evidence_dir is not None:
+                pipe.require_attention()
             res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
             if dicom_out is not None or evidence_dir is not None:
                 from samf.runtime.preprocess import preprocess
+                from samf.runtime.slices_png import scan_folder_name
 
-                slices = preprocess(vol, pipe.pre)
-            if dicom_out is not None:
-                from samf.runtime.dicom_out import write_dicom_results
+                from .batch import write_scan_outputs
 
-                written = write_dicom_results(scans[0], res.text, res.identity, dicom_out, slices,
-                                              pipe.pre.slices_per_plane, scan_kw.get("series"), res.evidence)
-                click.echo(f"DICOM: {', '.join(written)}", err=True)
-            if evidence_dir is not None:
-                folder = _write_evidence(scans[0], evidence_dir, slices, res.evidence, scan_kw.get("series"))
-                click.echo(f"evidence: {folder}", err=True)
+                res.slices = preprocess(vol, pipe.pre)
+                written = write_scan_outputs(
+                    scans[0], res, pipe.pre.slices_per_plane, scan_kw.get("series"), dicom_out,
+                    evidence_dir and os.path.join(evidence_dir, scan_folder_name(scans[0])))
+                for what, where in written.items():
+                    click.echo(f"{what}: {', '.join(where) if isinstance(where, list) else where}", err=True)
         if as_json:
             click.echo(json.dumps(dict(scan=scans[0], report=res.text, timings_s=res.timings, identity=res.identity,
                                        encoders=res.identity["encoder_precision"], scan_info=res.scan,
@@ -193,32 +187,10 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
     from .batch import report_batch
 
     failed = report_batch(items, bundle_dir, out_dir, engines, parallel, request, max_tokens, as_json,
-                          lambda path: _load(path, quiet=True, **scan_kw))
+                          lambda path: _load(path, quiet=True, **scan_kw), dicom_out=dicom_out,
+                          evidence_dir=evidence_dir, series_uid=scan_kw.get("series"))
     if failed:
         raise SystemExit(1)
-
-
-def _int_or_none(value):
-    return None if value is None or value == "" else int(value)
-
-
-def _write_evidence(scan: str, evidence_dir: str, slices, evidence, series_uid=None) -> str:
-    """EVIDENCE/<scan name>/ (see :func:`~samf.runtime.evidence.write_evidence`); for a DICOM series, evidence.json
-    also names the source image (instance and frame number) each top slice falls on."""
-    from samf.runtime.evidence import write_evidence
-    from samf.runtime.slices_png import scan_folder_name
-
-    extra = {}
-    if os.path.isdir(scan):
-        from samf.runtime.dicom_out import evidence_images, source_instances
-
-        sources, frames = source_instances(scan, series_uid)
-        extra["source_images"] = [
-            dict(plane=d["plane"], slice=d["slice"], instance_number=_int_or_none(ds.get("InstanceNumber")),
-                 frame=frame) for d, ds, frame in evidence_images(sources, frames, evidence)]
-    folder = os.path.join(evidence_dir, scan_folder_name(scan))
-    write_evidence(folder, slices, evidence, extra=extra)
-    return folder
 
 
 @main.command()

@@ -14,7 +14,7 @@ from samf.errors import BundleError, EngineUnavailable, SamfError
 
 from .bundle import Bundle, read_bundle
 from .ct import Volume, load_scan
-from .evidence import Evidence, evidence_of
+from .evidence import NO_ATTENTION, Evidence, evidence_of
 from .preprocess import preprocess_placed
 from .prompt import REPORT_REQUESTS, mcq_choice_of, mcq_request
 
@@ -29,6 +29,7 @@ class Result:
     decode_steps: int = 0                         # single-token forward passes after the prefill
     scan: dict = field(default_factory=dict)      # what was read: format, shape, spacing, series (no identifiers)
     evidence: Evidence | None = None              # the fusion's attention over the slices (None: an older bundle)
+    slices: np.ndarray | None = None              # the model's input [3·S, C, H, W], when report_many keeps them
 
     def evidence_record(self) -> dict | None:
         """The evidence as JSON (:meth:`Evidence.to_dict`), or None for a bundle without attention outputs."""
@@ -202,6 +203,11 @@ class ReportPipeline:
         """Whether the fusion outputs its attention (bundles exported before it did output the fused rows only)."""
         return "alpha" in self.fusion.outputs
 
+    def require_attention(self) -> None:
+        """One line, before any scan is read, when evidence is asked of a bundle without attention outputs."""
+        if not self.has_attention:
+            raise BundleError(NO_ATTENTION)
+
     def _trt_plans(self, requested: str) -> dict:
         """The manifest's entry for the plans built with the installed TensorRT (plans are not portable across
         versions), in the requested precision (``auto``: fp16 if built, else fp32)."""
@@ -311,7 +317,7 @@ class ReportPipeline:
         return mcq_choice_of(res.text), res
 
     def report_many(self, scans, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
-                    load=None, on_text=None):
+                    load=None, on_text=None, keep_slices: bool = False):
         """Reports for many scans with one load of the engines: yields ``(scan, Result)`` or ``(scan, error)``
         (a :class:`SamfError` or other exception, with its one-line reason) as each finishes, not in order.
 
@@ -321,7 +327,8 @@ class ReportPipeline:
         ``config.parallel`` reports together (:meth:`LlamaCppLLM.generate_many`): a report finished frees its
         sequence for the next scan. At most ``parallel + prefetch`` scans are held at a time, whatever the length
         of ``scans``. Greedy reports are the ones :meth:`report` gives. ``on_text(scan, text so far)`` is called
-        as each token of a report is decoded."""
+        as each token of a report is decoded. ``keep_slices``: each result keeps the slices the model read
+        (``Result.slices``, for evidence images and PDFs; 14 MB a scan at the paper's size)."""
         import collections
         from concurrent.futures import ThreadPoolExecutor
 
@@ -353,7 +360,8 @@ class ReportPipeline:
                     waiting[key] = (scan, e)
                     yield key, None, None, None
                     continue
-                waiting[key] = (scan, timings, started, info, evidence_of(out, placement))
+                waiting[key] = (scan, timings, started, info, evidence_of(out, placement),
+                                slices if keep_slices else None)
                 yield key, lay.head(), out["fused"][0], lay.tail(prompt_ids)
 
         with ThreadPoolExecutor(max_workers=max(1, self.config.prefetch), thread_name_prefix="samf-load") as pool:
@@ -364,13 +372,13 @@ class ReportPipeline:
                 if out is None:
                     yield entry
                     continue
-                scan, timings, started, info, evidence = entry
+                scan, timings, started, info, evidence, kept = entry
                 timings.update(llm_prefill=out["prefill_s"], llm_decode=out["decode_s"])
                 timings["total"] = sum(timings.values())
                 timings["wall"] = time.perf_counter() - started  # submitted to finished, queueing included
                 yield scan, Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
                                    prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info,
-                                   evidence=evidence)
+                                   evidence=evidence, slices=kept)
 
     def report_nll(self, scan, reference: str, request: str | None = None) -> float:
         """Teacher-forced negative log-likelihood per token of a reference report for this scan."""

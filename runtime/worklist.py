@@ -92,19 +92,23 @@ def content_sha256(path: str) -> str | None:
         return None
 
 
+def output_names(scans: list) -> dict:
+    """``{absolute path: name}`` for a worklist's per-scan outputs: the scan's file or folder name; two scans with
+    the same name get a short hash of their path added."""
+    names = [scan_folder_name(s) for s in scans]
+    clash = {n for n in names if names.count(n) > 1}
+    paths = [os.path.abspath(s) for s in scans]
+    return {p: n if n not in clash else f"{n}-{hashlib.sha1(p.encode()).hexdigest()[:8]}" for p, n in zip(paths, names)}
+
+
 class BatchOutput:
     """The output folder of a worklist: one ``<name>.json`` (and ``<name>.txt`` when reported) per scan, and
-    ``reports.jsonl``. Names are the scans' file or folder names; two scans with the same name get a short hash
-    of their path added."""
+    ``reports.jsonl``; names from :func:`output_names`."""
 
     def __init__(self, out_dir: str, scans: list):
         self.dir = out_dir
         os.makedirs(out_dir, exist_ok=True)
-        names = [scan_folder_name(s) for s in scans]
-        clash = {n for n in names if names.count(n) > 1}
-        self.names = {os.path.abspath(s): n if n not in clash else
-                      f"{n}-{hashlib.sha1(os.path.abspath(s).encode()).hexdigest()[:8]}"
-                      for s, n in zip(scans, names)}
+        self.names = output_names(scans)
         self.order = [os.path.abspath(s) for s in scans]
         self._jsonl = open(os.path.join(out_dir, JSONL), "a", encoding="utf-8")
 

@@ -96,10 +96,36 @@ def test_an_older_bundle_reports_but_has_no_evidence(quick, tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
-def test_evidence_needs_one_scan(quick, tmp_path):
-    scan = os.path.join(quick.data, quick.test[0].image)
-    r = run_cli("samf", "report", scan, scan, "--bundle", quick.bundle, "--evidence", str(tmp_path / "ev"))
-    _one_line_failure(r, "--evidence takes one scan")
+def test_a_batch_writes_each_scans_evidence_and_each_series_sr(quick, tmp_path):
+    """--evidence and --dicom-out over several scans: a folder per scan (same names as --out's files), the SR and
+    PDF for the DICOM series only, and rows that say where they went."""
+    from dicom_writer import PATIENT, write_series
+
+    series = str(tmp_path / "series")
+    ph = make_phantom(33, shape=(24, 40, 40), spacing=(8.0, 9.0, 9.0))
+    write_series(series, ph.volume, ph.spacing, patient=PATIENT)
+    niftis = [os.path.join(quick.data, ex.image) for ex in quick.test[:2]]
+    ev, dcm, out = (str(tmp_path / d) for d in ("ev", "dcm", "out"))
+    r = run_cli("samf", "report", *niftis, series, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "8",
+                "--out", out, "--evidence", ev, "--dicom-out", dcm)
+    assert r.returncode == 0, r.stderr
+    names = [os.path.basename(n)[: -len(".nii.gz")] for n in niftis] + ["series"]
+    assert sorted(os.listdir(ev)) == sorted(names)
+    for name in names:
+        assert {"evidence.json", "montage.png"} <= set(os.listdir(os.path.join(ev, name)))
+    assert os.listdir(dcm) == ["series"] and sorted(os.listdir(os.path.join(dcm, "series"))) == [
+        "report_pdf.dcm", "sr.dcm"]
+    assert r.stderr.count("not a DICOM series folder") == 2
+    rows = {json.loads(line)["scan"]: json.loads(line) for line in open(os.path.join(out, "reports.jsonl"))}
+    assert rows[series]["dicom_out"] == [os.path.join(dcm, "series", f) for f in ("sr.dcm", "report_pdf.dcm")]
+    assert all(rows[n]["evidence_dir"] == os.path.join(ev, m) for n, m in zip(niftis + [series], names))
+    with open(os.path.join(ev, "series", "evidence.json")) as f:
+        assert [s["plane"] for s in json.load(f)["source_images"]] == ["axial"] * 3
+    # An older bundle: the batch refuses before reading any scan.
+    older = _without_attention(quick.bundle, str(tmp_path / "older"))
+    r = run_cli("samf", "report", *niftis, "--bundle", older, "--evidence", str(tmp_path / "ev2"))
+    _one_line_failure(r, "no attention")
+    assert not (tmp_path / "ev2").exists()
 
 
 def test_montage_frames_each_planes_best_slices_by_rank():
