@@ -114,9 +114,8 @@ class SlicePlacement:
 
     def patient_point(self, plane: int, k: int) -> np.ndarray:
         """The slice's centre in DICOM patient coordinates (LPS, mm)."""
-        voxel = np.array(self.centre, dtype=np.float64)
-        voxel[plane] = self.positions[plane, k]
-        zyx = voxel
+        zyx = np.array(self.centre, dtype=np.float64)
+        zyx[plane] = self.positions[plane, k]
         if self.affine is None:
             ras = zyx[::-1] * np.asarray(self.spacing[::-1])
         else:
