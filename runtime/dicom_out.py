@@ -96,9 +96,10 @@ def evidence_summary(evidence, images: list, n: int = TOP_PER_PLANE) -> str:
             w = f"alpha {d['alpha']:.3f}" + (f", gamma {d['gamma']:.3f}" if "gamma" in d else "")
             where = f"{d['location_axis']} {d['location_mm']:.1f} mm" if evidence.placement.affine is not None \
                 else f"voxels {d['voxels'][0]}-{d['voxels'][1]}"
-            src = on_image.get((d["plane"], k))
-            img = f", image {src[0].get('InstanceNumber', '?')}" + (f" frame {src[1]}" if src and src[1] else "") \
-                if src else ""
+            img = ""
+            if (d["plane"], k) in on_image:
+                ds, frame = on_image[d["plane"], k]
+                img = f", image {ds.get('InstanceNumber', '?')}" + (f" frame {frame}" if frame else "")
             parts.append(f"{d['plane']} slice {k} ({where}; {w}{img})")
     return (f"Slices the model weighted most (attention; ranked by the {evidence.ranking}; not a localisation): "
             + "; ".join(parts) + ".")
