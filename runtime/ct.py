@@ -82,16 +82,19 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
         raise ScanError("--spacing does not apply to a DICOM folder: its spacing comes from the series")
     if series is not None and not os.path.isdir(path):
         raise ScanError("--series applies to a DICOM folder only")
+    if spacing is not None and not (len(spacing) == 3 and np.all(np.isfinite(np.asarray(spacing, np.float64)))
+                                    and min(spacing) > 0):
+        raise ScanError(f"--spacing {' '.join(map(str, spacing))}: three voxel sizes in mm, each a positive number")
     if os.path.isdir(path):
         from .dicom import load_dicom_series
 
         vol = _canonical(*load_dicom_series(path, series, allow_non_ct, verbose), path)
     elif _is_nifti(path):
-        vol = _load_nifti(path, spacing)
+        vol = _load_nifti(path, spacing, ctrate_spacing=(ctrate_meta or {}).get("spacing"))
         if ctrate_meta is not None:
             from .ctrate import apply_metadata
 
-            vol.hu, vol.spacing = apply_metadata(vol.hu, vol.spacing, ctrate_meta)
+            vol.hu, _ = apply_metadata(vol.hu, vol.spacing, ctrate_meta)
             vol.info["ctrate_metadata"] = True
     elif path.lower().endswith(".npy"):
         vol = _load_npy(path, spacing)
@@ -104,10 +107,11 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
     return vol
 
 
-def _load_nifti(path: str, spacing=None) -> Volume:
+def _load_nifti(path: str, spacing=None, ctrate_spacing=None) -> Volume:
     """A NIfTI file, its header checked before its data is read: a 3-D real-valued volume of plausible
     spacing (or ``spacing`` given) within :func:`max_voxels`. A ``.nii.gz`` is decompressed once, whole, so
-    gzip's checksum is read and a stream longer than the header declares (a gzip bomb) is refused."""
+    gzip's checksum is read and a stream longer than the header declares (a gzip bomb) is refused.
+    ``spacing`` (or ``ctrate_spacing``, from CT-RATE's metadata) replaces the file's voxel size, Z Y X in mm."""
     import logging
 
     import nibabel as nib  # lazy: keeps `import samf.runtime` light
@@ -151,15 +155,36 @@ def _load_nifti(path: str, spacing=None) -> Volume:
             raise ScanError(f"{path}: holds {abs(size - end):,} bytes {'more' if size > end else 'fewer'} than "
                             f"its header declares ({end:,}); header and data do not match")
         img = nib.squeeze_image(img)
+        if (spacing or ctrate_spacing) is not None:
+            img = _respaced(img, spacing or ctrate_spacing)
         vol = _canonical(img, {"format": "nifti"}, path)
     except ScanError:
         raise
     except Exception as e:  # nibabel raises many types for truncated/corrupt files
         raise ScanError(f"cannot read NIfTI {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    if spacing is not None:
-        vol.spacing = tuple(float(s) for s in spacing)
-        vol.info["spacing_given"] = True
+    if (spacing or ctrate_spacing) is not None:
+        vol.spacing = tuple(float(s) for s in spacing or ctrate_spacing)  # exactly as given
+        if spacing is not None:
+            vol.info["spacing_given"] = True
     return vol
+
+
+def _respaced(img, spacing_zyx):
+    """``img`` with voxel sizes ``spacing_zyx`` (the canonical Z, Y, X axes, mm) instead of its own: each file
+    axis keeps its direction and the file's first voxel its place, so slice positions follow the new sizes."""
+    import nibabel as nib
+
+    zyx = np.asarray(spacing_zyx, dtype=np.float64)
+    if zyx.shape != (3,) or not np.all(np.isfinite(zyx)) or not (zyx > 0).all():
+        raise ScanError(f"voxel sizes {zyx.tolist()} mm: three positive numbers are needed")
+    affine = np.array(img.affine, dtype=np.float64)
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all(np.isfinite(affine)) or not (norms > 0).all():  # no directions to keep: the file's axes as RAS
+        affine = np.eye(4)
+        norms = np.ones(3)
+    ras_axis = nib.io_orientation(affine)[:, 0].astype(int)  # the RAS axis each file axis runs along
+    affine[:3, :3] = affine[:3, :3] / norms * zyx[::-1][ras_axis]
+    return type(img)(img.dataobj, affine, img.header)
 
 
 def _raw_header(img, path: str):

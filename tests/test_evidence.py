@@ -161,3 +161,35 @@ def test_phantom_masks_change_nothing_and_sit_where_the_finding_is():
         assert mask.shape == masked.volume.shape and mask.any()
         value = 30.0 if name == "nodule" else 15.0       # the finding's HU, before noise
         assert abs(float(np.median(masked.volume[mask])) - value) < 60, name
+
+
+@pytest.mark.parametrize("spacing", [None, (5.0, 4.0, 3.0)])
+def test_slice_locations_follow_the_files_affine_and_a_given_spacing(tmp_path, spacing):
+    """A NIfTI stored left-posterior-superior with an offset origin: each slice's patient point (LPS) is the file's
+    own affine applied to the voxel the slice is at; with --spacing, the same directions at the given sizes."""
+    import nibabel as nib
+
+    from samf.runtime.ct import load_scan
+    from samf.runtime.preprocess import PreprocessConfig, place_slices
+
+    ph = make_phantom(3, shape=(40, 48, 56), spacing=(5.0, 4.0, 4.0))
+    data = ph.volume.transpose(2, 1, 0)[::-1, ::-1, :]        # [i, j, k]: i toward the left, j posterior, k up
+    X, Y, _ = data.shape
+    affine = np.array([[-4.0, 0, 0, 10.0], [0, -4.0, 0, 20.0], [0, 0, 5.0, -30.0], [0, 0, 0, 1]])
+    path = str(tmp_path / "lps.nii.gz")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data).astype(np.int16), affine), path)
+    vol = load_scan(path, spacing=spacing)
+    step = np.array([5.0, 4.0, 4.0] if spacing is None else spacing)[::-1]  # sizes along i, j, k
+    file_affine = np.diag([-step[0], -step[1], step[2], 1.0])
+    file_affine[:3, 3] = affine[:3, 3]
+    placement = place_slices(vol, PreprocessConfig(image_size=32, pixel_spacing_mm=8.0, slices_per_plane=5))
+    for plane in range(3):
+        for k in range(5):
+            zyx = placement.centre.copy()
+            zyx[plane] = placement.positions[plane, k]                     # the slice's centre, canonical
+            ijk = np.array([X - 1 - zyx[2], Y - 1 - zyx[1], zyx[0], 1.0])   # canonical -> the file's voxel
+            ras = file_affine @ ijk
+            want = ras[:3] * [-1, -1, 1]
+            assert np.allclose(placement.patient_point(plane, k), want, atol=1e-6), (plane, k)
+    # The planes' normals in LPS: axial +S, coronal toward anterior (-P), sagittal toward the right (-L).
+    assert np.allclose([placement.patient_normal(p) for p in range(3)], [[0, 0, 1], [0, -1, 0], [-1, 0, 0]])
