@@ -91,8 +91,31 @@ def to_fp16(src: str, dst: str, module: str) -> None:
         weights = {i.name for i in model.graph.initializer}
         keep = [n.name for n in model.graph.node
                 if n.op_type == "Mul" or (n.op_type == "MatMul" and not weights & set(n.input))]
-    onnx.save(convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                       op_block_list=["LayerNormalization", "Softmax", "Sub", "Div"]), dst)
+    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                    op_block_list=["LayerNormalization", "Softmax", "Sub", "Div"])
+    onnx.save(_without_output_round_trips(half), dst)
+
+
+def _without_output_round_trips(model):
+    """The converter casts an output computed in fp32 (the fusion's attention: a kept Softmax, a kept Div) to fp16
+    and back to fp32 for ``keep_io_types``; read it from the fp32 tensor instead, so α and γ keep their fp32
+    values (fp16's step near 1/24 is 3e-5, about the gaps between slices' weights)."""
+    import onnx
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    for output in model.graph.output:
+        back = producer.get(output.name)
+        down = producer.get(back.input[0]) if back is not None else None
+        if (back is not None and down is not None and cast_to(back) == onnx.TensorProto.FLOAT
+                and cast_to(down) == onnx.TensorProto.FLOAT16):
+            back.input[0] = down.input[0]  # fp32 -> fp32: the cast keeps the value
+            if not any(down.output[0] in node.input for node in model.graph.node):
+                model.graph.node.remove(down)
+    return model
 
 
 def vit_units(path: str) -> dict:

@@ -84,6 +84,19 @@ def test_fp16_graph_keeps_the_overflow_prone_ops_in_fp32(quick, tmp_path):
                 checked += 1
         assert checked >= (3 if module == "fusion" else 2)
         assert {types[o.name] for o in model.graph.output} == {onnx.TensorProto.FLOAT}
+    # The attention is computed in fp32 (Softmax, Div) and leaves the graph in fp32, not through fp16 and back.
+    import onnxruntime as ort
+
+    from samf.export.onnx_export import module_specs
+    from samf.train.vlm import SamfVLM
+
+    spec = next(s for s in module_specs(SamfVLM.from_checkpoint(quick.merged)) if s.name == "fusion")
+    feeds = {n: t.numpy() for n, t in zip(spec.inputs, spec.dummy(5))}
+    ref = ort.InferenceSession(os.path.join(quick.bundle, "fusion.onnx")).run(None, feeds)
+    got = ort.InferenceSession(str(tmp_path / "fusion-fp16.onnx")).run(None, feeds)
+    for name, r, g in zip(spec.outputs[1:], ref[1:], got[1:]):
+        on_grid = np.abs(g - g.astype(np.float16).astype(np.float32)).max()
+        assert on_grid > 0 and np.abs(g - r).max() < 1e-5, (name, on_grid, np.abs(g - r).max())
 
 
 def test_int8_forced_in_and_fp16_kept_out(int8_bundle):
