@@ -105,10 +105,18 @@ def evidence_summary(evidence, images: list, n: int = TOP_PER_PLANE) -> str:
             + "; ".join(parts) + ".")
 
 
+#: Private codes (a "99" coding scheme, as DICOM allows) for the attention evidence. No standard concept says "a
+#: slice a model weighted": "Best illustration of finding" (DCM 121080) would tell a viewer the finding is on
+#: it, which benchmarks/evidence.md measured to be false for the demo model.
+ATTENTION_SCHEME = "99SAMF"
+ATTENTION_SLICES = ("ATTN-SLICES", "Slices weighted by the model's attention")
+ATTENTION_SLICE = ("ATTN-SLICE", "Attention-weighted slice, not a localisation")
+
+
 def report_sr(sources: list, text: str, identity: dict, evidence=None, images: list = ()):
     """A Comprehensive 3D SR: the report as TEXT under a LOINC 18748-4 "Diagnostic Imaging Report" container; with
-    ``evidence``, the report's text is INFERRED FROM the source images the top slices fall on ("Best illustration
-    of finding", ``images`` from :func:`evidence_images`), and a comment lists every top slice and its weights."""
+    ``evidence``, a second container (:data:`ATTENTION_SLICES`) holds a comment listing every top slice and its
+    weights, and references the source images the top slices fall on (``images`` from :func:`evidence_images`)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -117,16 +125,20 @@ def report_sr(sources: list, text: str, identity: dict, evidence=None, images: l
         raise ScanError("no source DICOM images to attach the report to")
     rel = hd.sr.RelationshipTypeValues
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
-    finding = hd.sr.TextContentItem(name=codes.DCM.Finding, value=text, relationship_type=rel.CONTAINS)
-    items = [finding]
+    items = [hd.sr.TextContentItem(name=codes.DCM.Finding, value=text, relationship_type=rel.CONTAINS)]
     if evidence is not None:
-        if images:
-            finding.ContentSequence = hd.sr.ContentSequence([hd.sr.ImageContentItem(
-                name=codes.DCM.BestIllustrationOfFinding, referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID, referenced_frame_numbers=frame,
-                relationship_type=rel.INFERRED_FROM) for _, ds, frame in images])
-        items.append(hd.sr.TextContentItem(name=codes.DCM.Comment, value=evidence_summary(evidence, images),
-                                           relationship_type=rel.CONTAINS))
+        slices = hd.sr.ContainerContentItem(name=hd.sr.CodedConcept(ATTENTION_SLICES[0], ATTENTION_SCHEME,
+                                                                    ATTENTION_SLICES[1]),
+                                            relationship_type=rel.CONTAINS)
+        name = hd.sr.CodedConcept(ATTENTION_SLICE[0], ATTENTION_SCHEME, ATTENTION_SLICE[1])
+        slices.ContentSequence = hd.sr.ContentSequence(
+            [hd.sr.TextContentItem(name=codes.DCM.Comment, value=evidence_summary(evidence, images),
+                                   relationship_type=rel.CONTAINS)]
+            + [hd.sr.ImageContentItem(name=name, referenced_sop_class_uid=ds.SOPClassUID,
+                                      referenced_sop_instance_uid=ds.SOPInstanceUID, referenced_frame_numbers=frame,
+                                      relationship_type=rel.CONTAINS)
+               for ds, frame in {(ds.SOPInstanceUID, frame): (ds, frame) for _, ds, frame in images}.values()])
+        items.append(slices)
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources, content=root, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,

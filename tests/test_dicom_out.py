@@ -75,7 +75,7 @@ def test_refusals_write_nothing(quick, series, tmp_path):
 
 
 def test_sr_points_at_the_source_images_the_top_axial_slices_fall_on(quick, series, tmp_path):
-    """The evidence through DICOM geometry: the SR's "best illustration" images are the source images nearest the
+    """The evidence through DICOM geometry: the SR's attention-weighted images are the source images nearest the
     axial top slices (the series is axial, so coronal and sagittal evidence map to none), and evidence.json names
     the same images."""
     import highdicom as hd
@@ -89,10 +89,14 @@ def test_sr_points_at_the_source_images_the_top_axial_slices_fall_on(quick, seri
     sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(os.path.join(folder, n), stop_before_pixels=True)
                                                 for n in os.listdir(folder))}
     sr = hd.sr.srread(os.path.join(out, "sr.dcm"))
-    finding, comment = sr.ContentSequence
-    refs = [item.ReferencedSOPSequence[0] for item in finding.ContentSequence]
-    assert [item.RelationshipType for item in finding.ContentSequence] == ["INFERRED FROM"] * 3
-    assert all(item.ConceptNameCodeSequence[0].CodeValue == "121080" for item in finding.ContentSequence)
+    finding, weighted = sr.ContentSequence
+    assert "ContentSequence" not in finding  # the report text claims no image: the attention is not a finding's
+    assert (weighted.ValueType, weighted.ConceptNameCodeSequence[0].CodeValue,
+            weighted.ConceptNameCodeSequence[0].CodingSchemeDesignator) == ("CONTAINER", "ATTN-SLICES", "99SAMF")
+    comment, *images = weighted.ContentSequence
+    assert [(i.ValueType, i.RelationshipType, i.ConceptNameCodeSequence[0].CodeValue) for i in images] == [
+        ("IMAGE", "CONTAINS", "ATTN-SLICE")] * 3
+    refs = [item.ReferencedSOPSequence[0] for item in images]
     assert len({ref.ReferencedSOPInstanceUID for ref in refs}) == 3
     for ref, slice_ in zip(refs, axial):
         src = sources[ref.ReferencedSOPInstanceUID]
