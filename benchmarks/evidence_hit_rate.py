@@ -58,7 +58,7 @@ def in_range(mask: np.ndarray, placement, plane: int) -> np.ndarray:
     return np.array([a <= hi and b >= lo for a, b in ranges])
 
 
-def measure(bundle: str, seeds, threads: int | None) -> dict:
+def measure(bundle: str, seeds, threads: int | None, encoders: str = "fp32") -> dict:
     """Per (finding, plane): each scan's in-range slices and the plane's scores, from the runtime's evidence."""
     from samf.runtime.ct import Volume
     from samf.runtime.phantom import make_phantom
@@ -68,7 +68,7 @@ def measure(bundle: str, seeds, threads: int | None) -> dict:
     untouched = {f: [0, 0, 0] for f in FINDINGS}
     scans = {f: 0 for f in FINDINGS}
     t0 = time.perf_counter()
-    with ReportPipeline(bundle, encoders="fp32", n_threads=threads, repack=False, max_new_tokens=1) as pipe:
+    with ReportPipeline(bundle, encoders=encoders, n_threads=threads, repack=False, max_new_tokens=1) as pipe:
         if not pipe.has_attention:
             raise SystemExit(f"{bundle}: its fusion outputs no attention (export it again)")
         for seed in seeds:
@@ -144,15 +144,18 @@ def main() -> None:
     ap.add_argument("--scans", type=int, default=300, help="phantoms drawn (those with neither finding are skipped)")
     ap.add_argument("--seed", type=int, default=900_000, help="first phantom seed (the demo trains on seeds < 1000)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--encoders", default="fp32", choices=("auto", "fp32", "fp16", "int8"),
+                    help="the encoders' precision (GPUs run fp16 by default, CPUs int8 where the bundle has it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     seeds = range(args.seed, args.seed + args.scans)
     report = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores", command=" ".join(os.sys.argv),
-                  date=time.strftime("%Y-%m-%d"), first_seed=args.seed, phantoms=args.scans, bundles={})
+                  date=time.strftime("%Y-%m-%d"), first_seed=args.seed, phantoms=args.scans, encoders=args.encoders,
+                  bundles={})
     for spec in args.bundle:
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(os.path.normpath(path))
-        measured = measure(path, seeds, args.threads)
+        measured = measure(path, seeds, args.threads, args.encoders)
         summary = summarise(measured)
         report["bundles"][name] = dict(path=path, scans=measured["scans"], seconds=measured["seconds"],
                                        summary=summary)

@@ -14,35 +14,49 @@ from samf.errors import one_line
 
 def write_scan_outputs(scan: str, res, slices_per_plane: int, series_uid: str | None, dicom_dir: str | None,
                        evidence_dir: str | None) -> dict:
-    """A reported scan's --dicom-out (``dicom_dir``: sr.dcm, report_pdf.dcm; only for a DICOM series folder) and
-    --evidence (``evidence_dir``: see :func:`~samf.runtime.evidence.write_evidence`; for a DICOM series
-    evidence.json also names the source image each top slice falls on). ``res.slices`` must be set. Returns what
-    was written: ``{"DICOM": [paths], "evidence": folder}``."""
+    """A reported scan's --evidence (``evidence_dir``: see :func:`~samf.runtime.evidence.write_evidence`; for a
+    DICOM series evidence.json also names the source image each top slice falls on) and --dicom-out
+    (``dicom_dir``: sr.dcm, report_pdf.dcm; a DICOM series folder only). ``res.slices`` must be set. Returns what
+    was written, ``{"evidence": folder, "DICOM": [paths]}``; on a failure what this call wrote is removed, so no
+    output describes a scan whose row failed."""
+    import shutil
+
+    from samf.errors import BundleError
+    from samf.runtime.evidence import NO_ATTENTION, write_evidence
+
     out: dict = {}
-    if dicom_dir is not None and os.path.isdir(scan):
-        from samf.runtime.dicom_out import write_dicom_results
+    source = None
+    if os.path.isdir(scan) and (dicom_dir is not None or evidence_dir is not None):
+        from samf.runtime.dicom_out import evidence_images, source_instances, write_dicom_results
 
-        out["DICOM"] = write_dicom_results(scan, res.text, res.identity, dicom_dir, res.slices, slices_per_plane,
-                                           series_uid, res.evidence)
-    if evidence_dir is not None:
-        from samf.runtime.evidence import require, write_evidence
-
-        require(res.evidence)
-        extra = {}
-        if os.path.isdir(scan):
-            from samf.runtime.dicom_out import evidence_images, source_instances
-
-            sources, frames = source_instances(scan, series_uid)
-            extra["source_images"] = [
-                dict(plane=d["plane"], slice=d["slice"], instance_number=_int_or_none(ds.get("InstanceNumber")),
-                     frame=frame) for d, ds, frame in evidence_images(sources, frames, res.evidence)]
-        write_evidence(evidence_dir, res.slices, res.evidence, extra=extra)
-        out["evidence"] = evidence_dir
+        source = source_instances(scan, series_uid)  # read once, for both
+    try:
+        if evidence_dir is not None:
+            if res.evidence is None:
+                raise BundleError(NO_ATTENTION)
+            extra = {}
+            if source is not None:
+                extra["source_images"] = [
+                    dict(plane=d["plane"], slice=d["slice"], instance_number=_int_or_none(ds.get("InstanceNumber")),
+                         frame=frame) for d, ds, frame in evidence_images(*source, res.evidence)]
+            write_evidence(evidence_dir, res.slices, res.evidence, extra=extra)
+            out["evidence"] = evidence_dir
+        if dicom_dir is not None and source is not None:
+            out["DICOM"] = write_dicom_results(scan, res.text, res.identity, dicom_dir, res.slices, slices_per_plane,
+                                               series_uid, res.evidence, source)
+    except BaseException:
+        if "evidence" in out:
+            shutil.rmtree(evidence_dir, ignore_errors=True)
+        raise
     return out
 
 
 def _int_or_none(value):
-    return None if value is None or value == "" else int(value)
+    """An InstanceNumber as a number, or None where it is missing or not one (an IS a writer got wrong)."""
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dict, parallel: int,

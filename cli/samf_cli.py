@@ -161,14 +161,13 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
         with ReportPipeline(bundle_dir, repack=False, **engines) as pipe:
             if evidence_dir is not None:
                 pipe.require_attention()
-            res = pipe.report(vol, request=request, max_new_tokens=max_tokens)
-            if dicom_out is not None or evidence_dir is not None:
-                from samf.runtime.preprocess import preprocess
+            extras = dicom_out is not None or evidence_dir is not None
+            res = pipe.report(vol, request=request, max_new_tokens=max_tokens, keep_slices=extras)
+            if extras:
                 from samf.runtime.slices_png import scan_folder_name
 
                 from .batch import write_scan_outputs
 
-                res.slices = preprocess(vol, pipe.pre)
                 written = write_scan_outputs(
                     scans[0], res, pipe.pre.slices_per_plane, scan_kw.get("series"), dicom_out,
                     evidence_dir and os.path.join(evidence_dir, scan_folder_name(scans[0])))

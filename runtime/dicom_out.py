@@ -232,16 +232,16 @@ def montage(slices: np.ndarray, slices_per_plane: int, channel: int = 0) -> np.n
 
 
 def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | None = None,
-                  slices_per_plane: int = 8, series_uid: str | None = None, evidence=None) -> dict:
+                  slices_per_plane: int = 8, series_uid: str | None = None, evidence=None, source=None) -> dict:
     """``{"sr.dcm": SR, "report_pdf.dcm": PDF}`` for the series of ``folder`` (the one the loader reads); with
     ``evidence`` (:class:`~samf.runtime.evidence.Evidence`) the SR references the images the top slices fall on
-    and the PDF's montage frames them."""
+    and the PDF's montage frames them. ``source``: :func:`source_instances` of ``folder``, when already read."""
     try:
         import fpdf  # noqa: F401
         import highdicom  # noqa: F401
     except ImportError:
         raise ScanError("DICOM results need highdicom and fpdf2: pip install 'samf[serve]'") from None
-    sources, frames = source_instances(folder, series_uid)
+    sources, frames = source or source_instances(folder, series_uid)
     images = evidence_images(sources, frames, evidence) if evidence is not None else []
     said = evidence_summary(evidence, images) if evidence is not None else None
     if slices is None:
@@ -255,16 +255,23 @@ def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | N
 
 
 def write_dicom_results(folder: str, text: str, identity: dict, out_dir: str, slices: np.ndarray | None = None,
-                        slices_per_plane: int = 8, series_uid: str | None = None, evidence=None) -> list:
-    """:func:`dicom_results` as ``sr.dcm`` and ``report_pdf.dcm`` in ``out_dir`` (each written atomically)."""
+                        slices_per_plane: int = 8, series_uid: str | None = None, evidence=None,
+                        source=None) -> list:
+    """:func:`dicom_results` as ``sr.dcm`` and ``report_pdf.dcm`` in ``out_dir``, each written atomically; both
+    are built before either is written, and a failure writing the second removes the first."""
     from .atomic import atomic_file
 
-    results = dicom_results(folder, text, identity, slices, slices_per_plane, series_uid, evidence)
+    results = dicom_results(folder, text, identity, slices, slices_per_plane, series_uid, evidence, source)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for name, ds in results.items():
-        path = os.path.join(out_dir, name)
-        with atomic_file(path, "wb") as f:
-            ds.save_as(f, enforce_file_format=True)
-        paths.append(path)
+    try:
+        for name, ds in results.items():
+            path = os.path.join(out_dir, name)
+            with atomic_file(path, "wb") as f:
+                ds.save_as(f, enforce_file_format=True)
+            paths.append(path)
+    except BaseException:
+        for path in paths:
+            os.remove(path)
+        raise
     return paths

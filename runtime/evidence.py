@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from samf.errors import BundleError
-
 from .preprocess import PLANES, SlicePlacement
 
 #: Top slices per plane shown by default.
@@ -89,12 +87,6 @@ def evidence_of(outputs: dict, placement: SlicePlacement) -> Evidence | None:
     gamma = outputs.get("gamma")
     return Evidence(alpha=np.asarray(outputs["alpha"], np.float64).reshape(-1),
                     gamma=None if gamma is None else np.asarray(gamma, np.float64).reshape(-1), placement=placement)
-
-
-def require(evidence: Evidence | None) -> Evidence:
-    if evidence is None:
-        raise BundleError(NO_ATTENTION)
-    return evidence
 
 
 # ------------------------------------------------------------------------------------------------ images

@@ -29,7 +29,7 @@ class Result:
     decode_steps: int = 0                         # single-token forward passes after the prefill
     scan: dict = field(default_factory=dict)      # what was read: format, shape, spacing, series (no identifiers)
     evidence: Evidence | None = None              # the fusion's attention over the slices (None: an older bundle)
-    slices: np.ndarray | None = None              # the model's input [3·S, C, H, W], when report_many keeps them
+    slices: np.ndarray | None = None              # the model's input [3·S, C, H, W], when asked to keep them
 
     def evidence_record(self) -> dict | None:
         """The evidence as JSON (:meth:`Evidence.to_dict`), or None for a bundle without attention outputs."""
@@ -277,14 +277,14 @@ class ReportPipeline:
         return slices, timings, info, placement
 
     def _prefix(self, scan, request: str, timings: dict) -> tuple:
-        """Scan + request -> (fused image embeddings, ids of the prompt text, scan info, evidence), timing each
-        stage."""
+        """Scan + request -> (fused image embeddings, ids of the prompt text, scan info, evidence, slices), timing
+        each stage."""
         slices, loaded, info, placement = self._slices(scan)
         timings.update(loaded)
         z2d, z3d = self.encode(slices, timings)
         prompt_ids = self.llm.tokenize(self.layout.prompt_text(request))
         out = self.fuse(z2d, z3d, prompt_ids, timings)
-        return out["fused"][0], prompt_ids, info, evidence_of(out, placement)
+        return out["fused"][0], prompt_ids, info, evidence_of(out, placement), slices
 
     def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int, stop_at_end: bool = True) -> dict:
         """Greedy decoding after the image rows ``prefix`` and the prompt: llama.cpp's result dict."""
@@ -292,22 +292,25 @@ class ReportPipeline:
         stop = lay.stop_ids() if stop_at_end else set()
         return self.llm.generate(lay.head(), prefix, lay.tail(prompt_ids), stop, max_new_tokens)
 
-    def _run(self, scan, request: str, max_new_tokens: int, stop_at_end: bool = True) -> Result:
+    def _run(self, scan, request: str, max_new_tokens: int, stop_at_end: bool = True,
+             keep_slices: bool = False) -> Result:
         timings: dict = {}
-        prefix, prompt_ids, info, evidence = self._prefix(scan, request, timings)
+        prefix, prompt_ids, info, evidence, slices = self._prefix(scan, request, timings)
         out = self.generate(prefix, prompt_ids, max_new_tokens, stop_at_end)
         timings["llm_prefill"] = out["prefill_s"]
         timings["llm_decode"] = out["decode_s"]
         timings["total"] = sum(timings.values())
         return Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
                       prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info,
-                      evidence=evidence)
+                      evidence=evidence, slices=slices if keep_slices else None)
 
     # ------------------------------------------------------------------------------ entry points
-    def report(self, scan, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True) -> Result:
+    def report(self, scan, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
+               keep_slices: bool = False) -> Result:
         """The findings report for one scan (a path or a :class:`Volume`); ``stop_at_end=False`` decodes exactly
-        ``max_new_tokens`` whatever the model says (speed measurements on random weights)."""
-        return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens, stop_at_end)
+        ``max_new_tokens`` whatever the model says (speed measurements on random weights); ``keep_slices``: the
+        result keeps the slices the model read (``Result.slices``)."""
+        return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens, stop_at_end, keep_slices)
 
     def answer(self, scan, question: str, choices, max_new_tokens: int = 32) -> tuple:
         """A multiple-choice answer: (the letter picked or None, the full result)."""
@@ -382,7 +385,7 @@ class ReportPipeline:
 
     def report_nll(self, scan, reference: str, request: str | None = None) -> float:
         """Teacher-forced negative log-likelihood per token of a reference report for this scan."""
-        prefix, prompt_ids, _, _ = self._prefix(scan, request or REPORT_REQUESTS[0], {})
+        prefix, prompt_ids, *_ = self._prefix(scan, request or REPORT_REQUESTS[0], {})
         lay = self.layout
         return self.llm.answer_nll(lay.head(), prefix, lay.tail(prompt_ids), self.llm.tokenize(reference),
                                    lay.answer_end)

@@ -107,10 +107,9 @@ class BatchOutput:
 
     def __init__(self, out_dir: str, scans: list):
         self.dir = out_dir
-        os.makedirs(out_dir, exist_ok=True)
         self.names = output_names(scans)
         self.order = [os.path.abspath(s) for s in scans]
-        self._jsonl = open(os.path.join(out_dir, JSONL), "a", encoding="utf-8")
+        self._jsonl = None  # the folder is made at the first result: a run refused before any leaves nothing
 
     def _path(self, scan: str, ext: str) -> str:
         return os.path.join(self.dir, self.names[os.path.abspath(scan)] + ext)
@@ -131,6 +130,9 @@ class BatchOutput:
     def write(self, row: dict) -> None:
         """One scan's result: its JSON and .txt (each replaced whole) and a line of ``reports.jsonl``."""
         scan = row["path"]
+        if self._jsonl is None:
+            os.makedirs(self.dir, exist_ok=True)
+            self._jsonl = open(os.path.join(self.dir, JSONL), "a", encoding="utf-8")
         with atomic_file(self._path(scan, ".json")) as f:
             json.dump(row, f, indent=2)
         if row["status"] == "ok":
@@ -144,8 +146,11 @@ class BatchOutput:
 
     def finish(self) -> list:
         """Rewrite ``reports.jsonl`` as the worklist's rows in its order (earlier runs' included); returns them."""
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         rows = [r for r in (self.previous(s) for s in self.order) if r is not None]
+        if not rows and not os.path.isdir(self.dir):
+            return rows
         with atomic_file(os.path.join(self.dir, JSONL)) as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

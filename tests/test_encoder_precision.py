@@ -9,6 +9,7 @@ from cli_runner import run_cli
 from conftest import QUICK
 from test_cli_errors import assert_clean_failure, good_scan  # noqa: F401  (a fixture)
 
+from samf.errors import SamfError
 from samf.export.encoder_variants import TOLERANCES, Tolerance, VariantCheck
 
 #: Accepts any int8 graph, refuses any fp16 one: a bundle with int8 and without fp16, whatever the weights.
@@ -213,3 +214,43 @@ def test_tensorrt_plans_from_fp16_graphs_match_onnx_runtime(quick, tmp_path):
         got, ref = (p.image_prefix(*p.encode(x, {}), ids, {}) for p in (trt, ort))
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert cos.min() >= 0.999
+
+
+def test_a_plan_whose_attention_swaps_slices_is_not_kept(quick, tmp_path, monkeypatch):
+    """check_plan on the fusion: near-uniform attention rows keep a cosine near 1 when two slices swap places, so
+    the weights are compared value by value too. TensorRT is not here: the plan's outputs are ONNX Runtime's on
+    the same graph, with alpha's two largest weights swapped or not."""
+    import samf.engines.tensorrt_engine as trt_engine
+    from samf.engines.onnxruntime_engine import OrtModule
+    from samf.export.tensorrt_build import check_feeds, check_plan
+    from samf.runtime.bundle import read_bundle
+
+    onnx_path = os.path.join(quick.bundle, "fusion.onnx")
+
+    class Plan:
+        swap = False
+
+        def __init__(self, path):
+            self.module = OrtModule(onnx_path, prefer_gpu=False)
+
+        def outputs_of(self, **feeds):
+            out = self.module.outputs_of(**feeds)
+            if Plan.swap:
+                alpha = out["alpha"].copy()
+                a, b = np.argsort(-alpha[0])[:2]
+                alpha[0, [a, b]] = alpha[0, [b, a]]
+                out["alpha"] = alpha
+            return out
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trt_engine, "TrtModule", Plan)
+    feeds = check_feeds(read_bundle(quick.bundle, verify_hashes=False))["fusion"]
+    plan = tmp_path / "fusion-fp32.plan"
+    plan.write_bytes(b"plan")
+    assert check_plan(str(plan), onnx_path, feeds)["cos_min"] >= 0.999 and plan.exists()
+    Plan.swap = True
+    with pytest.raises(SamfError, match="attention weights differ"):
+        check_plan(str(plan), onnx_path, feeds)
+    assert not plan.exists()

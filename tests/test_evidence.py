@@ -12,9 +12,10 @@ import pytest
 from cli_runner import run_cli
 from PIL import Image
 
+from samf.runtime.ct import load_scan
 from samf.runtime.evidence import RANK_COLOURS, Evidence, evidence_montage
 from samf.runtime.phantom import make_phantom, sample_findings
-from samf.runtime.preprocess import PLANES, SlicePlacement
+from samf.runtime.preprocess import PLANES, PreprocessConfig, SlicePlacement, place_slices
 
 
 def _one_line_failure(proc, *words):
@@ -38,17 +39,22 @@ def test_report_evidence_writes_the_top_slices_and_says_the_same_in_json(quick, 
     assert said["ranking"] == "mean of alpha and gamma" and written["alpha"] == said["alpha"]
     S = len(alpha) // 3
     files = set(os.listdir(folder))
+    with open(os.path.join(quick.bundle, "manifest.json")) as f:
+        placement = place_slices(load_scan(scan), PreprocessConfig.from_dict(json.load(f)["preprocess"]))
     for p, plane in enumerate(PLANES):
         top = said["top"][plane]
         score = (alpha + gamma)[p * S:(p + 1) * S]
-        assert [e["slice"] for e in top] == list(np.argsort(-score, kind="stable")[:3])  # best first
+        ranked = [score[e["slice"]] for e in top]                  # best first (the JSON's 6 digits: 1e-5)
+        assert all(a >= b - 1e-5 for a, b in zip(ranked, ranked[1:]))
+        rest = [score[k] for k in range(S) if k not in {e["slice"] for e in top}]
+        assert max(rest) <= min(ranked) + 1e-5
         assert [e["rank"] for e in top] == [1, 2, 3]
         for e, w in zip(top, written["top"][plane]):
             assert {k: v for k, v in w.items() if k != "png"} == e
             assert w["png"] == f"{plane}_top{e['rank']}_slice{e['slice']:02d}.png" and w["png"] in files
             assert e["alpha"] == pytest.approx(alpha[p * S + e["slice"]], abs=1e-6)
-            lo, hi = e["voxels"]
-            assert 0 <= lo <= hi
+            position = placement.positions[p, e["slice"]]             # a thin slice reads its two voxels
+            assert e["voxels"] == [int(np.floor(position)), int(np.ceil(position))]
     assert files == {"evidence.json", "montage.png"} | {w["png"] for t in written["top"].values() for w in t}
     montage = np.asarray(Image.open(folder / "montage.png"))
     assert montage.ndim == 3 and montage.shape[2] == 3
@@ -121,11 +127,21 @@ def test_a_batch_writes_each_scans_evidence_and_each_series_sr(quick, tmp_path):
     assert all(rows[n]["evidence_dir"] == os.path.join(ev, m) for n, m in zip(niftis + [series], names))
     with open(os.path.join(ev, "series", "evidence.json")) as f:
         assert [s["plane"] for s in json.load(f)["source_images"]] == ["axial"] * 3
-    # An older bundle: the batch refuses before reading any scan.
+    # Outputs that cannot be written fail their scan's row, and what was written for it is removed: here the
+    # series' SR cannot go where a file already has its folder's name, so its evidence folder goes too.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "series").write_text("")
+    r = run_cli("samf", "report", niftis[0], series, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "8",
+                "--evidence", str(tmp_path / "ev3"), "--dicom-out", str(blocked))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path / "ev3") == [names[0]]
+    # An older bundle: the batch refuses before reading any scan, and leaves no output folder.
     older = _without_attention(quick.bundle, str(tmp_path / "older"))
-    r = run_cli("samf", "report", *niftis, "--bundle", older, "--evidence", str(tmp_path / "ev2"))
+    r = run_cli("samf", "report", *niftis, "--bundle", older, "--evidence", str(tmp_path / "ev2"),
+                "--out", str(tmp_path / "out2"))
     _one_line_failure(r, "no attention")
-    assert not (tmp_path / "ev2").exists()
+    assert not (tmp_path / "ev2").exists() and not (tmp_path / "out2").exists()
 
 
 def test_montage_frames_each_planes_best_slices_by_rank():
@@ -168,9 +184,6 @@ def test_slice_locations_follow_the_files_affine_and_a_given_spacing(tmp_path, s
     """A NIfTI stored left-posterior-superior with an offset origin: each slice's patient point (LPS) is the file's
     own affine applied to the voxel the slice is at; with --spacing, the same directions at the given sizes."""
     import nibabel as nib
-
-    from samf.runtime.ct import load_scan
-    from samf.runtime.preprocess import PreprocessConfig, place_slices
 
     ph = make_phantom(3, shape=(40, 48, 56), spacing=(5.0, 4.0, 4.0))
     data = ph.volume.transpose(2, 1, 0)[::-1, ::-1, :]        # [i, j, k]: i toward the left, j posterior, k up
