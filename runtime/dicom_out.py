@@ -94,8 +94,7 @@ def evidence_summary(evidence, images: list, n: int = TOP_PER_PLANE) -> str:
         for k in evidence.top(plane, n):
             d = evidence.describe(plane, k)
             w = f"alpha {d['alpha']:.3f}" + (f", gamma {d['gamma']:.3f}" if "gamma" in d else "")
-            where = f"{d['location_axis']} {d['location_mm']:.1f} mm" if evidence.placement.affine is not None \
-                else f"voxels {d['voxels'][0]}-{d['voxels'][1]}"
+            where = f"{d['location_axis']} {d['location_mm']:.1f} mm"
             img = ""
             if (d["plane"], k) in on_image:
                 ds, frame = on_image[d["plane"], k]

@@ -58,14 +58,18 @@ class Evidence:
         return [int(k) for k in np.argsort(-block, kind="stable")[:n]]
 
     def describe(self, plane: int, k: int) -> dict:
-        """One slice: plane, index, weights, its patient coordinate along the plane's axis and the voxel range
-        it reads."""
+        """One slice: plane, index, weights, where it is and the voxel range it reads. Where: its patient
+        coordinate along the plane's axis (``location_axis`` S, P or L), or, for a volume whose file records no
+        position (.npy), mm from the first voxel along the canonical axis (Z, Y or X)."""
         name, S = PLANES[plane], self.slices_per_plane
         axis, letter = PLANE_AXIS[name]
-        point = self.placement.patient_point(plane, k)
+        if self.placement.affine is None:
+            location, letter = float(self.placement.positions[plane, k]) * self.placement.spacing[plane], "ZYX"[plane]
+        else:
+            location = float(self.placement.patient_point(plane, k)[axis])
         lo, hi = self.placement.voxel_range(plane, k)
         out = dict(plane=name, slice=k, input_index=plane * S + k, alpha=round(float(self.alpha[plane * S + k]), 6),
-                   location_mm=round(float(point[axis]), 2), location_axis=letter, voxels=[lo, hi])
+                   location_mm=round(location, 2), location_axis=letter, voxels=[lo, hi])
         if self.gamma is not None:
             out["gamma"] = round(float(self.gamma[plane * S + k]), 6)
         return out

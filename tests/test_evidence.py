@@ -206,3 +206,14 @@ def test_slice_locations_follow_the_files_affine_and_a_given_spacing(tmp_path, s
             assert np.allclose(placement.patient_point(plane, k), want, atol=1e-6), (plane, k)
     # The planes' normals in LPS: axial +S, coronal toward anterior (-P), sagittal toward the right (-L).
     assert np.allclose([placement.patient_normal(p) for p in range(3)], [[0, 0, 1], [0, -1, 0], [-1, 0, 0]])
+
+
+def test_a_volume_without_a_position_is_located_from_its_first_voxel():
+    S = 4
+    placement = SlicePlacement(positions=np.array([[1.5, 3.5, 5.5, 7.5]] * 3), step=np.full(3, 2.0),
+                               centre=np.full(3, 4.0), spacing=(2.0, 1.0, 0.5), thin=True)
+    ev = Evidence(alpha=np.full(3 * S, 1.0 / (3 * S)), gamma=None, placement=placement)
+    assert ev.to_dict()["positioned"] is False
+    assert [(ev.describe(p, 1)["location_axis"], ev.describe(p, 1)["location_mm"]) for p in range(3)] == [
+        ("Z", 7.0), ("Y", 3.5), ("X", 1.75)]
+    assert ev.describe(0, 1)["voxels"] == [3, 4]
