@@ -143,17 +143,16 @@ def send(datasets: list, destination: str, calling_ae: str = "SAMF") -> None:
 
 class DicomReply:
     """After a DICOM-received series is reported: the SR and the PDF, sent to ``destination`` by C-STORE or
-    written under ``out_dir/<job id>/``."""
+    written under ``out_dir/<job id>/``. The result must keep the slices the model read (``keep_slices``): the
+    PDF draws them."""
 
     def __init__(self, pipeline, destination: str | None, out_dir: str | None, calling_ae: str):
         self.pipeline, self.destination, self.out_dir, self.calling_ae = pipeline, destination, out_dir, calling_ae
 
     def __call__(self, job_id: str, folder: str, result) -> None:
-        from .ct import load_scan
         from .dicom_out import dicom_results, write_dicom_results
-        from .preprocess import preprocess
 
-        slices, per_plane = preprocess(load_scan(folder), self.pipeline.pre), self.pipeline.pre.slices_per_plane
+        slices, per_plane = result.slices, self.pipeline.pre.slices_per_plane
         ev = result.evidence  # the SR references the images the top slices fall on, the PDF frames them
         if self.destination is None:
             write_dicom_results(folder, result.text, result.identity, os.path.join(self.out_dir, job_id), slices,

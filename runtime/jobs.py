@@ -276,8 +276,11 @@ class JobRunner(threading.Thread):
                 self.stream(key.job_id).update(text)
 
             keys = [_Key(job[0], job[2], job[3]) for job in group]
+            # A DICOM job's reply draws the slices the model read into its PDF: keep them rather than read the
+            # series a second time.
+            replies = self.reply is not None and any(key.params.get("dicom") for key in keys)
             for key, res in self.pipeline.report_many(keys, request=request, max_new_tokens=max_tokens,
-                                                      on_text=on_text):
+                                                      on_text=on_text, keep_slices=replies):
                 if isinstance(res, Exception):
                     self._done(key.job_id, None, one_line(res), str(key))
                     continue

@@ -93,6 +93,7 @@ def test_a_series_sent_over_dicom_comes_back_as_sr_and_pdf(quick, phantom, tmp_p
         sr, pdf = sorted(pacs.wait(2), key=lambda ds: ds.Modality != "SR")
         assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" and pdf.MIMETypeOfEncapsulatedDocument == \
             "application/pdf"
+        assert b"/Subtype /Image" in pdf.EncapsulatedDocument  # the slice montage, from the job's own slices
         sr = hd.sr.Comprehensive3DSR.from_dataset(sr)
         assert sr.ContentSequence[0].TextValue == expected
         assert (sr.PatientName, sr.PatientID, sr.AccessionNumber) == (PATIENT["PatientName"], PATIENT["PatientID"],
