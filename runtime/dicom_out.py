@@ -186,6 +186,7 @@ def report_pdf(sources: list, text: str, identity: dict, montage: np.ndarray | N
                evidence_text: str | None = None):
     """An Encapsulated PDF instance in the source's study, with its patient and study modules."""
     import highdicom as hd
+    from pydicom.sr.codedict import codes
     from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
     if not sources:
@@ -206,20 +207,12 @@ def report_pdf(sources: list, text: str, identity: dict, montage: np.ndarray | N
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.DocumentTitle = "AI draft radiology report (unverified)"
     ds.BurnedInAnnotation = "YES"
-    ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic Imaging Report")]
+    ds.ConceptNameCodeSequence = [hd.sr.CodedConcept.from_code(codes.LN.DiagnosticImagingReport)]
     now = datetime.datetime.now()
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.ContributingEquipmentSequence = [_equipment(identity)]
     return ds
-
-
-def _code(value: str, scheme: str, meaning: str):
-    from pydicom.dataset import Dataset
-
-    c = Dataset()
-    c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
-    return c
 
 
 def montage(slices: np.ndarray, slices_per_plane: int, channel: int = 0) -> np.ndarray:
