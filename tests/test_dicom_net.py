@@ -104,11 +104,12 @@ def test_a_series_sent_over_dicom_comes_back_as_sr_and_pdf(quick, phantom, tmp_p
         # A series with a slice missing: no SR, and the log says why in one line.
         assert set(_send_series(partial, port, skip=12)) == {0x0000}
         end = time.monotonic() + 120
-        while httpx.get(server.url + "/healthz", timeout=10).json()["jobs"]["failed"] < 1:
+        # The worker stores a job's end, then logs it: wait for the log line, not only the state.
+        while not (failed := [line for line in open(server.log) if " failed in " in line]):
             assert time.monotonic() < end, "the partial series was not reported as failed"
             time.sleep(0.05)
+        assert httpx.get(server.url + "/healthz", timeout=10).json()["jobs"]["failed"] == 1
         assert len(pacs.received) == 2
-        failed = [line for line in open(server.log) if " failed in " in line]
         assert len(failed) == 1 and "missing slices" in failed[0]
         log = open(server.log).read()
         assert PATIENT["PatientName"] not in log and uid not in log and "Traceback" not in log
