@@ -10,6 +10,7 @@ the evidence), the source series is referenced, and both objects are new series 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import io
 import os
@@ -45,6 +46,68 @@ def source_instances(folder: str, series_uid: str | None = None) -> tuple:
     series, _ = choose_series(find_series(folder), series_uid)
     return ([pydicom.dcmread(p, stop_before_pixels=True) for p in sorted({f.path for f in series.frames})],
             series.frames)
+
+
+#: The type-2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that the SR and the PDF
+#: copy from the source. A de-identified series may lack any of them; a derived object still carries each,
+#: present and empty where the source has no value (PS3.5 7.4.5: type 2 may be zero length).
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _parses(keyword: str, value) -> bool:
+    """Whether highdicom accepts ``value`` for ``keyword`` (it parses dates, times and the sex's enumeration)."""
+    from highdicom.enum import PatientSexValues
+    from pydicom.valuerep import DA, TM
+
+    parse = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM, "PatientSex": PatientSexValues}.get(keyword)
+    if parse is None or value in (None, ""):
+        return True
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
+
+
+def complete_sources(sources: list) -> list:
+    """The source headers as the SR and the PDF need them, whatever a de-identification left out: each image with
+    the UIDs that reference it (SOP class and instance from the file meta where the dataset lacks them; a study
+    UID made from the series UID where the series has none, the same one for both objects), and the first one,
+    whose patient and study modules are copied, with every :data:`TYPE2_PATIENT_STUDY` attribute present: empty
+    where the source lacks it or holds a value the standard does not allow (a date that is not YYYYMMDD, a sex
+    other than M, F or O). A header that needs nothing is passed on as it is; one that does is copied, never
+    changed. Images that still cannot be referenced (no SOP instance UID anywhere) are left out."""
+    from pydicom.uid import generate_uid
+
+    if not sources:
+        return []
+    study = next((str(ds.StudyInstanceUID) for ds in sources if ds.get("StudyInstanceUID")), None)
+    if study is None:
+        series = str(sources[0].get("SeriesInstanceUID", ""))
+        study = generate_uid(entropy_srcs=["samf study of series", series])
+    out = []
+    for i, ds in enumerate(sources):
+        meta = getattr(ds, "file_meta", None) or {}
+        fill = {}
+        if not ds.get("StudyInstanceUID"):
+            fill["StudyInstanceUID"] = study
+        for key, meta_key in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                              ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            if not ds.get(key) and meta.get(meta_key):
+                fill[key] = str(meta[meta_key].value)
+        if i == 0:
+            fill.update({key: "" for key in TYPE2_PATIENT_STUDY
+                         if key not in ds or not _parses(key, ds[key].value)})
+        if fill:
+            ds = copy.deepcopy(ds)
+            for key, value in fill.items():
+                setattr(ds, key, value)
+        if ds.get("SOPInstanceUID") and ds.get("SOPClassUID"):
+            out.append(ds)
+    if not out:
+        raise ScanError("no source image has a SOP instance UID: the results would reference no image")
+    return out
 
 
 def evidence_images(sources: list, frames: list, evidence, n: int = TOP_PER_PLANE) -> list:
@@ -108,6 +171,10 @@ def evidence_summary(evidence, images: list, n: int = TOP_PER_PLANE) -> str:
 #: slice a model weighted": "Best illustration of finding" (DCM 121080) would tell a viewer the finding is on
 #: it, which benchmarks/evidence.md measured to be false for the demo model.
 ATTENTION_SCHEME = "99SAMF"
+#: The scheme's declaration (Coding Scheme Identification Sequence, PS3.3 C.12.1.1.4), which a private scheme
+#: needs for a receiver to know what it is.
+ATTENTION_SCHEME_NAME = "samf attention evidence codes"
+ATTENTION_SCHEME_OWNER = "samf (the SAMF CT report generator)"
 ATTENTION_SLICES = ("ATTN-SLICES", "Slices weighted by the model's attention")
 ATTENTION_SLICE = ("ATTN-SLICE", "Attention-weighted slice, not a localisation")
 
@@ -122,6 +189,7 @@ def report_sr(sources: list, text: str, identity: dict, evidence=None, images: l
 
     if not sources:
         raise ScanError("no source DICOM images to attach the report to")
+    sources = complete_sources(sources)
     rel = hd.sr.RelationshipTypeValues
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
     items = [hd.sr.TextContentItem(name=codes.DCM.Finding, value=text, relationship_type=rel.CONTAINS)]
@@ -138,47 +206,72 @@ def report_sr(sources: list, text: str, identity: dict, evidence=None, images: l
                                       relationship_type=rel.CONTAINS)
                for ds, frame in {(ds.SOPInstanceUID, frame): (ds, frame) for _, ds, frame in images}.values()])
         items.append(slices)
+        schemes = [hd.coding_schemes.CodingSchemeIdentificationItem(
+            ATTENTION_SCHEME, name=ATTENTION_SCHEME_NAME, responsible_organization=ATTENTION_SCHEME_OWNER)]
+    else:
+        schemes = None
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources, content=root, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         is_final=False, is_verified=False, contributing_equipment=[_equipment(identity)],
-        series_description=SERIES_DESCRIPTION)
+        series_description=SERIES_DESCRIPTION, coding_schemes=schemes)
     return sr
 
 
+#: The montage's caption, drawn above it.
+MONTAGE_CAPTION = "The slices the model read (rows: axial, coronal, sagittal; lung window)."
+MONTAGE_CAPTION_EVIDENCE = (" Framed: the slices it weighted most (orange, blue, green: ranks 1-3); the bar under "
+                            "each slice is its weight.")
+
+
 def report_pdf_bytes(text: str, identity: dict, montage: np.ndarray | None, evidence_text: str | None = None) -> bytes:
-    """The report for people: a header that says what it is, the text, the slices the model read, the algorithm."""
+    """The report for people: a header that says what it is, the text, the slices the model read, the algorithm.
+
+    Every block starts at the left margin (fpdf2's ``multi_cell`` leaves the cursor at the right margin unless
+    told otherwise). The montage is as wide as the text but never taller than a page, and starts a new page
+    (with its caption) where it would not fit on the current one."""
     from fpdf import FPDF
+    from fpdf.enums import XPos, YPos
     from PIL import Image
+
+    def paragraph(height: float, words: str) -> None:
+        pdf.multi_cell(0, height, words.encode("latin-1", "replace").decode("latin-1"),
+                       new_x=XPos.LMARGIN, new_y=YPos.NEXT)
 
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=15)
     pdf.add_page()
     pdf.set_font("helvetica", "B", 14)
-    pdf.multi_cell(0, 8, "AI-generated draft report: UNVERIFIED, not for diagnostic use")
+    paragraph(8, "AI-generated draft report: UNVERIFIED, not for diagnostic use")
     pdf.set_font("helvetica", size=11)
     pdf.ln(2)
-    pdf.multi_cell(0, 6, text.encode("latin-1", "replace").decode("latin-1") or "(empty report)")
+    paragraph(6, text or "(empty report)")
     if montage is not None:
         png = io.BytesIO()
         Image.fromarray(montage).save(png, format="PNG")
         png.seek(0)
+        rows, cols = montage.shape[:2]
+        caption = 12.0                                      # two lines of 5 mm and the gap under them
+        w = min(pdf.epw, (pdf.eph - caption) * cols / rows)
+        h = w * rows / cols
         pdf.ln(4)
+        if pdf.get_y() + caption + h > pdf.page_break_trigger:
+            pdf.add_page()
         pdf.set_font("helvetica", "I", 9)
-        pdf.multi_cell(0, 5, "The slices the model read (rows: axial, coronal, sagittal; lung window)."
-                       + (" Framed: the slices it weighted most (orange, blue, green: ranks 1-3); the bar under each "
-                          "slice is its weight." if evidence_text else ""))
-        pdf.image(png, w=pdf.epw)
+        paragraph(5, MONTAGE_CAPTION + (MONTAGE_CAPTION_EVIDENCE if evidence_text else ""))
+        pdf.ln(2)
+        pdf.image(png, x=pdf.l_margin + (pdf.epw - w) / 2, y=pdf.get_y(), w=w, h=h)
+        pdf.set_y(pdf.get_y() + h)
     if evidence_text:
         pdf.ln(2)
         pdf.set_font("helvetica", size=9)
-        pdf.multi_cell(0, 5, evidence_text.encode("latin-1", "replace").decode("latin-1"))
+        paragraph(5, evidence_text)
     pdf.ln(4)
     pdf.set_font("helvetica", size=8)
-    pdf.multi_cell(0, 4, f"samf {samf_version()}; model {identity.get('llm', '?')}; bundle "
-                         f"{identity.get('bundle_sha256') or 'unsealed'}; created "
-                         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    paragraph(4, f"samf {samf_version()}; model {identity.get('llm', '?')}; bundle "
+                 f"{identity.get('bundle_sha256') or 'unsealed'}; created "
+                 f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     return bytes(pdf.output())
 
 
@@ -191,7 +284,7 @@ def report_pdf(sources: list, text: str, identity: dict, montage: np.ndarray | N
 
     if not sources:
         raise ScanError("no source DICOM images to attach the report to")
-    src = sources[0]
+    src = complete_sources(sources)[0]
     ds = hd.SOPClass(
         study_instance_uid=src.StudyInstanceUID, series_instance_uid=generate_uid(), series_number=PDF_SERIES_NUMBER,
         sop_instance_uid=generate_uid(), sop_class_uid=EncapsulatedPDFStorage, instance_number=1, modality="DOC",
@@ -200,7 +293,9 @@ def report_pdf(sources: list, text: str, identity: dict, montage: np.ndarray | N
         patient_birth_date=src.get("PatientBirthDate"), patient_sex=src.get("PatientSex") or None,
         accession_number=src.get("AccessionNumber"), study_id=src.get("StudyID"), study_date=src.get("StudyDate"),
         study_time=src.get("StudyTime"), referring_physician_name=src.get("ReferringPhysicianName"),
-        series_description=PDF_SERIES_DESCRIPTION, software_versions=samf_version())
+        series_description=PDF_SERIES_DESCRIPTION, software_versions=samf_version(),
+        specific_character_set=src.get("SpecificCharacterSet"))
+    ds.ConversionType = "WSD"  # SC Equipment (type 1): made on a workstation
     pdf = report_pdf_bytes(text, identity, montage, evidence_text)
     ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
     ds.EncapsulatedDocumentLength = len(pdf)
@@ -234,6 +329,7 @@ def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | N
     except ImportError:
         raise ScanError("DICOM results need highdicom and fpdf2: pip install 'samf[serve]'") from None
     sources, frames = source or source_instances(folder, series_uid)
+    sources = complete_sources(sources)
     images = evidence_images(sources, frames, evidence) if evidence is not None else []
     said = evidence_summary(evidence, images) if evidence is not None else None
     if slices is None:

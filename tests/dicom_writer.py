@@ -30,6 +30,30 @@ def _image_dataset(sop_class, modality: str, series_uid: str, study_uid: str, ro
 PATIENT = dict(PatientName="Doe^Jane", PatientID="PID-0042", PatientBirthDate="19600101", PatientSex="F",
                StudyDate="20261130", StudyTime="101500", StudyID="S42", AccessionNumber="ACC-77",
                ReferringPhysicianName="Who^Doctor")
+#: Type-3 patient and study attributes a scanner may add (Patient, General Study and Patient Study modules).
+PATIENT_EXTRA = dict(OtherPatientIDs="OLD-7", PatientBirthTime="0830", PatientComments="made up", PatientAge="066Y",
+                     PatientWeight=61.5, PatientSize=1.68, StudyDescription="CT CHEST", AdditionalPatientHistory="none")
+
+#: What samf needs to read a CT series (the SOP's UIDs, the series and study it belongs to, where each image
+#: is, its rescale and its pixels), and nothing else: the headers a strict de-identification leaves.
+READABLE_MINIMUM = ("SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "StudyInstanceUID",
+                    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",
+                    "RescaleIntercept", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+                    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData")
+
+
+def strip_to_minimum(folder: str, keep=READABLE_MINIMUM) -> None:
+    """Remove from every file of ``folder`` each attribute not in ``keep`` (the file meta stays): every type-2
+    and type-3 patient, study, series and equipment attribute goes, as a de-identification may do."""
+    import pydicom
+
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        ds = pydicom.dcmread(path)
+        for element in list(ds):
+            if element.keyword not in keep:
+                del ds[element.tag]
+        ds.save_as(path, enforce_file_format=True)
 
 
 def write_series(folder: str, hu: np.ndarray, spacing, modality: str = "CT", series_uid: str | None = None,
