@@ -50,7 +50,7 @@ def source_instances(folder: str, series_uid: str | None = None) -> tuple:
 
 #: The type-2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that the SR and the PDF
 #: copy from the source. A de-identified series may lack any of them; a derived object still carries each,
-#: present and empty where the source has no value (PS3.5 7.4.5: type 2 may be zero length).
+#: present and empty where the source has no value (PS3.5 7.4.3: type 2 may be zero length).
 TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
