@@ -47,7 +47,7 @@ def is_loopback(host: str) -> bool:
 def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
     """The ASGI application (FastAPI)."""
     from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
     app = FastAPI(title="samf report service", version=API_VERSION,
                   description="CT scans in, radiology reports out (unverified AI output: not for diagnostic use).")
@@ -155,6 +155,8 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
             raise Refused(404, "no such job")
         out = {k: job[k] for k in ("id", "kind", "status", "created", "started", "finished")}
         out.update(job.get("result", {}))
+        if "dicom" in out:  # a DICOM series' SR and PDF: where to fetch them
+            out["dicom"] = {kind: f"/{API_VERSION}/reports/{job_id}/{kind}" for kind in out["dicom"]}
         if "error" in job:
             out["error"] = job["error"]
         return out
@@ -164,6 +166,47 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
         """A job's status (queued, running, done, failed); when done its report, timings and the bundle's
         identity; when failed its one-line error."""
         return job_view(job_id)
+
+    def dicom_result(job_id: str, name: str) -> str:
+        """The path of a done report job's DICOM result ``name``; 409 while the job waits or runs, 404 with the
+        reason where there is none."""
+        job = store.get(job_id)
+        if job is None or job["kind"] != "report":
+            raise Refused(404, "no such report job")
+        if job["status"] in ("queued", "running"):
+            raise Refused(409, f"the job is {job['status']}: its DICOM results come when its report is done")
+        result = job.get("result", {})
+        if job["status"] == "failed":
+            raise Refused(404, "the job failed: no report, no SR or PDF")
+        if "dicom_error" in result:
+            raise Refused(404, f"its DICOM results could not be made: {result['dicom_error']}")
+        if "dicom" not in result:
+            raise Refused(404, "no SR or PDF here: they are made for a DICOM series sent over HTTP (a series received "
+                               "over DICOM gets them sent back over DICOM)")
+        path = os.path.join(store.results, job_id, name)
+        if not os.path.isfile(path):
+            raise Refused(404, "its DICOM results are gone from the service's work folder")
+        return path
+
+    @app.get("/v1/reports/{job_id}/sr", dependencies=[Depends(authorized)])
+    def get_sr(job_id: str):
+        """A report made from a DICOM series, as a Comprehensive 3D SR in the series' study (``application/dicom``):
+        the report TEXT, UNVERIFIED, the source series as evidence."""
+        return FileResponse(dicom_result(job_id, "sr.dcm"), media_type="application/dicom",
+                            filename=f"{job_id}-sr.dcm")
+
+    @app.get("/v1/reports/{job_id}/pdf", dependencies=[Depends(authorized)])
+    def get_pdf(job_id: str, request: Request):
+        """A report made from a DICOM series, for people: the PDF (``application/pdf``), or, with ``Accept:
+        application/dicom``, the Encapsulated PDF object in the series' study."""
+        path = dicom_result(job_id, "report_pdf.dcm")
+        if "application/dicom" in request.headers.get("accept", ""):
+            return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-report_pdf.dcm")
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        return Response(ds.EncapsulatedDocument[:int(ds.EncapsulatedDocumentLength)], media_type="application/pdf",
+                        headers={"Content-Disposition": f'inline; filename="{job_id}-report.pdf"'})
 
     @app.get("/v1/vqa/{job_id}", dependencies=[Depends(authorized)])
     def get_vqa(job_id: str) -> dict:

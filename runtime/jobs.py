@@ -54,6 +54,7 @@ class JobStore:
     def __init__(self, work: str):
         self.work = work
         self.inputs = os.path.join(work, "inputs")
+        self.results = os.path.join(work, "results")  # <id>/sr.dcm, report_pdf.dcm: a DICOM series' HTTP job
         os.makedirs(self.inputs, exist_ok=True)
         self._db = sqlite3.connect(os.path.join(work, "jobs.sqlite3"), check_same_thread=False,
                                    isolation_level=None)
@@ -276,11 +277,12 @@ class JobRunner(threading.Thread):
                 self.stream(key.job_id).update(text)
 
             keys = [_Key(job[0], job[2], job[3]) for job in group]
-            # A DICOM job's reply draws the slices the model read into its PDF: keep them rather than read the
-            # series a second time.
+            # A DICOM job's reply, and the SR and PDF of an HTTP job whose scan is a DICOM series, draw the slices
+            # the model read into the PDF: keep them rather than read the series a second time.
             replies = self.reply is not None and any(key.params.get("dicom") for key in keys)
+            keep = replies or any(_http_series(key) for key in keys)
             for key, res in self.pipeline.report_many(keys, request=request, max_new_tokens=max_tokens,
-                                                      on_text=on_text, keep_slices=replies):
+                                                      on_text=on_text, keep_slices=keep):
                 if isinstance(res, Exception):
                     self._done(key.job_id, None, one_line(res), str(key))
                     continue
@@ -291,7 +293,23 @@ class JobRunner(threading.Thread):
                         self._done(key.job_id, None, f"reported, but the DICOM results were not delivered: "
                                                      f"{one_line(e)}", str(key))
                         continue
-                self._done(key.job_id, result_record(res), None)
+                record = result_record(res)
+                if _http_series(key):
+                    record.update(self._dicom_files(key, res))
+                self._done(key.job_id, record, None)
+
+    def _dicom_files(self, key, res) -> dict:
+        """The SR and PDF of an HTTP job whose scan is a DICOM series, written under ``WORK/results/<id>/``
+        before the job's copy of the series goes: ``{"dicom": ["sr", "pdf"]}``, or, where they could not be
+        made, ``{"dicom_error": one line}`` (the report stands)."""
+        from .dicom_out import write_dicom_results
+
+        try:
+            write_dicom_results(str(key), res.text, res.identity, os.path.join(self.store.results, key.job_id),
+                                res.slices, self.pipeline.pre.slices_per_plane, evidence=res.evidence)
+        except Exception as e:  # noqa: BLE001 - the report stands; its DICOM results could not be made
+            return {"dicom_error": one_line(e).replace(str(key), "<scan>")}
+        return {"dicom": ["sr", "pdf"]}
 
     def _answer(self, job: tuple) -> None:
         job_id, _, scan, params = job
@@ -302,6 +320,11 @@ class JobRunner(threading.Thread):
             self._done(job_id, None, one_line(e), scan)
             return
         self._done(job_id, dict(result_record(res), answer=letter), None)
+
+
+def _http_series(key) -> bool:
+    """Whether a report job came over HTTP (not DICOM) with a DICOM series (a folder) as its scan."""
+    return not key.params.get("dicom") and os.path.isdir(key)
 
 
 class _Key(str):

@@ -1,5 +1,6 @@
 """samf serve's DICOM side against pynetdicom peers on localhost: a CT series sent by an SCU is reported and its SR
-and PDF arrive at a storage SCP (the "PACS"); a partial series gets no SR and a one-line reason in the log."""
+and PDF arrive at a storage SCP (the "PACS"); a partial series gets no SR and a one-line reason in the log. A
+series uploaded over HTTP has its SR and PDF at the job's own URLs."""
 
 from __future__ import annotations
 
@@ -116,6 +117,50 @@ def test_a_series_sent_over_dicom_comes_back_as_sr_and_pdf(quick, phantom, tmp_p
     finally:
         server.stop()
         pacs.server.shutdown()
+
+
+def test_a_dicom_series_uploaded_over_http_has_its_sr_and_pdf_there(quick, phantom, tmp_path):
+    """A zip of a series de-identified down to what samf reads: the job's record links its SR and PDF, which
+    carry the report and the series' study; a NIfTI job has none, and says why."""
+    import io
+    import zipfile
+
+    from dicom_writer import strip_to_minimum
+
+    folder = tmp_path / "series"
+    uid = write_series(str(folder), phantom.volume, phantom.spacing, patient=PATIENT)
+    strip_to_minimum(str(folder))
+    study = pydicom.dcmread(next(folder.iterdir())).StudyInstanceUID
+    upload = tmp_path / "series.zip"
+    with zipfile.ZipFile(upload, "w") as z:
+        for path in folder.iterdir():
+            z.write(path, f"DICOM/{path.name}")
+    server = Server(quick.bundle, str(tmp_path / "work")).wait_ready()
+    try:
+        series_job = server.submit(str(upload)).json()["id"]
+        nifti_job = server.submit(os.path.join(quick.data, quick.test[0].image)).json()["id"]
+        jobs = server.wait_all([series_job, nifti_job])
+        job = jobs[series_job]
+        assert job["status"] == "done" and job["dicom"] == {"sr": f"/v1/reports/{series_job}/sr",
+                                                            "pdf": f"/v1/reports/{series_job}/pdf"}
+        got = httpx.get(server.url + job["dicom"]["sr"], timeout=30)
+        assert got.status_code == 200 and got.headers["content-type"] == "application/dicom"
+        sr = pydicom.dcmread(io.BytesIO(got.content))
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" and sr.ContentSequence[0].TextValue == job["report"]
+        assert sr.StudyInstanceUID == study and sr.PatientID == "" and sr.PatientBirthDate == ""
+        assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+        pdf = httpx.get(server.url + job["dicom"]["pdf"], timeout=30)
+        assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF-")
+        wrapped = httpx.get(server.url + job["dicom"]["pdf"], headers={"Accept": "application/dicom"}, timeout=30)
+        ds = pydicom.dcmread(io.BytesIO(wrapped.content))
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1" and ds.StudyInstanceUID == study
+        assert ds.EncapsulatedDocument[:ds.EncapsulatedDocumentLength] == pdf.content
+        assert "dicom" not in jobs[nifti_job]
+        none = httpx.get(f"{server.url}/v1/reports/{nifti_job}/sr", timeout=30)
+        assert none.status_code == 404 and "DICOM series" in none.json()["error"]
+        assert httpx.get(f"{server.url}/v1/reports/nope/pdf", timeout=30).status_code == 404
+    finally:
+        server.stop()
 
 
 def _echo(port: int, calling_ae: str) -> bool:
