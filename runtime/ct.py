@@ -45,6 +45,30 @@ def max_voxels() -> int:
         raise ScanError(f"SAMF_MAX_VOXELS={value!r} is not a whole number") from None
 
 
+def open_regular(path: str):
+    """``path`` opened for binary reading if it is a regular file (or a link to one), else None; never blocks.
+
+    A FIFO would block a plain ``open`` until a writer comes, and a device (``/dev/zero``) would be read without
+    end. So: ``stat`` first, which never opens anything; then ``open`` with ``O_NONBLOCK`` (a FIFO opens at once,
+    with no writer) and ``fstat`` on that descriptor, so a file swapped for a FIFO between the two is caught too.
+    An ``OSError`` of the ``open`` itself (permissions, a link loop) propagates."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except (OSError, ValueError):  # gone, a dangling link, a NUL in the name
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @dataclass
 class Volume:
     """A CT volume in the canonical frame."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from samf.errors import ScanError
 
-from .ct import PLAUSIBLE_SPACING_MM
+from .ct import PLAUSIBLE_SPACING_MM, open_regular
 
 #: What to install for compressed transfer syntaxes pydicom cannot decode by itself.
 _DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
@@ -131,7 +131,9 @@ def _frames_of(path: str, ds) -> list:
 
 
 def find_series(folder: str) -> dict:
-    """``{SeriesInstanceUID: Series}`` for every DICOM image below ``folder`` (headers only)."""
+    """``{SeriesInstanceUID: Series}`` for every DICOM image below ``folder`` (headers only). Files that are not
+    regular files (FIFOs, devices, sockets, links to them) are skipped without being opened for reading, as
+    are files that are not DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -140,7 +142,11 @@ def find_series(folder: str) -> dict:
         for name in sorted(names):
             path = os.path.join(root, name)
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                f = open_regular(path)
+                if f is None:
+                    continue
+                with f:
+                    ds = pydicom.dcmread(f, stop_before_pixels=True)
             except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError):
                 continue
             if "SeriesInstanceUID" not in ds:
@@ -241,8 +247,15 @@ def _read_pixels(path: str) -> np.ndarray:
 
     ds = None
     try:
-        ds = pydicom.dcmread(path)
-        return ds.pixel_array
+        f = open_regular(path)
+    except OSError as e:
+        raise ScanError(f"{path}: cannot open ({e.strerror})") from None
+    if f is None:  # a file replaced since its header was read
+        raise ScanError(f"{path!r} is not a regular file")
+    try:
+        with f:
+            ds = pydicom.dcmread(f)
+            return ds.pixel_array
     except (RuntimeError, NotImplementedError) as e:  # no decoder for this transfer syntax
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts))

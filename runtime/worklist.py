@@ -21,7 +21,8 @@ import os
 from samf.errors import ScanError
 
 from .atomic import atomic_file
-from .bundle import sha256_of
+from .bundle import hash_fd
+from .ct import open_regular
 from .slices_png import scan_folder_name
 
 #: Files a folder of scans is made of (anything else in a folder makes it a DICOM series).
@@ -79,17 +80,30 @@ def content_sha256(path: str) -> str | None:
     it cannot be read (the scan's own error comes when it is loaded)."""
     try:
         if not os.path.isdir(path):
-            return sha256_of(path)
+            return _regular_sha256(path)
         h = hashlib.sha256()
         for root, dirs, files in os.walk(path):
             dirs.sort()
             for name in sorted(files):
                 full = os.path.join(root, name)
+                digest = _regular_sha256(full)
+                if digest is None:  # a FIFO or device in a series folder: skipped, as the loader skips it
+                    continue
                 h.update(os.path.relpath(full, path).encode("utf-8", "surrogateescape") + b"\0")
-                h.update(sha256_of(full).encode() + b"\n")
+                h.update(digest.encode() + b"\n")
         return h.hexdigest()
     except OSError:
         return None
+
+
+def _regular_sha256(path: str) -> str | None:
+    """sha256 of a regular file; None for anything else (a FIFO, a device), which is never opened for reading:
+    reading one would block or never end."""
+    f = open_regular(path)
+    if f is None:
+        return None
+    with f:
+        return hash_fd(f.fileno())
 
 
 def output_names(scans: list) -> dict:

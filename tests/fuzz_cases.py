@@ -376,6 +376,19 @@ def dicom_cases(rng) -> list:
     case("valid-slope2", "accept", slope=2.0, intercept=-2048.0)
     case("valid-junk-files-beside", "accept",
          extra=lambda d: [write(d, n, b) for n, b in (("README.txt", b"hi"), (".DS_Store", b"\x00\x01" * 50))])
+    # issue 30: a FIFO in a series folder hung `samf info` and `samf slices`; what is not a regular file is skipped
+    # unopened (FIFOs, links to them, devices)
+    case("valid-fifo-beside", "accept", extra=lambda d: os.mkfifo(os.path.join(d, "fifo")))
+    case("valid-link-to-fifo-beside", "accept",
+         extra=lambda d: (os.mkfifo(os.path.join(d, ".fifo")), os.symlink(".fifo", os.path.join(d, "IMG"))))
+    case("valid-dev-zero-beside", "accept", extra=lambda d: os.symlink("/dev/zero", os.path.join(d, "IMGZERO")))
+
+    def slices_beside_fifo(f, c):
+        hu, _ = phantom(seed(), shape, spacing)
+        folder = _series(os.path.join(f, "dcm"), hu, spacing)
+        os.mkfifo(os.path.join(folder, "fifo"))
+        return ["samf", "slices", folder, "--out", os.path.join(f, "out")]
+    cases.append(Case("dicom", "valid-fifo-beside-slices", "accept", slices_beside_fifo))
     case("valid-nested-folder", "accept", extra=lambda d: os.rename(d, d + "-x") or os.makedirs(d) or
          os.rename(d + "-x", os.path.join(d, "sub")))
     case("valid-position-jitter", "accept",
@@ -451,6 +464,14 @@ def dicom_cases(rng) -> list:
         write(d, "DICM", b"\x00" * 128 + b"DICM" + b"\xff" * 64)
         return ["samf", "info", d]
     cases.append(Case("dicom", "folder-without-dicom", "refuse", texts, ("no DICOM",)))
+
+    def only_special(f, c):
+        d = os.path.join(f, "dcm")
+        os.makedirs(d)
+        os.mkfifo(os.path.join(d, "IMG0"))
+        os.symlink("/dev/zero", os.path.join(d, "IMG1"))
+        return ["samf", "info", d]
+    cases.append(Case("dicom", "folder-of-fifos-and-devices", "refuse", only_special, ("no DICOM",)))
     return cases
 
 

@@ -271,3 +271,36 @@ def test_npy_files_that_are_not_what_they_claim(tmp_path):
     cplx = tmp_path / "complex.npy"
     np.save(cplx, ph.volume.astype(np.complex64))
     assert_clean_failure(samf("info", str(cplx), "--spacing", "5", "4", "4"), "not real-valued")
+
+
+# ----------------------------------------------------------------------------- the last hostile inputs (issue 30)
+
+def _dicom_folder(folder) -> str:
+    from dicom_writer import write_series
+
+    ph = make_phantom(5, shape=(24, 40, 40), spacing=(8.0, 9.0, 9.0))
+    write_series(str(folder), ph.volume, (8.0, 9.0, 9.0), shuffle_instance=False)
+    return str(folder)
+
+
+def test_fifos_and_devices_in_a_dicom_folder_are_skipped_unopened(tmp_path):
+    """A FIFO in a series folder hung `samf info` and `samf slices` (and a batch's content hash): what is not a
+    regular file, or a link to one, is skipped without being opened for reading."""
+    from samf.runtime.worklist import content_sha256
+
+    folder = _dicom_folder(tmp_path / "dcm")
+    plain = content_sha256(folder)
+    os.mkfifo(os.path.join(folder, "fifo"))
+    os.symlink("fifo", os.path.join(folder, "IMG-link-to-fifo"))
+    os.symlink("/dev/zero", os.path.join(folder, "IMG-zero"))
+    info = run_cli("samf", "info", folder, timeout=30)
+    assert info.returncode == 0 and "images   24" in info.stdout, info.stderr
+    out = tmp_path / "out"
+    made = run_cli("samf", "slices", folder, "--out", str(out), timeout=30)
+    assert made.returncode == 0, made.stderr
+    assert len(os.listdir(out / "dcm")) == 75  # 3 planes × 8 slices × 3 windows + 3 montages
+    assert content_sha256(folder) == plain and content_sha256(os.path.join(folder, "fifo")) is None
+    only = tmp_path / "only"
+    only.mkdir()
+    os.mkfifo(only / "IMG0")
+    assert_clean_failure(run_cli("samf", "info", str(only), timeout=30), "no DICOM")
