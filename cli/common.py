@@ -3,6 +3,7 @@ generated from a stage's config dataclass."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -48,7 +49,14 @@ class SamfGroup(click.Group):
             return super().invoke(ctx)
         except SamfError as e:
             _leave(EXIT_BAD_INPUT, f"error: {_rank_prefix()}{e}")
-        except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        except OSError as e:
+            # A named path the system refused (missing, a file where a folder must be, a name too long, no
+            # space, a read-only disk): the user's environment, said in one line. Unnamed ones are bugs.
+            if e.filename is None and not isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)):
+                if not _several_ranks():
+                    raise
+                traceback.print_exc()
+                _leave(1)
             _leave(EXIT_BAD_INPUT, f"error: {_rank_prefix()}{e.strerror or e}: {e.filename}")
         except PeerRankFailed as e:
             _leave(1, str(e))
@@ -91,6 +99,45 @@ def torch_threads(n: int | None) -> None:
     import torch
 
     torch.set_num_threads(n or max(1, os.cpu_count() or 1))
+
+
+def out_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a folder to write into, found before any work (None: it can): something that is not
+    a folder where it or a folder above it must be (``/dev/null``, a file), or a name longer than the filesystem
+    takes (NAME_MAX bytes a name, PATH_MAX a path)."""
+    full = os.path.abspath(path)
+    probe = full
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe!r} is not a folder" if probe == full else f"{probe!r}, in its path, is not a folder"
+    name_max, path_max = 255, 4096
+    with contextlib.suppress(OSError, ValueError):
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    with contextlib.suppress(OSError, ValueError):
+        path_max = os.pathconf(probe, "PC_PATH_MAX")
+    for part in os.path.relpath(full, probe).split(os.sep) if probe != full else ():
+        size = len(os.fsencode(part))
+        if size > name_max:
+            return f"a name of {size} bytes ({part[:24]}...) is longer than the {name_max} this filesystem allows"
+    if len(os.fsencode(full)) >= path_max:
+        return f"a path of {len(os.fsencode(full))} bytes is longer than the {path_max - 1} this system allows"
+    return None
+
+
+class OutDir(click.Path):
+    """A folder to write into (``click.Path(file_okay=False)``), refused at once where it cannot be one (see
+    :func:`out_dir_problem`), not after minutes of work."""
+
+    def __init__(self):
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        problem = out_dir_problem(os.fsdecode(path))
+        if problem:
+            self.fail(problem, param, ctx)
+        return path
 
 
 class CommaList(click.ParamType):

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .common import SamfGroup
+from .common import OutDir, SamfGroup
 
 
 def _precisions_option(help: str):
@@ -23,7 +23,7 @@ def main():
 
 @main.command("bundle")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=OutDir())
 @click.option("--quant", "quants", multiple=True, default=("Q8_0",), show_default=True,
               help="llama.cpp quant types to add (Q8_0, Q4_K_M, ...); repeatable")
 @click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True,
@@ -68,7 +68,7 @@ def bundle(checkpoint, out_dir, quants, base, precisions, check_data, check_scan
               help="also keep the random checkpoint here (the PyTorch pipeline runs from it)")
 @click.option("--seed", default=0, show_default=True)
 @_precisions_option("encoder precisions made besides fp32 (checked on the embeddings of 2 phantoms); repeatable")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=OutDir())
 def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, precisions, out_dir):
     """A bundle of random weights at the real shapes, to measure speed before there are trained weights.
 

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from .common import SamfGroup
+from .common import OutDir, SamfGroup
 
 bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Path(),
                           help="bundle directory written by `samf-export bundle`")
@@ -121,16 +121,16 @@ def main():
 @click.option("--request", default=None, callback=_not_blank, help="the report request (default: the trained one)")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per scan instead of text")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=OutDir(), default=None,
               help="write each scan's report (.json and .txt) and reports.jsonl here; a rerun skips the scans "
                    "already reported (same path and content)")
 @click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="reports decoded together in a batch (each holds its own KV cache)")
-@click.option("--dicom-out", type=click.Path(file_okay=False), default=None,
+@click.option("--dicom-out", type=OutDir(), default=None,
               help="for a DICOM series: also write the report as DICOM here, a Comprehensive 3D SR (sr.dcm) and an "
                    "Encapsulated PDF with the slices (report_pdf.dcm), both flagged unverified AI output; for several "
                    "scans, into DICOM_OUT/<scan name>/ for each DICOM series")
-@click.option("--evidence", "evidence_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--evidence", "evidence_dir", type=OutDir(), default=None,
               help="write the slices the model weighted most into EVIDENCE/<scan name>/ for each scan: the top 3 per "
                    "plane as PNGs, a montage that frames them, and evidence.json with every slice's attention")
 @engine_options
@@ -239,7 +239,8 @@ def info(scan, **scan_kw):
 
 @main.command()
 @click.argument("scan", type=click.Path())
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=OutDir(),
+              help="the folder OUT/<scan name>/ is written in (made if missing)")
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(),
               help="use this bundle's preprocessing (default: the paper preset's)")
 @trusted_key_opt

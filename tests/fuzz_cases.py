@@ -569,6 +569,14 @@ def cli_cases(rng) -> list:
     case("ctrate-meta-missing", "refuse", lambda f, c: ["samf", "info", c.scan, "--ctrate-metadata",
                                                        os.path.join(f, "none.csv")])
     case("slices-out-is-a-file", "refuse", lambda f, c: ["samf", "slices", c.scan, "--out", c.scan])
+    # issue 30: each of these gave a traceback
+    for name, out in (("dev-null", "/dev/null"), ("under-dev-null", "/dev/null/slices"), ("name-300", "a" * 300),
+                      ("name-300-then-more", "b" * 300 + "/c"), ("name-256", "c" * 256)):
+        case(f"slices-out-{name}", "refuse",
+             lambda f, c, out=out: ["samf", "slices", c.scan, "--out", os.path.join(f, out)], ("--out",))
+    case("slices-out-name-255", "accept", lambda f, c: ["samf", "slices", c.scan, "--out", os.path.join(f, "d" * 255)])
+    case("report-out-dev-null", "refuse", report("--out", "/dev/null"), ("--out",))
+    case("report-evidence-dev-null", "refuse", report("--evidence", "/dev/null"), ("--evidence",))
     case("bench-zero-scans", "refuse", lambda f, c: ["samf", "bench", "--bundle", c.bundle, "--scans", "0"])
     case("bench-zero-new-tokens", "refuse", lambda f, c: ["samf", "bench", "--bundle", c.bundle, "--new-tokens", "0"])
     case("export-verify-not-a-bundle", "refuse", lambda f, c: ["samf-export", "verify", f])

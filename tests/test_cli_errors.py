@@ -304,3 +304,13 @@ def test_fifos_and_devices_in_a_dicom_folder_are_skipped_unopened(tmp_path):
     only.mkdir()
     os.mkfifo(only / "IMG0")
     assert_clean_failure(run_cli("samf", "info", str(only), timeout=30), "no DICOM")
+
+
+@pytest.mark.parametrize("out", ["/dev/null", "/dev/null/slices", "a" * 300, "b" * 300 + "/c"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(good_scan, tmp_path, out):
+    """`--out /dev/null` and a 300-character name gave tracebacks; refused in one line, nothing written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli("samf", "slices", good_scan, "--out", str(work / out), timeout=60)
+    assert_clean_failure(proc, "--out", "not a folder" if out.startswith("/dev") else "longer than the")
+    assert os.listdir(work) == []
