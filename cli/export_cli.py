@@ -9,6 +9,23 @@ import click
 from .common import OutDir, SamfGroup
 
 
+def _quant_types(ctx, param, value):
+    """llama.cpp quant types, checked when the options are read: an unknown one refused before minutes of export
+    (it used to fail after the ONNX export and the base GGUF were written). Case is forgiven; repeats dropped."""
+    from samf.export.gguf_convert import FTYPES
+
+    known = {k.upper(): k for k in FTYPES}
+    given = (value,) if isinstance(value, str) else tuple(value)
+    out = []
+    for v in given:
+        k = known.get(v.strip().upper())
+        if k is None:
+            raise click.BadParameter(f"{v!r} is not a quant type this export makes; one of {', '.join(FTYPES)}")
+        out.append(k)
+    out = list(dict.fromkeys(out))
+    return out[0] if isinstance(value, str) else tuple(out)
+
+
 def _precisions_option(help: str):
     """--precision (repeatable): the encoder precisions made besides fp32, as a tuple without "none"."""
     return click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "none"]),
@@ -24,8 +41,8 @@ def main():
 @main.command("bundle")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=OutDir())
-@click.option("--quant", "quants", multiple=True, default=("Q8_0",), show_default=True,
-              help="llama.cpp quant types to add (Q8_0, Q4_K_M, ...); repeatable")
+@click.option("--quant", "quants", multiple=True, default=("Q8_0",), show_default=True, callback=_quant_types,
+              help="llama.cpp quant types to add (Q8_0, Q4_K_M, Q6_K, ...); repeatable")
 @click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True,
               help="unquantized GGUF kept in the bundle (the fidelity reference)")
 @_precisions_option("encoder precisions made besides fp32, each kept only if it holds its tolerance; repeatable")
@@ -60,8 +77,8 @@ def bundle(checkpoint, out_dir, quants, base, precisions, check_data, check_scan
               help="paper: ViT-B/16 at 224² and a Phi-3-mini-shaped LLM; tiny: the demo's sizes")
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="LLM depth (paper: 32, Phi-3-mini's; fewer for a quicker look)")
-@click.option("--quant", "quants", multiple=True, default=("Q4_K_M",), show_default=True,
-              help="llama.cpp quant types to add; repeatable")
+@click.option("--quant", "quants", multiple=True, default=("Q4_K_M",), show_default=True, callback=_quant_types,
+              help="llama.cpp quant types to add (Q8_0, Q4_K_M, Q6_K, ...); repeatable")
 @click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F16", show_default=True,
               help="unquantized GGUF kept in the bundle")
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
@@ -109,7 +126,8 @@ def gguf_cmd(checkpoint, out_path, outtype):
 @main.command("quantize")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--type", "qtype", default="Q8_0", show_default=True)
+@click.option("--type", "qtype", default="Q8_0", show_default=True, callback=_quant_types,
+              help="llama.cpp quant type (Q8_0, Q4_K_M, Q6_K, ...)")
 def quantize_cmd(src, dst, qtype):
     """Quantize a GGUF with llama.cpp."""
     from samf.engines.native import quiet_native_stderr

@@ -577,6 +577,14 @@ def cli_cases(rng) -> list:
     case("slices-out-name-255", "accept", lambda f, c: ["samf", "slices", c.scan, "--out", os.path.join(f, "d" * 255)])
     case("report-out-dev-null", "refuse", report("--out", "/dev/null"), ("--out",))
     case("report-evidence-dev-null", "refuse", report("--evidence", "/dev/null"), ("--evidence",))
+    for v in ("BOGUS", "Q2_K", "", "q8_0x"):  # refused before the ONNX export and the base GGUF, not after
+        case(f"export-bundle-quant={v or 'empty'}", "refuse",
+             lambda f, c, v=v: ["samf-export", "bundle", f, "--out", os.path.join(f, "b"), "--quant", v], ("--quant",))
+    case("export-synthetic-quant=BOGUS", "refuse",
+         lambda f, c: ["samf-export", "synthetic-bundle", "--out", os.path.join(f, "b"), "--quant", "BOGUS"],
+         ("--quant",))
+    case("export-quantize-type=BOGUS", "refuse",
+         lambda f, c: ["samf-export", "quantize", c.scan, os.path.join(f, "q.gguf"), "--type", "BOGUS"], ("--type",))
     case("bench-zero-scans", "refuse", lambda f, c: ["samf", "bench", "--bundle", c.bundle, "--scans", "0"])
     case("bench-zero-new-tokens", "refuse", lambda f, c: ["samf", "bench", "--bundle", c.bundle, "--new-tokens", "0"])
     case("export-verify-not-a-bundle", "refuse", lambda f, c: ["samf-export", "verify", f])

@@ -314,3 +314,33 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(good_scan, tm
     proc = run_cli("samf", "slices", good_scan, "--out", str(work / out), timeout=60)
     assert_clean_failure(proc, "--out", "not a folder" if out.startswith("/dev") else "longer than the")
     assert os.listdir(work) == []
+
+
+def test_unknown_quant_types_are_refused_before_the_export_starts(tmp_path):
+    """`samf-export bundle --quant BOGUS` failed after the ONNX export and the base GGUF were written."""
+    import time
+
+    ckpt = tmp_path / "merged"
+    ckpt.mkdir()
+    t0 = time.monotonic()
+    proc = run_cli("samf-export", "bundle", str(ckpt), "--out", str(tmp_path / "b"), "--quant", "Q8_0",
+                   "--quant", "BOGUS")
+    assert_clean_failure(proc, "--quant", "'BOGUS'", "Q4_K_M")  # not "preprocess.json": nothing was read
+    proc = run_cli("samf-export", "synthetic-bundle", "--out", str(tmp_path / "s"), "--quant", "q2_k")
+    assert_clean_failure(proc, "--quant", "'q2_k'")
+    src = tmp_path / "base.gguf"
+    src.write_bytes(b"GGUF")
+    proc = run_cli("samf-export", "quantize", str(src), str(tmp_path / "q.gguf"), "--type", "BOGUS")
+    assert_clean_failure(proc, "--type", "'BOGUS'")
+    assert sorted(os.listdir(tmp_path)) == ["base.gguf", "merged"] and os.listdir(ckpt) == []
+    assert time.monotonic() - t0 < 30
+
+
+def test_quant_types_are_read_whatever_their_case():
+    import click
+
+    from samf.cli.export_cli import _quant_types
+
+    param = click.Option(["--quant"], multiple=True)
+    assert _quant_types(None, param, ("q8_0", "Q4_K_M", "Q8_0")) == ("Q8_0", "Q4_K_M")
+    assert _quant_types(None, click.Option(["--type"]), "q6_k") == "Q6_K"
