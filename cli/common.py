@@ -95,9 +95,37 @@ def _help_of(ctx) -> str:
     return f"'{ctx.command_path} --help'" if ctx is not None else "--help"
 
 
+def capped_threads(n: int | None, option: str = "--threads") -> int | None:
+    """``n`` threads, or the cores this process may use where ``n`` is more (with a note on stderr): a thread
+    beyond them only waits for a core, and llama.cpp's and ONNX Runtime's threads, which wait for each other by
+    spinning, then stall one another (``--threads 512`` on two cores hung a report). None stays None."""
+    from samf.engines.native import usable_cores
+
+    if n is None:
+        return None
+    if n < 1:
+        raise click.UsageError(f"{option} {n}: the number of CPU threads, at least 1")
+    cores = usable_cores()
+    if n > cores:
+        click.echo(f"note: {option} {n} is more than the {cores} cores this process may use; using {cores}", err=True)
+        return cores
+    return n
+
+
+def _threads_callback(ctx, param, value):
+    return capped_threads(value, param.opts[0])
+
+
+def threads_option(help: str = "CPU threads for the engines (default: all cores)"):
+    """--threads N: 1 to 1024, capped to the cores this process may use (see :func:`capped_threads`)."""
+    return click.option("--threads", type=click.IntRange(min=1, max=1024), default=None, callback=_threads_callback,
+                        help=f"{help}; more than the cores this process may use are capped to them")
+
+
 def torch_threads(n: int | None) -> None:
     import torch
 
+    n = capped_threads(n or None)  # 0, as some callers pass, is the default: every core
     torch.set_num_threads(n or max(1, os.cpu_count() or 1))
 
 

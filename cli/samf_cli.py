@@ -10,7 +10,7 @@ import os
 
 import click
 
-from .common import OutDir, SamfGroup
+from .common import OutDir, SamfGroup, threads_option
 
 bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Path(),
                           help="bundle directory written by `samf-export bundle`")
@@ -36,8 +36,7 @@ def scan_options(f):
     for opt in (verbose_opt, force_opt, ctrate_opt, non_ct_opt, series_opt, spacing_opt):
         f = opt(f)
     return f
-threads_opt = click.option("--threads", type=click.IntRange(min=1, max=1024), default=None,
-                           help="CPU threads for the engines (default: all cores)")
+threads_opt = threads_option("CPU threads for the engines (default: all cores)")
 backend_opt = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                            show_default=True, help="engine for the ViT, aggregator and fusion")
 encoders_opt = click.option(
@@ -370,7 +369,7 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
 @click.option("--finetune-steps", default=1500, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--show", default=4, show_default=True, help="reports printed next to their reference")
-@click.option("--threads", type=int, default=None)
+@threads_option("CPU threads for training and the runtime (default: all cores)")
 def demo(workdir, n_train, n_test, finetune_steps, seed, show, threads):
     """The whole stack on synthetic chest CT: data, training, merge, ONNX, GGUF, bundle, runtime reports."""
     from .demo import DemoConfig, run_demo

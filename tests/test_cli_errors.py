@@ -344,3 +344,32 @@ def test_quant_types_are_read_whatever_their_case():
     param = click.Option(["--quant"], multiple=True)
     assert _quant_types(None, param, ("q8_0", "Q4_K_M", "Q8_0")) == ("Q8_0", "Q4_K_M")
     assert _quant_types(None, click.Option(["--type"]), "q6_k") == "Q6_K"
+
+
+def test_more_threads_than_cores_are_capped_with_a_note(capsys):
+    import click
+
+    from samf.cli.common import capped_threads
+    from samf.engines.native import usable_cores
+
+    cores = usable_cores()
+    assert capped_threads(None) is None and capped_threads(1) == 1 and capped_threads(cores) == cores
+    assert capsys.readouterr().err == ""
+    assert capped_threads(512) == cores
+    assert capsys.readouterr().err.strip() == f"note: --threads 512 is more than the {cores} cores this process " \
+                                              f"may use; using {cores}"
+    with pytest.raises(click.UsageError, match="at least 1"):
+        capped_threads(-3)
+
+
+def test_a_report_with_512_threads_runs_on_the_cores_there_are(quick, good_scan):
+    """`--threads 512` on two cores hung a report under load: the engines get the cores this process may use."""
+    from samf.engines.native import usable_cores
+
+    proc = run_cli("samf", "report", good_scan, "--bundle", quick.bundle, "--threads", "512", "--max-tokens", "4",
+                   "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note:")]
+    assert notes == [f"note: --threads 512 is more than the {usable_cores()} cores this process may use; "
+                     f"using {usable_cores()}"]
+    assert json.loads(proc.stdout)["report"]
