@@ -271,6 +271,23 @@ def npy_cases(rng) -> list:
     case("big-endian", "accept", lambda: hu().astype(">i2"))
     case("fortran-order", "accept", lambda: np.asfortranarray(hu().astype(np.int16)))
     case("m3d-unit-volume", "accept", lambda: np.clip((hu()[None] + 1024) / 4000, 0, 1).astype(np.float32), [])
+    # issue 30: uniform noise in [0, 1] was reported as an M3D volume; the anatomy check now applies to it too
+    case("m3d-uniform-noise", "refuse", lambda: rnd().random((1, 32, 256, 256), dtype=np.float32), [],
+         ("noise", "--force"))
+    case("m3d-uniform-noise-forced", "accept", lambda: rnd().random((1, 32, 64, 64), dtype=np.float32), ["--force"])
+    case("m3d-gaussian-noise", "refuse", lambda: np.clip(rnd().normal(0.5, 0.2, (32, 64, 64)), 0, 1), [],
+         ("--force",))
+    case("m3d-lung-window", "accept", lambda: np.clip((hu() + 1350) / 1500, 0, 1).astype(np.float32), [])
+    case("m3d-bone-window", "accept", lambda: np.clip((hu() + 450) / 1500, 0, 1), [])
+
+    def m3d_plane(plane):  # a phantom stacked in ``plane`` as M3D stacks display images, named after it
+        def build(f, c):
+            d = np.clip((phantom(seed())[0] + 1000) / 2000, 0, 1).astype(np.float32)[::-1, ::-1, ::-1]
+            stack = {"Coronal": d.transpose(1, 0, 2), "Sagittal": d.transpose(2, 0, 1)}[plane]
+            return ["samf", "info", _npy(f, f"{plane}_C__portal_venous_phase.npy", stack[None])]
+        return build
+    for plane in ("Coronal", "Sagittal"):
+        cases.append(Case("npy", f"m3d-{plane.lower()}-unit-volume", "accept", m3d_plane(plane)))
     case("no-spacing", "refuse", lambda: hu().astype(np.int16), [], ("--spacing",))
     case("int8", "refuse", lambda: np.clip(hu(), -128, 127).astype(np.int8))
     case("uint8", "refuse", lambda: np.clip(hu() / 16 + 64, 0, 255).astype(np.uint8))

@@ -373,3 +373,11 @@ def test_a_report_with_512_threads_runs_on_the_cores_there_are(quick, good_scan)
     assert notes == [f"note: --threads 512 is more than the {usable_cores()} cores this process may use; "
                      f"using {usable_cores()}"]
     assert json.loads(proc.stdout)["report"]
+
+
+def test_uniform_noise_in_unit_range_is_not_an_m3d_volume(tmp_path):
+    noise = tmp_path / "Axial.npy"
+    np.save(noise, np.random.default_rng(0).random((1, 32, 256, 256), dtype=np.float32))
+    assert_clean_failure(samf("info", str(noise)), "noise, not anatomy", "--force")
+    forced = samf("info", str(noise), "--force")
+    assert forced.returncode == 0 and "m3d-npy" in forced.stdout, forced.stderr

@@ -54,10 +54,31 @@ def test_m3d_slices_match_the_hu_path_with_the_same_window(phantom, tmp_path):
 
 
 def test_m3d_default_spacing_is_assumed_and_said(tmp_path):
-    np.save(tmp_path / "Axial.npy", np.random.default_rng(0).random((1, 32, 256, 256), dtype=np.float32))
+    chest = make_phantom(5, shape=(32, 256, 256), spacing=(10.5, 1.3125, 1.3125))  # M3D's grid, anatomy on it
+    np.save(tmp_path / "Axial.npy", _m3d_stack(chest.volume, "axial"))
     vol = load_scan(str(tmp_path / "Axial.npy"))
     assert vol.info["spacing_assumed"] and vol.spacing == pytest.approx((10.5, 1.3125, 1.3125))
     assert preprocess(vol, PRE).shape == (12, 3, 32, 32)
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_m3d_noise_is_refused_and_anatomy_is_not(plane, tmp_path):
+    """Uniform noise in [0, 1] is not an M3D volume (issue 30): the HU volumes' anatomy check (neighbouring
+    voxels correlate) applies, --force passes it. Phantoms in [0, 1] pass it in every plane, window and size."""
+    path = tmp_path / f"{plane.capitalize()}.npy"
+    np.save(path, np.random.default_rng(0).random((1, 32, 256, 256), dtype=np.float32))
+    with pytest.raises(ScanError, match="noise, not anatomy.*--force"):
+        load_scan(str(path))
+    assert load_scan(str(path), force=True).intensity == "unit"
+    windows = {"m3d": (-1000.0, 2000.0), "fuzz": (-1024.0, 4000.0), "lung": (-1350.0, 1500.0), "bone": (-450.0, 1500.0)}
+    for seed, shape, spacing in ((0, (64, 96, 96), (4.0, 3.5, 3.5)), (3, (32, 40, 40), (10.0, 9.0, 9.0)),
+                                 (6, (40, 64, 64), (6.0, 5.0, 5.0))):
+        hu = make_phantom(seed, shape=shape, spacing=spacing).volume
+        for lo, width in windows.values():
+            unit = np.clip((hu - lo) / width, 0.0, 1.0).astype(np.float32)
+            d = unit[::-1, ::-1, ::-1]
+            np.save(path, {"axial": d, "coronal": d.transpose(1, 0, 2), "sagittal": d.transpose(2, 0, 1)}[plane])
+            assert load_scan(str(path)).intensity == "unit"
 
 
 def test_npy_refusals(tmp_path):
