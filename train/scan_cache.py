@@ -44,6 +44,7 @@ import numpy as np
 from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file, remove_stale_temporaries
 from samf.runtime.preprocess import PreprocessConfig
+from samf.runtime.workers import DieWithParent
 
 from .data import DataError, Example, ScanEntry, dataset_kind, list_splits
 
@@ -84,21 +85,6 @@ def shard_name(i: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ prepare
-
-def _die_with_parent() -> None:
-    """A worker's initializer: the worker ends when prepare's process does, even by kill -9, instead of lingering
-    with a scan's gigabyte (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent went before the request took effect
-        os._exit(1)
-
 
 def _read_one(entry: ScanEntry, pre: PreprocessConfig, storage: str):
     """In a worker process: (stored slices, None) or (None, the one-line reason the scan is rejected)."""
@@ -233,8 +219,10 @@ def prepare_cache(data_dir: str, out: str, pre: PreprocessConfig, splits: list |
 def _read_shards(out: str, todo: list, pre, storage: str, workers: int, log, t0: float, bar) -> None:
     """Read the scans of the ``todo`` shards (in worker processes when ``workers`` > 1) and write each shard as
     soon as its last scan is read."""
+    # The workers end with this process, even by kill -9, even during their start-up (DieWithParent), instead
+    # of lingering with a scan's gigabyte.
     pool = None if workers <= 1 else cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                            initializer=_die_with_parent)
+                                                            initializer=DieWithParent())
     try:
         jobs = ((s, e) for s in todo for e in s.entries)
         rows: dict = {}
