@@ -13,8 +13,12 @@ number of DataLoader workers does not change what a rank sees: worker ``k`` of `
 
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 import torch
+
+from samf.runtime.workers import DieWithParent
 
 from .data import DataError
 from .scan_cache import CachedSplit, decode
@@ -106,8 +110,15 @@ def stream_examples(split: CachedSplit, seed: int, rank: int, world: int, start:
     stream = ScanStream(split, seed, rank, world, buffer, start, embeddings)
     # The DataLoader draws its workers' base seed from a generator: its own, so that starting the loader does
     # not advance torch's global RNG (LoRA's dropout), which a resumed run restores from its checkpoint.
+    # Its workers end with this process, even by kill -9 (DieWithParent, which needs them to be this process's
+    # children: the platform's fork or spawn, never forkserver, whose workers are the server's children).
+    context = multiprocessing.get_context()
+    if context.get_start_method() == "forkserver":
+        context = multiprocessing.get_context("spawn")
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          prefetch_factor=2 if workers else None,
-                                         generator=torch.Generator().manual_seed(seed))
+                                         generator=torch.Generator().manual_seed(seed),
+                                         worker_init_fn=DieWithParent() if workers else None,
+                                         multiprocessing_context=context if workers else None)
     for item in loader:
         yield StreamedScan(split, int(item["index"]), item["image"], embeddings is not None)
