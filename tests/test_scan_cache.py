@@ -91,24 +91,62 @@ def _prepare_cmd(data, out):
             "--workers", "2", "--shard-size", "3", "--quiet"]
 
 
-def _orphans() -> list:
-    """Processes of prepare's spawned workers still alive (they should end with their parent)."""
+def _group(pgid: int) -> list:
+    """The live processes of process group ``pgid``: a killed run's workers (and their resource tracker) stay in
+    its group when they are reparented, so this sees what the run left and nothing of anyone else's."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
         except OSError:
             continue
-        if b"spawn_main" in cmd and os.getppid() != int(pid):
+        state, _, group = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(group) == pgid and state not in "ZX":
             out.append(int(pid))
     return out
 
 
-def _kill_when(cmd, ready) -> bool:
+def _workers(pids) -> list:
+    """The spawned workers among ``pids``."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _start(cmd) -> subprocess.Popen:
+    """``cmd`` in a session (and process group) of its own, whose id is its pid."""
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def _left_behind(groups, grace: float = 15.0) -> dict:
+    """{group: its processes} for the killed runs' ``groups`` that still have some ``grace`` s from now (at
+    most); those are then killed: a failing test leaves nothing running."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = {g: pids for g in groups if (pids := _group(g))}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for g in left:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return left
+
+
+def _kill_when(cmd, ready, groups: list) -> bool:
     """Start ``cmd`` and kill -9 it as soon as ``ready()`` holds (polling the files it writes); False when it
-    finished first."""
-    proc = subprocess.Popen(cmd)
+    finished first. Its process group goes into ``groups``."""
+    proc = _start(cmd)
+    groups.append(proc.pid)
     while proc.poll() is None:
         if ready():
             os.kill(proc.pid, signal.SIGKILL)
@@ -134,17 +172,67 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_clean_cache(tmp_path):
         "mid-write": lambda out: os.path.isdir(out) and any(".tmp-" in f for f in _files(out)),
         "indexes": lambda out: os.path.exists(os.path.join(out, "train", "index.jsonl")),
     }
-    killed = []
+    killed, groups = [], []
     for name, kills in (("plan", ["plan"]), ("shards", ["shards"]), ("mid", ["mid-write"]),
                         ("indexes", ["indexes"]), ("twice", ["shards", "mid-write", "shards"])):
         out = str(tmp_path / f"killed-{name}")
         for moment in kills:
-            killed.append(_kill_when(_prepare_cmd(data, out), lambda: moments[moment](out)))
+            killed.append(_kill_when(_prepare_cmd(data, out), lambda: moments[moment](out), groups))
         subprocess.run(_prepare_cmd(data, out), check=True)
         _same_tree(clean, out)
         assert not [f for f in _files(out) if ".tmp-" in f]
     assert sum(killed) >= 5   # most moments were caught (a fast write can finish before it is seen)
-    assert not _orphans(), "worker processes outlived a killed prepare"
+    assert not _left_behind(groups), "processes outlived a killed prepare"
+
+
+def _kill_early(cmd, delays, groups: list, after_workers: bool = True) -> list:
+    """For each delay, start ``cmd`` and kill -9 it ``delay`` s after its first worker process appears (after
+    its start when not ``after_workers``): while its workers start up, before they ask to end with it. Returns
+    how many workers each kill found alive (0 when the run had none yet or had finished)."""
+    found = []
+    for delay in delays:
+        proc = _start(cmd)
+        groups.append(proc.pid)
+        while after_workers and proc.poll() is None and not _workers(_group(proc.pid)):
+            time.sleep(0.002)
+        t = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t < delay:
+            time.sleep(0.002)
+        alive = _workers(_group(proc.pid)) if proc.poll() is None else []
+        proc.kill()
+        proc.wait()
+        found.append(len(alive))
+    return found
+
+
+def test_kill_9_while_the_workers_start_leaves_no_process(tmp_path):
+    """Issue 31: a worker that arms its parent-death signal after its parent is gone gets no signal; it must see
+    that its parent is not the one that started it and end. Killed 0-0.3 s after the workers appear, mostly in
+    their start-up, every run's process group is empty soon after."""
+    data = _phantoms(tmp_path, n_train=12, n_test=2)
+    groups: list = []
+    found = _kill_early(_prepare_cmd(data, str(tmp_path / "cache")), (0.02, 0.1, 0.2), groups)
+    left = _left_behind(groups)
+    assert sum(n > 0 for n in found) >= 2, found    # the kills found workers starting
+    assert not left, f"{len(left)} of {len(groups)} prepares killed while their workers started left processes"
+
+
+@pytest.mark.slow
+def test_many_early_kills_leave_no_process_and_the_rerun_gives_the_clean_cache(tmp_path):
+    """The user's runs of issue 31, many times: kill -9 from 0.1 s after the start every 0.15 s, and 0-0.6 s after
+    the workers appear; no process of any run is left, and the rerun's cache is the uninterrupted run's."""
+    data = _phantoms(tmp_path, n_train=24, n_test=3)
+    out, groups = str(tmp_path / "killed"), []
+    cmd = _prepare_cmd(data, out)
+    _kill_early(cmd, [0.1 + 0.15 * k for k in range(20)], groups, after_workers=False)
+    found = _kill_early(cmd, [0.03 * k for k in range(20)], groups)
+    left = _left_behind(groups)
+    assert sum(n > 0 for n in found) >= 15, found
+    assert not left, f"{len(left)} of {len(groups)} prepares killed early left processes"
+    subprocess.run(cmd, check=True)
+    clean = str(tmp_path / "clean")
+    prepare_cache(data, clean, PRE, shard_size=3, progress=False, echo=lambda m: None)
+    _same_tree(clean, out)
 
 
 def test_refusals_are_one_line(tmp_path):
