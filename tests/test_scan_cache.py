@@ -186,12 +186,13 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_clean_cache(tmp_path):
 
 
 def _kill_early(cmd, delays, groups: list, after_workers: bool = True) -> list:
-    """For each delay, start ``cmd`` and kill -9 it ``delay`` s after its first worker process appears (after
-    its start when not ``after_workers``): while its workers start up, before they ask to end with it. Returns
-    how many workers each kill found alive (0 when the run had none yet or had finished)."""
+    """For each delay, start ``cmd(k)`` (the k-th kill's command) and kill -9 it ``delay`` s after its first
+    worker process appears (after its start when not ``after_workers``): while its workers start up, before they
+    ask to end with it. Returns how many workers each kill found alive (0 when the run had none yet or had
+    finished)."""
     found = []
-    for delay in delays:
-        proc = _start(cmd)
+    for k, delay in enumerate(delays):
+        proc = _start(cmd(k))
         groups.append(proc.pid)
         while after_workers and proc.poll() is None and not _workers(_group(proc.pid)):
             time.sleep(0.002)
@@ -211,7 +212,7 @@ def test_kill_9_while_the_workers_start_leaves_no_process(tmp_path):
     their start-up, every run's process group is empty soon after."""
     data = _phantoms(tmp_path, n_train=12, n_test=2)
     groups: list = []
-    found = _kill_early(_prepare_cmd(data, str(tmp_path / "cache")), (0.02, 0.1, 0.2), groups)
+    found = _kill_early(lambda k: _prepare_cmd(data, str(tmp_path / f"cache-{k}")), (0.02, 0.1, 0.2), groups)
     left = _left_behind(groups)
     assert sum(n > 0 for n in found) >= 2, found    # the kills found workers starting
     assert not left, f"{len(left)} of {len(groups)} prepares killed while their workers started left processes"
@@ -219,17 +220,19 @@ def test_kill_9_while_the_workers_start_leaves_no_process(tmp_path):
 
 @pytest.mark.slow
 def test_many_early_kills_leave_no_process_and_the_rerun_gives_the_clean_cache(tmp_path):
-    """The user's runs of issue 31, many times: kill -9 from 0.1 s after the start every 0.15 s, and 0-0.6 s after
-    the workers appear; no process of any run is left, and the rerun's cache is the uninterrupted run's."""
+    """The user's runs of issue 31, many times: kill -9 from 0.1 s after the start every 0.15 s (one folder,
+    resumed each time), and 0-0.6 s after the workers appear (a fresh folder each); no process of any run is
+    left, and the resumed folder's rerun gives the uninterrupted run's cache."""
     data = _phantoms(tmp_path, n_train=24, n_test=3)
     out, groups = str(tmp_path / "killed"), []
-    cmd = _prepare_cmd(data, out)
-    _kill_early(cmd, [0.1 + 0.15 * k for k in range(20)], groups, after_workers=False)
-    found = _kill_early(cmd, [0.03 * k for k in range(20)], groups)
+    _kill_early(lambda k: _prepare_cmd(data, out), [0.1 + 0.15 * k for k in range(20)], groups, after_workers=False)
+    found = _kill_early(lambda k: _prepare_cmd(data, str(tmp_path / f"fresh-{k}")), [0.03 * k for k in range(20)],
+                        groups)
     left = _left_behind(groups)
     assert sum(n > 0 for n in found) >= 15, found
-    assert not left, f"{len(left)} of {len(groups)} prepares killed early left processes"
-    subprocess.run(cmd, check=True)
+    assert not left, f"{len(left)} of {len(groups)} prepares killed early left processes (kills " \
+        f"{[k for k, g in enumerate(groups) if g in left]})"
+    subprocess.run(_prepare_cmd(data, out), check=True)
     clean = str(tmp_path / "clean")
     prepare_cache(data, clean, PRE, shard_size=3, progress=False, echo=lambda m: None)
     _same_tree(clean, out)
