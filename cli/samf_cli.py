@@ -264,59 +264,9 @@ def slices(scan, out_dir, bundle_dir, trusted_keys, **scan_kw):
     click.echo(f"wrote {len(files)} images to {folder!r} (montages: {', '.join(f for f in files if 'montage' in f)})")
 
 
-def _default_service_dir() -> str:
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(state, "samf", "service")
+from .serve_cli import add_service_commands  # noqa: E402 - serve and doctor, with the options above
 
-
-@main.command()
-@bundle_opt
-@trusted_key_opt
-@quant_opt
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to bind; any other than this machine's needs --token")
-@click.option("--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True)
-@click.option("--token", envvar="SAMF_TOKEN", default=None,
-              help="bearer token every request must carry (default: $SAMF_TOKEN; required off 127.0.0.1)")
-@click.option("--work", type=click.Path(file_okay=False), default=_default_service_dir,
-              show_default="$XDG_STATE_HOME/samf/service", help="the job queue (SQLite) and uploaded scans")
-@click.option("--input-dir", "input_dirs", multiple=True, type=click.Path(file_okay=False),
-              help="a folder whose scans may be given by path; repeatable (default: uploads only)")
-@click.option("--max-upload-mb", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
-              help="queued and running jobs accepted; more get 429")
-@click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
-              help="reports decoded together")
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072),
-              help="the longest report a request may ask for")
-@click.option("--dicom-port", type=click.IntRange(min=1, max=65535), default=None,
-              help="also receive CT series over DICOM (C-STORE SCP, C-ECHO) on this port")
-@click.option("--ae-title", default="SAMF", show_default=True, help="this service's DICOM AE title")
-@click.option("--dicom-dest", default=None,
-              help="AE@HOST:PORT the SR and PDF of a DICOM-received series are sent to (C-STORE); default: written "
-                   "under WORK/dicom-out/<job id>/")
-@click.option("--series-settle", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="seconds without a new image after which a received series is complete")
-@click.option("--dicom-allow", "dicom_allow", multiple=True,
-              help="a calling AE title allowed to send (repeatable; others are rejected at association); required "
-                   "when --host is not this machine")
-@engine_options
-def serve(bundle_dir, trusted_keys, quant, host, port, token, work, input_dirs, max_upload_mb, max_queue, parallel,
-          max_tokens, dicom_port, ae_title, dicom_dest, series_settle, dicom_allow, threads, backend, encoders,
-          gpu_layers):
-    """Keep the bundle loaded and serve reports over HTTP (OpenAPI at /docs, /openapi.json): POST /v1/reports,
-    GET /v1/reports/{id}[/stream], POST /v1/vqa, /healthz, /metrics. Jobs persist in WORK; a restart resumes
-    them."""
-    from .serve import serve as run_service
-
-    engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
-                   trusted_keys=trusted_keys)
-    if dicom_port is None and (dicom_allow or dicom_dest):
-        raise click.UsageError("--dicom-allow and --dicom-dest need --dicom-port")
-    dicom = None if dicom_port is None else dict(port=dicom_port, ae_title=ae_title, dest=dicom_dest,
-                                                 settle_s=series_settle, allow=dicom_allow)
-    run_service(bundle_dir, host, port, work, token, input_dirs, max_upload_mb, max_queue, parallel, max_tokens,
-                engines, dicom)
+add_service_commands(main, bundle_opt, trusted_key_opt, quant_opt, engine_options)
 
 
 @main.command()

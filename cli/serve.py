@@ -6,20 +6,28 @@ Flask has neither the schema nor async streaming without add-ons.
 
 Safety: binds 127.0.0.1 unless told otherwise, and refuses any other address without a bearer token; uploads
 over the size limit get 413, a full queue 429; path inputs must lie under ``--input-dir``; a bad scan fails its
-own job; logs carry job ids, states and timings only.
+own job; logs carry job ids, states and timings only; who did what goes to the audit trail
+(:mod:`samf.runtime.audit`), apart from the log.
+
+Stopping: SIGTERM (or SIGINT) makes ``/readyz`` answer 503, stops the DICOM listener, lets uvicorn finish the
+requests in flight, then lets the worker finish the reports it has begun (``--stop-timeout``); jobs claimed but not
+begun go back to the queue, and any still running at the deadline are requeued by the next start. SIGHUP rereads
+the token file.
 """
 
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 
 from samf.errors import SamfError
+from samf.runtime.audit import NullTrail, Tokens, scan_sha256
 from samf.runtime.jobs import JobRunner, JobStore, UploadError, kind_of_upload, path_within, unpack_dicom_zip
 
 API_VERSION = "v1"
@@ -28,11 +36,14 @@ API_VERSION = "v1"
 class ServiceConfig:
     """What the HTTP layer needs besides the store and the runner."""
 
-    def __init__(self, token: str | None = None, max_upload_mb: int = 2048, max_queue: int = 256,
-                 input_dirs: tuple = (), max_tokens: int = 256, identity: dict | None = None):
-        self.token, self.max_upload = token, max_upload_mb << 20
+    def __init__(self, tokens: Tokens | None = None, max_upload_mb: int = 2048, max_queue: int = 256,
+                 input_dirs: tuple = (), max_tokens: int = 256, identity: dict | None = None, audit=None):
+        self.tokens, self.max_upload = tokens or Tokens(), max_upload_mb << 20
         self.max_queue, self.input_dirs, self.max_tokens = max_queue, list(input_dirs), max_tokens
         self.identity = identity or {}
+        self.audit = audit or NullTrail()
+        self.ready = threading.Event()  # set while jobs are taken: cleared on stop
+        self.ready.set()
 
 
 def is_loopback(host: str) -> bool:
@@ -69,12 +80,15 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
                                 status_code=413)
         return await call_next(request)
 
-    def authorized(request: Request) -> None:
-        if cfg.token is None:
-            return
+    def authorized(request: Request) -> str:
+        """Who is asking: the name of the bearer token given (401 without a known one), or ``local``."""
+        if not cfg.tokens.required:
+            return "local"
         given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), cfg.token.encode())):
+        who = cfg.tokens.who(given[7:]) if given.startswith("Bearer ") else None
+        if who is None:
             raise Refused(401, "a bearer token is required (Authorization: Bearer TOKEN)")
+        return who
 
     def admit() -> None:
         counts = store.counts()
@@ -104,7 +118,7 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
         os.replace(raw, path)
         return path
 
-    def submit(kind: str, scan: UploadFile | None, path: str | None, params: dict) -> dict:
+    def submit(kind: str, scan: UploadFile | None, path: str | None, params: dict, who: str) -> dict:
         if (scan is None) == (not path):
             raise Refused(400, "give the scan as the multipart field 'scan' or a 'path' (one of them)")
         admit()
@@ -124,7 +138,14 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
                 raise Refused(403, str(e)) from None
             if not os.path.exists(source):
                 raise Refused(404, "no such scan under the input folders")
+        try:
+            sha = scan_sha256(source)
+        except OSError:
+            sha = None  # unreadable: the job fails with the reason
+        params = dict(params, who=who, sha256=sha)
         store.add(job_id, kind, source, owned, params)
+        cfg.audit.record("received", job_id, kind, who=who, scan_sha256=sha,
+                         outcome="upload" if owned else "path")
         runner.wake.set()
         logging.getLogger("samf.service").info("job %s queued (%s, %s)", job_id, kind, "upload" if owned else "path")
         return {"id": job_id}
@@ -134,20 +155,21 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
             raise Refused(400, f"max_tokens must be 1..{cfg.max_tokens} (the service's --max-tokens)")
         return n or cfg.max_tokens
 
-    @app.post("/v1/reports", status_code=202, dependencies=[Depends(authorized)])
+    @app.post("/v1/reports", status_code=202)
     def post_report(scan: UploadFile | None = File(None), path: str | None = Form(None),
-                    request: str | None = Form(None), max_tokens: int | None = Form(None)) -> dict:
+                    request: str | None = Form(None), max_tokens: int | None = Form(None),
+                    who: str = Depends(authorized)) -> dict:
         """Queue a report: a NIfTI upload or a zip of one DICOM series (field ``scan``), or a ``path`` under the
         service's input folders. Returns the job's id."""
-        return submit("report", scan, path, {"request": request, "max_tokens": tokens(max_tokens)})
+        return submit("report", scan, path, {"request": request, "max_tokens": tokens(max_tokens)}, who)
 
-    @app.post("/v1/vqa", status_code=202, dependencies=[Depends(authorized)])
+    @app.post("/v1/vqa", status_code=202)
     def post_vqa(question: str = Form(...), choices: list[str] = Form(...), scan: UploadFile | None = File(None),
-                 path: str | None = Form(None)) -> dict:
+                 path: str | None = Form(None), who: str = Depends(authorized)) -> dict:
         """Queue a multiple-choice question about a scan (four ``choices`` fields). Returns the job's id."""
         if len(choices) != 4 or not all(c.strip() for c in choices) or not question.strip():
             raise Refused(400, "a question and exactly four non-empty choices are needed")
-        return submit("vqa", scan, path, {"question": question, "choices": choices, "max_tokens": 32})
+        return submit("vqa", scan, path, {"question": question, "choices": choices, "max_tokens": 32}, who)
 
     def job_view(job_id: str) -> dict:
         job = store.get(job_id)
@@ -155,6 +177,8 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
             raise Refused(404, "no such job")
         out = {k: job[k] for k in ("id", "kind", "status", "created", "started", "finished")}
         out.update(job.get("result", {}))
+        if isinstance(out.get("delivery"), dict):
+            out["delivery"] = {k: v for k, v in out["delivery"].items() if k != "outcome"}
         if "dicom" in out:  # a DICOM series' SR and PDF: where to fetch them
             out["dicom"] = {kind: f"/{API_VERSION}/reports/{job_id}/{kind}" for kind in out["dicom"]}
         if "error" in job:
@@ -182,7 +206,7 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
             raise Refused(404, f"its DICOM results could not be made: {result['dicom_error']}")
         if "dicom" not in result:
             raise Refused(404, "no SR or PDF here: they are made for a DICOM series sent over HTTP (a series received "
-                               "over DICOM gets them sent back over DICOM)")
+                               "over DICOM gets them sent back over DICOM, and kept here only when undelivered)")
         path = os.path.join(store.results, job_id, name)
         if not os.path.isfile(path):
             raise Refused(404, "its DICOM results are gone from the service's work folder")
@@ -241,8 +265,18 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
 
     @app.get("/healthz")
     def healthz() -> dict:
-        """Alive, the bundle it serves, and the queue."""
+        """Alive (the process answers), the bundle it serves, and the queue."""
         return {"status": "ok", "bundle": cfg.identity, "jobs": store.counts()}
+
+    @app.get("/readyz")
+    def readyz():
+        """Ready to take jobs: the bundle loaded (it is, once anything answers) and the worker alive and not
+        stopping; 503 with the reason otherwise (a load balancer sends jobs elsewhere)."""
+        if not cfg.ready.is_set():
+            return JSONResponse({"status": "stopping"}, status_code=503)
+        if not runner.is_alive():
+            return JSONResponse({"status": "the worker is not running"}, status_code=503)
+        return {"status": "ready"}
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
     def metrics() -> PlainTextResponse:
@@ -271,29 +305,46 @@ def metrics_text(store: JobStore, runner: JobRunner) -> str:
     return generate_latest(reg).decode()
 
 
-def serve(bundle: str, host: str, port: int, work: str, token: str | None, input_dirs: tuple, max_upload_mb: int,
-          max_queue: int, parallel: int, max_tokens: int, engines: dict, dicom: dict | None = None) -> None:
-    """Load the bundle, recover the queue, serve until interrupted. ``dicom``: ``port``, ``ae_title``,
-    ``dest`` (AE@HOST:PORT) or ``out_dir``, ``settle_s``, ``allow`` (calling AE titles; required off this
-    machine), to receive series over DICOM as well."""
+def serve(bundle: str, host: str, port: int, work: str, *, token: str | None = None, token_file: str | None = None,
+          input_dirs: tuple = (), max_upload_mb: int = 2048, max_queue: int = 256, parallel: int = 4,
+          max_tokens: int = 256, engines: dict | None = None, dicom: dict | None = None, audit_log: str | None = None,
+          stop_timeout: float = 60.0, tls: dict | None = None) -> None:
+    """Load the bundle, recover the queue, serve until SIGTERM/SIGINT. ``dicom``: ``port``, ``ae_title``,
+    ``dest`` (AE@HOST:PORT) or ``out_dir``, ``settle_s``, ``timeout_s``, ``allow`` (calling AE titles; required
+    off this machine), ``retries``, ``retry_wait``, ``tls`` (``cert``, ``key``, ``ca``), to receive series over
+    DICOM as well. ``tls``: ``cert`` and ``key`` for HTTPS."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise SamfError("samf serve needs the service's libraries: pip install 'samf[serve]'") from None
 
+    from samf.runtime.audit import AuditTrail, bundle_record
     from samf.runtime.pipeline import ReportPipeline
 
-    if not is_loopback(host) and not token:
-        raise SamfError(f"binding {host} (not this machine only) needs a bearer token: --token or SAMF_TOKEN")
+    tokens = Tokens(token, token_file)
+    if not is_loopback(host) and not tokens.required:
+        raise SamfError(f"binding {host} (not this machine only) needs a bearer token: --token, SAMF_TOKEN or "
+                        "--token-file")
     if dicom and not is_loopback(host) and not dicom.get("allow"):
         raise SamfError(f"receiving DICOM on {host} (not this machine only) needs the senders' AE titles: "
                         "--dicom-allow AE (repeatable)")
+    dicom_tls = (None, None)
     if dicom:
-        from samf.runtime.dicom_net import check_ae_title
+        from samf.runtime.dicom_net import check_ae_title, tls_contexts
 
         for title in (dicom["ae_title"], *dicom.get("allow", ())):
             check_ae_title(title, "AE title")
+        if dicom.get("tls"):
+            dicom_tls = tls_contexts(dicom["tls"]["cert"], dicom["tls"]["key"], dicom["tls"].get("ca"))
+    if tls:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls["cert"], tls["key"])
+        except (OSError, ssl.SSLError) as e:
+            raise SamfError(f"--tls-cert/--tls-key ({tls['cert']}, {tls['key']}): "
+                            f"{getattr(e, 'strerror', None) or e}") from None
     for d in input_dirs:
         if not os.path.isdir(d):
             raise SamfError(f"--input-dir {d}: not a folder")
@@ -306,33 +357,70 @@ def serve(bundle: str, host: str, port: int, work: str, token: str | None, input
         from samf.runtime.dicom_net import parse_destination
 
         parse_destination(dicom["dest"])  # refused before the bundle loads
-    pipe = ReportPipeline(bundle, parallel=parallel, max_new_tokens=max_tokens, **engines)
+    pipe = ReportPipeline(bundle, parallel=parallel, max_new_tokens=max_tokens, **(engines or {}))
+    audit = AuditTrail(audit_log or os.path.join(work, "audit.jsonl"), bundle_record(pipe.identity))
+    for job_id, kind, params in requeued:
+        audit.record("requeued", job_id, kind, who=params.get("who"), scan_sha256=params.get("sha256"),
+                     outcome="running when the service last stopped: queued again")
     reply = scp = collector = None
     if dicom:
         from samf.runtime.dicom_net import DicomReply, SeriesCollector, queue_series, start_scp
 
         reply = DicomReply(pipe, dicom.get("dest"), dicom.get("out_dir") or os.path.join(work, "dicom-out"),
-                           dicom["ae_title"])
-    runner = JobRunner(store, pipe, batch=max(4 * parallel, 8), reply=reply)
-    cfg = ServiceConfig(token, max_upload_mb, max_queue, input_dirs, max_tokens, pipe.identity)
+                           dicom["ae_title"], results_dir=store.results, retries=dicom.get("retries", 4),
+                           retry_wait=dicom.get("retry_wait", 2.0), ssl_context=dicom_tls[1])
+    runner = JobRunner(store, pipe, batch=max(4 * parallel, 8), reply=reply, audit=audit)
+    cfg = ServiceConfig(tokens, max_upload_mb, max_queue, input_dirs, max_tokens, pipe.identity, audit)
     app = create_app(store, runner, cfg)
     runner.start()
     log = logging.getLogger("samf.service")
     if dicom:
         collector = SeriesCollector(os.path.join(work, "dicom-in"), dicom["settle_s"],
-                                    queue_series(store, max_tokens, runner.wake.set))
+                                    queue_series(store, max_tokens, runner.wake.set, audit),
+                                    dicom.get("timeout_s", 3600.0))
         collector.start()
-        scp = start_scp(dicom["ae_title"], host, dicom["port"], collector, tuple(dicom.get("allow", ())))
-        log.info("DICOM: %s listening on %s:%d, results to %s", dicom["ae_title"], host, dicom["port"],
-                 dicom.get("dest") or "a folder")
-    log.info("serving %s on %s:%d (%d job(s) resumed)", pipe.identity.get("llm"), host, port, requeued)
+        scp = start_scp(dicom["ae_title"], host, dicom["port"], collector, tuple(dicom.get("allow", ())),
+                        ssl_context=dicom_tls[0])
+        log.info("DICOM: %s listening on %s:%d%s, results to %s", dicom["ae_title"], host, dicom["port"],
+                 " (TLS)" if dicom_tls[0] else "", dicom.get("dest") or "a folder")
+
+    def stopping() -> None:
+        """The first thing a stop does, in the signal handler: no new job is taken or begun."""
+        if cfg.ready.is_set():
+            cfg.ready.clear()
+            runner.stop()
+            if reply is not None:
+                reply.interrupt.set()
+            log.info("stopping: no new job is begun; %d running", len(runner.running()))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            stopping()
+            super().handle_exit(sig, frame)
+
+    # uvicorn re-raises the signal that stopped it once it has restored the handlers it found: let it find these
+    # (which do nothing), so the process ends here, after the jobs, and not by that signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    signal.signal(signal.SIGHUP, lambda *_: tokens.reload())
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=max(1, int(stop_timeout)),
+                            ssl_certfile=tls and tls["cert"], ssl_keyfile=tls and tls["key"])
+    log.info("serving %s on %s://%s:%d (%d job(s) resumed)", pipe.identity.get("llm"), "https" if tls else "http",
+             host, port, len(requeued))
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        Server(config).run()
     finally:
+        stopping()
         if scp is not None:
             scp.shutdown()
             collector.stop()
-        runner.stop()
-        runner.join(timeout=30)
-        pipe.close()
-        store.close()
+        runner.join(timeout=stop_timeout)
+        if runner.is_alive():  # the next start requeues them (JobStore.recover)
+            log.warning("stopped with %d job(s) still running after %.0f s: they run again at the next start",
+                        len(runner.running()), stop_timeout)
+        else:
+            pipe.close()
+            audit.close()
+            store.close()
+            log.info("stopped: every begun job ended")

@@ -67,13 +67,14 @@ class JobStore:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def recover(self) -> int:
-        """Queue again every job a previous run left running; how many."""
+    def recover(self) -> list:
+        """Queue again every job a previous run left running; their ``(id, kind, params)``."""
         with self._lock:
-            n = self._db.execute("UPDATE jobs SET status='queued', started=NULL WHERE status='running'").rowcount
+            rows = self._db.execute("SELECT id, kind, params FROM jobs WHERE status='running'").fetchall()
+            self._db.execute("UPDATE jobs SET status='queued', started=NULL WHERE status='running'")
         for (job_id,) in self._q("SELECT id FROM jobs WHERE status IN ('done','failed') AND owned=1"):
             shutil.rmtree(os.path.join(self.inputs, job_id), ignore_errors=True)  # ended jobs' leftovers
-        return n
+        return [(i, k, json.loads(p)) for i, k, p in rows]
 
     def new_id(self) -> str:
         return uuid.uuid4().hex
@@ -116,6 +117,13 @@ class JobStore:
         owned = self._q("SELECT owned FROM jobs WHERE id=?", (job_id,))
         if owned and owned[0][0]:
             shutil.rmtree(os.path.join(self.inputs, job_id), ignore_errors=True)
+
+    def requeue(self, job_ids) -> None:
+        """Put claimed jobs back in the queue (the worker stopped before it began them)."""
+        with self._lock:
+            for job_id in job_ids:
+                self._db.execute("UPDATE jobs SET status='queued', started=NULL WHERE id=? AND status='running'",
+                                 (job_id,))
 
     def finish(self, job_id: str, result: dict) -> None:
         self._end(job_id, "done", result, None)
@@ -218,17 +226,26 @@ class TextStream:
 class JobRunner(threading.Thread):
     """The worker: claims queued jobs and runs them on ``pipeline``; reports go through ``report_many`` up to
     ``batch`` at a time (decoded ``pipeline.config.parallel`` together), questions one by one. A job that
-    fails takes only itself down, with its one-line reason."""
+    fails takes only itself down, with its one-line reason.
 
-    def __init__(self, store: JobStore, pipeline, batch: int = 16, latency_window: int = 1000, reply=None):
+    :meth:`stop` (SIGTERM): no job is begun after it; the reports already handed to the engines finish (at most
+    ``parallel + prefetch``), and jobs claimed but not begun go back to the queue. Each job event goes to
+    ``audit`` (:class:`samf.runtime.audit.AuditTrail`)."""
+
+    def __init__(self, store: JobStore, pipeline, batch: int = 16, latency_window: int = 1000, reply=None,
+                 audit=None):
         super().__init__(name="samf-jobs", daemon=True)
+        from .audit import NullTrail
+
         self.store, self.pipeline, self.batch = store, pipeline, batch
-        self.reply = reply  # reply(job id, scan, Result) for jobs that came over DICOM: the SR and PDF back
+        self.reply = reply  # reply(job id, scan, Result) -> record update, for jobs that came over DICOM
+        self.audit = audit or NullTrail()
         self.wake = threading.Event()
         self.stopping = False
         self.streams: dict = {}
         self.latencies: deque = deque(maxlen=latency_window)   # seconds from submission to end
         self.finished: deque = deque(maxlen=100_000)            # finish times, for scans per minute
+        self.begun: dict = {}                                   # job id -> monotonic start, while it runs
 
     def stream(self, job_id: str) -> TextStream:
         return self.streams.setdefault(job_id, TextStream())
@@ -236,6 +253,9 @@ class JobRunner(threading.Thread):
     def stop(self) -> None:
         self.stopping = True
         self.wake.set()
+
+    def running(self) -> list:
+        return list(self.begun)
 
     def run(self) -> None:
         while not self.stopping:
@@ -247,11 +267,28 @@ class JobRunner(threading.Thread):
             reports = [j for j in jobs if j[1] == "report"]
             for job in jobs:
                 if job[1] == "vqa":
-                    self._answer(job)
+                    if self.stopping:
+                        self._requeue([job])
+                    else:
+                        self._answer(job)
             if reports:
                 self._reports(reports)
 
-    def _done(self, job_id: str, result: dict | None, error: str | None, scan: str | None = None) -> None:
+    def _requeue(self, jobs: list) -> None:
+        if not jobs:
+            return
+        self.store.requeue([j[0] for j in jobs])
+        for job_id, kind, _, params in jobs:
+            self.audit.record("requeued", job_id, kind, who=params.get("who"), scan_sha256=params.get("sha256"),
+                              outcome="stopping: queued for the next start")
+        log.info("%d claimed job(s) put back in the queue (stopping)", len(jobs))
+
+    def _begin(self, job_id: str, kind: str, params: dict) -> None:
+        self.begun[job_id] = time.monotonic()
+        self.audit.record("started", job_id, kind, who=params.get("who"), scan_sha256=params.get("sha256"))
+
+    def _done(self, job_id: str, result: dict | None, error: str | None, scan: str | None = None,
+              kind: str = "report", params: dict | None = None) -> None:
         created = self.store.get(job_id)["created"]
         if error is None:
             self.store.finish(job_id, result)
@@ -263,6 +300,13 @@ class JobRunner(threading.Thread):
         stream = self.streams.pop(job_id, None)
         if stream is not None:
             stream.end()
+        params = params or {}
+        began = self.begun.pop(job_id, None)
+        self.audit.record("done" if error is None else "failed", job_id, kind, who=params.get("who"),
+                          scan_sha256=params.get("sha256"),
+                          outcome="report made" if error is None else
+                          "failed: " + error.replace(scan or "\0", "<scan>")[:200],
+                          duration_s=None if began is None else time.monotonic() - began)
         if error is None:
             log.info("job %s done in %.2f s", job_id, now - created)
         else:  # the reason, with the scan's own path (which may name the patient) left out
@@ -277,26 +321,43 @@ class JobRunner(threading.Thread):
                 self.stream(key.job_id).update(text)
 
             keys = [_Key(job[0], job[2], job[3]) for job in group]
+            drawn: set = set()
+
+            def feed(keys=keys, drawn=drawn):
+                """The keys, drawn lazily by report_many: after stop() none is begun."""
+                for key in keys:
+                    if self.stopping:
+                        return
+                    drawn.add(key.job_id)
+                    self._begin(key.job_id, "report", key.params)
+                    yield key
+
             # A DICOM job's reply, and the SR and PDF of an HTTP job whose scan is a DICOM series, draw the slices
             # the model read into the PDF: keep them rather than read the series a second time.
             replies = self.reply is not None and any(key.params.get("dicom") for key in keys)
             keep = replies or any(_http_series(key) for key in keys)
-            for key, res in self.pipeline.report_many(keys, request=request, max_new_tokens=max_tokens,
+            for key, res in self.pipeline.report_many(feed(), request=request, max_new_tokens=max_tokens,
                                                       on_text=on_text, keep_slices=keep):
                 if isinstance(res, Exception):
-                    self._done(key.job_id, None, one_line(res), str(key))
+                    self._done(key.job_id, None, one_line(res), str(key), params=key.params)
                     continue
+                record = result_record(res)
                 if key.params.get("dicom") and self.reply is not None:
                     try:
-                        self.reply(key.job_id, str(key), res)
-                    except Exception as e:  # noqa: BLE001 - the report stands; its delivery failed
-                        self._done(key.job_id, None, f"reported, but the DICOM results were not delivered: "
-                                                     f"{one_line(e)}", str(key))
+                        record.update(self.reply(key.job_id, str(key), res, stopping=lambda: self.stopping) or {})
+                    except Exception as e:  # noqa: BLE001 - the report stands; its DICOM results were not made
+                        self._done(key.job_id, None, f"reported, but the DICOM results were not made: "
+                                                     f"{one_line(e)}", str(key), params=key.params)
                         continue
-                record = result_record(res)
+                    delivery = record.get("delivery")
+                    if delivery:
+                        self.audit.record(delivery["status"], key.job_id, "report", who=key.params.get("who"),
+                                          scan_sha256=key.params.get("sha256"), outcome=delivery.get("outcome"),
+                                          attempts=delivery.get("attempts"))
                 if _http_series(key):
                     record.update(self._dicom_files(key, res))
-                self._done(key.job_id, record, None)
+                self._done(key.job_id, record, None, params=key.params)
+            self._requeue([job for job in group if job[0] not in drawn])
 
     def _dicom_files(self, key, res) -> dict:
         """The SR and PDF of an HTTP job whose scan is a DICOM series, written under ``WORK/results/<id>/``
@@ -313,13 +374,14 @@ class JobRunner(threading.Thread):
 
     def _answer(self, job: tuple) -> None:
         job_id, _, scan, params = job
+        self._begin(job_id, "vqa", params)
         try:
             letter, res = self.pipeline.answer(scan, params["question"], params["choices"],
                                                params.get("max_tokens", 32))
         except Exception as e:  # noqa: BLE001 - a bad scan fails its own job only
-            self._done(job_id, None, one_line(e), scan)
+            self._done(job_id, None, one_line(e), scan, "vqa", params)
             return
-        self._done(job_id, dict(result_record(res), answer=letter), None)
+        self._done(job_id, dict(result_record(res), answer=letter), None, kind="vqa", params=params)
 
 
 def _http_series(key) -> bool:
