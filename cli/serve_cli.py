@@ -152,3 +152,38 @@ def add_service_commands(main: click.Group, bundle_opt, trusted_key_opt, quant_o
                     max_upload_mb=max_upload_mb, max_queue=max_queue, parallel=parallel, max_tokens=max_tokens,
                     engines=engines, dicom=dicom, audit_log=audit_log, stop_timeout=stop_timeout,
                     tls=None if tls_cert is None else dict(cert=tls_cert, key=tls_key))
+
+    @main.command()
+    @click.option("--bundle", "bundle_dir", default=None, type=click.Path(),
+                  help="a bundle to verify (every artifact re-hashed) and size memory against")
+    @trusted_key_opt
+    @click.option("--dicom-dest", default=None, help="AE@HOST:PORT to send a C-ECHO to")
+    @click.option("--ae-title", default="SAMF", show_default=True, help="the calling AE title of the C-ECHO")
+    @click.option("--host", default="127.0.0.1", show_default=True, help="the address the service will bind")
+    @click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True,
+                  help="the HTTP port that must be free")
+    @click.option("--dicom-port", type=click.IntRange(min=1, max=65535), default=None,
+                  help="the DICOM port that must be free")
+    @click.option("--work", type=click.Path(file_okay=False), default=_default_service_dir,
+                  show_default="$XDG_STATE_HOME/samf/service", help="where the service will keep its jobs (disk)")
+    @click.option("--json", "as_json", is_flag=True, help="print the checks as one JSON object")
+    def doctor(bundle_dir, trusted_keys, dicom_dest, ae_title, host, port, dicom_port, work, as_json):
+        """Whether this machine can run the service: CPU and llama.cpp's backend, GPU and ONNX Runtime providers,
+        memory and disk for the bundle, the bundle verified, the ports free, a C-ECHO to the PACS. Exits 1 with
+        one line per blocker."""
+        import json
+        import sys
+
+        from samf.runtime.doctor import FAIL, run_checks
+
+        checks = run_checks(bundle_dir, trusted_keys, dicom_dest, host, port, dicom_port, work, ae_title)
+        blockers = [(n, d) for n, s, d in checks if s == FAIL]
+        if as_json:
+            click.echo(json.dumps({"ok": not blockers, "checks": [dict(name=n, status=s, detail=d)
+                                                                  for n, s, d in checks]}, indent=2))
+        else:
+            for name, status, detail in checks:
+                click.echo(f"{status:4}  {name:12} {detail}")
+        for name, detail in blockers:
+            click.echo(f"error: {name}: {detail}", err=True)
+        sys.exit(1 if blockers else 0)

@@ -83,8 +83,11 @@ class Pacs:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         self.port, self.received, self.lock, self.refuse, self.refused = free_port(), [], threading.Lock(), refuse, 0
+        from pynetdicom.sop_class import Verification
+
         ae = AE(ae_title="PACS")
         ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
 
         def on_store(event):
             with self.lock:

@@ -275,3 +275,32 @@ def test_token_file_formats_and_refusals(tmp_path):
     assert tokens.who("aaaaaaaa") == "a"
     os.remove(path)                                 # the file removed: its tokens are revoked
     assert tokens.who("aaaaaaaa") is None and tokens.who("fixed-token") == "token"
+
+
+def test_doctor_says_ok_or_one_line_per_blocker(quick, tmp_path):
+    import socket
+    import subprocess
+
+    pacs = Pacs()
+    try:
+        r = subprocess.run(["samf", "doctor", "--bundle", quick.bundle, "--dicom-dest", f"PACS@127.0.0.1:{pacs.port}",
+                            "--port", str(free_port()), "--work", str(tmp_path), "--json"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+        assert checks["bundle"]["status"] == "ok" and "all hashes match" in checks["bundle"]["detail"]
+        assert checks["dicom-dest"]["status"] == "ok" and "CPU backend" in checks["llama.cpp"]["detail"]
+        assert {"cpu", "onnxruntime", "gpu", "memory", "disk", "HTTP port"} <= set(checks)
+    finally:
+        pacs.server.shutdown()
+    (tmp_path / "notabundle").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = subprocess.run(["samf", "doctor", "--bundle", str(tmp_path / "notabundle"), "--port",
+                            str(busy.getsockname()[1]), "--dicom-dest", f"PACS@127.0.0.1:{free_port()}"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 3 and "Traceback" not in r.stderr, r.stderr
+    assert errors[0].startswith("error: bundle: ") and "HTTP port" in errors[1] and "C-ECHO" in errors[2]
