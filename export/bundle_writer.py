@@ -7,11 +7,11 @@ only replaced by a complete one. A folder at ``OUT`` that is not a bundle is nev
 Memory stays near the size of one tensor whatever the LLM's size: the LLM is never loaded in PyTorch (the ONNX
 export needs only the image modules), the GGUF is written and checked one tensor at a time, and llama.cpp
 quantizes from the GGUF. Each artifact is validated against its source right after it is made: ONNX Runtime
-against PyTorch, the GGUF tensor by tensor against the safetensors, each quantized GGUF against the
-unquantized one, and the fp16 and int8 encoders against the fp32 ones with the runtime's own pipeline
-(:mod:`samf.export.encoder_variants`; a variant that misses its tolerance is not written). The hashes written
-into the manifest are remembered as verified, so the first start after an export does not hash the bundle
-again.
+against PyTorch (each output relative to its own size: :data:`~samf.export.onnx_export.ONNX_AGREEMENT`), the
+GGUF tensor by tensor against the safetensors, each quantized GGUF against the unquantized one, and the fp16 and
+int8 encoders against the fp32 ones with the runtime's own pipeline (:mod:`samf.export.encoder_variants`; a
+variant that misses its tolerance is not written). The hashes written into the manifest are remembered as
+verified, so the first start after an export does not hash the bundle again.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from samf.runtime.verified import VerifiedCache
 
 from .encoder_variants import VariantCheck, add_encoder_variants, variant_files
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
-from .onnx_export import OPSET, export_onnx, io_signature
+from .onnx_export import OPSET, export_onnx_checked, io_signature
 
 
 def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized: str = "F32",
@@ -55,8 +55,9 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
     vlm = SamfVLM.from_checkpoint(ckpt_dir, with_llm=False)
     with atomic_dir(out_dir) as tmp:
         log("export: ONNX (vit, aggregator, fusion) + ONNX Runtime check")
-        diffs = export_onnx(vlm, tmp)
-        log("export: " + ", ".join(f"{k} max|ORT-torch|={v:.1e}" for k, v in diffs.items()))
+        onnx_figures = export_onnx_checked(vlm, tmp)
+        log("export: " + ", ".join(f"{k} max|ORT-torch|={v['max_abs_diff']:.1e} ({v['rel_diff']:.1e} of the "
+                                   f"largest output)" for k, v in onnx_figures.items()))
         llm_files = {}
         base = f"llm-{keep_unquantized}.gguf"
         log(f"export: GGUF {keep_unquantized}")
@@ -94,7 +95,10 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
             io_signature={m: io_signature(os.path.join(tmp, f)) for m, f in variant_files("fp32").items()},
             engines=dict(onnxruntime=dict(version=onnxruntime.__version__, opset=OPSET),
                          llama_cpp=dict(llama_cpp_python=llama_cpp.__version__), tensorrt=[]),
-            fidelity=dict(onnx_max_abs_diff=diffs, gguf_relative_rms_error=gguf_fidelity),
+            # onnx: each module's figures and the bound they were held to; onnx_max_abs_diff: the same worst
+            # absolute differences under their old key (samf demo's summary reads it).
+            fidelity=dict(onnx=onnx_figures, onnx_max_abs_diff={k: v["max_abs_diff"] for k, v in onnx_figures.items()},
+                          gguf_relative_rms_error=gguf_fidelity),
         )
         _write_manifest(tmp, manifest)  # the variants are checked by the runtime, which reads it
         kept, rejected = add_encoder_variants(tmp, keep_unquantized, check or VariantCheck(), log)
