@@ -14,14 +14,17 @@ from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
 from samf.runtime.bundle import Bundle, read_bundle, update_manifest
 
-from .encoder_variants import VariantCheck, cosine_rows, held_out_volumes
+from .encoder_variants import AgreementMeter, VariantCheck, held_out_volumes
 
 #: A plan must give what ONNX Runtime gives on the graph it was built from: the worst output row's cosine.
 PLAN_MIN_COSINE = 0.999
-#: The fusion's attention outputs, and how far a plan's may be from ONNX Runtime's (weights near 1/K: 1e-3 is 2% of
-#: a uniform weight at K = 24; fp16 plans were not measured here, there is no GPU).
+#: The fusion's attention outputs, and how far a plan's may be from ONNX Runtime's, as a share of the largest weight
+#: (so the bound follows the slice count: weights are near 1/K, and 1% of the largest is 4e-4 at K = 24 with
+#: uniform weights, where the absolute bound this replaced was 1e-3). The fp16 ONNX graphs give α and γ within 1e-5
+#: of fp32's (tests/test_encoder_precision.py); a plan of the same graph should be nearer still (not measured
+#: here, there is no GPU). Two slices swapping their weights moved the quick model's largest weight by 3%.
 ATTENTION_OUTPUTS = ("alpha", "gamma")
-PLAN_ATTENTION_MAX_ABS = 1e-3
+PLAN_ATTENTION_REL = 0.01
 
 
 def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: int | None = None,
@@ -54,7 +57,7 @@ def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: i
         finally:
             onnx.close()
         log(f"build-engines: {plan}: worst cosine with ONNX Runtime {parity[name]['cos_min']:.5f}, "
-            f"max |diff| {parity[name]['max_abs_diff']:.2g}")
+            f"max |diff| {parity[name]['max_abs_diff']:.2g} ({parity[name]['rel_diff']:.1e} of the largest output)")
         plans[name] = plan
     entry = dict(facts, precision=precision, plans=plans, parity_vs_onnxruntime=parity)
 
@@ -109,7 +112,9 @@ def check_feeds(bundle: Bundle) -> dict:
 def check_plan(plan_path: str, onnx_path: str, feeds: dict) -> dict:
     """The plan against ONNX Runtime on the graph it was built from, every output (the fusion's attention too);
     the plan is removed and :class:`SamfError` raised when the worst output row's cosine is below
-    :data:`PLAN_MIN_COSINE`, or the attention weights differ by more than :data:`PLAN_ATTENTION_MAX_ABS`."""
+    :data:`PLAN_MIN_COSINE`, or the attention weights differ by more than :data:`PLAN_ATTENTION_REL` of the largest
+    weight. Returns ``cos_min``, ``max_abs_diff`` and ``rel_diff`` (the worst output's max |diff| over its largest
+    value)."""
     from samf.engines.onnxruntime_engine import OrtModule
     from samf.engines.tensorrt_engine import TrtModule
 
@@ -123,17 +128,17 @@ def check_plan(plan_path: str, onnx_path: str, feeds: dict) -> dict:
         os.remove(plan_path)
         raise SamfError(f"TensorRT plan {os.path.basename(plan_path)} has outputs {sorted(got)}, its graph "
                         f"{sorted(ref)} (not kept)")
-    pairs = [(ref[n].astype(np.float64), got[n].astype(np.float64)) for n in ref]
-    out = dict(cos_min=round(min(float(cosine_rows(r, g).min()) for r, g in pairs), 6),
-               max_abs_diff=round(max(float(np.abs(r - g).max()) for r, g in pairs), 6))
+    meter = AgreementMeter()
+    meter.add(ref, got)
+    fig = meter.figures()
+    out = dict(cos_min=round(fig["cos_min"], 6), max_abs_diff=round(fig["max_abs_diff"], 6), rel_diff=fig["rel_diff"])
     # Attention weights are near-uniform distributions: a row cosine stays near 1 even when slices swap places.
-    attention = max((float(np.abs(r - g).max()) for n, (r, g) in zip(ref, pairs) if n in ATTENTION_OUTPUTS),
-                    default=0.0)
+    attention = max((fig["outputs"][n]["rel_diff"] for n in ATTENTION_OUTPUTS if n in fig["outputs"]), default=0.0)
     why = None
     if not out["cos_min"] >= PLAN_MIN_COSINE:
         why = f"worst cosine {out['cos_min']:.4f} < {PLAN_MIN_COSINE}"
-    elif not attention <= PLAN_ATTENTION_MAX_ABS:
-        why = f"attention weights differ by {attention:.1e} > {PLAN_ATTENTION_MAX_ABS}"
+    elif not attention <= PLAN_ATTENTION_REL:
+        why = f"attention weights differ by {attention:.1e} of the largest weight > {PLAN_ATTENTION_REL}"
     if why:
         os.remove(plan_path)
         raise SamfError(f"TensorRT plan {os.path.basename(plan_path)} differs from ONNX Runtime on its graph: {why} "
