@@ -564,6 +564,28 @@ def parse_report(text: str) -> dict:
     return out
 
 
+def _form(template: str) -> str:
+    fills = {"size": r"\d+", "side": "(?:left|right)", "lobe": "(?:upper|lower)"}
+    return re.sub(r"\\\{(\w+)\\\}", lambda m: fills[m.group(1)], re.escape(template))
+
+
+#: Every sentence a phantom report can hold, as one regular expression (sizes, sides and lobes filled in).
+SENTENCE_FORMS = re.compile("|".join(
+    _form(t) for bank in (_NODULE_POS, _NODULE_NEG, _EMPH_POS, _EMPH_NEG, _EFF_POS, _EFF_BIL, _EFF_NEG, _CARDIO_POS,
+                          _CARDIO_NEG, *(spec.sentences for spec in EXTRA_FINDINGS)) for t in bank))
+
+
+def report_sentences(text: str) -> list:
+    """A report cut into its sentences (after each full stop)."""
+    return [t for t in re.split(r"(?<=\.)\s+", text.strip()) if t]
+
+
+def is_grammatical(sentence: str) -> bool:
+    """Whether a sentence is one of the phantom grammar's forms, word for word (a generated report's sentence
+    that is not, "There is a left upper lobe.", is broken)."""
+    return SENTENCE_FORMS.fullmatch(sentence) is not None
+
+
 #: The findings scored per phantom; nodule side/lobe only count where a nodule is present.
 SCORED = ("nodule", "nodule_side", "nodule_lobe", "effusion", "cardiomegaly", "emphysema")
 
@@ -635,20 +657,44 @@ def write_dataset_csv(path: str, rows: list) -> None:
         w.writerows(rows)
 
 
+def _write_phantom(job: tuple) -> tuple:
+    """One phantom of a dataset written as NIfTI: ``(split, csv row, its questions)`` (a worker's task)."""
+    out_dir, i, phantom_seed, split, shape, spacing = job
+    p = make_phantom(phantom_seed, shape=shape, spacing=spacing)
+    rel = f"scans/phantom_{i:05d}.nii.gz"
+    save_nifti(os.path.join(out_dir, rel), p.volume, p.spacing)
+    return split, dict(image=rel, caption=p.report, label=json.dumps(p.findings.to_dict())), \
+        [dict(image=rel, **q) for q in p.questions]
+
+
 def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int = 0,
-                             shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0), progress: bool = True) -> dict:
-    """Write ``n_train + n_test`` phantoms as NIfTI with their reports, labels and questions."""
+                             shape=(64, 96, 96), spacing=(5.0, 4.0, 4.0), progress: bool = True,
+                             test_seed: int | None = None, workers: int = 1) -> dict:
+    """Write ``n_train + n_test`` phantoms as NIfTI with their reports, labels and questions. Phantom ``i`` is
+    ``make_phantom(seed * 1_000_003 + i)``; with ``test_seed`` the held-out ones come from that seed's own
+    sequence instead (phantoms no training set of another seed holds). ``workers`` > 1 draws them in that many
+    processes (each ends with this one, :mod:`samf.runtime.workers`); the files are the same."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from .workers import DieWithParent
+
     os.makedirs(os.path.join(out_dir, "scans"), exist_ok=True)
     rows = {"train": [], "test": []}
     questions = []
     total = n_train + n_test
-    for i in progress_bar(range(total), desc="phantoms", disable=not progress, unit="scan"):
-        p = make_phantom(seed * 1_000_003 + i, shape=shape, spacing=spacing)
-        rel = f"scans/phantom_{i:05d}.nii.gz"
-        save_nifti(os.path.join(out_dir, rel), p.volume, p.spacing)
-        split = "train" if i < n_train else "test"
-        rows[split].append(dict(image=rel, caption=p.report, label=json.dumps(p.findings.to_dict())))
-        questions += [dict(image=rel, **q) for q in p.questions]
+    jobs = [(out_dir, i, (test_seed * 1_000_003 + i - n_train) if test_seed is not None and i >= n_train
+             else seed * 1_000_003 + i, "train" if i < n_train else "test", shape, spacing) for i in range(total)]
+    pool = None if workers <= 1 or total < 2 * workers else cf.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=DieWithParent())
+    try:
+        done = pool.map(_write_phantom, jobs, chunksize=16) if pool else map(_write_phantom, jobs)
+        for split, row, qs in progress_bar(done, total=total, desc="phantoms", disable=not progress, unit="scan"):
+            rows[split].append(row)
+            questions += qs
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     for split, r in rows.items():
         write_dataset_csv(os.path.join(out_dir, f"{split}.csv"), r)
     with atomic_file(os.path.join(out_dir, "questions.jsonl")) as f:

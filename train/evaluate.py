@@ -28,6 +28,36 @@ def finding_accuracy(reports: list, truths: list) -> dict:
     return acc
 
 
+def majority_accuracy(train_truths: list, test_truths: list) -> dict:
+    """What always answering the training split's most common value scores on each finding (side/lobe: among
+    scans with a nodule), in :func:`finding_accuracy`'s shape: the bar a model that reads the image must clear,
+    and the one a model shown no image should not."""
+    from collections import Counter
+
+    acc = {}
+    for k in SCORED:
+        keep = (lambda t: t["nodule"]) if k in ("nodule_side", "nodule_lobe") else (lambda t: True)
+        values = Counter(str(t[k]) for t in train_truths if keep(t))
+        test = [str(t[k]) for t in test_truths if keep(t)]
+        if values and test:
+            acc[k] = sum(v == values.most_common(1)[0][0] for v in test) / len(test)
+    acc["mean"] = sum(acc.values()) / max(1, len(acc))
+    return acc
+
+
+def sentence_share(reports: list) -> float:
+    """The fraction of generated sentences that are one of the phantom grammar's forms (the rest are broken)."""
+    from samf.runtime.phantom import is_grammatical, report_sentences
+
+    sentences = [t for r in reports for t in report_sentences(r)]
+    return sum(map(is_grammatical, sentences)) / max(1, len(sentences))
+
+
+def distinct_share(reports: list) -> float:
+    """Distinct reports over scans: 1.0 when every scan got its own text, low under template collapse."""
+    return len(set(reports)) / max(1, len(reports))
+
+
 def mcq_accuracy(answers: list, letters: list) -> float:
     """Fraction of generated answers whose chosen letter is the right one."""
     if not letters:
