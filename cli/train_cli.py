@@ -15,6 +15,7 @@ import os
 
 import click
 
+from samf.train.ablation import GRID, AblationConfig
 from samf.train.configs import DinoConfig, FinetuneConfig, LMConfig, WarmupConfig
 
 from .common import SamfGroup, config_options, torch_threads
@@ -282,19 +283,58 @@ def evaluate(data_dir, run_dir, split, limit, bertscore_model, threads, quiet):
     click.echo(f"wrote {os.path.join(run_dir, f'eval_{split}.json')}")
 
 
+@main.command("probe")
+@data_opt
+@run_opt
+@click.option("--train-limit", type=click.IntRange(min=10), default=400, show_default=True,
+              help="training scans the probes are fitted on")
+@click.option("--test-limit", type=click.IntRange(min=2), default=200, show_default=True,
+              help="held-out scans they are scored on")
+@click.option("--split", default="test", show_default=True, help="the held-out split")
+@click.option("--no-reports", is_flag=True, help="probe the image path only; skip generating the reports")
+@threads_opt
+@quiet_opt
+def probe(data_dir, run_dir, train_limit, test_limit, split, no_reports, threads, quiet):
+    """Linear probes per stage (slices, ViT, pooled, aggregator, fused rows) and the reports with real, zeroed
+    and swapped image rows: held-out accuracy per finding, to see where a model loses the image. RUN/probe.json."""
+    from samf.runtime.atomic import atomic_file
+    from samf.train.probe import ProbeConfig, format_probes, load_probe_model, run_probes
+
+    torch_threads(threads)
+    cfg = ProbeConfig(train_limit=train_limit, test_limit=test_limit, reports=not no_reports)
+    model = load_probe_model(run_dir)  # a run without a model is refused before any scan is read
+    train = _train_examples(run_dir, data_dir, "train", progress=not quiet)
+    test = _train_examples(run_dir, data_dir, split, progress=not quiet)
+    res = run_probes(run_dir, train, test, cfg, progress=not quiet, model=model)
+    click.echo(f"model: {res['model']}; fitted on {res['n_train']} scans, scored on {res['n_test']} held-out")
+    click.echo(format_probes(res))
+    with atomic_file(os.path.join(run_dir, "probe.json")) as f:
+        json.dump(res, f, indent=2)
+    click.echo(f"wrote {os.path.join(run_dir, 'probe.json')}")
+
+
 @main.command("ablate")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="phantom dataset (default: generate one under OUT/data)")
-@click.option("--finetune-steps", default=1500, show_default=True)
+@click.option("--finetune-steps", type=click.IntRange(min=1), default=AblationConfig.finetune_steps,
+              show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=len(AblationConfig.seeds), show_default=True,
+              help="fine-tune seeds per row (0, 1, ...)")
+@click.option("--test", "n_test", type=click.IntRange(min=2), default=AblationConfig.n_test, show_default=True,
+              help="held-out phantoms")
+@click.option("--row", "cells", multiple=True, type=click.Choice([name for name, _ in GRID]),
+              help="run only this row (repeatable; default: every row)")
 @threads_opt
 @quiet_opt
-def ablate(out_dir, data_dir, finetune_steps, threads, quiet):
-    """The ablation grid on phantoms (SAMF vs +Ao2D, ViT frozen/trained, warm-up or not): a Markdown table."""
-    from samf.train.ablation import AblationConfig, run_ablation
+def ablate(out_dir, data_dir, finetune_steps, seeds, n_test, cells, threads, quiet):
+    """The paper's comparison on phantoms: 2D only, 3D only, concatenation, SAMF, SAMF+Ao2D, each with and without
+    the auxiliary finding loss, over several seeds, with bootstrap intervals: a Markdown table."""
+    from samf.train.ablation import run_ablation
 
     torch_threads(threads)
     out = run_ablation(AblationConfig(out_dir=out_dir, data_dir=data_dir, finetune_steps=finetune_steps,
+                                      seeds=tuple(range(seeds)), n_test=n_test, cells=tuple(cells),
                                       progress=not quiet), echo=click.echo)
     click.echo("\n" + out["table"])
     click.echo(f"\n{os.path.join(out_dir, 'ablation.md')} ({out['wall_s'] / 60:.1f} min)")

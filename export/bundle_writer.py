@@ -100,6 +100,10 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
             fidelity=dict(onnx=onnx_figures, onnx_max_abs_diff={k: v["max_abs_diff"] for k, v in onnx_figures.items()},
                           gguf_relative_rms_error=gguf_fidelity),
         )
+        training = os.path.join(ckpt_dir, "training.json")
+        if os.path.exists(training):  # the recipe's switches (train/merge.py: training_record)
+            with open(training) as f:
+                manifest["training"] = json.load(f)
         _write_manifest(tmp, manifest)  # the variants are checked by the runtime, which reads it
         kept, rejected = add_encoder_variants(tmp, keep_unquantized, check or VariantCheck(), log)
         manifest["encoders"].update(kept)

@@ -449,21 +449,28 @@ def test_two_rank_runs_exit_cleanly_ten_times_in_a_row(quick, tmp_path, stage):
 
 @pytest.mark.slow
 def test_ablation_grid_is_one_command_and_a_rerun_keeps_its_cells(tmp_path):
-    from samf.train.ablation import GRID, AblationConfig, run_ablation
+    import json
 
-    cfg = AblationConfig(out_dir=str(tmp_path / "abl"), n_train=12, n_test=2, dino_steps=2, lm_steps=2,
-                         warmup_steps=2, finetune_steps=2, progress=False)
+    from samf.train.ablation import GRID, ZEROED, AblationConfig, run_ablation
+
+    cfg = AblationConfig(out_dir=str(tmp_path / "abl"), n_train=12, n_test=3, dino_steps=2, lm_steps=2,
+                         finetune_steps=2, seeds=(0, 1), bootstrap=50, progress=False)
     first = run_ablation(cfg, echo=lambda m: None)
     table = open(tmp_path / "abl" / "ablation.md").read()
     for name, _ in GRID:
         assert f"| {name} |" in table
-    assert "zeroed image embeddings" in table and "| chance (guessing) |" in table
+    assert f"| {ZEROED} |" in table and "| majority class |" in table and "2 seeds" in table
+    for row in first["rows"].values():
+        for k, r in row.items():
+            assert 0 <= r["ci95"][0] <= r["ci95"][1] <= 1 and 0 <= r["mean"] <= 1, k
     cells = tmp_path / "abl" / "cells"
     mtimes = {c: os.path.getmtime(cells / c / "result.json") for c in os.listdir(cells)}
-    assert len(mtimes) == len(GRID)
+    assert len(mtimes) == len(GRID) * 2
     again = run_ablation(cfg, echo=lambda m: None)
     assert again["table"] == first["table"]
     assert {c: os.path.getmtime(cells / c / "result.json") for c in os.listdir(cells)} == mtimes
+    fusions = {json.load(open(cells / c / "result.json"))["switches"]["fusion"] for c in os.listdir(cells)}
+    assert fusions == {"2d", "3d", "concat", "samf"}
 
 
 def test_the_recipe_runs_its_stages_in_one_order_and_refuses_unknown_ones(quick, tmp_path):

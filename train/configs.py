@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 #: What fine-tuning trains on: reports and multiple-choice questions together, or one of them.
 TASKS = ("both", "report", "mcq")
+#: How the fusion makes its rows: the paper's SAMF, or one of the ablation's baselines (train/models.py: SAMF).
+FUSION_MODES = ("samf", "2d", "3d", "concat")
 
 
 def option(default, help: str, **cli):
@@ -91,8 +93,14 @@ class FinetuneConfig:
                                      flag="--freeze-aggregator/--train-aggregator")
     warmup: bool = option(False, "start the aggregator from warmup-3d (RUN/aggregator_warmup.pt)")
     ao2d: bool | None = option(None, "override the preset's Ao2D switch (the SAMF vs SAMF+Ao2D ablation)")
+    fusion: str | None = option(None, "override the fusion: samf (the paper's), or an ablation baseline: 2d (slices "
+                                      "alone), 3d (aggregator alone), concat (both, no attention)",
+                                choices=FUSION_MODES)
     tasks: str = option("both", "reports and multiple choice in one run, or one of them",
                         choices=TASKS)
+    aux_weight: float = option(1.0, "weight of the auxiliary finding loss: a linear head on the averaged fused rows "
+                                    "reads the data's abnormality labels (CT-RATE's 18). 0 trains the paper's "
+                                    "recipe exactly: the LLM's loss alone", min=0.0)
     mcq_fraction: float = option(0.3, "with --tasks both: the share of samples that are multiple-choice questions",
                                  min=0.0, max=1.0)
     precision: str = option("auto", "bf16 autocast, fp32, or auto: bf16 where the GPU has it",

@@ -38,22 +38,65 @@ def _task_sample(ex, tok: LLMTokenizer, rng: random.Random, mcq_fraction: float)
     return prompt_ids(tok, rng.choice(REPORT_REQUESTS)), tok.encode(ex.report)
 
 
-def accumulate_gradients(model, micro_batches: list, autocast, dist) -> float:
+def accumulate_gradients(model, micro_batches: list, autocast, dist, inputs=None, aux_weight: float = 0.0) -> tuple:
     """Forward and backward over the micro-batches of one optimizer step, each a list of (example, prompt ids,
-    answer ids); returns the step's loss.
+    answer ids); returns the step's (LLM loss, finding loss or None).
 
     The loss, and so the gradient, is the mean over every answer token of the step, as one batch holding all
     of them gives: each micro-batch's token sum is divided by the step's token count. (A mean of micro-batch
-    means would weight the tokens of short answers more.) Under DDP only the last micro-batch all-reduces."""
+    means would weight the tokens of short answers more.) The finding loss (``aux_weight`` > 0) is the mean over
+    the step's scans the same way. Under DDP only the last micro-batch all-reduces. ``inputs(ex)``: what the
+    image encoder takes for an example (default: ``ex.model_input``)."""
+    inputs = inputs or (lambda ex: ex.model_input)
     n_items = sum(len(answer) + 1 for batch in micro_batches for _, _, answer in batch)  # + the answer end
-    total = 0.0
+    n_scans = sum(len(batch) for batch in micro_batches)
+    total, total_aux = 0.0, None
     for i, batch in enumerate(micro_batches):
-        slices = torch.from_numpy(np.stack([ex.model_input for ex, _, _ in batch])).to(dist.device)
+        slices = torch.from_numpy(np.stack([inputs(ex) for ex, _, _ in batch])).to(dist.device)
+        kw = {}
+        if aux_weight > 0:
+            labels, mask = zip(*(finding_labels(ex.findings) for ex, _, _ in batch))
+            kw = dict(findings=torch.from_numpy(np.stack(labels)).to(dist.device),
+                      findings_known=torch.from_numpy(np.stack(mask)).to(dist.device))
         with autocast, dist.no_sync_unless(model, i == len(micro_batches) - 1):
-            loss = model(slices, [p for _, p, _ in batch], [a for _, _, a in batch], num_items=n_items)
-            loss.backward()
+            out = model(slices, [p for _, p, _ in batch], [a for _, _, a in batch], num_items=n_items, **kw)
+            loss, aux = out if aux_weight > 0 else (out, None)
+            share = len(batch) / n_scans
+            (loss + aux_weight * share * aux if aux is not None else loss).backward()
         total += float(loss.detach())
-    return total
+        if aux is not None:
+            total_aux = (total_aux or 0.0) + share * float(aux.detach())
+    return total, total_aux
+
+
+def finding_labels(findings: dict) -> tuple:
+    """``(labels, known)``, two float32 ``[18]`` vectors in CT-RATE's label order: a CT-RATE label row as it is,
+    a phantom's findings mapped (:func:`samf.train.labels.truth_labels`); ``known`` is 0 where the data has no
+    label."""
+    from .labels import CTRATE_LABELS, truth_labels
+
+    truth = truth_labels(findings)
+    labels = np.array([float(truth.get(k, False)) for k in CTRATE_LABELS], np.float32)
+    return labels, np.array([float(k in truth) for k in CTRATE_LABELS], np.float32)
+
+
+class FrozenViTInputs:
+    """The image encoder's input per in-memory example when the ViT is frozen: its raw outputs ``[K, D2]``,
+    computed the first time an example is drawn and kept. A frozen ViT gives the same outputs at every draw,
+    so fine-tuning then runs the ViT once per scan instead of once per draw (at the demo's size 1500 steps of
+    16 draw each of 2000 scans about 12 times). Lazily, so a short run on a large set pays only for what it
+    draws. Memory: ``K × D2`` float32 per scan (18 × 64 × 4 B at the tiny preset, 24 × 768 × 4 B at paper)."""
+
+    def __init__(self, vit, device):
+        self.vit, self.device, self.memo = vit, device, {}
+
+    @torch.no_grad()
+    def __call__(self, ex) -> np.ndarray:
+        key = id(ex)
+        if key not in self.memo:
+            x = torch.from_numpy(ex.model_input).to(self.device)
+            self.memo[key] = (ex, self.vit(x).float().cpu().numpy())  # holds ex: its id stays its own
+        return self.memo[key][1]
 
 
 def _cached_embeddings(examples, vlm, cfg: FinetuneConfig, dist):
@@ -108,6 +151,8 @@ def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
     image_cfg = ImageConfig.from_dict(read_run(run_dir)["image"])
     if cfg.ao2d is not None:
         image_cfg.fusion = dataclasses.replace(image_cfg.fusion, ao2d=bool(cfg.ao2d))
+    if cfg.fusion is not None:
+        image_cfg.fusion = dataclasses.replace(image_cfg.fusion, mode=cfg.fusion)
     return image_cfg
 
 
@@ -115,6 +160,22 @@ def _autocast(precision: str, device: torch.device):
     """bf16 autocast where asked (or, with "auto", where the GPU supports it); fp32 otherwise."""
     use = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), use
+
+
+def check_finetune_data(examples, cfg: FinetuneConfig) -> None:
+    """Refuse, in one line and before any model is built, what the data cannot give this configuration."""
+    from .data import DataError
+
+    if cfg.tasks == "mcq" and not any(ex.questions for ex in examples):
+        raise DataError("finetune --tasks mcq: the training data has no multiple-choice questions (questions.jsonl "
+                        "or mcq_train.csv); use --tasks report")
+
+
+def has_labels(examples) -> bool:
+    """Whether any example carries abnormality labels (a phantom's findings or a CT-RATE label row)."""
+    from .labels import truth_labels
+
+    return any(truth_labels(ex.findings) for ex in examples)
 
 
 @owns_process_group
@@ -142,8 +203,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed * 1000 + dist.rank)
     mcq_fraction = {"both": cfg.mcq_fraction, "report": 0.0, "mcq": 1.0}[cfg.tasks]
-    if cfg.tasks == "mcq" and not any(ex.questions for ex in examples):
-        raise ValueError("tasks='mcq' but the training data has no multiple-choice questions")
+    check_finetune_data(examples, cfg)
     tok = base_tokenizer(run_dir)
     vlm = build_vlm(run_dir, finetune_image_config(run_dir, cfg), tok)
     if cfg.warmup:
@@ -166,9 +226,25 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         if frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
+    aux_weight = cfg.aux_weight
+    if aux_weight > 0 and not has_labels(examples):
+        if dist.is_main:
+            print("note: the training data carries no abnormality labels: the auxiliary finding loss is off")
+        aux_weight = 0.0
+    if aux_weight > 0:
+        from .labels import CTRATE_LABELS
+        from .vlm import FindingHead
+
+        vlm.finding_head = FindingHead(vlm.image_cfg.fusion.d_llm, len(CTRATE_LABELS))
     embeddings = _cached_embeddings(examples, vlm, cfg, dist)
-    vlm.encoder.calibrate(torch.from_numpy(_model_input(ex, embeddings)) for ex in calibration_sample(examples))
     vlm.to(dist.device)
+    from .scan_cache import CachedSplit
+
+    inputs = None
+    if embeddings is None and cfg.freeze_vit and not isinstance(examples, CachedSplit):
+        inputs = FrozenViTInputs(vlm.encoder.vit, dist.device)
+    vlm.encoder.calibrate(torch.from_numpy(inputs(ex) if inputs else _model_input(ex, embeddings)).to(dist.device)
+                          for ex in calibration_sample(examples))
     params = [p for p in vlm.parameters() if p.requires_grad]
     vit_ids = {id(p) for p in vlm.encoder.vit.parameters()}
     groups = [{"params": [p for p in params if id(p) not in vit_ids], "base_lr": cfg.lr},
@@ -201,15 +277,18 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
         chosen = draw(cfg.batch_size * cfg.grad_accum)
         samples = [(ex, *_task_sample(ex, tok, rng, mcq_fraction)) for ex in chosen]
         micro_batches = [samples[i: i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-        step_loss = accumulate_gradients(model, micro_batches, autocast, dist)
+        step_loss, aux = accumulate_gradients(model, micro_batches, autocast, dist, inputs, aux_weight)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step_loss = dist.mean(step_loss)
         losses.append(step_loss)
         seen += cfg.batch_size * cfg.grad_accum * dist.world_size
         bar.set_postfix(loss=f"{step_loss:.3f}", scans_s=f"{seen / (time.time() - t0):.1f}")
-        log({"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16,
-             "step_s": round(time.perf_counter() - t_step, 4)})
+        record = {"stage": "finetune", "step": step, "loss": step_loss, "bf16": bf16,
+                  "step_s": round(time.perf_counter() - t_step, 4)}
+        if aux is not None:
+            record["finding_loss"] = dist.mean(aux)
+        log(record)
         ckpt.save_from_every_rank(step + 1, dist, opt, lambda: rng_state(rng), lambda: {
             "model": {k: v for k, v in vlm.state_dict().items() if k in trainable}, "losses": losses})
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from samf.runtime.atomic import atomic_dir
 
 from .finetune import load_finetuned
-from .run_folder import PREPROCESS_FILE, base_tokenizer, read_run, write_json
+from .run_folder import PREPROCESS_FILE, TRAINING_FILE, base_tokenizer, read_run, write_json
 
 
 def stage_merge(run_dir: str) -> str:
@@ -25,4 +26,18 @@ def stage_merge(run_dir: str) -> str:
         vlm.save_image_modules(d)
         base_tokenizer(run_dir).save_to(d)
         write_json(os.path.join(d, PREPROCESS_FILE), run["preprocess"])
+        write_json(os.path.join(d, TRAINING_FILE), training_record(run_dir))
     return out
+
+
+def training_record(run_dir: str) -> dict:
+    """What the bundle's manifest says of training: the recipe switches fine-tuning ran with (its auxiliary
+    finding loss, Ao2D, what was frozen, the tasks, steps), so a reader can tell the paper's recipe from ours."""
+    path = os.path.join(run_dir, "config", "finetune.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        ft = json.load(f)
+    keys = ("aux_weight", "ao2d", "freeze_vit", "freeze_aggregator", "warmup", "tasks", "steps", "batch_size", "lr",
+            "seed")
+    return {"finetune": {k: ft.get(k) for k in keys if k in ft}}

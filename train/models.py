@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import FUSION_MODES
+
 # ----------------------------------------------------------------------------------------------- configs
 
 @dataclass
@@ -36,6 +38,7 @@ class AggregatorConfig:
     num_heads: int = 8
     mlp_ratio: float = 1.34  # 768 → 1024 feed-forward, as in the official aggregator
     out_dim: int = 256
+    slice_mix: bool = True   # each volume token also a learned mix of the slices' outputs (False: the paper's)
 
 
 @dataclass
@@ -46,6 +49,13 @@ class FusionConfig:
     d_proj: int = 256
     d_llm: int = 3072
     ao2d: bool = True        # add the text→2D attention term (Ao2D)
+    mode: str = "samf"       # "samf" (eqs. 3-12); the ablation's baselines: "2d", "3d", "concat" (FUSION_MODES)
+
+
+# FUSION_MODES: how the fusion makes its N rows. "samf": the paper's fusion (with Ao2D when ``ao2d``). The
+# ablation's baselines, each with the same number of rows and width: "2d", the slices alone, no aggregator (row
+# n: the slice embeddings pooled by a learned query of its own); "3d", the aggregator alone (row n: volume token
+# n); "concat", the two side by side without SAMF's attention (row n: volume token n and the slices' mean).
 
 
 def config_dict(cfg) -> dict:
@@ -193,13 +203,23 @@ class SliceAggregator(nn.Module):
         nn.init.trunc_normal_(self.slice_pos, std=0.02)
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.apply(_init_linear)
+        # Token n += Σ_k W[n, k] · slice k's output. Which slice shows a finding is where a side is (an effusion's
+        # side is which sagittal slices hold the fluid); queries that start out attending evenly average it away
+        # (probes: slices 1.00, the query tokens 0.74 on effusion with its side). A learned mix over the slice
+        # positions keeps it, linearly. Zero at the start: the tokens begin as the queries alone.
+        self.slice_mix = nn.Linear(cfg.n_slices, cfg.n_tokens, bias=False) if cfg.slice_mix else None
+        if self.slice_mix is not None:
+            nn.init.zeros_(self.slice_mix.weight)
 
     def forward(self, z2d: torch.Tensor) -> torch.Tensor:
-        B = z2d.shape[0]
+        B, N = z2d.shape[0], self.cfg.n_tokens
         x = torch.cat([self.queries.expand(B, -1, -1), self.in_proj(z2d) + self.slice_pos], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.out(self.norm(x[:, : self.cfg.n_tokens]))
+        tokens = x[:, :N]
+        if self.slice_mix is not None:
+            tokens = tokens + self.slice_mix(x[:, N:].transpose(1, 2)).transpose(1, 2)
+        return self.out(self.norm(tokens))
 
 
 # ---------------------------------------------------------------------------------------------- SAMF
@@ -208,27 +228,45 @@ class SAMF(nn.Module):
     """Slice-Attentive Multimodal Fusion (eqs. 3–12), with the Ao2D text→2D term when ``cfg.ao2d``.
 
     ``z2d [B,S,D2]``, ``z3d [B,N,D3]``, ``text [B,T,d_text]``, ``text_mask [B,T]`` (1 = real prompt token)
-    -> ``[B, N, d_llm]``. Dot products are scaled by 1/sqrt(d_proj); padded text tokens get no weight.
+    -> ``[B, N, d_llm]``. Dot products are scaled by 1/sqrt(d_proj); padded text tokens get no weight. ``n_rows``
+    (N, the aggregator's tokens) sizes only the "2d" baseline's queries.
     """
 
-    def __init__(self, cfg: FusionConfig):
+    def __init__(self, cfg: FusionConfig, n_rows: int = 32):
         super().__init__()
         self.cfg = cfg
         self.proj_2d = nn.Linear(cfg.d2d, cfg.d_proj)
         self.proj_3d = nn.Linear(cfg.d3d, cfg.d_proj)
         self.proj_text = nn.Linear(cfg.d_text, cfg.d_proj)
-        n_parts = 4 if cfg.ao2d else 3
+        if cfg.mode not in FUSION_MODES:
+            raise ValueError(f"fusion mode {cfg.mode!r}: not one of {', '.join(FUSION_MODES)}")
+        n_parts = {"samf": 4 if cfg.ao2d else 3, "2d": 1, "3d": 1, "concat": 2}[cfg.mode]
         self.fusion = nn.Linear(n_parts * cfg.d_proj, cfg.d_llm)
         self.scale = cfg.d_proj ** -0.5
+        if cfg.mode == "2d":  # N learned queries over the slices: the rows see no aggregator
+            self.queries_2d = nn.Parameter(torch.randn(1, n_rows, cfg.d_proj) * 0.02)
 
     def forward(self, z2d, z3d, text, text_mask):
         return self.attend(z2d, z3d, text, text_mask)[0]
+
+    def baseline(self, z2d, z3d):
+        """The ablation's baselines (``cfg.mode`` "2d", "3d", "concat"): ``[B, N, d_llm]``; no attention to show."""
+        mode, F2d = self.cfg.mode, self.proj_2d(z2d)
+        if mode == "2d":
+            w = torch.softmax(self.queries_2d @ F2d.transpose(1, 2) * self.scale, dim=2)   # [B, N, S]
+            return self.fusion(w @ F2d)
+        F3d = self.proj_3d(z3d)
+        if mode == "3d":
+            return self.fusion(F3d)
+        return self.fusion(torch.cat([F3d, F2d.mean(1, keepdim=True).expand(-1, F3d.shape[1], -1)], dim=-1))
 
     def attend(self, z2d, z3d, text, text_mask):
         """``(fused [B, N, d_llm], alpha [B, S], gamma [B, S] or None)``: the fused rows and the attention that made
         them. α weighs the slices in the volume summary (eq. 6); γ (Ao2D) is each prompt token's attention over
         the slices, averaged over the real prompt tokens. They are what the runtime shows as the slices that
-        mattered, and ``fusion.onnx`` outputs them next to the fused rows."""
+        mattered, and ``fusion.onnx`` outputs them next to the fused rows. The ablation's baselines have neither."""
+        if self.cfg.mode != "samf":
+            return self.baseline(z2d, z3d), None, None
         F2d, F3d, Ft = self.proj_2d(z2d), self.proj_3d(z3d), self.proj_text(text)
         f3d = F3d.mean(dim=1)                                                    # [B, P]
         valid = text_mask.to(Ft.dtype)                                           # [B, T]

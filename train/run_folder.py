@@ -37,6 +37,7 @@ from .models import AggregatorConfig, FusionConfig, ViTConfig
 from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, load_phi3
 
 PREPROCESS_FILE = "preprocess.json"
+TRAINING_FILE = "training.json"   # merged/: the recipe's switches, carried into the bundle's manifest
 DINO_FILE = "vit_dino.pt"
 WARMUP_FILE = "aggregator_warmup.pt"
 
