@@ -11,6 +11,7 @@ import os
 import click
 
 from .common import OutDir, SamfGroup, threads_option
+from .demo import DemoConfig
 
 bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Path(),
                           help="bundle directory written by `samf-export bundle`")
@@ -314,15 +315,18 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
 @main.command()
 @click.option("--workdir", default="samf-demo", show_default=True, type=click.Path(file_okay=False),
               help="where data, run and bundle go")
-@click.option("--train", "n_train", default=320, show_default=True, help="training phantoms")
-@click.option("--test", "n_test", default=24, show_default=True, help="held-out phantoms")
-@click.option("--finetune-steps", default=1500, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--show", default=4, show_default=True, help="reports printed next to their reference")
+@click.option("--train", "n_train", type=click.IntRange(min=1), default=DemoConfig.n_train, show_default=True,
+              help="training phantoms")
+@click.option("--test", "n_test", type=click.IntRange(min=1), default=DemoConfig.n_test, show_default=True,
+              help="held-out phantoms (of their own seed)")
+@click.option("--finetune-steps", type=click.IntRange(min=1), help="[default: the recipe's]")
+@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True)
+@click.option("--show", type=click.IntRange(min=0), default=DemoConfig.show, show_default=True,
+              help="reports printed next to their reference")
 @threads_option("CPU threads for training and the runtime (default: all cores)")
 def demo(workdir, n_train, n_test, finetune_steps, seed, show, threads):
     """The whole stack on synthetic chest CT: data, training, merge, ONNX, GGUF, bundle, runtime reports."""
-    from .demo import DemoConfig, run_demo
+    from .demo import run_demo
 
     run_demo(DemoConfig(workdir=workdir, n_train=n_train, n_test=n_test, finetune_steps=finetune_steps,
                         seed=seed, show=show, threads=threads))

@@ -47,3 +47,22 @@ def test_every_demo_step_is_a_command(tmp_path):
     _cli("samf-export", "bundle", f"{run}/merged", "--out", bundle)
     out = _cli("samf", "report", f"{data}/scans/phantom_00024.nii.gz", "--bundle", bundle, "--json")
     assert json.loads(out)["report"] is not None
+
+
+@pytest.mark.slow
+def test_the_demo_reads_the_image(tmp_path):
+    """Issue 26's floors, on the demo as a user runs it (default sizes: 2000 training phantoms, 200 held-out
+    phantoms of a seed no training set holds), measured from the runtime's reports."""
+    proc = run_cli("samf", "demo", "--workdir", str(tmp_path), "--show", "1", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((tmp_path / "demo_summary.json").read_text())
+    acc, q = s["accuracy"], s["quality"]
+    print(json.dumps({k: s[k] for k in ("total_s", "accuracy", "quality")}, indent=1))
+    assert q["scans"] >= 200
+    for quant in ("runtime F32", "runtime Q8_0"):
+        assert acc[quant]["effusion"] >= 0.95, quant
+        assert acc[quant]["cardiomegaly"] >= 0.9, quant
+        assert acc[quant]["emphysema"] >= 0.9, quant
+    for k in ("effusion", "cardiomegaly", "emphysema", "nodule"):
+        assert acc["zeroed image"][k] <= acc["majority class"][k] + 0.05, k   # no finding without the image
+    assert q["sentences_in_grammar"] >= 0.95 and q["distinct_reports"] >= 0.9
