@@ -146,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         table = {"runtime F32": finding_accuracy([r.text for r in results["F32"]], truths),
                  "runtime Q8_0": finding_accuracy(q8_texts, truths),
                  "zeroed image": finding_accuracy(zeroed, truths),
-                 "majority class": majority_accuracy([e.findings for e in train], truths)}
+                 "majority class": majority_accuracy(truths)}
         click.echo(format_table(table))
         quality = dict(scans=len(test), sentences_in_grammar=sentence_share(q8_texts),
                        distinct_reports=distinct_share(q8_texts),

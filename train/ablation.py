@@ -157,7 +157,7 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
         per_row[name] = per_seed
         if all("zeroed" in r for r in per_seed):
             rows[ZEROED] = summarise([hits(r["zeroed"], truths) for r in per_seed], cfg.bootstrap)
-    majority = majority_accuracy([e.findings for e in train], truths)
+    majority = majority_accuracy(truths)
     table = format_ablation(rows, majority, len(test), len(cfg.seeds))
     out = {"config": asdict(cfg), "rows": rows, "majority": {k: majority[k] for k in SCORED}, "table": table,
            "wall_s": time.time() - t0}

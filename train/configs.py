@@ -93,14 +93,17 @@ class FinetuneConfig:
                                      flag="--freeze-aggregator/--train-aggregator")
     warmup: bool = option(False, "start the aggregator from warmup-3d (RUN/aggregator_warmup.pt)")
     ao2d: bool | None = option(None, "override the preset's Ao2D switch (the SAMF vs SAMF+Ao2D ablation)")
+    slice_mix: bool | None = option(None, "override the preset's aggregator slice mix (each volume token also a "
+                                          "learned mix of the slices); --no-slice-mix with --aux-weight 0 is the "
+                                          "paper's recipe", flag="--slice-mix/--no-slice-mix")
     fusion: str | None = option(None, "override the fusion: samf (the paper's), or an ablation baseline: 2d (slices "
                                       "alone), 3d (aggregator alone), concat (both, no attention)",
                                 choices=FUSION_MODES)
     tasks: str = option("both", "reports and multiple choice in one run, or one of them",
                         choices=TASKS)
     aux_weight: float = option(1.0, "weight of the auxiliary finding loss: a linear head on the averaged fused rows "
-                                    "reads the data's abnormality labels (CT-RATE's 18). 0 trains the paper's "
-                                    "recipe exactly: the LLM's loss alone", min=0.0)
+                                    "reads the data's abnormality labels (CT-RATE's 18). 0 with --no-slice-mix trains "
+                                    "the paper's recipe exactly: the LLM's loss alone", min=0.0)
     mcq_fraction: float = option(0.3, "with --tasks both: the share of samples that are multiple-choice questions",
                                  min=0.0, max=1.0)
     precision: str = option("auto", "bf16 autocast, fp32, or auto: bf16 where the GPU has it",

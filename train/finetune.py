@@ -151,6 +151,8 @@ def finetune_image_config(run_dir: str, cfg: FinetuneConfig) -> ImageConfig:
     image_cfg = ImageConfig.from_dict(read_run(run_dir)["image"])
     if cfg.ao2d is not None:
         image_cfg.fusion = dataclasses.replace(image_cfg.fusion, ao2d=bool(cfg.ao2d))
+    if cfg.slice_mix is not None:
+        image_cfg.aggregator = dataclasses.replace(image_cfg.aggregator, slice_mix=bool(cfg.slice_mix))
     if cfg.fusion is not None:
         image_cfg.fusion = dataclasses.replace(image_cfg.fusion, mode=cfg.fusion)
     return image_cfg

@@ -38,6 +38,6 @@ def training_record(run_dir: str) -> dict:
         return {}
     with open(path) as f:
         ft = json.load(f)
-    keys = ("aux_weight", "ao2d", "freeze_vit", "freeze_aggregator", "warmup", "tasks", "steps", "batch_size", "lr",
-            "seed")
+    keys = ("aux_weight", "slice_mix", "fusion", "ao2d", "freeze_vit", "freeze_aggregator", "warmup", "tasks", "steps",
+            "batch_size", "lr", "seed")
     return {"finetune": {k: ft.get(k) for k in keys if k in ft}}
