@@ -137,8 +137,7 @@ def test_a_graph_broken_in_one_place_fails_the_check(tiny, tmp_path):
     vlm = random_model(tiny[0], 0, tiny[1])
     for spec in module_specs(vlm):
         good, bad = str(tmp_path / f"{spec.name}.onnx"), str(tmp_path / f"{spec.name}-bad.onnx")
-        export_graph(spec, good)
-        assert ONNX_AGREEMENT.misses(validate_onnx(spec, good)) is None
+        export_graph(spec, good)  # that it passes: test_random_tiny_models_pass_the_export_check[0]
         for how in WRONG[spec.name]:
             break_graph(good, bad, spec.name, how)
             fig = validate_onnx(spec, bad, seeds=(1,))  # a broken graph shows on any input
