@@ -229,9 +229,10 @@ class DicomReply:
         ev = result.evidence  # the SR references the images the top slices fall on, the PDF frames them
         if self.destination is None:
             write_dicom_results(folder, result.text, result.identity, os.path.join(self.out_dir, job_id), slices,
-                                per_plane, evidence=ev)
+                                per_plane, evidence=ev, job_id=job_id)
             return {"delivery": {"status": "delivered", "outcome": "written to the output folder", "attempts": 1}}
-        results = dicom_results(folder, result.text, result.identity, slices, per_plane, evidence=ev)
+        # UIDs from the job's id: a job that runs again after a crash sends the same objects, stored once.
+        results = dicom_results(folder, result.text, result.identity, slices, per_plane, evidence=ev, job_id=job_id)
         ae_title = parse_destination(self.destination)[0]
         wait, error = self.retry_wait, None
         for attempt in range(1, self.retries + 2):

@@ -179,10 +179,24 @@ ATTENTION_SLICES = ("ATTN-SLICES", "Slices weighted by the model's attention")
 ATTENTION_SLICE = ("ATTN-SLICE", "Attention-weighted slice, not a localisation")
 
 
-def report_sr(sources: list, text: str, identity: dict, evidence=None, images: list = ()):
+def job_uids(job_id: str, sources: list, identity: dict) -> dict:
+    """The SR's and the PDF's Series and SOP Instance UIDs for a service job, derived from the job's id, the source
+    series' UID and the bundle's manifest digest: a job that runs again (the service was killed after the C-STORE
+    of its results but before it recorded the job done) sends the same objects under the same UIDs, which a PACS
+    stores once. ``{"sr": (series, instance), "pdf": (series, instance)}``."""
+    from pydicom.uid import generate_uid
+
+    series = str(sources[0].get("SeriesInstanceUID", "")) if sources else ""
+    seed = ["samf job results", job_id, series, identity.get("bundle_sha256") or "unsealed"]
+    return {kind: (generate_uid(entropy_srcs=[*seed, kind, "series"]),
+                   generate_uid(entropy_srcs=[*seed, kind, "instance"])) for kind in ("sr", "pdf")}
+
+
+def report_sr(sources: list, text: str, identity: dict, evidence=None, images: list = (), uids: tuple | None = None):
     """A Comprehensive 3D SR: the report as TEXT under a LOINC 18748-4 "Diagnostic Imaging Report" container; with
     ``evidence``, a second container (:data:`ATTENTION_SLICES`) holds a comment listing every top slice and its
-    weights, and references the source images the top slices fall on (``images`` from :func:`evidence_images`)."""
+    weights, and references the source images the top slices fall on (``images`` from :func:`evidence_images`).
+    ``uids``: its (Series, SOP Instance) UIDs (:func:`job_uids`); new ones without."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -211,9 +225,10 @@ def report_sr(sources: list, text: str, identity: dict, evidence=None, images: l
     else:
         schemes = None
     root.ContentSequence = hd.sr.ContentSequence(items)
+    series_uid, instance_uid = uids or (generate_uid(), generate_uid())
     sr = hd.sr.Comprehensive3DSR(
-        evidence=sources, content=root, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        evidence=sources, content=root, series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=instance_uid, instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         is_final=False, is_verified=False, contributing_equipment=[_equipment(identity)],
         series_description=SERIES_DESCRIPTION, coding_schemes=schemes)
     return sr
@@ -276,8 +291,9 @@ def report_pdf_bytes(text: str, identity: dict, montage: np.ndarray | None, evid
 
 
 def report_pdf(sources: list, text: str, identity: dict, montage: np.ndarray | None = None,
-               evidence_text: str | None = None):
-    """An Encapsulated PDF instance in the source's study, with its patient and study modules."""
+               evidence_text: str | None = None, uids: tuple | None = None):
+    """An Encapsulated PDF instance in the source's study, with its patient and study modules. ``uids``: its
+    (Series, SOP Instance) UIDs (:func:`job_uids`); new ones without."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
@@ -285,9 +301,10 @@ def report_pdf(sources: list, text: str, identity: dict, montage: np.ndarray | N
     if not sources:
         raise ScanError("no source DICOM images to attach the report to")
     src = complete_sources(sources)[0]
+    series_uid, instance_uid = uids or (generate_uid(), generate_uid())
     ds = hd.SOPClass(
-        study_instance_uid=src.StudyInstanceUID, series_instance_uid=generate_uid(), series_number=PDF_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(), sop_class_uid=EncapsulatedPDFStorage, instance_number=1, modality="DOC",
+        study_instance_uid=src.StudyInstanceUID, series_instance_uid=series_uid, series_number=PDF_SERIES_NUMBER,
+        sop_instance_uid=instance_uid, sop_class_uid=EncapsulatedPDFStorage, instance_number=1, modality="DOC",
         manufacturer=MANUFACTURER, transfer_syntax_uid=ExplicitVRLittleEndian,
         patient_id=src.get("PatientID"), patient_name=src.get("PatientName"),
         patient_birth_date=src.get("PatientBirthDate"), patient_sex=src.get("PatientSex") or None,
@@ -319,10 +336,13 @@ def montage(slices: np.ndarray, slices_per_plane: int, channel: int = 0) -> np.n
 
 
 def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | None = None,
-                  slices_per_plane: int = 8, series_uid: str | None = None, evidence=None, source=None) -> dict:
+                  slices_per_plane: int = 8, series_uid: str | None = None, evidence=None, source=None,
+                  job_id: str | None = None) -> dict:
     """``{"sr.dcm": SR, "report_pdf.dcm": PDF}`` for the series of ``folder`` (the one the loader reads); with
     ``evidence`` (:class:`~samf.runtime.evidence.Evidence`) the SR references the images the top slices fall on
-    and the PDF's montage frames them. ``source``: :func:`source_instances` of ``folder``, when already read."""
+    and the PDF's montage frames them. ``source``: :func:`source_instances` of ``folder``, when already read.
+    ``job_id``: a service job's, from which their UIDs are derived (:func:`job_uids`: the same job gives the same
+    UIDs); without one (``samf report --dicom-out``) each call makes new UIDs."""
     try:
         import fpdf  # noqa: F401
         import highdicom  # noqa: F401
@@ -338,18 +358,19 @@ def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | N
         image = evidence_montage(slices, evidence)
     else:
         image = montage(slices, slices_per_plane)
-    return {"sr.dcm": report_sr(sources, text, identity, evidence, images),
-            "report_pdf.dcm": report_pdf(sources, text, identity, image, said)}
+    uids = job_uids(job_id, sources, identity) if job_id is not None else {}
+    return {"sr.dcm": report_sr(sources, text, identity, evidence, images, uids.get("sr")),
+            "report_pdf.dcm": report_pdf(sources, text, identity, image, said, uids.get("pdf"))}
 
 
 def write_dicom_results(folder: str, text: str, identity: dict, out_dir: str, slices: np.ndarray | None = None,
                         slices_per_plane: int = 8, series_uid: str | None = None, evidence=None,
-                        source=None) -> list:
+                        source=None, job_id: str | None = None) -> list:
     """:func:`dicom_results` as ``sr.dcm`` and ``report_pdf.dcm`` in ``out_dir``, each written atomically; both
     are built before either is written, and a failure writing the second removes the first."""
     from .atomic import atomic_file
 
-    results = dicom_results(folder, text, identity, slices, slices_per_plane, series_uid, evidence, source)
+    results = dicom_results(folder, text, identity, slices, slices_per_plane, series_uid, evidence, source, job_id)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     try:

@@ -367,7 +367,8 @@ class JobRunner(threading.Thread):
 
         try:
             write_dicom_results(str(key), res.text, res.identity, os.path.join(self.store.results, key.job_id),
-                                res.slices, self.pipeline.pre.slices_per_plane, evidence=res.evidence)
+                                res.slices, self.pipeline.pre.slices_per_plane, evidence=res.evidence,
+                                job_id=key.job_id)
         except Exception as e:  # noqa: BLE001 - the report stands; its DICOM results could not be made
             return {"dicom_error": one_line(e).replace(str(key), "<scan>")}
         return {"dicom": ["sr", "pdf"]}

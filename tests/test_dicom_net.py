@@ -211,3 +211,41 @@ def test_dicom_off_this_machine_needs_an_allow_list(quick, tmp_path):
     for extra, words in (((), "--dicom-allow"), (("--dicom-allow", "BAD\\AE"), "AE title")):
         r = serve(*extra)
         assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_job_delivered_twice_sends_the_same_uids(phantom, tmp_path):
+    """A job that runs again (kill -9 after the C-STORE of its results, before its "done" record) sends its SR and
+    PDF under the same Series and SOP Instance UIDs, so the PACS stores them once; another job, or the same job on
+    another bundle, gets others; ``samf report --dicom-out`` (no job) makes new ones each time."""
+    from types import SimpleNamespace
+
+    from service_runner import Pacs
+
+    from samf.runtime.dicom_net import DicomReply
+    from samf.runtime.dicom_out import dicom_results
+
+    folder = str(tmp_path / "series")
+    write_series(folder, phantom.volume, phantom.spacing, patient=PATIENT)
+    identity = {"llm": "test", "bundle_sha256": "ab" * 32}
+    result = SimpleNamespace(text="No acute findings.", identity=identity, slices=None, evidence=None)
+    pacs = Pacs()
+    try:
+        reply = DicomReply(SimpleNamespace(pre=SimpleNamespace(slices_per_plane=8)), f"PACS@127.0.0.1:{pacs.port}",
+                           None, "SAMF", results_dir=str(tmp_path / "results"), retries=0)
+        for _ in range(2):
+            assert reply("job-1", folder, result)["delivery"]["status"] == "delivered"
+        first, second = pacs.wait(4)[:2], pacs.received[2:]
+    finally:
+        pacs.server.shutdown()
+
+    def uids(objects):
+        return sorted((ds.Modality, ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in objects)
+
+    assert uids(first) == uids(second) and len({u for _, s, i in uids(first) for u in (s, i)}) == 4
+    again = dicom_results(folder, result.text, identity, job_id="job-1")
+    assert uids(again.values()) == uids(first)
+    others = [dicom_results(folder, result.text, identity, job_id="job-2"),
+              dicom_results(folder, result.text, dict(identity, bundle_sha256="cd" * 32), job_id="job-1"),
+              dicom_results(folder, result.text, identity), dicom_results(folder, result.text, identity)]
+    seen = {u for objects in [first, *[o.values() for o in others]] for _, s, i in uids(objects) for u in (s, i)}
+    assert len(seen) == 4 * 5
