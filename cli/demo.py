@@ -64,7 +64,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         finding_accuracy,
         format_table,
         majority_accuracy,
-        mcq_accuracy,
         sentence_share,
     )
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
@@ -150,7 +149,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         click.echo(format_table(table))
         quality = dict(scans=len(test), sentences_in_grammar=sentence_share(q8_texts),
                        distinct_reports=distinct_share(q8_texts),
-                       mcq_accuracy=mcq_accuracy([a for a, _ in asked], [t for _, t in asked]),
+                       mcq_accuracy=sum(letter == truth for letter, truth in asked) / max(1, len(asked)),
                        mcq_questions=len(asked))
         click.echo(f"   Q8_0 reports: {quality['sentences_in_grammar']:.1%} of sentences in the phantom grammar, "
                    f"{quality['distinct_reports']:.1%} distinct; multiple choice {quality['mcq_accuracy']:.2f} "
