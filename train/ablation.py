@@ -46,7 +46,7 @@ class AblationConfig:
     cells: tuple = field(default_factory=tuple)  # row names to run (default: every row)
 
 
-SHARED = ("run.json", "tokenizer.model", "tokenizer", "vit_dino.pt", "lm_base")
+SHARED = ("run.json", "tokenizer.model", "tokenizer", "vit_dino.pt", "lm_base", "aggregator_warmup.pt")
 
 
 def copy_shared(base: str, run: str) -> None:
