@@ -713,9 +713,16 @@ def bundle_cases(rng) -> list:
     case("manifest-reformatted", "accept",
          lambda b, c: (lambda m: (os.remove(os.path.join(b, "manifest.json")),
                                   write(b, "manifest.json", json.dumps(m, sort_keys=True).encode())))(_manifest(b)))
+    def loaded(fn):
+        """The file a CPU report (--encoders auto) loads for ``fn``: the int8 ViT where the bundle kept one."""
+        def name(b):
+            int8 = _manifest(b)["encoders"].get("int8", {}).get("files", {})
+            return int8.get(fn.split(".")[0], fn)
+        return name
+
     for k in range(4):
         for fn in ("vit.onnx", "aggregator.onnx", "fusion.onnx"):
-            case(f"flip-{fn}-{k}", "refuse", flip(lambda b, fn=fn: fn, k), (fn,))
+            case(f"flip-{fn}-{k}", "refuse", flip(loaded(fn), k), (fn.split(".")[0],))
         case(f"flip-default-llm-{k}", "refuse", flip(default_llm, k), ("sha256",))
         case(f"flip-unused-llm-{k}", "accept", flip(other_llm, k))
     for fn in ("vit.onnx", "fusion.onnx", "llm"):
