@@ -24,7 +24,7 @@ class DemoConfig:
     lm_steps: int | None = None
     finetune_steps: int | None = None
     seed: int = 0
-    test_seed: int = 2026  # the held-out phantoms' own seed: no training set of seed 0-2025 holds them
+    test_seed: int = 2026  # the held-out phantoms' own seed sequence, which no training set of another seed holds
     show: int = 4
     threads: int | None = None
     progress: bool = True

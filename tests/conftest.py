@@ -73,3 +73,15 @@ def quick(tmp_path_factory) -> Trained:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Trained:
     return _recipe_run(tmp_path_factory.mktemp("trained"), SMALL)
+
+
+@pytest.fixture(scope="session")
+def scans(quick) -> list:
+    """The first 20 scans of the quick fixture's dataset (train, then test): the service tests' inputs."""
+    import csv
+
+    out = []
+    for split in ("train", "test"):
+        with open(os.path.join(quick.data, f"{split}.csv")) as f:
+            out += [os.path.join(quick.data, r["image"]) for r in csv.DictReader(f)]
+    return out[:20]

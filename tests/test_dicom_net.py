@@ -5,46 +5,15 @@ series uploaded over HTTP has its SR and PDF at the job's own URLs."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import httpx
 import pydicom
 import pytest
 from dicom_writer import PATIENT, write_series
-from service_runner import MAX_TOKENS, Server, free_port
+from service_runner import MAX_TOKENS, Pacs, Server, free_port
 
 from samf.runtime.phantom import make_phantom
-
-
-class Pacs:
-    """A storage SCP that keeps what it is sent."""
-
-    def __init__(self):
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-        self.port, self.received, self.lock = free_port(), [], threading.Lock()
-        ae = AE(ae_title="PACS")
-        ae.supported_contexts = AllStoragePresentationContexts
-
-        def on_store(event):
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            with self.lock:
-                self.received.append(ds)
-            return 0x0000
-
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
-
-    def wait(self, n: int, timeout: float = 120.0) -> list:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                if len(self.received) >= n:
-                    return list(self.received)
-            time.sleep(0.05)
-        raise AssertionError(f"the PACS received {len(self.received)} of {n} objects")
 
 
 def _send_series(folder: str, port: int, skip: int | None = None) -> list:

@@ -21,17 +21,6 @@ from samf.runtime.jobs import UploadError, kind_of_upload, path_within, unpack_d
 
 
 @pytest.fixture(scope="module")
-def scans(quick):
-    import csv
-
-    out = []
-    for split in ("train", "test"):
-        with open(os.path.join(quick.data, f"{split}.csv")) as f:
-            out += [os.path.join(quick.data, r["image"]) for r in csv.DictReader(f)]
-    return out[:20]
-
-
-@pytest.fixture(scope="module")
 def expected(quick, scans):
     """``samf report``'s pipeline, one scan at a time: what every service job must return."""
     from samf.runtime.pipeline import ReportPipeline

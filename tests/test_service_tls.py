@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime
 import ipaddress
-import os
 import ssl
 import time
 
@@ -61,17 +60,6 @@ def pki(tmp_path_factory):
                                                              serialization.NoEncryption()))
         out[who] = (str(root / f"{who}.pem"), str(root / f"{who}.key"))
     return out
-
-
-@pytest.fixture(scope="module")
-def scans(quick):
-    import csv
-
-    out = []
-    for split in ("train", "test"):
-        with open(os.path.join(quick.data, f"{split}.csv")) as f:
-            out += [os.path.join(quick.data, r["image"]) for r in csv.DictReader(f)]
-    return out[:20]
 
 
 def _twenty(server: Server, scans: list) -> tuple:
