@@ -178,15 +178,21 @@ def test_runtime_answer_equals_pytorch_answer(quick, vlm, tok):
 def test_quantized_q8_mostly_agrees(trained):
     """Q8_0 is allowed to differ; how much is measured here (and in benchmarks/), not assumed. On the trained
     model: the nearly flat logits of a barely trained one flip under any quantization."""
+    from samf.runtime.phantom import parse_report
     from samf.runtime.pipeline import ReportPipeline
 
     texts = {}
     for q in ("F32", "Q8_0"):
         pipe = ReportPipeline(trained.bundle, quant=q, encoders="fp32")
-        texts[q] = [pipe.report(os.path.join(trained.data, ex.image)).text for ex in trained.test[:6]]
+        texts[q] = [pipe.report(os.path.join(trained.data, ex.image)).text for ex in trained.test]
         pipe.close()
-    same = sum(a == b for a, b in zip(texts["F32"], texts["Q8_0"]))
-    assert same >= 4, f"Q8_0 report equals F32 report for only {same}/6 scans"
+    pairs = list(zip(texts["F32"], texts["Q8_0"]))
+    same = sum(a == b for a, b in pairs)
+    same_findings = sum(parse_report(a) == parse_report(b) for a, b in pairs)
+    # All 48 held-out scans, not the first 6: those held 3 of the 6 differing reports of a run whose 48 gave 42
+    # (2026-12-04; the demo's model: 176/200). The floor is 3 in 4 (it was 4 in 6).
+    print(f"Q8_0 == F32: {same}/{len(pairs)} reports, {same_findings}/{len(pairs)} findings")
+    assert same >= 0.75 * len(pairs), f"Q8_0 report equals F32 report for only {same}/{len(pairs)} scans"
 
 
 def test_llama_cpp_loss_matches_transformers(quick, vlm, tok, prompt):
