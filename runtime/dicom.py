@@ -147,8 +147,8 @@ def find_series(folder: str) -> dict:
                     continue
                 with f:
                     ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError):
-                continue
+            except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, TypeError):
+                continue  # TypeError: pydicom on a "DICM" preamble followed by junk, read from a file object
             if "SeriesInstanceUID" not in ds:
                 continue
             frames = _frames_of(path, ds)

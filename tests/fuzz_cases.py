@@ -629,6 +629,11 @@ def own(path: str) -> str:
     return path
 
 
+def loaded_file(manifest: dict, fn: str) -> str:
+    """The encoder file a CPU report (``--encoders auto``) loads in place of ``fn`` (vit.onnx, aggregator.onnx,
+    fusion.onnx): the int8 variant's where the bundle kept one, else ``fn``."""
+    return manifest["encoders"].get("int8", {}).get("files", {}).get(fn.split(".")[0], fn)
+
 def _manifest(b):
     with open(os.path.join(b, "manifest.json")) as f:
         return json.load(f)
@@ -714,11 +719,7 @@ def bundle_cases(rng) -> list:
          lambda b, c: (lambda m: (os.remove(os.path.join(b, "manifest.json")),
                                   write(b, "manifest.json", json.dumps(m, sort_keys=True).encode())))(_manifest(b)))
     def loaded(fn):
-        """The file a CPU report (--encoders auto) loads for ``fn``: the int8 ViT where the bundle kept one."""
-        def name(b):
-            int8 = _manifest(b)["encoders"].get("int8", {}).get("files", {})
-            return int8.get(fn.split(".")[0], fn)
-        return name
+        return lambda b: loaded_file(_manifest(b), fn)
 
     for k in range(4):
         for fn in ("vit.onnx", "aggregator.onnx", "fusion.onnx"):
@@ -787,7 +788,8 @@ def bundle_cases(rng) -> list:
     resealed("unknown-preprocess-key", lambda m: m["preprocess"].__setitem__("sharpen", True))
     resealed("schema-99", lambda m: m.__setitem__("schema", 99), words=("schema",))
     resealed("default-llm-absent", lambda m: m["llm"].__setitem__("default", "Q3_K"))
-    resealed("vit-hash-changed", lambda m: m["files"]["vit.onnx"].__setitem__("sha256", "ab" * 32), words=("sha256",))
+    resealed("vit-hash-changed", lambda m: m["files"][loaded_file(m, "vit.onnx")].__setitem__("sha256", "ab" * 32),
+             words=("sha256",))
     resealed("encoders-unknown-precision", lambda m: m["encoders"].__setitem__("fp8", m["encoders"]["fp32"]))
     resealed("encoders-without-fp32", lambda m: m["encoders"].pop("fp32"))
     resealed("encoders-unlisted-file", lambda m: m["encoders"]["fp32"]["files"].__setitem__("vit", "vit-x.onnx"),
