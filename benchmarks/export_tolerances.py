@@ -63,25 +63,6 @@ def phantom_slices(seeds, pre: dict) -> list:
     return [preprocess(Volume(p.volume, p.spacing, "phantom"), cfg) for p in (make_phantom(s) for s in seeds)]
 
 
-def make_model(cfg, seed: int, calib: list):
-    """A seeded model; odd seeds with weights scaled by 2**U(-1, 2); standardisation measured on ``calib``."""
-    import torch
-
-    from samf.train.vlm import SamfVLM
-
-    torch.manual_seed(seed)
-    vlm = SamfVLM(cfg, None, None).eval()
-    factor = 1.0
-    if seed % 2:
-        factor = float(2 ** np.random.default_rng(seed).uniform(-1, 2))
-        with torch.no_grad():
-            for name, p in vlm.named_parameters():
-                if p.dim() >= 2 or name.endswith(("pos_embed", "cls_token", "queries", "slice_pos")):
-                    p.mul_(factor)
-    vlm.encoder.calibrate(torch.from_numpy(x) for x in calib)
-    return vlm, factor
-
-
 # ---------------------------------------------------------------------------------------------- wrong graphs
 
 def _weight_of(model, node_pattern: str):
@@ -152,9 +133,10 @@ def measure_init(cfg, pre, seed, calib, held, work, wrong_inputs: int) -> dict:
     import torch
 
     from samf.export.onnx_export import export_graph, module_specs, validate_onnx
+    from samf.export.synthetic import random_image_model
 
     t = time.time()
-    vlm, factor = make_model(cfg, seed, calib)
+    vlm, factor = random_image_model(cfg, seed, calib)
     out = dict(seed=seed, weight_factor=round(factor, 4), modules={})
     for spec in module_specs(vlm):
         path = os.path.join(work, f"{spec.name}.onnx")

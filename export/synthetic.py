@@ -93,3 +93,26 @@ def write_synthetic_bundle(out_dir: str, preset: str = "paper", layers: int | No
     finally:
         if not keep:
             shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def random_image_model(image_cfg, seed: int, calib: list) -> tuple:
+    """``(model, factor)``: a seeded image-side model as the classes initialise it (no LLM), the standardisation
+    measured on ``calib`` slices. Odd seeds have every weight matrix and embedding scaled by ``factor`` =
+    2**U(-1, 2) (trained weights are not the init's size; even seeds: 1). What the export check is calibrated and
+    tested on (benchmarks/export_tolerances.py, tests/test_export_agreement.py)."""
+    import numpy as np
+    import torch
+
+    from samf.train.vlm import SamfVLM
+
+    torch.manual_seed(seed)
+    vlm = SamfVLM(image_cfg, None, None).eval()
+    factor = 1.0
+    if seed % 2:
+        factor = float(2 ** np.random.default_rng(seed).uniform(-1, 2))
+        with torch.no_grad():
+            for name, p in vlm.named_parameters():
+                if p.dim() >= 2 or name.endswith(("pos_embed", "cls_token", "queries", "slice_pos")):
+                    p.mul_(factor)
+    vlm.encoder.calibrate(torch.from_numpy(x) for x in calib)
+    return vlm, factor

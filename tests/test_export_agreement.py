@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from samf.errors import ExportCheckFailed
 from samf.export.onnx_export import ONNX_AGREEMENT, export_graph, export_one, module_specs, validate_onnx
+from samf.export.synthetic import random_image_model
 
 
 def image_config(preset: str, tmp_path):
@@ -37,20 +37,8 @@ def phantom_slices(seeds, pre: dict) -> list:
 
 
 def random_model(cfg, seed: int, calib: list):
-    """A seeded model as the classes initialise it; odd seeds with every weight matrix and embedding scaled by
-    2**U(-1, 2) (trained weights are not the init's size); the standardisation measured on ``calib``."""
-    from samf.train.vlm import SamfVLM
-
-    torch.manual_seed(seed)
-    vlm = SamfVLM(cfg, None, None).eval()
-    if seed % 2:
-        factor = float(2 ** np.random.default_rng(seed).uniform(-1, 2))
-        with torch.no_grad():
-            for name, p in vlm.named_parameters():
-                if p.dim() >= 2 or name.endswith(("pos_embed", "cls_token", "queries", "slice_pos")):
-                    p.mul_(factor)
-    vlm.encoder.calibrate(torch.from_numpy(x) for x in calib)
-    return vlm
+    """A seeded random model (odd seeds with scaled weights): export/synthetic.py's random_image_model."""
+    return random_image_model(cfg, seed, calib)[0]
 
 
 def break_graph(src: str, dst: str, module: str, how: str) -> None:
