@@ -78,7 +78,9 @@ def test_sigterm_mid_batch_then_restart_every_job_done_once_no_sr_twice(quick, s
     assert rc == 0 and "stopped: every begun job ended" in log and "Traceback" not in log, log[-3000:]
     before = audit_lines(work)
     counts = collections.Counter(r["event"] for r in before)
-    assert counts["received"] == 3 + len(scans) and counts["done"] < counts["received"], counts
+    # Every upload was received before its POST returned; a DICOM series still settling at SIGTERM is kept on
+    # disk and received after the restart (below), so 8 to 11 receipts here.
+    assert len(scans) <= counts["received"] <= 3 + len(scans) and counts["done"] < counts["received"], counts
     assert counts["started"] == counts["done"] + counts["failed"]   # nothing begun was left running
     print(f"SIGTERM: stopped in {stop_s:.2f} s with {counts['done']} done, {counts['requeued']} requeued")
 
@@ -86,7 +88,9 @@ def test_sigterm_mid_batch_then_restart_every_job_done_once_no_sr_twice(quick, s
     try:
         jobs = again.wait_all(http_ids)
         assert all(j["status"] == "done" and j["report"] == expected[http_ids[i]] for i, j in jobs.items())
-        dicom_ids = [r["job"] for r in before if r["event"] == "received" and r["who"] == "dicom:SCANNER"]
+        dicom_ids = wait_for(lambda: len(ids := [r["job"] for r in audit_lines(work) if r["event"] == "received"
+                                                 and r["who"] == "dicom:SCANNER"]) >= 3 and ids,
+                             what="the three DICOM series received")
         assert len(dicom_ids) == 3
         done = again.wait_all(dicom_ids)
         assert {j["status"] for j in done.values()} == {"done"}
@@ -124,8 +128,9 @@ def test_audit_trail_names_who_and_holds_no_identifiers_tokens_rotate_live(quick
         assert set(send_series(folder, dport)) == {0x0000}
         jobs = server.wait_all([by_alice, by_bob])
         pacs.wait(2)
-        trail = wait_for(lambda: (t := audit_lines(work)) and sum(r["event"] == "delivered" for r in t) and t,
-                         what="the delivery's audit line")
+        # A DICOM job's "done" line follows its "delivered" one: wait for the last line of the three jobs.
+        trail = wait_for(lambda: (t := audit_lines(work)) and sum(r["event"] == "done" for r in t) == 3 and t,
+                         what="the DICOM job's done line")
         dicom_job = next(r["job"] for r in trail if r["who"] == "dicom:SCANNER")
         events = collections.defaultdict(list)
         for r in trail:
