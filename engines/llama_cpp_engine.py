@@ -331,6 +331,26 @@ class LlamaCppLLM:
         logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         return -float(np.mean(logp[np.arange(len(targets)), targets]))
 
+    def choice_nll(self, head: list, rows: np.ndarray, tail: list, choices: list, end: int) -> list:
+        """Mean negative log-likelihood per token of each of ``choices`` (token id lists) + ``end`` after
+        ``head rows tail``: the request is decoded once, and each choice from its end, its cells removed after.
+        How a multiple-choice answer is picked among the offered ones (the lowest wins), as evaluation
+        harnesses score options, rather than hoping a generated letter matches its text."""
+        if not tail or not choices:
+            raise SamfError("choice_nll needs a prompt token after the image rows and at least one choice")
+        self._check_fits(head, rows, tail, max(len(c) for c in choices) + 1)
+        pos, steps = self._prefill(head, rows, tail, all_logits=True)
+        memory = self._ll.llama_get_memory(self.llm.ctx)
+        out = []
+        for ids in choices:
+            logits = np.stack(steps[-1:] + self._decode(pos, tokens=list(ids), all_logits=True)).astype(np.float64)
+            self._ll.llama_memory_seq_rm(memory, 0, pos, -1)  # the next choice continues the same request
+            targets = np.asarray(list(ids) + [end])
+            logp = logits - logits.max(1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+            out.append(-float(np.mean(logp[np.arange(len(targets)), targets])))
+        return out
+
     def close(self) -> None:
         if self.llm is not None:
             self.llm.close()

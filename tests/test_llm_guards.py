@@ -39,3 +39,16 @@ def test_a_prefill_longer_than_a_batch_is_split(llm):
     rows = np.random.default_rng(0).normal(0, 0.02, (40, llm.n_embd)).astype(np.float32)  # 40 > n_batch 16
     out = llm.generate([1], rows, [2, 3], stop=set(), max_new_tokens=3)
     assert out["prompt_tokens"] == 43 and len(out["ids"]) == 3
+
+
+def test_choice_scores_equal_one_request_per_choice_and_leave_the_cache_clean(llm):
+    """Scoring four answers after one prefill (each one's cells removed after it) gives what four separate
+    teacher-forced runs give, whatever the order; a choice too long for the context is refused first."""
+    rows = np.random.default_rng(1).normal(0, 0.02, (6, llm.n_embd)).astype(np.float32)
+    choices = [[40, 41, 42], [50], [60, 61], [40, 41, 43, 44]]
+    alone = [llm.answer_nll([1], rows, [2, 3], c, end=7) for c in choices]
+    together = llm.choice_nll([1], rows, [2, 3], choices, end=7)
+    assert np.allclose(together, alone, rtol=1e-4, atol=1e-5) and len(set(np.round(together, 4))) == 4
+    assert np.allclose(llm.choice_nll([1], rows, [2, 3], choices[::-1], end=7), together[::-1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SamfError, match="positions"):
+        llm.choice_nll([1], rows, [2, 3], [[4] * llm.n_ctx], end=7)
