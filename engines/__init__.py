@@ -2,14 +2,15 @@
 
 - ``onnxruntime_engine.OrtModule``: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu)
 - ``tensorrt_engine.TrtModule``: TensorRT plans (optional; needs NVIDIA's tensorrt + cuda-python)
+- ``openvino_engine.OvModule``: OpenVINO on the CPU, bf16 where the CPU has it (optional; ``samf[openvino]``)
 - ``llama_cpp_engine.LlamaCppLLM``: llama.cpp with embedding injection
 """
 
-ENCODER_BACKENDS = ("onnxruntime", "tensorrt")
+ENCODER_BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 
 
 def load_encoder_module(backend: str, path: str, **kwargs):
-    """The encoder module at ``path`` on ``backend`` (``onnxruntime`` or ``tensorrt``)."""
+    """The encoder module at ``path`` on ``backend`` (``onnxruntime``, ``tensorrt`` or ``openvino``)."""
     if backend == "onnxruntime":
         from .onnxruntime_engine import OrtModule
 
@@ -18,6 +19,10 @@ def load_encoder_module(backend: str, path: str, **kwargs):
         from .tensorrt_engine import TrtModule
 
         return TrtModule(path, **kwargs)
+    if backend == "openvino":
+        from .openvino_engine import OvModule
+
+        return OvModule(path, **kwargs)
     from samf.errors import SamfError
 
     raise SamfError(f"unknown encoder backend {backend!r}; one of {', '.join(ENCODER_BACKENDS)}")
