@@ -57,7 +57,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="batch-bench-")
     data = args.data
     if data is None:
-        from samf.runtime.phantom import generate_phantom_dataset
+        from samf.runtime.tools.phantom import generate_phantom_dataset
 
         data = os.path.join(work, "data")
         generate_phantom_dataset(data, 0, args.scans, seed=7, progress=False)

@@ -45,9 +45,9 @@ import numpy as np
 
 
 def _slices(seeds, pre):
-    from samf.runtime.ct import Volume
-    from samf.runtime.phantom import make_phantom
-    from samf.runtime.preprocess import preprocess
+    from samf.runtime.scan.ct import Volume
+    from samf.runtime.scan.preprocess import preprocess
+    from samf.runtime.tools.phantom import make_phantom
 
     return np.concatenate([preprocess(Volume(p.volume, p.spacing, "phantom"), pre)
                            for p in (make_phantom(s) for s in seeds)])
@@ -57,7 +57,7 @@ def build(work: str, threads: int) -> dict:
     """vit.onnx (fp32) and the slices; the torch eager time for one scan."""
     import torch
 
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.train.models import AggregatorConfig, ImageEncoder, ViTConfig
 
     torch.manual_seed(0)
@@ -179,8 +179,8 @@ def report_agreement(bundle: str, data: str, work: str) -> list:
     import shutil
 
     os.environ["SAMF_VERIFY_CACHE"] = "off"
-    from samf.runtime.manifest import seal
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.bundle.manifest import seal
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     with open(os.path.join(data, "test.csv")) as f:
         scans = [os.path.join(data, r["image"]) for r in csv.DictReader(f)]

@@ -60,9 +60,9 @@ def in_range(mask: np.ndarray, placement, plane: int) -> np.ndarray:
 
 def measure(bundle: str, seeds, threads: int | None, encoders: str = "fp32") -> dict:
     """Per (finding, plane): each scan's in-range slices and the plane's scores, from the runtime's evidence."""
-    from samf.runtime.ct import Volume
-    from samf.runtime.phantom import make_phantom
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.scan.ct import Volume
+    from samf.runtime.tools.phantom import make_phantom
 
     cases: dict = {}  # (finding, plane) -> list of (in_range [S], {score: [S]})
     untouched = {f: [0, 0, 0] for f in FINDINGS}
@@ -95,7 +95,7 @@ def summarise(measured: dict, permutations: int = 2000, seed: int = 0) -> list:
     """Per finding, plane and score: hit@1, chance, mass on range; and the same model's top slice of *another*
     scan on this scan's finding (``other_scan``: what position alone gets, since attention can favour a slice
     position whatever the image), with a permutation p-value for hit@1 against it."""
-    from samf.runtime.preprocess import PLANES
+    from samf.runtime.scan.preprocess import PLANES
 
     rng = np.random.default_rng(seed)
     out = []

@@ -55,9 +55,9 @@ def image_config(preset: str, work: str):
 
 
 def phantom_slices(seeds, pre: dict) -> list:
-    from samf.runtime.ct import Volume
-    from samf.runtime.phantom import make_phantom
-    from samf.runtime.preprocess import PreprocessConfig, preprocess
+    from samf.runtime.scan.ct import Volume
+    from samf.runtime.scan.preprocess import PreprocessConfig, preprocess
+    from samf.runtime.tools.phantom import make_phantom
 
     cfg = PreprocessConfig.from_dict(pre)
     return [preprocess(Volume(p.volume, p.spacing, "phantom"), cfg) for p in (make_phantom(s) for s in seeds)]

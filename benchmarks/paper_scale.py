@@ -108,10 +108,10 @@ def torch_pipeline(ckpt: str, new_tokens: int, out: str) -> None:
 
     import torch
 
-    from samf.runtime.ct import load_scan
-    from samf.runtime.phantom import generate_phantom_dataset
-    from samf.runtime.preprocess import PreprocessConfig, preprocess
-    from samf.runtime.prompt import REPORT_REQUESTS
+    from samf.runtime.inference.prompt import REPORT_REQUESTS
+    from samf.runtime.scan.ct import load_scan
+    from samf.runtime.scan.preprocess import PreprocessConfig, preprocess
+    from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train.llm_folder import LLMTokenizer
     from samf.train.vlm import SamfVLM, prompt_ids
 
@@ -147,7 +147,7 @@ def torch_pipeline(ckpt: str, new_tokens: int, out: str) -> None:
 def verify_time(bundle: str, quant: str, out: str) -> None:
     """How long a start spends on bundle verification (the cache as it is)."""
     t0 = time.perf_counter()
-    from samf.runtime.bundle import read_bundle
+    from samf.runtime.bundle.bundle import read_bundle
 
     read_bundle(bundle, quant=quant)
     with open(out, "w") as f:
@@ -229,8 +229,8 @@ def main() -> None:
     q = "Q4_K_M" if "Q4_K_M" in quants else quants[-1]
     scan = os.path.join(a.work, "scan.nii.gz")
     if not os.path.exists(scan):
-        subprocess.run([sys.executable, "-c", "import sys; from samf.runtime.ct import save_nifti; from "
-                        "samf.runtime.phantom import make_phantom; p = make_phantom(17); "
+        subprocess.run([sys.executable, "-c", "import sys; from samf.runtime.scan.ct import save_nifti; from "
+                        "samf.runtime.tools.phantom import make_phantom; p = make_phantom(17); "
                         "save_nifti(sys.argv[1], p.volume, p.spacing)", scan], check=True)
     j = os.path.join(a.work, "verify.json")
     res["verify_warm"] = measured(me + ["--work", a.work, "--out", j, "--step", "verify-time", bundle, q])

@@ -38,7 +38,7 @@ def rss_mb(pid: int) -> float:
 def main() -> None:
     import httpx
 
-    from samf.runtime.phantom import generate_phantom_dataset
+    from samf.runtime.tools.phantom import generate_phantom_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True)

@@ -14,20 +14,20 @@ from samf.errors import one_line
 
 def write_scan_outputs(scan: str, res, slices_per_plane: int, series_uid: str | None, dicom_dir: str | None,
                        evidence_dir: str | None) -> dict:
-    """A reported scan's --evidence (``evidence_dir``: see :func:`~samf.runtime.evidence.write_evidence`; for a
-    DICOM series evidence.json also names the source image each top slice falls on) and --dicom-out
+    """A reported scan's --evidence (``evidence_dir``: see :func:`~samf.runtime.inference.evidence.write_evidence`;
+    for a DICOM series evidence.json also names the source image each top slice falls on) and --dicom-out
     (``dicom_dir``: sr.dcm, report_pdf.dcm; a DICOM series folder only). ``res.slices`` must be set. Returns what
     was written, ``{"evidence": folder, "DICOM": [paths]}``; on a failure what this call wrote is removed, so no
     output describes a scan whose row failed."""
     import shutil
 
     from samf.errors import BundleError
-    from samf.runtime.evidence import NO_ATTENTION, write_evidence
+    from samf.runtime.inference.evidence import NO_ATTENTION, write_evidence
 
     out: dict = {}
     source = None
     if os.path.isdir(scan) and (dicom_dir is not None or evidence_dir is not None):
-        from samf.runtime.dicom_out import evidence_images, source_instances, write_dicom_results
+        from samf.runtime.outputs.dicom_out import evidence_images, source_instances, write_dicom_results
 
         source = source_instances(scan, series_uid)  # read once, for both
     try:
@@ -66,9 +66,9 @@ def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dic
     (same path, same content) are skipped, and each result is written as it finishes (:mod:`worklist`).
     ``dicom_out``/``evidence_dir``: each scan's SR and PDF (DICOM series only), evidence images, under
     ``<dir>/<scan name>/`` (:func:`write_scan_outputs`); a scan whose outputs cannot be written fails."""
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
     from samf.runtime.progress import progress_bar
-    from samf.runtime.worklist import JSONL, BatchOutput, content_sha256, output_names
+    from samf.runtime.service.worklist import JSONL, BatchOutput, content_sha256, output_names
 
     output = BatchOutput(out_dir, items) if out_dir else None
     names = output.names if output else output_names(items)

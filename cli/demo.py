@@ -56,8 +56,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     import numpy as np
 
     from samf.runtime.atomic import atomic_file
-    from samf.runtime.phantom import generate_phantom_dataset
-    from samf.runtime.prompt import REPORT_REQUESTS
+    from samf.runtime.inference.prompt import REPORT_REQUESTS
+    from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train import run_folder as R
     from samf.train.evaluate import (
         distinct_share,
@@ -111,7 +111,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         manifest = write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32",
                                 log=lambda m: click.echo("   " + m))
     with stage("7. slim runtime (ONNX Runtime + llama.cpp) on held-out phantoms"):
-        from samf.runtime.pipeline import ReportPipeline
+        from samf.runtime.inference.pipeline import ReportPipeline
 
         results = {}
         # F32 with the fp32 encoders: the reference the PyTorch pipeline is compared with below; Q8_0 with the

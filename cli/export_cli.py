@@ -142,7 +142,7 @@ def _verify_everything(bundle) -> int:
     """Re-hash every artifact of a bundle read with read_bundle, print one line each; BundleError unless all
     match. Returns the file count."""
     from samf.errors import BundleError
-    from samf.runtime.bundle import verify_all
+    from samf.runtime.bundle.bundle import verify_all
 
     results = verify_all(bundle)
     for name, size, problem in results:
@@ -162,7 +162,7 @@ def verify_cmd(bundle_dir, trusted_keys):
     """Re-hash every artifact of BUNDLE_DIR against its manifest, ignoring the verification cache.
 
     A start hashes only what it loads and skips files unchanged since they were last hashed; this checks all."""
-    from samf.runtime.bundle import read_bundle
+    from samf.runtime.bundle.bundle import read_bundle
 
     n = _verify_everything(read_bundle(bundle_dir, verify_hashes=False, trusted_keys=trusted_keys))
     signed = " and its signature is by a trusted key" if trusted_keys else ""
@@ -175,7 +175,7 @@ def keygen_cmd(private_key):
     """Make an Ed25519 key pair for signing bundles: PRIVATE_KEY (PEM, readable by you only) and
     PRIVATE_KEY.pub, the public key that workstations trust. `openssl genpkey -algorithm ed25519` and
     `ssh-keygen -t ed25519` keys work as well."""
-    from samf.runtime.signature import write_keypair
+    from samf.runtime.bundle.signature import write_keypair
 
     public, fp = write_keypair(private_key)
     click.echo(f"wrote {private_key!r} (keep it secret) and {public!r} ({fp})")
@@ -188,8 +188,8 @@ def keygen_cmd(private_key):
 def sign_cmd(bundle_dir, private_key):
     """Sign BUNDLE_DIR's manifest (and so every artifact's sha256) after re-hashing every artifact: writes
     manifest.sig, which `samf report --trusted-key` requires."""
-    from samf.runtime.bundle import read_bundle
-    from samf.runtime.signature import load_private_key, sign_manifest
+    from samf.runtime.bundle.bundle import read_bundle
+    from samf.runtime.bundle.signature import load_private_key, sign_manifest
 
     load_private_key(private_key)  # a bad key or passphrase fails before minutes of hashing
     bundle = read_bundle(bundle_dir, verify_hashes=False)
@@ -210,7 +210,7 @@ def build_engines(bundle_dir, precision, max_slices, max_prompt_tokens, workspac
     """Build TensorRT plans for this GPU from the bundle's ONNX graphs, check each against ONNX Runtime, and
     record them in its manifest."""
     from samf.export.tensorrt_build import build_bundle_engines
-    from samf.runtime.signature import SIGNATURE
+    from samf.runtime.bundle.signature import SIGNATURE
 
     signed = os.path.exists(os.path.join(bundle_dir, SIGNATURE))
     entry = build_bundle_engines(bundle_dir, precision=precision, max_slices=max_slices,

@@ -67,12 +67,12 @@ def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=N
     """Read SCAN with the options of :func:`scan_options`; say which DICOM series was used."""
     import os
 
-    from samf.runtime.ct import load_scan
+    from samf.runtime.scan.ct import load_scan
 
     meta = None
     if ctrate_metadata:
         from samf.errors import ScanError
-        from samf.runtime.ctrate import read_metadata
+        from samf.runtime.scan.ctrate import read_metadata
 
         meta = read_metadata(ctrate_metadata).get(os.path.basename(scan.rstrip("/")))
         if meta is None:
@@ -142,8 +142,8 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
     One scan prints its report. Several, or --out DIR, run as a batch on one load of the bundle: scans are read
     ahead while the engines work, and --parallel reports are decoded together. A bad scan becomes an error row
     with its reason and the batch goes on; the exit code is 1 if any scan failed."""
-    from samf.runtime.pipeline import ReportPipeline
-    from samf.runtime.worklist import expand_worklist
+    from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.service.worklist import expand_worklist
 
     if not scans and not worklists:
         raise click.UsageError("give one or more SCANs, or --worklist FILE")
@@ -164,7 +164,7 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
             extras = dicom_out is not None or evidence_dir is not None
             res = pipe.report(vol, request=request, max_new_tokens=max_tokens, keep_slices=extras)
             if extras:
-                from samf.runtime.slices_png import scan_folder_name
+                from samf.runtime.outputs.slices_png import scan_folder_name
 
                 from .batch import write_scan_outputs
 
@@ -201,7 +201,7 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
 def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backend, encoders, gpu_layers,
         **scan_kw):
     """Answer a multiple-choice question about SCAN."""
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     vol = _load(scan, **scan_kw)
     with ReportPipeline(bundle_dir, quant=quant, backend=backend, encoders=encoders, n_threads=threads,
@@ -250,12 +250,12 @@ def slices(scan, out_dir, bundle_dir, trusted_keys, **scan_kw):
     OUT/<scan name>/, a folder of this scan's slices only."""
     import os
 
-    from samf.runtime.preprocess import PreprocessConfig
-    from samf.runtime.slices_png import scan_folder_name, write_slice_pngs
+    from samf.runtime.outputs.slices_png import scan_folder_name, write_slice_pngs
+    from samf.runtime.scan.preprocess import PreprocessConfig
 
     vol = _load(scan, **scan_kw)
     if bundle_dir:
-        from samf.runtime.bundle import read_bundle
+        from samf.runtime.bundle.bundle import read_bundle
 
         cfg = read_bundle(bundle_dir, verify_hashes=False, trusted_keys=trusted_keys).preprocess
     else:
@@ -294,11 +294,11 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
     import tempfile
 
     from samf.runtime.atomic import atomic_file
-    from samf.runtime.bench import format_bench, run_bench
+    from samf.runtime.tools.bench import format_bench, run_bench
 
     with tempfile.TemporaryDirectory(prefix="samf-bench-") as tmp:
         if data_dir is None:
-            from samf.runtime.phantom import generate_phantom_dataset
+            from samf.runtime.tools.phantom import generate_phantom_dataset
 
             data_dir = tmp
             generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)

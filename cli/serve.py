@@ -1,4 +1,5 @@
-"""``samf serve``: the bundle loaded once behind a local HTTP API, jobs queued in SQLite (:mod:`samf.runtime.jobs`).
+"""``samf serve``: the bundle loaded once behind a local HTTP API, jobs queued in SQLite
+(:mod:`samf.runtime.service.jobs`).
 
 Why FastAPI on uvicorn: the OpenAPI schema comes from the routes' own types, Starlette streams server-sent events
 from the same process, uvicorn is the ASGI server most deployments already know, and all three are well kept.
@@ -7,7 +8,7 @@ Flask has neither the schema nor async streaming without add-ons.
 Safety: binds 127.0.0.1 unless told otherwise, and refuses any other address without a bearer token; uploads
 over the size limit get 413, a full queue 429; path inputs must lie under ``--input-dir``; a bad scan fails its
 own job; logs carry job ids, states and timings only; who did what goes to the audit trail
-(:mod:`samf.runtime.audit`), apart from the log.
+(:mod:`samf.runtime.service.audit`), apart from the log.
 
 Stopping: SIGTERM (or SIGINT) makes ``/readyz`` answer 503, stops the DICOM listener, lets uvicorn finish the
 requests in flight, then lets the worker finish the reports it has begun (``--stop-timeout``); jobs claimed but not
@@ -27,8 +28,8 @@ import threading
 import time
 
 from samf.errors import SamfError
-from samf.runtime.audit import NullTrail, Tokens, scan_sha256
-from samf.runtime.jobs import JobRunner, JobStore, UploadError, kind_of_upload, path_within, unpack_dicom_zip
+from samf.runtime.service.audit import NullTrail, Tokens, scan_sha256
+from samf.runtime.service.jobs import JobRunner, JobStore, UploadError, kind_of_upload, path_within, unpack_dicom_zip
 
 API_VERSION = "v1"
 
@@ -319,8 +320,8 @@ def serve(bundle: str, host: str, port: int, work: str, *, token: str | None = N
     except ImportError:
         raise SamfError("samf serve needs the service's libraries: pip install 'samf[serve]'") from None
 
-    from samf.runtime.audit import AuditTrail, bundle_record
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.service.audit import AuditTrail, bundle_record
 
     tokens = Tokens(token, token_file)
     if not is_loopback(host) and not tokens.required:
@@ -331,7 +332,7 @@ def serve(bundle: str, host: str, port: int, work: str, *, token: str | None = N
                         "--dicom-allow AE (repeatable)")
     dicom_tls = (None, None)
     if dicom:
-        from samf.runtime.dicom_net import check_ae_title, tls_contexts
+        from samf.runtime.service.dicom_net import check_ae_title, tls_contexts
 
         for title in (dicom["ae_title"], *dicom.get("allow", ())):
             check_ae_title(title, "AE title")
@@ -354,7 +355,7 @@ def serve(bundle: str, host: str, port: int, work: str, *, token: str | None = N
     store = JobStore(work)
     requeued = store.recover()
     if dicom and dicom.get("dest"):
-        from samf.runtime.dicom_net import parse_destination
+        from samf.runtime.service.dicom_net import parse_destination
 
         parse_destination(dicom["dest"])  # refused before the bundle loads
     pipe = ReportPipeline(bundle, parallel=parallel, max_new_tokens=max_tokens, **(engines or {}))
@@ -364,7 +365,7 @@ def serve(bundle: str, host: str, port: int, work: str, *, token: str | None = N
                      outcome="running when the service last stopped: queued again")
     reply = scp = collector = None
     if dicom:
-        from samf.runtime.dicom_net import DicomReply, SeriesCollector, queue_series, start_scp
+        from samf.runtime.service.dicom_net import DicomReply, SeriesCollector, queue_series, start_scp
 
         reply = DicomReply(pipe, dicom.get("dest"), dicom.get("out_dir") or os.path.join(work, "dicom-out"),
                            dicom["ae_title"], results_dir=store.results, retries=dicom.get("retries", 4),

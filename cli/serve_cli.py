@@ -174,7 +174,7 @@ def add_service_commands(main: click.Group, bundle_opt, trusted_key_opt, quant_o
         import json
         import sys
 
-        from samf.runtime.doctor import FAIL, run_checks
+        from samf.runtime.tools.doctor import FAIL, run_checks
 
         checks = run_checks(bundle_dir, trusted_keys, dicom_dest, host, port, dicom_port, work, ae_title)
         blockers = [(n, d) for n, s, d in checks if s == FAIL]

@@ -47,7 +47,7 @@ def _run_stage(run, cls, stage: str, data_dir, run_dir, threads, quiet, given: d
 
 
 def _train_examples(run_dir, data_dir, split="train", progress=True):
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.train.data import load_dataset
     from samf.train.distributed import is_main
     from samf.train.run_folder import read_run
@@ -91,7 +91,7 @@ def make_phantoms(out_dir, n_train, n_test, seed, layout, quiet):
         click.echo(f"wrote {len(names['train'])} train + {len(names['valid'])} valid phantoms to {out_dir} "
                    "(CT-RATE layout)")
         return
-    from samf.runtime.phantom import generate_phantom_dataset
+    from samf.runtime.tools.phantom import generate_phantom_dataset
 
     counts = generate_phantom_dataset(out_dir, n_train, n_test, seed=seed, progress=not quiet)
     click.echo(f"wrote {counts['train']} train + {counts['test']} test phantoms to {out_dir}")
@@ -116,7 +116,7 @@ def make_phantoms(out_dir, n_train, n_test, seed, layout, quiet):
 @quiet_opt
 def prepare(data_dir, out_dir, run_dir, preset, splits, workers, storage, shard_size, quiet):
     """Read and preprocess a dataset once into a cache that training streams from (--data CACHE)."""
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.train.run_folder import PRESET_PREPROCESS, read_run
     from samf.train.scan_cache import prepare_cache
 
@@ -142,7 +142,7 @@ def prepare(data_dir, out_dir, run_dir, preset, splits, workers, storage, shard_
 @quiet_opt
 def embed(run_dir, cache_dir, batch_scans, threads, quiet):
     """Run the run's pretrained ViT once over every cached scan (float16), for fine-tuning with a frozen ViT."""
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.train.distributed import single_process_device
     from samf.train.embed_cache import compute_embeddings
     from samf.train.run_folder import DINO_FILE, read_run

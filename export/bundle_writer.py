@@ -23,10 +23,10 @@ import os
 from samf import __version__
 from samf.errors import SamfError
 from samf.runtime.atomic import atomic_dir
-from samf.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
-from samf.runtime.manifest import seal
-from samf.runtime.prompt import REPORT_REQUESTS
-from samf.runtime.verified import VerifiedCache
+from samf.runtime.bundle.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
+from samf.runtime.bundle.manifest import seal
+from samf.runtime.bundle.verified import VerifiedCache
+from samf.runtime.inference.prompt import REPORT_REQUESTS
 
 from .encoder_variants import VariantCheck, add_encoder_variants, variant_files
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf

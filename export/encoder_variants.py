@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from samf.runtime.manifest import ENCODER_MODULES
+from samf.runtime.bundle.manifest import ENCODER_MODULES
 
 #: Seeds of the held-out phantoms the export checks with: far above any seed a samf dataset is generated from
 #: (``generate_phantom_dataset`` uses ``seed * 1_000_003 + i``).
@@ -244,12 +244,12 @@ class AgreementMeter:
 class VariantChecker:
     """The fp32 encoders' outputs on the held-out scans, and each variant's figures against them.
 
-    Runs the runtime's :class:`~samf.runtime.pipeline.ReportPipeline` on the bundle being written (the
+    Runs the runtime's :class:`~samf.runtime.inference.pipeline.ReportPipeline` on the bundle being written (the
     unquantized GGUF), swapping only the encoders, so a variant is judged by the very stages that will run it."""
 
     def __init__(self, bundle_dir: str, quant: str, check: VariantCheck):
-        from samf.runtime.pipeline import ReportPipeline, host
-        from samf.runtime.preprocess import preprocess
+        from samf.runtime.inference.pipeline import ReportPipeline, host
+        from samf.runtime.scan.preprocess import preprocess
 
         self.check, self._host = check, host
         self.pipe = ReportPipeline(bundle_dir, quant=quant, encoders="fp32", verify_hashes=False, repack=False,
@@ -314,7 +314,7 @@ class VariantChecker:
 
 
 def _report_request() -> str:
-    from samf.runtime.prompt import REPORT_REQUESTS
+    from samf.runtime.inference.prompt import REPORT_REQUESTS
 
     return REPORT_REQUESTS[0]
 
@@ -324,13 +324,13 @@ def held_out_volumes(check: VariantCheck) -> list:
     if check.data:
         import csv
 
-        from samf.runtime.ct import load_scan
+        from samf.runtime.scan.ct import load_scan
 
         with open(os.path.join(check.data, "test.csv")) as f:
             rows = list(csv.DictReader(f))[: check.scans]
         return [load_scan(os.path.join(check.data, r["image"])) for r in rows]
-    from samf.runtime.ct import Volume
-    from samf.runtime.phantom import make_phantom
+    from samf.runtime.scan.ct import Volume
+    from samf.runtime.tools.phantom import make_phantom
 
     return [Volume(p.volume, p.spacing, "phantom") for p in (make_phantom(CHECK_SEED + i) for i in range(check.scans))]
 

@@ -60,9 +60,9 @@ def calibrate_on_phantoms(vlm, preprocess_cfg: dict, seed: int) -> None:
     variants checked on it would look four times better than on a trained model."""
     import torch
 
-    from samf.runtime.ct import Volume
-    from samf.runtime.phantom import make_phantom
-    from samf.runtime.preprocess import PreprocessConfig, preprocess
+    from samf.runtime.scan.ct import Volume
+    from samf.runtime.scan.preprocess import PreprocessConfig, preprocess
+    from samf.runtime.tools.phantom import make_phantom
 
     pre = PreprocessConfig.from_dict(preprocess_cfg)
     phantoms = (make_phantom(seed * 1_000_003 + i) for i in range(CALIBRATION_PHANTOMS))

@@ -12,7 +12,7 @@ import numpy as np
 from samf.engines.tensorrt_engine import cuda_ok, import_tensorrt
 from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
-from samf.runtime.bundle import Bundle, read_bundle, update_manifest
+from samf.runtime.bundle.bundle import Bundle, read_bundle, update_manifest
 
 from .encoder_variants import AgreementMeter, VariantCheck, held_out_volumes
 
@@ -36,7 +36,7 @@ def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: i
     b = read_bundle(bundle_dir)
     have = b.encoder_precisions()
     if precision == "auto":
-        from samf.runtime.pipeline import AUTO_PRECISION
+        from samf.runtime.inference.pipeline import AUTO_PRECISION
 
         precision = next(p for p in AUTO_PRECISION["gpu"] if p in have)
     if precision not in have or precision == "int8":
@@ -97,7 +97,7 @@ def check_feeds(bundle: Bundle) -> dict:
     """Inputs to check each plan with: the slices of a held-out phantom, the fp32 ViT's embeddings of them and
     its aggregator's tokens, and a small random prompt (no LLM is needed)."""
     from samf.engines.onnxruntime_engine import OrtModule
-    from samf.runtime.preprocess import preprocess
+    from samf.runtime.scan.preprocess import preprocess
 
     slices = preprocess(held_out_volumes(VariantCheck(scans=1))[0], bundle.preprocess)
     files = bundle.encoder_files("fp32")

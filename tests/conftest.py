@@ -49,7 +49,7 @@ def _recipe_run(root, sizes: dict) -> Trained:
 
     from samf.export.bundle_writer import write_bundle
     from samf.export.encoder_variants import VariantCheck
-    from samf.runtime.phantom import generate_phantom_dataset
+    from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

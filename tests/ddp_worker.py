@@ -17,7 +17,7 @@ import sys
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from samf.runtime.preprocess import PreprocessConfig
+from samf.runtime.scan.preprocess import PreprocessConfig
 from samf.train import finetune as FT
 from samf.train import run_folder as R
 from samf.train.data import load_split

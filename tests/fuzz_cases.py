@@ -77,7 +77,7 @@ def seed() -> int:
 # ----------------------------------------------------------------------------- volumes
 
 def phantom(seed: int = 5, shape=(40, 64, 64), spacing=(6.0, 5.0, 5.0)) -> np.ndarray:
-    from samf.runtime.phantom import make_phantom
+    from samf.runtime.tools.phantom import make_phantom
 
     return make_phantom(seed, shape=shape, spacing=spacing).volume, spacing
 
@@ -640,7 +640,7 @@ def _manifest(b):
 
 
 def _put_manifest(b, m, reseal: bool):
-    from samf.runtime.manifest import seal
+    from samf.runtime.bundle.manifest import seal
 
     os.remove(os.path.join(b, "manifest.json"))
     with open(os.path.join(b, "manifest.json"), "w") as f:
@@ -649,7 +649,7 @@ def _put_manifest(b, m, reseal: bool):
 
 def schema_paths(schema=None, path=()) -> list:
     """Every key path the manifest schema names (leaves: values, arrays, open maps), plus an artifact's hash."""
-    from samf.runtime.manifest import SCHEMA
+    from samf.runtime.bundle.manifest import SCHEMA
 
     schema = SCHEMA if schema is None else schema
     props = schema.get("properties")

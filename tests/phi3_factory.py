@@ -11,7 +11,7 @@ def small_phi3(out_dir, dtype: str = "float32", hidden: int = 128, intermediate:
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from samf.runtime.phantom import sample_findings, write_report
+    from samf.runtime.tools.phantom import sample_findings, write_report
     from samf.train.llm_folder import save_sentencepiece_folder
     from samf.train.tokenizer import BOS, EOS, PAD, train_tokenizer
 

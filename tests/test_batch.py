@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from cli_runner import run_cli
 
-from samf.runtime.ct import Volume, save_nifti
-from samf.runtime.phantom import make_phantom
+from samf.runtime.scan.ct import Volume, save_nifti
+from samf.runtime.tools.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def scan_paths(quick):
 
 def test_batch_reports_equal_one_at_a_time(quick, scan_paths):
     """Continuous batching (3 sequences for 8 scans, so slots are reused) changes no greedy report (F32 GGUF)."""
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe:
         single = {s: pipe.report(s, max_new_tokens=40) for s in scan_paths}
@@ -33,7 +33,7 @@ def test_batch_reports_equal_one_at_a_time(quick, scan_paths):
 
 
 def test_fixed_length_batches_cut_every_sequence_at_the_same_length(quick, scan_paths):
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     with ReportPipeline(quick.bundle, quant="F32", encoders="fp32", parallel=4) as pipe:
         out = list(pipe.report_many(scan_paths[:5], max_new_tokens=7, stop_at_end=False))
@@ -45,7 +45,7 @@ def test_memory_stays_bounded_whatever_the_queue(quick):
     memory (numpy's arrays included) is that of a few scans, not of the queue."""
     import tracemalloc
 
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     alive, most, shape = set(), [0], (64, 96, 96)
     p = make_phantom(3, shape=shape)
@@ -133,7 +133,7 @@ def test_several_scans_without_out_print_one_json_line_each(quick, scan_paths):
 
 
 def test_a_worklist_is_files_series_folders_folders_of_scans_and_lists(tmp_path):
-    from samf.runtime.worklist import expand_worklist
+    from samf.runtime.service.worklist import expand_worklist
 
     scans = tmp_path / "scans"
     (scans / "series_b").mkdir(parents=True)
@@ -162,7 +162,7 @@ def test_a_worklist_csv_without_a_path_column_is_refused(tmp_path, quick):
 
 
 def test_bench_measures_each_concurrency(quick):
-    from samf.runtime.bench import format_bench, run_bench
+    from samf.runtime.tools.bench import format_bench, run_bench
 
     out = run_bench(quick.bundle, quick.data, n_scans=3, quants=["F32"], new_tokens=5, encoders=("fp32",),
                     concurrency=(1, 2))

@@ -9,7 +9,7 @@ import pytest
 from cli_runner import run_cli
 
 from samf.errors import BundleError
-from samf.runtime import bundle as B
+from samf.runtime.bundle import bundle as B
 
 FILES = ("vit.onnx", "aggregator.onnx", "fusion.onnx", "llm-F32.gguf", "llm-Q8_0.gguf")
 
@@ -36,7 +36,7 @@ def bundle(tmp_path):
 
 def stand_in_manifest(files: dict) -> dict:
     """The smallest manifest a bundle may have: the tiny preset's shapes, two GGUFs, sealed."""
-    from samf.runtime.manifest import seal
+    from samf.runtime.bundle.manifest import seal
 
     image = dict(vit=dict(img_size=48, in_chans=3), aggregator=dict(n_slices=18, n_tokens=8), fusion=dict(d_llm=128))
     return seal(dict(
@@ -137,7 +137,7 @@ def test_verify_command_on_a_folder_that_is_not_a_bundle(tmp_path):
 # ------------------------------------------------------------------------ a hostile manifest (issue 11)
 
 def _edit(bundle, change, reseal=True):
-    from samf.runtime.manifest import seal
+    from samf.runtime.bundle.manifest import seal
 
     path = bundle / B.MANIFEST
     m = json.loads(path.read_text())
@@ -225,7 +225,7 @@ def test_the_pipeline_frees_what_it_opened_even_when_loading_fails(quick, tmp_pa
     import gc
 
     from samf.errors import BundleError
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     def open_in(folder):
         gc.collect()

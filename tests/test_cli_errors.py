@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from cli_runner import run_cli
 
-from samf.runtime.ct import save_nifti
-from samf.runtime.phantom import make_phantom
+from samf.runtime.scan.ct import save_nifti
+from samf.runtime.tools.phantom import make_phantom
 
 
 def samf(*args):
@@ -291,7 +291,7 @@ def _dicom_folder(folder) -> str:
 def test_fifos_and_devices_in_a_dicom_folder_are_skipped_unopened(tmp_path):
     """A FIFO in a series folder hung `samf info` and `samf slices` (and a batch's content hash): what is not a
     regular file, or a link to one, is skipped without being opened for reading."""
-    from samf.runtime.worklist import content_sha256
+    from samf.runtime.service.worklist import content_sha256
 
     folder = _dicom_folder(tmp_path / "dcm")
     plain = content_sha256(folder)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from samf.errors import ScanError
-from samf.runtime.ct import load_scan
-from samf.runtime.ctrate import ctrate_path, read_metadata
-from samf.runtime.phantom import make_phantom
-from samf.runtime.preprocess import PreprocessConfig
+from samf.runtime.scan.ct import load_scan
+from samf.runtime.scan.ctrate import ctrate_path, read_metadata
+from samf.runtime.scan.preprocess import PreprocessConfig
+from samf.runtime.tools.phantom import make_phantom
 from samf.train.data import dataset_kind, load_ctrate, load_dataset
 
 LABELS = ["Medical material", "Arterial wall calcification", "Cardiomegaly", "Pleural effusion"]

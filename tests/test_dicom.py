@@ -9,8 +9,8 @@ from cli_runner import run_cli
 from dicom_writer import write_enhanced, write_series
 
 from samf.errors import ScanError
-from samf.runtime.ct import load_scan, save_nifti
-from samf.runtime.phantom import make_phantom
+from samf.runtime.scan.ct import load_scan, save_nifti
+from samf.runtime.tools.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_compressed_without_decoder_names_what_to_install(tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from samf.runtime.dicom import _read_pixels
+    from samf.runtime.scan.dicom import _read_pixels
 
     path = get_testdata_file("JPEG2000.dcm")
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -112,9 +112,9 @@ def test_cli_info_and_slices_on_a_dicom_folder(phantom, tmp_path):
 def test_a_slices_run_that_dies_half_way_mixes_nothing(phantom, tmp_path, monkeypatch):
     from PIL import Image
 
-    from samf.runtime.ct import Volume
-    from samf.runtime.preprocess import PreprocessConfig
-    from samf.runtime.slices_png import write_slice_pngs
+    from samf.runtime.outputs.slices_png import write_slice_pngs
+    from samf.runtime.scan.ct import Volume
+    from samf.runtime.scan.preprocess import PreprocessConfig
 
     vol = Volume(phantom.volume, phantom.spacing, "a")
     out = tmp_path / "out" / "scan"

@@ -18,15 +18,15 @@ import pydicom
 import pytest
 from dicom_writer import PATIENT, PATIENT_EXTRA, READABLE_MINIMUM, strip_to_minimum, write_series
 
-from samf.runtime.ct import load_scan
-from samf.runtime.evidence import Evidence, evidence_montage
-from samf.runtime.phantom import make_phantom
-from samf.runtime.preprocess import PreprocessConfig, preprocess_placed
+from samf.runtime.inference.evidence import Evidence, evidence_montage
+from samf.runtime.scan.ct import load_scan
+from samf.runtime.scan.preprocess import PreprocessConfig, preprocess_placed
+from samf.runtime.tools.phantom import make_phantom
 
 pytest.importorskip("highdicom")
 pytest.importorskip("fpdf")
 
-from samf.runtime.dicom_out import (  # noqa: E402
+from samf.runtime.outputs.dicom_out import (  # noqa: E402
     ATTENTION_SCHEME,
     TYPE2_PATIENT_STUDY,
     complete_sources,

@@ -13,7 +13,7 @@ import pytest
 from dicom_writer import PATIENT, write_series
 from service_runner import MAX_TOKENS, Pacs, Server, free_port
 
-from samf.runtime.phantom import make_phantom
+from samf.runtime.tools.phantom import make_phantom
 
 
 def _send_series(folder: str, port: int, skip: int | None = None) -> list:
@@ -47,7 +47,7 @@ def phantom():
 def test_a_series_sent_over_dicom_comes_back_as_sr_and_pdf(quick, phantom, tmp_path):
     import highdicom as hd
 
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     folder = str(tmp_path / "series")
     uid = write_series(folder, phantom.volume, phantom.spacing, patient=PATIENT)
@@ -149,7 +149,7 @@ def _echo(port: int, calling_ae: str) -> bool:
 
 
 def test_only_allowed_senders_associate(tmp_path, caplog):
-    from samf.runtime.dicom_net import SeriesCollector, start_scp
+    from samf.runtime.service.dicom_net import SeriesCollector, start_scp
 
     collector = SeriesCollector(str(tmp_path / "in"), 60.0, lambda folder: None)
     port = free_port()
@@ -190,8 +190,8 @@ def test_a_job_delivered_twice_sends_the_same_uids(phantom, tmp_path):
 
     from service_runner import Pacs
 
-    from samf.runtime.dicom_net import DicomReply
-    from samf.runtime.dicom_out import dicom_results
+    from samf.runtime.outputs.dicom_out import dicom_results
+    from samf.runtime.service.dicom_net import DicomReply
 
     folder = str(tmp_path / "series")
     write_series(folder, phantom.volume, phantom.spacing, patient=PATIENT)

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from dicom_writer import PATIENT, write_series
 
-from samf.runtime.phantom import make_phantom
+from samf.runtime.tools.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from samf.runtime.ct import Volume
-from samf.runtime.phantom import make_phantom
-from samf.runtime.preprocess import PreprocessConfig, preprocess
+from samf.runtime.scan.ct import Volume
+from samf.runtime.scan.preprocess import PreprocessConfig, preprocess
+from samf.runtime.tools.phantom import make_phantom
 from samf.train.dino import DinoConfig, pretrain_dino, random_crops
 from samf.train.models import VisionTransformer, ViTConfig
 

@@ -135,7 +135,7 @@ def test_the_runtime_chooses_and_says_which(int8_bundle, quick, good_scan):  # n
 
 
 def test_precisions_side_by_side_in_the_bench(int8_bundle, quick):
-    from samf.runtime.bench import format_bench, run_bench
+    from samf.runtime.tools.bench import format_bench, run_bench
 
     out = run_bench(int8_bundle[0], quick.data, n_scans=2, quants=["F32"], new_tokens=3, encoders=("fp32", "int8"))
     assert [r["encoders"] for r in out["runs"]] == ["fp32", "int8"]
@@ -147,7 +147,7 @@ def test_io_bound_stages_equal_plain_runs(quick):
     """The pipeline keeps stage outputs on the encoders' device (I/O binding); on CPU that path gives exactly
     what plain session runs give."""
     from samf.engines.onnxruntime_engine import OrtModule
-    from samf.runtime.pipeline import ReportPipeline, host
+    from samf.runtime.inference.pipeline import ReportPipeline, host
 
     x = quick.test[0].slices
     with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe:
@@ -197,7 +197,7 @@ def test_tensorrt_plans_from_fp16_graphs_match_onnx_runtime(quick, tmp_path):
     import shutil
 
     from samf.export.tensorrt_build import PLAN_MIN_COSINE, build_bundle_engines
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     bundle = str(tmp_path / "bundle")
     shutil.copytree(quick.bundle, bundle)
@@ -223,7 +223,7 @@ def test_a_plan_whose_attention_swaps_slices_is_not_kept(quick, tmp_path, monkey
     import samf.engines.tensorrt_engine as trt_engine
     from samf.engines.onnxruntime_engine import OrtModule
     from samf.export.tensorrt_build import check_feeds, check_plan
-    from samf.runtime.bundle import read_bundle
+    from samf.runtime.bundle.bundle import read_bundle
 
     onnx_path = os.path.join(quick.bundle, "fusion.onnx")
 

@@ -12,10 +12,10 @@ import pytest
 from cli_runner import run_cli
 from PIL import Image
 
-from samf.runtime.ct import load_scan
-from samf.runtime.evidence import RANK_COLOURS, Evidence, evidence_montage
-from samf.runtime.phantom import make_phantom, sample_findings
-from samf.runtime.preprocess import PLANES, PreprocessConfig, SlicePlacement, place_slices
+from samf.runtime.inference.evidence import RANK_COLOURS, Evidence, evidence_montage
+from samf.runtime.scan.ct import load_scan
+from samf.runtime.scan.preprocess import PLANES, PreprocessConfig, SlicePlacement, place_slices
+from samf.runtime.tools.phantom import make_phantom, sample_findings
 
 
 def _one_line_failure(proc, *words):
@@ -68,8 +68,8 @@ def _without_attention(src: str, dst: str) -> str:
     attention outputs did, resealed."""
     import onnx
 
-    from samf.runtime.bundle import sha256_of
-    from samf.runtime.manifest import seal
+    from samf.runtime.bundle.bundle import sha256_of
+    from samf.runtime.bundle.manifest import seal
 
     shutil.copytree(src, dst)
     path = os.path.join(dst, "fusion.onnx")

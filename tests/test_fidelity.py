@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from samf.runtime.prompt import REPORT_REQUESTS, format_prompt
+from samf.runtime.inference.prompt import REPORT_REQUESTS, format_prompt
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_llama_cpp_matches_transformers_with_injected_embeddings(quick, vlm, pro
 
 
 def test_runtime_report_equals_pytorch_report(quick, vlm, tok, prompt):
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     pipe = ReportPipeline(quick.bundle, quant="F32", encoders="fp32")
     try:
@@ -137,7 +137,7 @@ def test_runtime_report_equals_pytorch_report(quick, vlm, tok, prompt):
 def test_runtime_evidence_is_pytorchs_attention(quick, vlm, prompt):
     """α and the prompt-averaged γ that fusion.onnx hands the runtime are SAMF.attend's on the same scan and prompt,
     and the evidence ranks the slices by them."""
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     pipe = ReportPipeline(quick.bundle, quant="F32", encoders="fp32")
     try:
@@ -161,8 +161,8 @@ def test_runtime_evidence_is_pytorchs_attention(quick, vlm, prompt):
 def test_runtime_answer_equals_pytorch_answer(quick, vlm, tok):
     """A multiple-choice answer: the same greedy text as PyTorch (24 tokens, as evaluation generates), and the
     letter is what the parser reads from it (that a trained model answers with a letter is test_learning's)."""
-    from samf.runtime.pipeline import ReportPipeline
-    from samf.runtime.prompt import mcq_choice_of
+    from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.inference.prompt import mcq_choice_of
     from samf.train.vlm import generate_mcq
 
     ex = quick.test[0]
@@ -178,8 +178,8 @@ def test_runtime_answer_equals_pytorch_answer(quick, vlm, tok):
 def test_quantized_q8_mostly_agrees(trained):
     """Q8_0 is allowed to differ; how much is measured here (and in benchmarks/), not assumed. On the trained
     model: the nearly flat logits of a barely trained one flip under any quantization."""
-    from samf.runtime.phantom import parse_report
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.tools.phantom import parse_report
 
     texts = {}
     for q in ("F32", "Q8_0"):
@@ -197,7 +197,7 @@ def test_quantized_q8_mostly_agrees(trained):
 
 def test_llama_cpp_loss_matches_transformers(quick, vlm, tok, prompt):
     """Teacher-forced loss of the reference report: the runtime's figure equals the training loss."""
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     pipe = ReportPipeline(quick.bundle, quant="F32", encoders="fp32")
     try:

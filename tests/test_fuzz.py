@@ -75,9 +75,9 @@ def run_measured(argv: list, cwd: str, env: dict, timeout: float = TIMEOUT_S) ->
 
 @pytest.fixture(scope="session")
 def fuzz_context(quick, tmp_path_factory) -> fuzz_cases.Context:
-    from samf.runtime.ct import save_nifti
-    from samf.runtime.phantom import make_phantom
-    from samf.runtime.signature import sign_manifest, write_keypair
+    from samf.runtime.bundle.signature import sign_manifest, write_keypair
+    from samf.runtime.scan.ct import save_nifti
+    from samf.runtime.tools.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("fuzz-shared")
     scan = str(root / "scan.nii.gz")

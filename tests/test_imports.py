@@ -63,9 +63,10 @@ NO_TORCH = "import sys\nfor m in ('torch', 'transformers', 'peft'):\n    sys.mod
 
 def test_runtime_and_bundle_tools_import_with_torch_unimportable():
     code = NO_TORCH + (
-        "import samf.runtime.pipeline, samf.runtime.bundle, samf.runtime.manifest, samf.runtime.signature\n"
+        "import samf.runtime.inference.pipeline, samf.runtime.bundle.bundle, samf.runtime.bundle.manifest\n"
+        "import samf.runtime.bundle.signature\n"
         "import samf.engines.onnxruntime_engine, samf.engines.llama_cpp_engine, samf.engines.tensorrt_engine\n"
-        "import samf.export.tensorrt_build, samf.cli.samf_cli, samf.cli.export_cli, samf.runtime.phantom\n"
+        "import samf.export.tensorrt_build, samf.cli.samf_cli, samf.cli.export_cli, samf.runtime.tools.phantom\n"
         "assert not any(m.startswith('samf.train') for m in sys.modules), 'the runtime pulled in samf.train'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

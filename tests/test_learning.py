@@ -38,7 +38,7 @@ def test_reports_state_findings_better_with_the_image_than_without(trained):
 
 
 def test_the_runtime_answers_multiple_choice_with_a_letter(trained):
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     with ReportPipeline(trained.bundle) as pipe:
         ex = trained.test[0]

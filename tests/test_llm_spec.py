@@ -9,7 +9,7 @@ import pytest
 from cli_runner import run_cli
 from phi3_folder import ADDED, tokenizer_vectors, write_phi3_folder
 
-from samf.runtime.prompt import REPORT_REQUESTS, mcq_answer, mcq_request
+from samf.runtime.inference.prompt import REPORT_REQUESTS, mcq_answer, mcq_request
 from samf.train.llm_folder import LLMFolderError, LLMTokenizer
 
 END, USER, ASSISTANT, ENDOFTEXT = 32007, 32010, 32001, 32000
@@ -34,7 +34,7 @@ def _corpus() -> list:
     """Report requests, phantom reports, questions and answers: the text the LLM reads and writes."""
     import numpy as np
 
-    from samf.runtime.phantom import sample_findings, write_questions, write_report
+    from samf.runtime.tools.phantom import sample_findings, write_questions, write_report
 
     rng = np.random.default_rng(0)
     texts = list(REPORT_REQUESTS)
@@ -148,9 +148,9 @@ def test_a_phi3_with_the_real_vocabulary_learns_to_stop_in_torch_and_in_the_runt
     import torch
 
     from samf.export.bundle_writer import write_bundle
-    from samf.runtime.phantom import generate_phantom_dataset
-    from samf.runtime.pipeline import ReportPipeline
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.scan.preprocess import PreprocessConfig
+    from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train import finetune as FT
     from samf.train import merge as M
     from samf.train import run_folder as R

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from samf.errors import ScanError
-from samf.runtime.ct import load_scan
-from samf.runtime.phantom import make_phantom
-from samf.runtime.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
+from samf.runtime.scan.ct import load_scan
+from samf.runtime.scan.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
+from samf.runtime.tools.phantom import make_phantom
 from samf.train.data import DataError, dataset_kind, load_dataset
 
 PRE = PreprocessConfig(image_size=32, pixel_spacing_mm=12.0, slices_per_plane=4)
@@ -44,7 +44,7 @@ def test_m3d_slices_match_the_hu_path_with_the_same_window(phantom, tmp_path):
     np.save(tmp_path / "Axial.npy", _m3d_stack(phantom.volume, "axial"))
     m3d = preprocess(load_scan(str(tmp_path / "Axial.npy"), spacing=phantom.spacing),
                      PreprocessConfig(**{**PRE.to_dict(), "windows": PRE.windows, "body_threshold_unit": 0.25}))
-    from samf.runtime.ct import Volume
+    from samf.runtime.scan.ct import Volume
 
     clipped = np.clip(phantom.volume, -1000.0, 1000.0)        # M3D's images were windowed before stacking
     hu = apply_windows(cut_slices(Volume(clipped, phantom.spacing), PRE), ((0.0, 2000.0),))

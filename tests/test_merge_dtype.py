@@ -9,8 +9,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    from samf.runtime.phantom import generate_phantom_dataset
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
+    from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train import run_folder as R
     from samf.train.data import load_split
 

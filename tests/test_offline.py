@@ -10,9 +10,9 @@ from cli_runner import run_cli
 
 PROBE = """
 import sys, time
-from samf.runtime.ct import Volume
-from samf.runtime.pipeline import ReportPipeline
-from samf.runtime.phantom import make_phantom
+from samf.runtime.scan.ct import Volume
+from samf.runtime.inference.pipeline import ReportPipeline
+from samf.runtime.tools.phantom import make_phantom
 
 p = make_phantom(3)
 pipe = ReportPipeline(sys.argv[1])

@@ -29,7 +29,7 @@ import pytest
 from dicom_writer import PATIENT, write_series
 from service_runner import MAX_TOKENS, Server, free_port
 
-from samf.runtime.phantom import make_phantom
+from samf.runtime.tools.phantom import make_phantom
 
 ENCAPSULATED_PDF, COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.88.34"
 

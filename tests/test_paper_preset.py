@@ -27,9 +27,9 @@ def _cli(tool, *args):
 def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     import torch
 
-    from samf.runtime.phantom import generate_phantom_dataset
-    from samf.runtime.preprocess import PreprocessConfig
-    from samf.runtime.prompt import REPORT_REQUESTS
+    from samf.runtime.inference.prompt import REPORT_REQUESTS
+    from samf.runtime.scan.preprocess import PreprocessConfig
+    from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train import run_folder as R
     from samf.train.data import load_split
     from samf.train.vlm import SamfVLM, prompt_ids

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from samf.runtime.phantom import (
+from samf.runtime.tools.phantom import (
     EXTRA_FINDINGS,
     EXTRAS,
     HU,

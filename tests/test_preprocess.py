@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from samf.errors import ScanError
-from samf.runtime.ct import Volume, load_scan, save_nifti
-from samf.runtime.phantom import make_phantom
-from samf.runtime.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
+from samf.runtime.scan.ct import Volume, load_scan, save_nifti
+from samf.runtime.scan.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
+from samf.runtime.tools.phantom import make_phantom
 
 CFG = PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6)
 

@@ -141,7 +141,7 @@ def test_each_fusion_reads_only_what_its_row_of_the_ablation_says(mode):
 
 
 def test_the_phantom_grammar_holds_every_reference_sentence_and_no_broken_one():
-    from samf.runtime.phantom import is_grammatical, make_phantom, report_sentences
+    from samf.runtime.tools.phantom import is_grammatical, make_phantom, report_sentences
     from samf.train.evaluate import distinct_share, sentence_share
 
     reports = [make_phantom(900_000 + i).report for i in range(200)]

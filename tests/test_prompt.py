@@ -1,6 +1,6 @@
 """The conversation template shared by training and runtime."""
 
-from samf.runtime.prompt import format_prompt, mcq_answer, mcq_choice_of, mcq_request
+from samf.runtime.inference.prompt import format_prompt, mcq_answer, mcq_choice_of, mcq_request
 
 
 def test_mcq_round_trip():

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from samf.runtime.preprocess import PreprocessConfig
+from samf.runtime.scan.preprocess import PreprocessConfig
 from samf.train.data import DataError, load_dataset
 from samf.train.run_folder import PRESET_PREPROCESS
 from samf.train.scan_cache import ScanCache, prepare_cache
@@ -23,7 +23,7 @@ PRE = PRESET_PREPROCESS["tiny"]
 
 
 def _phantoms(root, n_train=12, n_test=4, seed=3):
-    from samf.runtime.phantom import generate_phantom_dataset
+    from samf.runtime.tools.phantom import generate_phantom_dataset
 
     data = str(root / "data")
     generate_phantom_dataset(data, n_train, n_test, seed=seed, shape=(32, 48, 48), spacing=(8.0, 7.5, 7.5),
@@ -384,9 +384,9 @@ def test_finetune_from_embeddings_matches_running_the_vit(tmp_path, monkeypatch)
 def test_ctrate_release_layout_200_volumes(tmp_path):
     """CT-RATE's tree (raw unsigned volumes whose spacing and rescale live only in the metadata CSV, reports and
     the 18 labels, train and valid) is cached in full, and the cache holds what the runtime reads."""
-    from samf.runtime.ct import load_scan
-    from samf.runtime.ctrate import ctrate_path, read_metadata
-    from samf.runtime.preprocess import preprocess
+    from samf.runtime.scan.ct import load_scan
+    from samf.runtime.scan.ctrate import ctrate_path, read_metadata
+    from samf.runtime.scan.preprocess import preprocess
     from samf.train.labels import CTRATE_LABELS
     from samf.train.synthetic_ctrate import write_ctrate_release
 

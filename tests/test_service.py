@@ -17,13 +17,13 @@ import httpx
 import pytest
 from service_runner import MAX_TOKENS, Server, free_port
 
-from samf.runtime.jobs import UploadError, kind_of_upload, path_within, unpack_dicom_zip
+from samf.runtime.service.jobs import UploadError, kind_of_upload, path_within, unpack_dicom_zip
 
 
 @pytest.fixture(scope="module")
 def expected(quick, scans):
     """``samf report``'s pipeline, one scan at a time: what every service job must return."""
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     with ReportPipeline(quick.bundle, quant="F32", max_new_tokens=MAX_TOKENS) as pipe:
         return {s: pipe.report(s, max_new_tokens=MAX_TOKENS).text for s in scans}

@@ -16,7 +16,7 @@ import pytest
 from dicom_writer import PATIENT, write_series
 from service_runner import MAX_TOKENS, Pacs, Server, free_port, send_series
 
-from samf.runtime.phantom import make_phantom
+from samf.runtime.tools.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def scans(quick):
 
 @pytest.fixture(scope="module")
 def expected(quick, scans):
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     with ReportPipeline(quick.bundle, quant="F32", max_new_tokens=MAX_TOKENS) as pipe:
         return {s: pipe.report(s, max_new_tokens=MAX_TOKENS).text for s in scans}
@@ -264,7 +264,7 @@ def test_config_file_every_option_and_the_command_line_wins(tmp_path):
 
 def test_token_file_formats_and_refusals(tmp_path):
     from samf.errors import SamfError
-    from samf.runtime.audit import Tokens, parse_tokens
+    from samf.runtime.service.audit import Tokens, parse_tokens
 
     assert parse_tokens("a aaaaaaaa\n# c\n\nb bbbbbbbb", "f") == {"aaaaaaaa": "a", "bbbbbbbb": "b"}
     assert parse_tokens('{"a": "aaaaaaaa"}', "f") == {"aaaaaaaa": "a"}

@@ -92,8 +92,8 @@ def test_https_twenty_clients_get_the_reports_plain_http_gives(quick, scans, pki
 
 
 def test_dicom_tls_on_the_scp_and_the_scu(quick, pki, tmp_path):
-    from samf.runtime.dicom_net import tls_contexts
-    from samf.runtime.phantom import make_phantom
+    from samf.runtime.service.dicom_net import tls_contexts
+    from samf.runtime.tools.phantom import make_phantom
 
     phantom = make_phantom(44, shape=(24, 40, 40), spacing=(8.0, 9.0, 9.0))
     folder = str(tmp_path / "series")

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from test_cli_errors import assert_clean_failure
 
 from samf.errors import BundleError
-from samf.runtime.bundle import update_manifest
-from samf.runtime.signature import SIGNATURE
+from samf.runtime.bundle.bundle import update_manifest
+from samf.runtime.bundle.signature import SIGNATURE
 
 
 @pytest.fixture()
@@ -48,8 +48,8 @@ def test_signed_bundle_runs_with_its_key_and_reports_who_signed(bundle, keys, tm
     ok = verify(bundle, keys["other"][1], pub)  # any one trusted key will do
     assert ok.returncode == 0 and "signature is by a trusted key" in ok.stdout, ok.stderr
 
-    from samf.runtime.ct import save_nifti
-    from samf.runtime.phantom import make_phantom
+    from samf.runtime.scan.ct import save_nifti
+    from samf.runtime.tools.phantom import make_phantom
 
     scan = str(tmp_path / "scan.nii.gz")
     ph = make_phantom(3)

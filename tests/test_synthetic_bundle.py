@@ -97,7 +97,7 @@ def test_synthetic_bundle_is_an_ordinary_validated_bundle(synthetic):
 def test_a_fresh_bundle_needs_no_hashing(synthetic, monkeypatch):
     """The export fills the verification cache with what it hashed (that an edit after it is still caught is
     test_bundle_verify's)."""
-    from samf.runtime import bundle as B
+    from samf.runtime.bundle import bundle as B
 
     bundle, _, _ = synthetic
     hashed = []
@@ -131,11 +131,11 @@ def test_both_pipelines_decode_a_fixed_number_of_tokens_when_asked(synthetic):
     exactly the tokens asked for, with the PyTorch pipeline's stages timed."""
     import torch
 
-    from samf.runtime.ct import Volume
-    from samf.runtime.phantom import make_phantom
-    from samf.runtime.pipeline import ReportPipeline
-    from samf.runtime.preprocess import preprocess
-    from samf.runtime.prompt import REPORT_REQUESTS
+    from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.inference.prompt import REPORT_REQUESTS
+    from samf.runtime.scan.ct import Volume
+    from samf.runtime.scan.preprocess import preprocess
+    from samf.runtime.tools.phantom import make_phantom
     from samf.train.llm_folder import LLMTokenizer
     from samf.train.vlm import SamfVLM, prompt_ids
 
@@ -233,8 +233,8 @@ def test_engines_that_do_not_take_what_the_manifest_says_are_refused_at_load(syn
     import shutil
 
     from samf.errors import BundleError
-    from samf.runtime.manifest import seal
-    from samf.runtime.pipeline import ReportPipeline
+    from samf.runtime.bundle.manifest import seal
+    from samf.runtime.inference.pipeline import ReportPipeline
 
     bundle = str(tmp_path / "bundle")
     shutil.copytree(synthetic[0], bundle)

@@ -323,7 +323,7 @@ def test_two_ranks_stream_disjoint_shares_of_a_cache_and_resume_in_it(quick, tmp
     """finetune from a prepared cache under torchrun: in each epoch the two ranks are given different scans,
     together all of them; the weights stay equal; killed after its checkpoint, the run resumes at its place in
     the stream, to the weights and the scans of a run never stopped."""
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.train.run_folder import read_run
     from samf.train.scan_cache import prepare_cache
 
@@ -418,7 +418,7 @@ def test_a_failing_rank_ends_the_run_with_its_error_once(quick, tmp_path, stage,
     import subprocess
     import sys
 
-    from samf.runtime.phantom import generate_phantom_dataset
+    from samf.runtime.tools.phantom import generate_phantom_dataset
 
     data, run = tmp_path / "data", tmp_path / "run"
     generate_phantom_dataset(str(data), 6, 1, seed=3, progress=False)

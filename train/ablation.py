@@ -60,7 +60,7 @@ def copy_shared(base: str, run: str) -> None:
 
 def hits(reports: list, truths: list) -> dict:
     """``{finding: [0/1 per scan]}``: whether each report states each scored finding as the truth does."""
-    from samf.runtime.phantom import parse_report
+    from samf.runtime.tools.phantom import parse_report
 
     read = [parse_report(r) for r in reports]
     return {k: [int(r[k] == t[k]) for r, t in zip(read, truths)] for k in SCORED}
@@ -95,8 +95,8 @@ def format_ablation(rows: dict, majority: dict, n_test: int, n_seeds: int) -> st
 
 
 def run_ablation(cfg: AblationConfig, echo=print) -> dict:
-    from samf.runtime.phantom import generate_phantom_dataset
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
+    from samf.runtime.tools.phantom import generate_phantom_dataset
 
     from . import finetune as FT
     from . import run_folder as R

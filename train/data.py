@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from samf.errors import SamfError
-from samf.runtime.ct import load_scan
-from samf.runtime.preprocess import PreprocessConfig, preprocess
 from samf.runtime.progress import progress_bar
+from samf.runtime.scan.ct import load_scan
+from samf.runtime.scan.preprocess import PreprocessConfig, preprocess
 
 
 class DataError(SamfError):
@@ -53,7 +53,7 @@ class DataError(SamfError):
 @dataclass
 class Example:
     image: str
-    slices: np.ndarray            # [3·S, C, H, W], from samf.runtime.preprocess
+    slices: np.ndarray            # [3·S, C, H, W], from samf.runtime.scan.preprocess
     report: str
     findings: dict
     questions: list = field(default_factory=list)
@@ -185,7 +185,7 @@ def load_samf_csv(csv_path: str, pre: PreprocessConfig, questions: dict | None =
 
 def text_corpus(examples: list) -> list:
     """Every text the LLM reads or writes: prompts, reports, questions and answers."""
-    from samf.runtime.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_request
+    from samf.runtime.inference.prompt import REPORT_REQUESTS, format_prompt, mcq_answer, mcq_request
 
     texts = [format_prompt(r) for r in REPORT_REQUESTS]
     for ex in examples:
@@ -270,7 +270,7 @@ def load_dataset(data_dir: str, split: str, pre: PreprocessConfig, progress: boo
 def list_m3d(data_dir: str, split: str) -> list:
     """M3D-Cap captions (``M3D_Cap.json``) with the M3D-VQA questions of the same volumes when present.
 
-    Volumes are M3D's normalised .npy (see :mod:`samf.runtime.ct`); entries whose files are missing are
+    Volumes are M3D's normalised .npy (see :mod:`samf.runtime.scan.ct`); entries whose files are missing are
     skipped, as M3D is often downloaded in part.
     """
     with open(os.path.join(data_dir, "M3D_Cap.json")) as f:
@@ -316,7 +316,7 @@ def list_ctrate(root: str, split_dir: str, reports_csv: str, metadata_csv: str |
 
     Rows whose volume is not on disk are skipped (CT-RATE is often downloaded in part).
     """
-    from samf.runtime.ctrate import ctrate_path, read_metadata
+    from samf.runtime.scan.ctrate import ctrate_path, read_metadata
 
     meta = read_metadata(metadata_csv) if metadata_csv else {}
     labels = {}

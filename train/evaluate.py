@@ -5,8 +5,8 @@ Pure Python (no torch) so the runtime's outputs and the PyTorch model's are scor
 
 from __future__ import annotations
 
-from samf.runtime.phantom import SCORED, parse_report
-from samf.runtime.prompt import mcq_choice_of
+from samf.runtime.inference.prompt import mcq_choice_of
+from samf.runtime.tools.phantom import SCORED, parse_report
 
 #: What guessing scores on each finding (uniform over its classes); the bar learning must clear.
 CHANCE = dict(nodule=0.5, nodule_side=0.5, nodule_lobe=0.5, effusion=0.25, cardiomegaly=0.5, emphysema=0.5)
@@ -45,7 +45,7 @@ def majority_accuracy(truths: list) -> dict:
 
 def sentence_share(reports: list) -> float:
     """The fraction of generated sentences that are one of the phantom grammar's forms (the rest are broken)."""
-    from samf.runtime.phantom import is_grammatical, report_sentences
+    from samf.runtime.tools.phantom import is_grammatical, report_sentences
 
     sentences = [t for r in reports for t in report_sentences(r)]
     return sum(map(is_grammatical, sentences)) / max(1, len(sentences))

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from samf.runtime.atomic import atomic_dir
+from samf.runtime.inference.prompt import REPORT_REQUESTS
 from samf.runtime.progress import progress_bar
-from samf.runtime.prompt import REPORT_REQUESTS
 
 from .configs import TASKS, FinetuneConfig
 from .distributed import owns_process_group

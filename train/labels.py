@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from samf.runtime.phantom import CORE_LABELS, EXTRA_FINDINGS
+from samf.runtime.tools.phantom import CORE_LABELS, EXTRA_FINDINGS
 
 #: The 18 labels, in the order of CT-RATE's multi_abnormality_labels CSV.
 CTRATE_LABELS = (
@@ -60,7 +60,7 @@ def report_labels(text: str) -> dict:
     return out
 
 
-#: Phantom finding -> CT-RATE label (each finding's record in samf.runtime.phantom carries its label).
+#: Phantom finding -> CT-RATE label (each finding's record in samf.runtime.tools.phantom carries its label).
 PHANTOM_TO_CTRATE = {**CORE_LABELS, **{spec.name: spec.label for spec in EXTRA_FINDINGS}}
 
 

@@ -14,7 +14,7 @@ import os
 import shutil
 
 from samf.errors import SamfError
-from samf.runtime.prompt import PromptLayout
+from samf.runtime.inference.prompt import PromptLayout
 
 #: What the GGUF converter and the runtime know how to run.
 ARCHITECTURES = ("Phi3ForCausalLM",)

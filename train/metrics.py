@@ -98,7 +98,7 @@ def mcq_metrics(answers: list, letters: list) -> dict:
     """Accuracy and macro precision/recall/F1 over letters A-D (unparseable answers count as wrong)."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-    from samf.runtime.prompt import mcq_choice_of
+    from samf.runtime.inference.prompt import mcq_choice_of
 
     if not letters:
         return {"n": 0, "accuracy": None, "precision": None, "recall": None, "f1": None}

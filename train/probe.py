@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samf.runtime.prompt import REPORT_REQUESTS
+from samf.runtime.inference.prompt import REPORT_REQUESTS
 
 from .data import DataError
 
@@ -106,7 +106,7 @@ def majority_rate(y_test) -> float:
 
 def report_accuracy(reports: list, truths: dict) -> dict:
     """Per target, the fraction of reports that state it as the truth does (phantom grammar, or the labeller)."""
-    from samf.runtime.phantom import parse_report
+    from samf.runtime.tools.phantom import parse_report
 
     from .labels import report_labels
 

@@ -42,7 +42,7 @@ def stage_configs(steps: RecipeSteps) -> dict:
 def start_run(run_dir: str, data_dir: str, preset: dict | None = None, progress: bool = True) -> tuple:
     """A run folder with ``preset`` (default: the tiny one) and the (train, test) examples of any supported
     dataset folder (phantoms or SAMF CSV, CT-RATE, M3D), preprocessed as the preset says."""
-    from samf.runtime.preprocess import PreprocessConfig
+    from samf.runtime.scan.preprocess import PreprocessConfig
 
     from .data import load_dataset
     from .run_folder import init_run, tiny_preset

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from samf.runtime.atomic import atomic_file
-from samf.runtime.preprocess import PreprocessConfig
+from samf.runtime.scan.preprocess import PreprocessConfig
 
 from .llm_folder import LLMTokenizer, read_llm_config
 from .models import AggregatorConfig, FusionConfig, ViTConfig

@@ -43,7 +43,7 @@ import numpy as np
 
 from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file, remove_stale_temporaries
-from samf.runtime.preprocess import PreprocessConfig
+from samf.runtime.scan.preprocess import PreprocessConfig
 from samf.runtime.workers import DieWithParent
 
 from .data import DataError, Example, ScanEntry, dataset_kind, list_splits

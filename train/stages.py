@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from samf.runtime.atomic import atomic_dir, atomic_file
+from samf.runtime.inference.prompt import REPORT_REQUESTS
 from samf.runtime.progress import progress_bar
-from samf.runtime.prompt import REPORT_REQUESTS
 
 from .configs import LMConfig
 from .distributed import owns_process_group

@@ -19,9 +19,9 @@ import os
 import numpy as np
 
 from samf.runtime.atomic import atomic_file
-from samf.runtime.ctrate import ctrate_path
-from samf.runtime.phantom import make_phantom
 from samf.runtime.progress import progress_bar
+from samf.runtime.scan.ctrate import ctrate_path
+from samf.runtime.tools.phantom import make_phantom
 
 from .labels import CTRATE_LABELS, truth_labels
 

@@ -1,7 +1,7 @@
 """The vision-language model: image encoder + SAMF fusion feeding Phi-3 through its input embeddings.
 
 This is also the PyTorch reference pipeline that the exported runtime is checked against: the sequence
-layout is the LLM folder's :class:`samf.runtime.prompt.PromptLayout`, generation is greedy with a KV cache and
+layout is the LLM folder's :class:`samf.runtime.inference.prompt.PromptLayout`, generation is greedy with a KV cache and
 stops on any of the model's end tokens.
 """
 
@@ -18,8 +18,8 @@ from torch import nn
 
 from samf.engines.greedy import greedy_decode
 from samf.runtime.atomic import atomic_file
+from samf.runtime.inference.prompt import REPORT_REQUESTS, PromptLayout, mcq_answer, mcq_request
 from samf.runtime.progress import progress_bar
-from samf.runtime.prompt import REPORT_REQUESTS, PromptLayout, mcq_answer, mcq_request
 
 from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
 from .tokenizer import BOS, EOS, PAD

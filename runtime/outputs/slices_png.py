@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from .atomic import atomic_dir
-from .ct import Volume
-from .preprocess import PLANES, PreprocessConfig, preprocess
+from ..atomic import atomic_dir
+from ..scan.ct import Volume
+from ..scan.preprocess import PLANES, PreprocessConfig, preprocess
 
 WINDOW_NAMES = ("lung", "mediastinum", "bone")
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from samf.errors import ScanError
 
-from .evidence import TOP_PER_PLANE, evidence_montage
+from ..inference.evidence import TOP_PER_PLANE, evidence_montage
 
 SERIES_DESCRIPTION = "SAMF AI report - UNVERIFIED, not for diagnostic use"
 PDF_SERIES_DESCRIPTION = "SAMF AI report (PDF) - UNVERIFIED, not for diagnostic use"
@@ -38,10 +38,10 @@ def samf_version() -> str:
 
 def source_instances(folder: str, series_uid: str | None = None) -> tuple:
     """The headers (no pixels) of the series ``folder`` was reported from (the one the runtime's loader chose),
-    and its frames (:class:`~samf.runtime.dicom.Frame`: where each image is)."""
+    and its frames (:class:`~samf.runtime.scan.dicom.Frame`: where each image is)."""
     import pydicom
 
-    from .dicom import choose_series, find_series
+    from ..scan.dicom import choose_series, find_series
 
     series, _ = choose_series(find_series(folder), series_uid)
     return ([pydicom.dcmread(p, stop_before_pixels=True) for p in sorted({f.path for f in series.frames})],
@@ -339,8 +339,8 @@ def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | N
                   slices_per_plane: int = 8, series_uid: str | None = None, evidence=None, source=None,
                   job_id: str | None = None) -> dict:
     """``{"sr.dcm": SR, "report_pdf.dcm": PDF}`` for the series of ``folder`` (the one the loader reads); with
-    ``evidence`` (:class:`~samf.runtime.evidence.Evidence`) the SR references the images the top slices fall on
-    and the PDF's montage frames them. ``source``: :func:`source_instances` of ``folder``, when already read.
+    ``evidence`` (:class:`~samf.runtime.inference.evidence.Evidence`) the SR references the images the top slices
+    fall on and the PDF's montage frames them. ``source``: :func:`source_instances` of ``folder``, when already read.
     ``job_id``: a service job's, from which their UIDs are derived (:func:`job_uids`: the same job gives the same
     UIDs); without one (``samf report --dicom-out``) each call makes new UIDs."""
     try:
@@ -368,7 +368,7 @@ def write_dicom_results(folder: str, text: str, identity: dict, out_dir: str, sl
                         source=None, job_id: str | None = None) -> list:
     """:func:`dicom_results` as ``sr.dcm`` and ``report_pdf.dcm`` in ``out_dir``, each written atomically; both
     are built before either is written, and a failure writing the second removes the first."""
-    from .atomic import atomic_file
+    from ..atomic import atomic_file
 
     results = dicom_results(folder, text, identity, slices, slices_per_plane, series_uid, evidence, source, job_id)
     os.makedirs(out_dir, exist_ok=True)

@@ -222,8 +222,8 @@ class DicomReply:
         self.interrupt = threading.Event()  # set on stop: no more waiting between tries
 
     def __call__(self, job_id: str, folder: str, result, stopping=lambda: False) -> dict:
-        from .atomic import atomic_file
-        from .dicom_out import dicom_results, write_dicom_results
+        from ..atomic import atomic_file
+        from ..outputs.dicom_out import dicom_results, write_dicom_results
 
         slices, per_plane = result.slices, self.pipeline.pre.slices_per_plane
         ev = result.evidence  # the SR references the images the top slices fall on, the PDF frames them

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 
 CACHE_VERSION = 1
 

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from samf.runtime.ct import Volume
-from samf.runtime.pipeline import ReportPipeline
-from samf.runtime.preprocess import PreprocessConfig, preprocess
+from samf.runtime.inference.pipeline import ReportPipeline
+from samf.runtime.scan.ct import Volume
+from samf.runtime.scan.preprocess import PreprocessConfig, preprocess
 
 
 def bench_preprocess(cfg: PreprocessConfig, repeats: int = 5) -> dict:
@@ -123,7 +123,7 @@ def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = N
               concurrency=(), gpu_layers: int = 0) -> dict:
     """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv, each GGUF type with each encoder
     precision; returns the results as a dict."""
-    from .bundle import read_bundle
+    from ..bundle.bundle import read_bundle
 
     with open(os.path.join(data, "test.csv")) as f:
         rows = list(csv.DictReader(f))[:n_scans]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import PLANES, SlicePlacement
+from ..scan.preprocess import PLANES, SlicePlacement
 
 #: Top slices per plane shown by default.
 TOP_PER_PLANE = 3
@@ -103,7 +103,7 @@ def evidence_montage(slices: np.ndarray, evidence: Evidence, n: int = TOP_PER_PL
     """``[3·S, C, H, W]`` slices in [-1, 1] -> an RGB uint8 montage, a row per plane: the top ``n`` slices of each
     plane framed (orange, blue, green for ranks 1-3), and under every slice a bar as long as its score relative
     to the highest."""
-    from .slices_png import to_uint8
+    from ..outputs.slices_png import to_uint8
 
     S, H, W = evidence.slices_per_plane, slices.shape[-2], slices.shape[-1]
     border, bar = max(2, H // 40), max(4, H // 12)
@@ -135,8 +135,8 @@ def write_evidence(out_dir: str, slices: np.ndarray, evidence: Evidence, n: int 
     ``montage.png`` in ``out_dir``, which appears whole or not at all. Returns the file names."""
     from PIL import Image
 
-    from .atomic import atomic_dir
-    from .slices_png import to_uint8
+    from ..atomic import atomic_dir
+    from ..outputs.slices_png import to_uint8
 
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     S, files = evidence.slices_per_plane, []

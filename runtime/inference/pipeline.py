@@ -12,10 +12,10 @@ import numpy as np
 
 from samf.errors import BundleError, EngineUnavailable, SamfError
 
-from .bundle import Bundle, read_bundle
-from .ct import Volume, load_scan
+from ..bundle.bundle import Bundle, read_bundle
+from ..scan.ct import Volume, load_scan
+from ..scan.preprocess import preprocess_placed
 from .evidence import NO_ATTENTION, Evidence, evidence_of
-from .preprocess import preprocess_placed
 from .prompt import REPORT_REQUESTS, mcq_choice_of, mcq_request
 
 
@@ -254,7 +254,8 @@ class ReportPipeline:
 
     def fuse(self, z2d, z3d, prompt_ids: list, timings: dict) -> dict:
         """Every output of the fusion for this prompt, as numpy: ``fused [1, N, d_llm]``, and the attention
-        ``alpha``/``gamma [1, K]`` where the bundle's fusion outputs it (see :mod:`~samf.runtime.evidence`)."""
+        ``alpha``/``gamma [1, K]`` where the bundle's fusion outputs it (see
+        :mod:`~samf.runtime.inference.evidence`)."""
         t = time.perf_counter()
         feeds = dict(z2d=z2d, z3d=z3d, text=self.embed(prompt_ids)[None],
                      text_mask=np.ones((1, len(prompt_ids)), np.int64))

@@ -5,7 +5,7 @@ is known, so learning, export and generation can be checked for real. numpy only
 deterministic; :func:`generate_phantom_dataset` writes a dataset folder (NIfTI scans, CSVs, questions) that
 training and the runtime read like any other.
 
-Frame: the canonical one of ``samf.runtime.ct`` -- a ``[Z, Y, X]`` float32 array in Hounsfield units,
+Frame: the canonical one of ``samf.runtime.scan.ct`` -- a ``[Z, Y, X]`` float32 array in Hounsfield units,
 Z toward the head (superior), Y toward the front (anterior), X toward the patient's right (RAS+). So the
 patient's left lung sits at small X.
 """
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atomic import atomic_file
-from .ct import save_nifti
-from .progress import progress_bar
+from ..atomic import atomic_file
+from ..progress import progress_bar
+from ..scan.ct import save_nifti
 
 SIDES = ("left", "right")
 LOBES = ("upper", "lower")
@@ -677,7 +677,7 @@ def generate_phantom_dataset(out_dir: str, n_train: int, n_test: int, seed: int 
     import concurrent.futures as cf
     import multiprocessing
 
-    from .workers import DieWithParent
+    from ..workers import DieWithParent
 
     os.makedirs(os.path.join(out_dir, "scans"), exist_ok=True)
     rows = {"train": [], "test": []}

@@ -95,7 +95,7 @@ def _memory_and_disk(checks: list, bundle_bytes: int | None, work: str) -> None:
 
 def _bundle(checks: list, bundle: str, trusted_keys) -> int | None:
     from samf.errors import SamfError
-    from samf.runtime.bundle import read_bundle, verify_all
+    from samf.runtime.bundle.bundle import read_bundle, verify_all
 
     try:
         b = read_bundle(bundle, verify_hashes=False, trusted_keys=trusted_keys)
@@ -127,7 +127,7 @@ def _ports(checks: list, host: str, ports: list) -> None:
 
 def _echo(checks: list, dest: str, calling_ae: str) -> None:
     from samf.errors import SamfError
-    from samf.runtime.dicom_net import parse_destination
+    from samf.runtime.service.dicom_net import parse_destination
 
     try:
         ae_title, host, port = parse_destination(dest)

@@ -19,7 +19,7 @@ import stat
 
 from samf.errors import BundleError, SamfError
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 
 SIGNATURE = "manifest.sig"
 SIGNATURE_MAX_BYTES = 4096

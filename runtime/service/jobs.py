@@ -230,7 +230,7 @@ class JobRunner(threading.Thread):
 
     :meth:`stop` (SIGTERM): no job is begun after it; the reports already handed to the engines finish (at most
     ``parallel + prefetch``), and jobs claimed but not begun go back to the queue. Each job event goes to
-    ``audit`` (:class:`samf.runtime.audit.AuditTrail`)."""
+    ``audit`` (:class:`samf.runtime.service.audit.AuditTrail`)."""
 
     def __init__(self, store: JobStore, pipeline, batch: int = 16, latency_window: int = 1000, reply=None,
                  audit=None):
@@ -363,7 +363,7 @@ class JobRunner(threading.Thread):
         """The SR and PDF of an HTTP job whose scan is a DICOM series, written under ``WORK/results/<id>/``
         before the job's copy of the series goes: ``{"dicom": ["sr", "pdf"]}``, or, where they could not be
         made, ``{"dicom_error": one line}`` (the report stands)."""
-        from .dicom_out import write_dicom_results
+        from ..outputs.dicom_out import write_dicom_results
 
         try:
             write_dicom_results(str(key), res.text, res.identity, os.path.join(self.store.results, key.job_id),

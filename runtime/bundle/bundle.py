@@ -4,7 +4,7 @@
 prompt template, the image-token count, and which engines were built with which library versions.
 Reading checks the schema, that every file is there with its size, and that no byte changed in the
 artifacts that will be loaded (the encoders and the one LLM chosen; not the other GGUFs). Hashes found
-good are remembered by :mod:`samf.runtime.verified`, so an unchanged bundle is not re-hashed at every
+good are remembered by :mod:`samf.runtime.bundle.verified`, so an unchanged bundle is not re-hashed at every
 start; ``samf-export verify`` re-hashes everything. Any failure names the file and what is wrong.
 """
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from samf.errors import BundleError
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
+from ..inference.prompt import PromptLayout
+from ..scan.preprocess import PreprocessConfig
 from .manifest import ENCODER_PRECISIONS, check_manifest, seal
-from .preprocess import PreprocessConfig
-from .prompt import PromptLayout
 from .signature import SIGNATURE, check_signature
 from .verified import VerifiedCache, stamp_of
 
@@ -87,7 +87,7 @@ class Bundle:
     def open(self, name: str, verify: bool = True, use_cache: bool = True) -> OpenArtifact:
         """Open an artifact (a regular file, not a link) and check its sha256 against the manifest from the
         same descriptor the engine will load it through (:attr:`OpenArtifact.path`). Hashes found good are
-        remembered (:mod:`samf.runtime.verified`); ``use_cache=False`` always hashes."""
+        remembered (:mod:`samf.runtime.bundle.verified`); ``use_cache=False`` always hashes."""
         path = self.path(name)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -173,7 +173,7 @@ def read_bundle(root: str, verify_hashes: bool = True, quant: str | None = None,
     """Open and verify a bundle; raise :class:`BundleError` with one line on the first problem.
 
     ``trusted_keys``: public key files; when given, the manifest must carry a signature by one of them
-    (:mod:`samf.runtime.signature`).
+    (:mod:`samf.runtime.bundle.signature`).
 
     Every file must be there at its size; the fp32 encoders and the ``quant`` LLM (the default one when None)
     are hashed, or found unchanged since they last were."""

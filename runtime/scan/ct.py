@@ -93,7 +93,7 @@ def load_scan(path: str, spacing: tuple | None = None, series: str | None = None
 
     ``series`` picks a SeriesInstanceUID in a folder holding several; ``allow_non_ct`` lets a non-CT
     DICOM series through (its values are then not checked as HU); ``ctrate_meta`` is this volume's row
-    of CT-RATE's metadata CSV (:func:`samf.runtime.ctrate.read_metadata`); ``force`` skips the check that
+    of CT-RATE's metadata CSV (:func:`samf.runtime.scan.ctrate.read_metadata`); ``force`` skips the check that
     the values look like a CT (:func:`check_volume`), not the checks that the file is sound. Series UIDs and
     descriptions (identifiers) appear in messages and ``info`` only when ``verbose``.
     """
