@@ -48,7 +48,7 @@ def _run_stage(run, cls, stage: str, data_dir, run_dir, threads, quiet, given: d
 
 def _train_examples(run_dir, data_dir, split="train", progress=True):
     from samf.runtime.scan.preprocess import PreprocessConfig
-    from samf.train.data import load_dataset
+    from samf.train.datasets import load_dataset
     from samf.train.distributed import is_main
     from samf.train.run_folder import read_run
 

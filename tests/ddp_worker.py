@@ -51,7 +51,7 @@ def main() -> None:
     cached = "--cache" in sys.argv
     if cached:
         from samf.train import cache_stream
-        from samf.train.data import load_dataset
+        from samf.train.datasets import load_dataset
 
         record["scans"] = []
         real_init = cache_stream.StreamedScan.__init__

@@ -12,7 +12,8 @@ from samf.runtime.scan.ct import load_scan
 from samf.runtime.scan.ctrate import ctrate_path, read_metadata
 from samf.runtime.scan.preprocess import PreprocessConfig
 from samf.runtime.tools.phantom import make_phantom
-from samf.train.data import dataset_kind, load_ctrate, load_dataset
+from samf.train.data import dataset_kind, load_ctrate
+from samf.train.datasets import load_dataset
 
 LABELS = ["Medical material", "Arterial wall calcification", "Cardiomegaly", "Pleural effusion"]
 

@@ -11,7 +11,8 @@ from samf.errors import ScanError
 from samf.runtime.scan.ct import load_scan
 from samf.runtime.scan.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
 from samf.runtime.tools.phantom import make_phantom
-from samf.train.data import DataError, dataset_kind, load_dataset
+from samf.train.data import DataError, dataset_kind
+from samf.train.datasets import load_dataset
 
 PRE = PreprocessConfig(image_size=32, pixel_spacing_mm=12.0, slices_per_plane=4)
 

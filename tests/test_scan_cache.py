@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from samf.runtime.scan.preprocess import PreprocessConfig
-from samf.train.data import DataError, load_dataset
+from samf.train.data import DataError
+from samf.train.datasets import load_dataset
 from samf.train.run_folder import PRESET_PREPROCESS
 from samf.train.scan_cache import ScanCache, prepare_cache
 
@@ -412,7 +413,7 @@ def test_ctrate_release_layout_200_volumes(tmp_path):
 _PEAK = """
 import resource, sys
 from samf.train.configs import FinetuneConfig
-from samf.train.data import load_dataset
+from samf.train.datasets import load_dataset
 from samf.train.finetune import stage_finetune
 from samf.train.run_folder import PRESET_PREPROCESS
 stage_finetune(sys.argv[1], load_dataset(sys.argv[2], "train", PRESET_PREPROCESS["tiny"]),

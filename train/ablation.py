@@ -100,7 +100,7 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
 
     from . import finetune as FT
     from . import run_folder as R
-    from .data import load_dataset
+    from .datasets import load_dataset
     from .evaluate import majority_accuracy
     from .recipe import RecipeSteps, run_recipe, start_run
     from .vlm import generate_reports

@@ -1,6 +1,6 @@
 """Datasets, each read through the runtime's own loader and preprocessing, so training sees what production sees.
 
-:func:`load_dataset` recognises a folder by its layout:
+:func:`dataset_kind` recognises a folder by its layout:
 
 - SAMF / phantom folder (the SAMF README's CSV plus questions)::
 
@@ -27,7 +27,8 @@
   its splits are read lazily from disk, and training streams them.
 
 Each layout is first listed (:func:`list_dataset`: :class:`ScanEntry` s, nothing read), then read: into memory by
-:func:`load_dataset`, or once into a cache by ``prepare``.
+:func:`load_entries`, or once into a cache by ``prepare``. A stage reads its ``--data``, a folder or a cache,
+through :func:`samf.train.datasets.load_dataset`.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def text_corpus(examples: list) -> list:
 # ------------------------------------------------------------------------------------------ any layout
 
 #: Split names accepted everywhere, and what each dataset calls them.
-_SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
+SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
 
 
 def dataset_kind(data_dir: str) -> str:
@@ -223,13 +224,13 @@ def list_dataset(data_dir: str, split: str) -> list:
     kind = dataset_kind(data_dir)
     if kind == "cache":
         raise DataError(f"{data_dir} is a prepared cache, not a dataset to read scans from")
-    if split not in _SPLITS:
+    if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (train, valid, test)")
     if kind == "ctrate":
-        return list_ctrate_release(data_dir, _SPLITS[split])
+        return list_ctrate_release(data_dir, SPLITS[split])
     if kind == "m3d":
-        return list_m3d(data_dir, _SPLITS[split])
-    name = split if os.path.exists(os.path.join(data_dir, f"{split}.csv")) else _SPLITS[split]
+        return list_m3d(data_dir, SPLITS[split])
+    name = split if os.path.exists(os.path.join(data_dir, f"{split}.csv")) else SPLITS[split]
     if not os.path.exists(os.path.join(data_dir, f"{name}.csv")):
         raise DataError(f"{data_dir} has no {split}.csv")
     return list_split(data_dir, name)
@@ -249,20 +250,6 @@ def list_splits(data_dir: str, splits: list | None = None) -> dict:
     if dataset_kind(data_dir) == "ctrate":
         out.pop("test", None)
     return out
-
-
-def load_dataset(data_dir: str, split: str, pre: PreprocessConfig, progress: bool = True,
-                 limit: int | None = None):
-    """One split of any supported dataset folder, as :class:`Example` s in memory; for a cache made by
-    ``samf-train prepare``, its split read lazily from disk (:class:`samf.train.scan_cache.CachedSplit`)."""
-    if dataset_kind(data_dir) == "cache":
-        from .scan_cache import ScanCache
-
-        cache = ScanCache(data_dir)
-        cache.check_preprocess(pre)
-        return cache.split(_SPLITS.get(split, split)).head(limit)
-    desc = f"{os.path.basename(os.path.normpath(data_dir))} {split}"
-    return load_entries(list_dataset(data_dir, split)[:limit], pre, desc, progress)
 
 
 # ------------------------------------------------------------------------------------------ M3D

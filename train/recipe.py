@@ -44,7 +44,7 @@ def start_run(run_dir: str, data_dir: str, preset: dict | None = None, progress:
     dataset folder (phantoms or SAMF CSV, CT-RATE, M3D), preprocessed as the preset says."""
     from samf.runtime.scan.preprocess import PreprocessConfig
 
-    from .data import load_dataset
+    from .datasets import load_dataset
     from .run_folder import init_run, tiny_preset
 
     preset = preset or tiny_preset()

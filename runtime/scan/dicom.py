@@ -17,7 +17,7 @@ import numpy as np
 
 from samf.errors import ScanError
 
-from .ct import PLAUSIBLE_SPACING_MM, open_regular
+from .guards import PLAUSIBLE_SPACING_MM, open_regular
 
 #: What to install for compressed transfer syntaxes pydicom cannot decode by itself.
 _DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"

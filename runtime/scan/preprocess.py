@@ -17,7 +17,8 @@ import numpy as np
 
 from samf.errors import ScanError
 
-from .ct import MIN_EXTENT_MM, Volume
+from .ct import Volume
+from .guards import MIN_EXTENT_MM
 
 PLANES = ("axial", "coronal", "sagittal")
 #: (centre, width) in HU; the three standard chest windows, one channel each.

@@ -23,7 +23,7 @@ from samf.errors import ScanError
 from ..atomic import atomic_file
 from ..bundle.bundle import hash_fd
 from ..outputs.slices_png import scan_folder_name
-from ..scan.ct import open_regular
+from ..scan.guards import open_regular
 
 #: Files a folder of scans is made of (anything else in a folder makes it a DICOM series).
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".npy")
