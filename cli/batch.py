@@ -14,7 +14,7 @@ from samf.errors import one_line
 
 def write_scan_outputs(scan: str, res, slices_per_plane: int, series_uid: str | None, dicom_dir: str | None,
                        evidence_dir: str | None) -> dict:
-    """A reported scan's --evidence (``evidence_dir``: see :func:`~samf.runtime.inference.evidence.write_evidence`;
+    """A reported scan's --evidence (``evidence_dir``: see :func:`~samf.runtime.outputs.evidence_png.write_evidence`;
     for a DICOM series evidence.json also names the source image each top slice falls on) and --dicom-out
     (``dicom_dir``: sr.dcm, report_pdf.dcm; a DICOM series folder only). ``res.slices`` must be set. Returns what
     was written, ``{"evidence": folder, "DICOM": [paths]}``; on a failure what this call wrote is removed, so no
@@ -22,7 +22,8 @@ def write_scan_outputs(scan: str, res, slices_per_plane: int, series_uid: str | 
     import shutil
 
     from samf.errors import BundleError
-    from samf.runtime.inference.evidence import NO_ATTENTION, write_evidence
+    from samf.runtime.inference.evidence import NO_ATTENTION
+    from samf.runtime.outputs.evidence_png import write_evidence
 
     out: dict = {}
     source = None

@@ -18,7 +18,8 @@ import pydicom
 import pytest
 from dicom_writer import PATIENT, PATIENT_EXTRA, READABLE_MINIMUM, strip_to_minimum, write_series
 
-from samf.runtime.inference.evidence import Evidence, evidence_montage
+from samf.runtime.inference.evidence import Evidence
+from samf.runtime.outputs.evidence_png import evidence_montage
 from samf.runtime.scan.ct import load_scan
 from samf.runtime.scan.preprocess import PreprocessConfig, preprocess_placed
 from samf.runtime.tools.phantom import make_phantom

@@ -12,7 +12,8 @@ import pytest
 from cli_runner import run_cli
 from PIL import Image
 
-from samf.runtime.inference.evidence import RANK_COLOURS, Evidence, evidence_montage
+from samf.runtime.inference.evidence import Evidence
+from samf.runtime.outputs.evidence_png import RANK_COLOURS, evidence_montage
 from samf.runtime.scan.ct import load_scan
 from samf.runtime.scan.preprocess import PLANES, PreprocessConfig, SlicePlacement, place_slices
 from samf.runtime.tools.phantom import make_phantom, sample_findings

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from samf.errors import BundleError
 
 from ..atomic import atomic_file
-from ..inference.prompt import PromptLayout
 from ..scan.preprocess import PreprocessConfig
 from .manifest import ENCODER_PRECISIONS, check_manifest, seal
 from .signature import SIGNATURE, check_signature
@@ -155,11 +154,6 @@ class Bundle:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.manifest["preprocess"])
-
-    @property
-    def layout(self) -> PromptLayout:
-        """Where the image rows, the prompt and the answer sit, and which tokens end generation."""
-        return PromptLayout.from_dict(self.manifest["prompt"]["layout"])
 
     @property
     def image_tokens(self) -> int:

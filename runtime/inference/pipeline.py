@@ -16,7 +16,7 @@ from ..bundle.bundle import Bundle, read_bundle
 from ..scan.ct import Volume, load_scan
 from ..scan.preprocess import preprocess_placed
 from .evidence import NO_ATTENTION, Evidence, evidence_of
-from .prompt import REPORT_REQUESTS, mcq_choice_of, mcq_request
+from .prompt import REPORT_REQUESTS, PromptLayout, mcq_choice_of, mcq_request
 
 
 @dataclass
@@ -127,7 +127,8 @@ class ReportPipeline:
         self.bundle = (bundle if isinstance(bundle, Bundle)
                        else read_bundle(bundle, False, trusted_keys=tuple(cfg.trusted_keys)))
         self.pre = self.bundle.preprocess
-        self.layout = self.bundle.layout
+        # Where the image rows, the prompt and the answer sit, and which tokens end generation.
+        self.layout = PromptLayout.from_dict(self.bundle.manifest["prompt"]["layout"])
         quant = self.bundle.llm_quant(cfg.quant)
         # Each artifact is opened once, verified through that descriptor, and loaded through it
         # (/proc/self/fd/N): a file swapped at the bundle's path after its check is not what runs. (Loading

@@ -19,7 +19,8 @@ import numpy as np
 
 from samf.errors import ScanError
 
-from ..inference.evidence import TOP_PER_PLANE, evidence_montage
+from ..inference.evidence import TOP_PER_PLANE
+from .evidence_png import evidence_montage
 
 SERIES_DESCRIPTION = "SAMF AI report - UNVERIFIED, not for diagnostic use"
 PDF_SERIES_DESCRIPTION = "SAMF AI report (PDF) - UNVERIFIED, not for diagnostic use"
