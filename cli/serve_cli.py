@@ -1,5 +1,7 @@
 """``samf serve`` and ``samf doctor``: the service's commands, registered on ``samf`` by
 :func:`add_service_commands` (kept apart from ``samf_cli`` so the service's many options live with the service).
+Only the command line lives here: the service itself (the HTTP app, its jobs, DICOM, the run until SIGTERM) is
+:mod:`samf.runtime.service`, started by :func:`samf.runtime.service.server.serve`.
 
 ``samf serve --config serve.toml`` reads any option from a TOML file (keys: the long option names without the
 dashes, e.g. ``dicom-port = 11112``; repeatable options take lists); the command line overrides the file, and a
@@ -132,7 +134,7 @@ def add_service_commands(main: click.Group, bundle_opt, trusted_key_opt, quant_o
         """Keep the bundle loaded and serve reports over HTTP (OpenAPI at /docs, /openapi.json): POST /v1/reports,
         GET /v1/reports/{id}[/stream|/sr|/pdf], POST /v1/vqa, /healthz, /readyz, /metrics. Jobs persist in WORK; a
         restart resumes them; SIGTERM finishes or requeues the running ones."""
-        from .serve import serve as run_service
+        from samf.runtime.service.server import serve as run_service
 
         engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
                        trusted_keys=trusted_keys)

@@ -47,6 +47,10 @@ class UploadError(SamfError):
     """An upload the service cannot take (what it is, or its size); the HTTP layer answers 4xx with it."""
 
 
+class UploadTooLarge(UploadError):
+    """An upload over the service's size limit (the HTTP layer answers 413)."""
+
+
 class JobStore:
     """Jobs in ``WORK/jobs.sqlite3``; uploaded scans under ``WORK/inputs/<id>/``. Safe to use from several
     threads (one connection, one lock: the service writes a few rows a second)."""
@@ -156,6 +160,32 @@ def kind_of_upload(head: bytes) -> str:
     if len(head) >= 348 and head[344:347] in (b"n+1", b"n+2"):
         return "nifti"
     raise UploadError("the upload is neither a NIfTI file (.nii, .nii.gz) nor a zip of a DICOM series")
+
+
+def save_upload(folder: str, upload, max_bytes: int) -> str:
+    """An uploaded scan (``upload``: a binary file object) copied into a job's input ``folder``: a NIfTI file
+    (``scan.nii`` or ``scan.nii.gz``), or a zip of a DICOM series unpacked into ``series/``; its path.
+    :class:`UploadTooLarge` past ``max_bytes`` (the zip unpacked: four times that), :class:`UploadError` for
+    anything else it cannot take. What was written stays in ``folder`` for the caller to remove."""
+    raw, size = os.path.join(folder, "upload"), 0
+    with open(raw, "wb") as out:
+        while True:
+            block = upload.read(1 << 20)
+            if not block:
+                break
+            size += len(block)
+            if size > max_bytes:
+                raise UploadTooLarge(f"upload larger than the {max_bytes >> 20} MB accepted")
+            out.write(block)
+    with open(raw, "rb") as f:
+        kind = kind_of_upload(f.read(512))
+    if kind == "zip":
+        path = unpack_dicom_zip(raw, os.path.join(folder, "series"), max_bytes * 4)
+        os.remove(raw)
+        return path
+    path = os.path.join(folder, "scan.nii.gz" if kind == "nifti.gz" else "scan.nii")
+    os.replace(raw, path)
+    return path
 
 
 def unpack_dicom_zip(zip_path: str, out_dir: str, max_bytes: int) -> str:
