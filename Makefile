@@ -20,7 +20,7 @@ install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[train,export,eval,serve,test]"
+	$(PIP) install --quiet -e ".[train,export,eval,serve,openvino,test]"
 	touch $@
 
 demo: install

@@ -27,9 +27,12 @@ def _quant_types(ctx, param, value):
 
 
 def _precisions_option(help: str):
-    """--precision (repeatable): the encoder precisions made besides fp32, as a tuple without "none"."""
-    return click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp16", "int8", "none"]),
-                        default=("fp16", "int8"), show_default=True, help=help,
+    """--precision (repeatable): the encoder precisions made besides fp32, as a tuple without "none"; the choices
+    and the default are :class:`VariantCheck`'s."""
+    from samf.export.encoder_variants import TOLERANCES, VariantCheck
+
+    return click.option("--precision", "precisions", multiple=True, type=click.Choice([*TOLERANCES, "none"]),
+                        default=VariantCheck().precisions, show_default=True, help=help,
                         callback=lambda ctx, param, v: tuple(p for p in dict.fromkeys(v) if p != "none"))
 
 

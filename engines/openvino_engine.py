@@ -6,8 +6,8 @@ matrix products in bf16 with fp32 accumulation (AVX512-BF16), the rest fp32. No 
 ``bf16`` encoders are its fp32 ONNX files, checked at export with this engine (``export/encoder_variants.py``).
 
 Must-nots: the import is lazy (OpenVINO is an optional extra: ``pip install samf[openvino]``), and its absence
-is one line. Telemetry: only OpenVINO's model conversion tool (``ovc``/``convert_model``) sends any; this
-module reads ONNX with ``Core.read_model`` and never imports it (tested).
+is one line. Telemetry is off, as ONNX Runtime's is: see :func:`import_openvino` (tested: loading and running the
+encoders makes no network connection and writes nothing in HOME).
 Pinned 2026.4.1: users reported a SIGFPE in ``compile_model`` on Zen 4 EPYC with 2025.3–2026.1; 2026.4.1 is
 tested on this project's Zen 4 machines.
 """
@@ -15,6 +15,7 @@ tested on this project's Zen 4 machines.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,13 @@ from samf.errors import EngineUnavailable, SamfError
 HINTS = {"bf16": "bf16", "fp32": "f32"}
 
 
-def _ov():
+def import_openvino():
+    """``openvino``, imported with its telemetry off: ``import openvino`` loads the model converter, which sends
+    an "import" event to Google Analytics from a subprocess unless told not to (measured: a DNS query on import;
+    opt-out is a file in ~/intel or CI=true). With ``openvino_telemetry`` unimportable, the converter takes its
+    own no-op stub (``openvino.tools.ovc.telemetry_stub``): nothing is sent and nothing is written in HOME."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None: importing it raises ImportError
     try:
         import openvino as ov
     except ImportError as e:
@@ -37,7 +44,7 @@ def _ov():
 def openvino_version() -> str | None:
     """OpenVINO's version, or None when it is not installed."""
     try:
-        return _ov().get_version()
+        return import_openvino().get_version()
     except EngineUnavailable:
         return None
 
@@ -45,7 +52,7 @@ def openvino_version() -> str | None:
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO runs bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere the hint falls back to f32."""
     try:
-        return "BF16" in _ov().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except EngineUnavailable:
         return False
 
@@ -65,7 +72,7 @@ class OvModule:
     def __init__(self, path: str, precision: str = "bf16", threads: int = 0):
         if precision not in HINTS:
             raise SamfError(f"OpenVINO runs the encoders in {' or '.join(HINTS)}, not {precision!r}")
-        ov = _ov()
+        ov = import_openvino()
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:

@@ -11,7 +11,10 @@
   would not follow a hospital's scans where they differ from the training data. The blocks that carry the error
   are found by measuring: each is quantized alone and its error on held-out slices measured; the most sensitive
   are kept fp32, as few as the tolerance allows, at most half of them (beyond that it is hardly faster).
-- **bf16** is not offered: ONNX Runtime's CPU provider has no bf16 MatMul (``NOT_IMPLEMENTED``).
+- **bf16** (CPUs with AVX512-BF16; elsewhere OpenVINO runs it in fp32): no file of its own. ONNX Runtime's CPU
+  provider has no bf16 MatMul (``NOT_IMPLEMENTED``), so the fp32 files are compiled by OpenVINO with the bf16
+  precision hint (:mod:`samf.engines.openvino_engine`), and checked here with that engine; the manifest entry names
+  the backend. Made only where OpenVINO is installed (``samf[openvino]``); elsewhere one line says so.
 
 ONNX Runtime's own tools (``quantize_dynamic``, the float16 converter) rather than Optimum's ``ORTQuantizer``:
 Optimum wraps the same calls for Hugging Face models and calibrates from a ``datasets.Dataset``; for our own
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from samf.engines.openvino_engine import openvino_version
 from samf.runtime.bundle.manifest import ENCODER_MODULES
 
 #: Seeds of the held-out phantoms the export checks with: far above any seed a samf dataset is generated from
@@ -62,14 +66,20 @@ TOLERANCES = {
     # The issue's floor: cosine 0.99, and the fp32 encoders' report on 95% of held-out scans; the fused rows to
     # the worst slice's floor.
     "int8": Tolerance(slice_cos_mean=0.99, slice_cos_min=0.9, report_agreement=0.95, fused_cos_min=0.9),
+    # The issue's floor for a faster CPU variant: slice cosine 0.999, and the fp32 encoders' report on 95% of the
+    # held-out scans; the fused rows to the slices' floor.
+    "bf16": Tolerance(slice_cos_mean=0.999, slice_cos_min=0.999, report_agreement=0.95, fused_cos_min=0.999),
 }
+
+#: The backend each variant's files run on at the workstation (absent: ONNX Runtime, or TensorRT from its files).
+BACKENDS = {"bf16": "openvino"}
 
 
 @dataclass
 class VariantCheck:
     """Which variants the export makes and how it checks them."""
 
-    precisions: tuple = ("fp16", "int8")
+    precisions: tuple = ("fp16", "int8", "bf16")
     scans: int = 20                # held-out scans
     report_tokens: int = 256       # longest greedy report compared; 0: no reports (random-weight bundles)
     data: str | None = None        # a dataset folder whose test.csv lists the held-out scans; None: phantoms
@@ -82,6 +92,8 @@ def variant_files(precision: str) -> dict:
         return {m: f"{m}.onnx" for m in ENCODER_MODULES}
     if precision == "int8":
         return {"vit": "vit-int8.onnx", "aggregator": "aggregator.onnx", "fusion": "fusion.onnx"}
+    if precision == "bf16":  # the fp32 files, compiled by OpenVINO in bf16
+        return variant_files("fp32")
     return {m: f"{m}-{precision}.onnx" for m in ENCODER_MODULES}
 
 
@@ -280,14 +292,19 @@ class VariantChecker:
         finally:
             vit.close()
 
-    def _on_cpu(self, paths: dict) -> dict:
-        from samf.engines.onnxruntime_engine import OrtModule
+    def _on_cpu(self, paths: dict, precision: str = "fp32") -> dict:
+        """The modules at ``paths`` on the CPU backend a precision runs on (ONNX Runtime; OpenVINO for bf16)."""
+        from samf.engines import load_encoder_module
 
-        return {m: OrtModule(p, prefer_gpu=False, threads=self.pipe.config.n_threads or 0) for m, p in paths.items()}
+        threads = self.pipe.config.n_threads or 0
+        if BACKENDS.get(precision) == "openvino":
+            return {m: load_encoder_module("openvino", p, precision=precision, threads=threads)
+                    for m, p in paths.items()}
+        return {m: load_encoder_module("onnxruntime", p, prefer_gpu=False, threads=threads) for m, p in paths.items()}
 
     def figures(self, paths: dict, precision: str) -> dict:
         """Run the pipeline with the variant's encoders (``{module: path}``) and measure it against fp32."""
-        self.pipe.set_encoders(self._on_cpu(paths), precision)
+        self.pipe.set_encoders(self._on_cpu(paths, precision), precision)
         try:
             got = self._outputs()
         finally:
@@ -401,6 +418,10 @@ def _candidates(precision: str, checker: VariantChecker, work: str, tol: Toleran
             to_fp16(fp32[module], paths[module], module)
         yield paths, dict(method="ONNX Runtime float16 converter; LayerNorm, Softmax, the standardisation and the "
                                  "fusion's scaled dot products fp32; fp32 inputs and outputs")
+    elif precision == "bf16":
+        yield dict(fp32), dict(backend="openvino", method="the fp32 files compiled by OpenVINO with "
+                                                         "INFERENCE_PRECISION_HINT bf16 (matrix products bf16, "
+                                                         "accumulated in fp32)")
     elif precision == "int8":
         for path, kept in _int8_candidates(checker, fp32["vit"], work, tol, log):
             yield dict(fp32, vit=path), dict(
@@ -425,7 +446,11 @@ def add_encoder_variants(bundle_dir: str, quant: str, check: VariantCheck, log=p
     work = tempfile.mkdtemp(prefix="variants-", dir=bundle_dir)
     try:
         for precision in check.precisions:
-            tol = check.tolerances[precision]
+            if BACKENDS.get(precision) == "openvino" and not openvino_version():
+                log(f"export: {precision} encoders not made: OpenVINO is not installed here "
+                    "(pip install 'samf[openvino]')")
+                continue
+            tol = check.tolerances.get(precision, TOLERANCES[precision])
             files = variant_files(precision)
             for paths, extra in _candidates(precision, checker, work, tol, log):
                 fig = checker.figures(paths, precision)

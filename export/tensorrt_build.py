@@ -39,9 +39,10 @@ def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: i
         from samf.runtime.inference.pipeline import AUTO_PRECISION
 
         precision = next(p for p in AUTO_PRECISION["gpu"] if p in have)
-    if precision not in have or precision == "int8":
+    graphs = [p for p in have if p in ("fp32", "fp16")]  # int8 and bf16 are CPU variants (ONNX Runtime, OpenVINO)
+    if precision not in graphs:
         raise SamfError(f"bundle has no {precision} encoder graphs to build TensorRT plans from (it has "
-                        f"{', '.join(p for p in have if p != 'int8')})")
+                        f"{', '.join(graphs)})")
     profiles = shape_profiles(b.manifest, max_slices, max_prompt_tokens)
     sources = b.encoder_files(precision)
     feeds = check_feeds(b)

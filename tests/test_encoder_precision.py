@@ -30,7 +30,8 @@ def int8_bundle(quick, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("int8") / "bundle")
     lines = []
     write_bundle(quick.merged, out, quants=(), keep_unquantized="F32", log=lines.append,
-                 check=VariantCheck(scans=3, report_tokens=16, tolerances=dict(fp16=IMPOSSIBLE, int8=LAX_INT8)))
+                 check=VariantCheck(precisions=("fp16", "int8"), scans=3, report_tokens=16,
+                                    tolerances=dict(fp16=IMPOSSIBLE, int8=LAX_INT8)))
     return out, lines
 
 
@@ -41,7 +42,7 @@ def test_every_variant_is_kept_within_its_tolerance_or_left_out(quick):
 
     m = manifest_of(quick.bundle)
     rejected = m["fidelity"].get("encoders_rejected", {})
-    assert set(m["encoders"]) | set(rejected) == {"fp32", "fp16", "int8"}
+    assert set(m["encoders"]) | set(rejected) == {"fp32", "fp16", "int8", "bf16"}  # OpenVINO is installed in CI
     assert not set(m["encoders"]) & set(rejected)
     for precision, entry in m["encoders"].items():
         assert entry["files"] == variant_files(precision)
@@ -52,7 +53,8 @@ def test_every_variant_is_kept_within_its_tolerance_or_left_out(quick):
             assert entry["figures"]["report_tokens"] == QUICK["check_tokens"]
     for precision, entry in rejected.items():
         assert misses(entry["figures"], TOLERANCES[precision]) == entry["reason"]
-        assert not os.path.exists(os.path.join(quick.bundle, variant_files(precision)["vit"]))
+        if variant_files(precision) != variant_files("fp32"):  # bf16 runs the fp32 files: nothing of its own
+            assert not os.path.exists(os.path.join(quick.bundle, variant_files(precision)["vit"]))
     # fp16 holds its embeddings whatever it does to near-tie reports.
     fp16 = (m["encoders"].get("fp16") or rejected["fp16"])["figures"]
     assert fp16["slice_cos_min"] >= 0.999 and fp16["fused_max_abs_diff"] < 0.05 * fp16["fused_max_abs"]
@@ -254,3 +256,57 @@ def test_a_plan_whose_attention_swaps_slices_is_not_kept(quick, tmp_path, monkey
     with pytest.raises(SamfError, match="attention weights differ"):
         check_plan(str(plan), onnx_path, feeds)
     assert not plan.exists()
+
+
+@pytest.fixture(scope="module")
+def bf16_bundle(quick, tmp_path_factory):
+    """The quick model exported with bf16 (OpenVINO) forced in and int8 beside it."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (samf[openvino]); CI installs it")
+    from samf.export.bundle_writer import write_bundle
+
+    out = str(tmp_path_factory.mktemp("bf16") / "bundle")
+    lines = []
+    write_bundle(quick.merged, out, quants=(), keep_unquantized="F32", log=lines.append,
+                 check=VariantCheck(precisions=("int8", "bf16"), scans=3, report_tokens=16,
+                                    tolerances=dict(int8=LAX_INT8, bf16=LAX_INT8)))
+    return out, lines
+
+
+def test_bf16_is_the_fp32_files_on_openvino_and_auto_prefers_it(bf16_bundle, good_scan, monkeypatch):  # noqa: F811
+    from samf.engines.openvino_engine import OvModule
+    from samf.runtime.bundle.bundle import read_bundle
+    from samf.runtime.inference import pipeline as P
+
+    bundle, lines = bf16_bundle
+    m = manifest_of(bundle)
+    entry = m["encoders"]["bf16"]
+    assert entry["files"] == m["encoders"]["fp32"]["files"] and entry["backend"] == "openvino"
+    assert 0.99 < entry["figures"]["slice_cos_mean"] <= 1.0 and "same_reports" in entry["figures"]
+    assert any(ln.startswith("export: bf16 encoders: slice cosine mean") for ln in lines)
+    proc = run_cli("samf", "report", good_scan, "--bundle", bundle, "--max-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["encoders"] == "bf16"  # auto, on a CPU, OpenVINO installed
+    with P.ReportPipeline(bundle, quant="F32", encoders="bf16", max_new_tokens=4) as pipe:
+        assert isinstance(pipe.vit, OvModule) and pipe.precision == "bf16"
+
+    # Without OpenVINO: auto passes over bf16 to int8, and asking for bf16 is one line naming the extra.
+    b = read_bundle(bundle)
+    monkeypatch.setattr("samf.engines.openvino_engine.openvino_version", lambda: None)
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)
+    assert P.choose_precision(b, "auto", gpu=False) == "int8"
+    from samf.errors import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match=r"pip install 'samf\[openvino\]'"):
+        P.choose_precision(b, "bf16", gpu=False)
+
+
+def test_an_export_without_openvino_says_so_and_makes_the_rest(quick, tmp_path, monkeypatch):
+    from samf.export.bundle_writer import write_bundle
+
+    monkeypatch.setattr("samf.export.encoder_variants.openvino_version", lambda: None)
+    lines = []
+    write_bundle(quick.merged, str(tmp_path / "b"), quants=(), keep_unquantized="F32", log=lines.append,
+                 check=VariantCheck(precisions=("bf16",), scans=2, report_tokens=4))
+    m = manifest_of(str(tmp_path / "b"))
+    assert list(m["encoders"]) == ["fp32"] and "bf16" not in m["fidelity"].get("encoders_rejected", {})
+    assert "export: bf16 encoders not made: OpenVINO is not installed here (pip install 'samf[openvino]')" in lines

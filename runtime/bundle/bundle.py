@@ -27,7 +27,8 @@ from .verified import VerifiedCache, stamp_of
 
 SCHEMA_VERSION = 4  # 2: the prompt layout (token ids, end tokens) is the LLM's own, in the manifest;
 #                    3: the manifest carries its own digest, and where each GGUF keeps its token embeddings;
-#                    4: the encoders come in precisions (fp32, and fp16/int8 where they held their tolerance)
+#                    4: the encoders come in precisions (fp32, and fp16/int8 where they held their tolerance;
+#                       bf16, added later, is the fp32 files on OpenVINO: an entry older bundles lack, not a 5)
 MANIFEST_MAX_BYTES = 16 << 20
 MANIFEST = "manifest.json"
 
@@ -145,6 +146,11 @@ class Bundle:
     def encoder_files(self, precision: str = "fp32") -> dict:
         """``{"vit": file, "aggregator": file, "fusion": file}`` of one precision."""
         return dict(self.manifest["encoders"][precision]["files"])
+
+    def encoder_backend(self, precision: str) -> str:
+        """The backend a precision's files are made for: ``openvino`` for bf16, else ``onnxruntime`` (whose files
+        TensorRT plans are built from)."""
+        return self.manifest["encoders"][precision].get("backend", "onnxruntime")
 
     def rejected_encoders(self) -> dict:
         """``{precision: why}`` for the variants the export made and dropped for missing their tolerance."""

@@ -22,8 +22,11 @@ from samf.errors import BundleError
 
 #: The exported encoder modules (the manifest lists each precision's file of each).
 ENCODER_MODULES = ("vit", "aggregator", "fusion")
-#: The precisions encoders come in: fp32 (the reference, always), fp16 (GPUs), int8 (CPUs).
-ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
+#: The precisions encoders come in: fp32 (the reference, always), fp16 (GPUs), int8 and bf16 (CPUs; bf16 is the
+#: fp32 files run by OpenVINO in bf16, so it names a backend too).
+ENCODER_PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+#: The encoder backends a precision may name (``encoders.<precision>.backend``; absent: onnxruntime).
+ENCODER_FILE_BACKENDS = ("onnxruntime", "openvino")
 #: A plain file name: no separator, not "." or "..", no control characters.
 PLAIN_NAME = r"^(?!\.\.?$)[^/\\\x00-\x1f]{1,255}$"
 
@@ -101,7 +104,8 @@ SCHEMA = {
         },
         "encoders": {
             "type": "object", "required": ["fp32"], "propertyNames": {"enum": list(ENCODER_PRECISIONS)},
-            "additionalProperties": {"type": "object", "required": ["files"], "properties": {"files": _modules}},
+            "additionalProperties": {"type": "object", "required": ["files"], "properties": {
+                "files": _modules, "backend": {"enum": list(ENCODER_FILE_BACKENDS)}}},
         },
         "io_signature": {"type": "object", "additionalProperties": False, "properties": {m: {
             "type": "object", "required": ["inputs", "outputs"],

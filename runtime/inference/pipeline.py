@@ -42,21 +42,37 @@ class Result:
         return self.decode_steps / d if d > 0 and self.decode_steps else float("nan")
 
 
-#: What ``--encoders auto`` picks, in order of preference: fp16 where the encoders run on a GPU (ONNX Runtime
-#: CUDA, TensorRT), int8 on a CPU when the bundle has it (kept only if it held its tolerance at export).
-AUTO_PRECISION = {"gpu": ("fp16", "fp32"), "cpu": ("int8", "fp32")}
+#: What ``--encoders auto`` picks, in order of preference, among what the bundle has (a variant is there only if
+#: it held its tolerance at export): fp16 where the encoders run on a GPU (ONNX Runtime CUDA, TensorRT); on a CPU
+#: bf16 (the fp32 files on OpenVINO, where it is installed: 2x ONNX Runtime fp32 on the paper ViT,
+#: ``benchmarks/encoder-precision.md``), then int8, then fp32.
+AUTO_PRECISION = {"gpu": ("fp16", "fp32"), "cpu": ("bf16", "int8", "fp32")}
+
+
+def _runs_here(bundle: Bundle, precision: str) -> bool:
+    """Whether this machine has the backend a precision's files are made for (OpenVINO is optional)."""
+    if bundle.encoder_backend(precision) != "openvino":
+        return True
+    from samf.engines.openvino_engine import openvino_version
+
+    return openvino_version() is not None
 
 
 def choose_precision(bundle: Bundle, requested: str, gpu: bool) -> str:
-    """The encoders' precision to run: ``requested`` (``auto``, ``fp32``, ``fp16``, ``int8``) among the bundle's.
-    A precision the bundle lacks is refused in one line, with the figure that kept it out of the export."""
+    """The encoders' precision to run: ``requested`` (``auto``, ``fp32``, ``fp16``, ``int8``, ``bf16``) among the
+    bundle's. A precision the bundle lacks is refused in one line, with the figure that kept it out of the export;
+    one whose backend is not installed here, in one line saying what to install."""
     have = bundle.encoder_precisions()
     if requested == "auto":
-        return next(p for p in AUTO_PRECISION["gpu" if gpu else "cpu"] if p in have)
+        return next(p for p in AUTO_PRECISION["gpu" if gpu else "cpu"] if p in have and _runs_here(bundle, p))
     if requested not in have:
         why = bundle.rejected_encoders().get(requested)
         raise BundleError(f"bundle has no {requested} encoders (it has {', '.join(have)})"
                           + (f": its export measured {why}" if why else ""))
+    if not _runs_here(bundle, requested):
+        from samf.engines.openvino_engine import import_openvino
+
+        import_openvino()  # raises EngineUnavailable: one line naming the extra to install
     return requested
 
 
@@ -85,7 +101,7 @@ class PipelineConfig:
 
     quant: str | None = None            # which GGUF (None: the manifest's default)
     backend: str = "onnxruntime"        # encoders: onnxruntime or tensorrt
-    encoders: str = "auto"              # the encoders' precision: auto, fp32, fp16 or int8 (see choose_precision)
+    encoders: str = "auto"              # the encoders' precision: auto, fp32, fp16, int8 or bf16 (choose_precision)
     n_threads: int | None = None        # None: every core this process may use
     n_gpu_layers: int = 0               # LLM layers on the GPU (-1: all)
     n_ctx: int | None = None
@@ -171,6 +187,7 @@ class ReportPipeline:
         from samf.engines import load_encoder_module
 
         cfg = self.config
+        backend = cfg.backend
         if cfg.backend == "tensorrt":
             entry = self._trt_plans(requested)  # plans are executable: never load one that changed
             precision, files = entry.get("precision", "fp32"), entry["plans"]
@@ -181,7 +198,9 @@ class ReportPipeline:
             gpu = available_providers()[0] == "CUDAExecutionProvider"
             precision = choose_precision(self.bundle, requested, gpu)
             files, kw = self.bundle.encoder_files(precision), dict(threads=cfg.n_threads or 0)
-        self.set_encoders({n: load_encoder_module(cfg.backend, self._artifact(f, cfg.verify_hashes).path, **kw)
+            if self.bundle.encoder_backend(precision) == "openvino":
+                backend, kw = "openvino", dict(kw, precision=precision)
+        self.set_encoders({n: load_encoder_module(backend, self._artifact(f, cfg.verify_hashes).path, **kw)
                            for n, f in files.items()}, precision)
 
     def set_encoders(self, modules: dict, precision: str) -> None:
