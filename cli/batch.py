@@ -12,62 +12,16 @@ import click
 from samf.errors import one_line
 
 
-def write_scan_outputs(scan: str, res, slices_per_plane: int, series_uid: str | None, dicom_dir: str | None,
-                       evidence_dir: str | None) -> dict:
-    """A reported scan's --evidence (``evidence_dir``: see :func:`~samf.runtime.outputs.evidence_png.write_evidence`;
-    for a DICOM series evidence.json also names the source image each top slice falls on) and --dicom-out
-    (``dicom_dir``: sr.dcm, report_pdf.dcm; a DICOM series folder only). ``res.slices`` must be set. Returns what
-    was written, ``{"evidence": folder, "DICOM": [paths]}``; on a failure what this call wrote is removed, so no
-    output describes a scan whose row failed."""
-    import shutil
-
-    from samf.errors import BundleError
-    from samf.runtime.inference.evidence import NO_ATTENTION
-    from samf.runtime.outputs.evidence_png import write_evidence
-
-    out: dict = {}
-    source = None
-    if os.path.isdir(scan) and (dicom_dir is not None or evidence_dir is not None):
-        from samf.runtime.outputs.dicom_out import evidence_images, source_instances, write_dicom_results
-
-        source = source_instances(scan, series_uid)  # read once, for both
-    try:
-        if evidence_dir is not None:
-            if res.evidence is None:
-                raise BundleError(NO_ATTENTION)
-            extra = {}
-            if source is not None:
-                extra["source_images"] = [
-                    dict(plane=d["plane"], slice=d["slice"], instance_number=_int_or_none(ds.get("InstanceNumber")),
-                         frame=frame) for d, ds, frame in evidence_images(*source, res.evidence)]
-            write_evidence(evidence_dir, res.slices, res.evidence, extra=extra)
-            out["evidence"] = evidence_dir
-        if dicom_dir is not None and source is not None:
-            out["DICOM"] = write_dicom_results(scan, res.text, res.identity, dicom_dir, res.slices, slices_per_plane,
-                                               series_uid, res.evidence, source)
-    except BaseException:
-        if "evidence" in out:
-            shutil.rmtree(evidence_dir, ignore_errors=True)
-        raise
-    return out
-
-
-def _int_or_none(value):
-    """An InstanceNumber as a number, or None where it is missing or not one (an IS a writer got wrong)."""
-    try:
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dict, parallel: int,
                  request: str | None, max_tokens: int, as_json: bool, load, dicom_out: str | None = None,
                  evidence_dir: str | None = None, series_uid: str | None = None) -> int:
     """Report every scan of ``items``; returns how many failed. With ``out_dir``, scans already reported there
     (same path, same content) are skipped, and each result is written as it finishes (:mod:`worklist`).
     ``dicom_out``/``evidence_dir``: each scan's SR and PDF (DICOM series only), evidence images, under
-    ``<dir>/<scan name>/`` (:func:`write_scan_outputs`); a scan whose outputs cannot be written fails."""
+    ``<dir>/<scan name>/`` (:meth:`~samf.runtime.outputs.compose.ScanOutputs.write`); a scan whose outputs
+    cannot be written fails."""
     from samf.runtime.inference.pipeline import ReportPipeline
+    from samf.runtime.outputs.compose import ScanOutputs
     from samf.runtime.progress import progress_bar
     from samf.runtime.service.worklist import JSONL, BatchOutput, content_sha256, output_names
 
@@ -91,8 +45,7 @@ def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dic
                                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
                     if extras and not isinstance(res, BaseException):
                         try:
-                            written = write_scan_outputs(
-                                scan, res, pipe.pre.slices_per_plane, series_uid,
+                            written = ScanOutputs(scan, res, pipe.pre.slices_per_plane, series_uid).write(
                                 dicom_out and os.path.join(dicom_out, names[path]),
                                 evidence_dir and os.path.join(evidence_dir, names[path]))
                             row.update({"dicom_out" if k == "DICOM" else "evidence_dir": v for k, v in written.items()})

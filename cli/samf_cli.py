@@ -164,13 +164,11 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
             extras = dicom_out is not None or evidence_dir is not None
             res = pipe.report(vol, request=request, max_new_tokens=max_tokens, keep_slices=extras)
             if extras:
+                from samf.runtime.outputs.compose import ScanOutputs
                 from samf.runtime.outputs.slices_png import scan_folder_name
 
-                from .batch import write_scan_outputs
-
-                written = write_scan_outputs(
-                    scans[0], res, pipe.pre.slices_per_plane, scan_kw.get("series"), dicom_out,
-                    evidence_dir and os.path.join(evidence_dir, scan_folder_name(scans[0])))
+                written = ScanOutputs(scans[0], res, pipe.pre.slices_per_plane, scan_kw.get("series")).write(
+                    dicom_out, evidence_dir and os.path.join(evidence_dir, scan_folder_name(scans[0])))
                 for what, where in written.items():
                     click.echo(f"{what}: {', '.join(where) if isinstance(where, list) else where}", err=True)
         if as_json:

@@ -367,11 +367,16 @@ def dicom_results(folder: str, text: str, identity: dict, slices: np.ndarray | N
 def write_dicom_results(folder: str, text: str, identity: dict, out_dir: str, slices: np.ndarray | None = None,
                         slices_per_plane: int = 8, series_uid: str | None = None, evidence=None,
                         source=None, job_id: str | None = None) -> list:
-    """:func:`dicom_results` as ``sr.dcm`` and ``report_pdf.dcm`` in ``out_dir``, each written atomically; both
-    are built before either is written, and a failure writing the second removes the first."""
+    """:func:`dicom_results` as ``sr.dcm`` and ``report_pdf.dcm`` in ``out_dir`` (:func:`write_datasets`)."""
+    return write_datasets(dicom_results(folder, text, identity, slices, slices_per_plane, series_uid, evidence,
+                                        source, job_id), out_dir)
+
+
+def write_datasets(results: dict, out_dir: str) -> list:
+    """``{file name: dataset}`` written into ``out_dir``, each atomically, all built before any is written; a
+    failure writing one removes those written before it. Returns the paths."""
     from ..atomic import atomic_file
 
-    results = dicom_results(folder, text, identity, slices, slices_per_plane, series_uid, evidence, source, job_id)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     try:

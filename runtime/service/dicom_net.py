@@ -222,17 +222,14 @@ class DicomReply:
         self.interrupt = threading.Event()  # set on stop: no more waiting between tries
 
     def __call__(self, job_id: str, folder: str, result, stopping=lambda: False) -> dict:
-        from ..atomic import atomic_file
-        from ..outputs.dicom_out import dicom_results, write_dicom_results
+        from ..outputs.compose import ScanOutputs
 
-        slices, per_plane = result.slices, self.pipeline.pre.slices_per_plane
-        ev = result.evidence  # the SR references the images the top slices fall on, the PDF frames them
-        if self.destination is None:
-            write_dicom_results(folder, result.text, result.identity, os.path.join(self.out_dir, job_id), slices,
-                                per_plane, evidence=ev, job_id=job_id)
-            return {"delivery": {"status": "delivered", "outcome": "written to the output folder", "attempts": 1}}
         # UIDs from the job's id: a job that runs again after a crash sends the same objects, stored once.
-        results = dicom_results(folder, result.text, result.identity, slices, per_plane, evidence=ev, job_id=job_id)
+        outputs = ScanOutputs(folder, result, self.pipeline.pre.slices_per_plane, job_id=job_id)
+        if self.destination is None:
+            outputs.write_dicom(os.path.join(self.out_dir, job_id))
+            return {"delivery": {"status": "delivered", "outcome": "written to the output folder", "attempts": 1}}
+        results = outputs.dicom()
         ae_title = parse_destination(self.destination)[0]
         wait, error = self.retry_wait, None
         for attempt in range(1, self.retries + 2):
@@ -251,11 +248,7 @@ class DicomReply:
             if self.interrupt.wait(wait):
                 break
             wait *= 2
-        out = os.path.join(self.results_dir, job_id)
-        os.makedirs(out, exist_ok=True)
-        for name, ds in results.items():
-            with atomic_file(os.path.join(out, name), "wb") as f:
-                ds.save_as(f, enforce_file_format=True)
+        outputs.write_dicom(os.path.join(self.results_dir, job_id))
         log.warning("job %s: undelivered after %d tries (%s); its SR and PDF are kept for GET "
                     "/v1/reports/%s/sr and /pdf", job_id, attempt, error, job_id)
         return {"delivery": {"status": "undelivered", "attempts": attempt, "error": error,

@@ -393,12 +393,11 @@ class JobRunner(threading.Thread):
         """The SR and PDF of an HTTP job whose scan is a DICOM series, written under ``WORK/results/<id>/``
         before the job's copy of the series goes: ``{"dicom": ["sr", "pdf"]}``, or, where they could not be
         made, ``{"dicom_error": one line}`` (the report stands)."""
-        from ..outputs.dicom_out import write_dicom_results
+        from ..outputs.compose import ScanOutputs
 
         try:
-            write_dicom_results(str(key), res.text, res.identity, os.path.join(self.store.results, key.job_id),
-                                res.slices, self.pipeline.pre.slices_per_plane, evidence=res.evidence,
-                                job_id=key.job_id)
+            ScanOutputs(str(key), res, self.pipeline.pre.slices_per_plane, job_id=key.job_id).write_dicom(
+                os.path.join(self.store.results, key.job_id))
         except Exception as e:  # noqa: BLE001 - the report stands; its DICOM results could not be made
             return {"dicom_error": one_line(e).replace(str(key), "<scan>")}
         return {"dicom": ["sr", "pdf"]}
