@@ -111,7 +111,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         manifest = write_bundle(merged, bundle, quants=("Q8_0",), keep_unquantized="F32",
                                 log=lambda m: click.echo("   " + m))
     with stage("7. slim runtime (ONNX Runtime + llama.cpp) on held-out phantoms"):
-        from samf.runtime.inference.pipeline import ReportPipeline
+        from samf.runtime.inference.pipeline import MCQ_METHODS, ReportPipeline
 
         results = {}
         # F32 with the fp32 encoders: the reference the PyTorch pipeline is compared with below; Q8_0 with the
@@ -119,9 +119,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         for quant, encoders in (("F32", "fp32"), ("Q8_0", "auto")):
             with ReportPipeline(bundle, quant=quant, encoders=encoders, n_threads=cfg.threads) as pipe:
                 results[quant] = [pipe.report(os.path.join(data, ex.image)) for ex in test]
-                if quant == "Q8_0":
-                    asked = [(pipe.answer(os.path.join(data, ex.image), q["question"], q["choices"])[0], q["answer"])
-                             for ex in test for q in ex.questions]
+                if quant == "Q8_0":  # each question answered both ways (ReportPipeline.answer says why two)
+                    asked = {method: [(pipe.answer(os.path.join(data, ex.image), q["question"], q["choices"],
+                                                   method=method)[0], q["answer"])
+                                      for ex in test for q in ex.questions] for method in MCQ_METHODS}
         q8 = results["Q8_0"]
         for ex, res in list(zip(test, q8))[: cfg.show]:
             click.echo(f"\n   scan      {ex.image}")
@@ -149,11 +150,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         click.echo(format_table(table))
         quality = dict(scans=len(test), sentences_in_grammar=sentence_share(q8_texts),
                        distinct_reports=distinct_share(q8_texts),
-                       mcq_accuracy=sum(letter == truth for letter, truth in asked) / max(1, len(asked)),
-                       mcq_questions=len(asked))
+                       mcq_accuracy=_share(asked["choices"]), mcq_accuracy_generated=_share(asked["generate"]),
+                       mcq_questions=len(asked["choices"]))
         click.echo(f"   Q8_0 reports: {quality['sentences_in_grammar']:.1%} of sentences in the phantom grammar, "
                    f"{quality['distinct_reports']:.1%} distinct; multiple choice {quality['mcq_accuracy']:.2f} "
-                   f"({len(asked)} questions)")
+                   f"(the likeliest of the four), {quality['mcq_accuracy_generated']:.2f} (the generated letter, "
+                   f"M3D's protocol), {quality['mcq_questions']} questions")
         prompt = prompt_ids(tok, REPORT_REQUESTS[0])
         compared = list(zip(results["F32"], test))[: cfg.compare_torch]
         same = sum(r.text == tok.decode(vlm.generate(torch.from_numpy(e.slices), prompt)) for r, e in compared)
@@ -170,3 +172,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 f"{os.path.join(cfg.workdir, 'demo_summary.json')}", bold=True)
     click.echo(f"try: samf report {os.path.join(data, test[0].image)} --bundle {bundle}")
     return summary
+
+
+def _share(pairs: list) -> float:
+    """The share of (answer, truth) pairs that agree."""
+    return sum(a == t for a, t in pairs) / max(1, len(pairs))

@@ -10,6 +10,9 @@ import os
 
 import click
 
+from samf.runtime.bundle.manifest import ENCODER_PRECISIONS
+from samf.runtime.inference.pipeline import MCQ_METHODS, PipelineConfig
+
 from .common import OutDir, SamfGroup, threads_option
 from .demo import DemoConfig
 
@@ -40,10 +43,12 @@ def scan_options(f):
 threads_opt = threads_option("CPU threads for the engines (default: all cores)")
 backend_opt = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                            show_default=True, help="engine for the ViT, aggregator and fusion")
+ENCODER_CHOICES = ["auto", *ENCODER_PRECISIONS]
 encoders_opt = click.option(
-    "--encoders", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
-    help="the encoders' precision: auto is fp16 on a GPU (CUDA, TensorRT), int8 on a CPU where the bundle has it "
-         "(the export keeps it only if it held its tolerance), else fp32")
+    "--encoders", type=click.Choice(ENCODER_CHOICES), default=PipelineConfig.encoders, show_default=True,
+    help="the encoders' precision: auto is fp16 on a GPU (CUDA, TensorRT); on a CPU bf16 (OpenVINO, where "
+         "installed), else int8, else fp32, among what the bundle has (the export keeps a variant only if it held "
+         "its tolerance)")
 gpu_layers_opt = click.option("--gpu-layers", type=click.IntRange(min=-1, max=100000), default=0, show_default=True,
                               help="LLM layers offloaded to the GPU (llama.cpp built with CUDA; -1: all)")
 
@@ -195,8 +200,11 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
 @click.option("--question", required=True, callback=_not_blank)
 @click.option("--choice", "choices", multiple=True, required=True, callback=_four_choices,
               help="give exactly four, in order A-D")
+@click.option("--method", type=click.Choice(MCQ_METHODS), default=MCQ_METHODS[0], show_default=True,
+              help="choices: the likeliest of the four answers; generate: the letter of the greedy answer (M3D's "
+                   "protocol)")
 @engine_options
-def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backend, encoders, gpu_layers,
+def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, method, threads, backend, encoders, gpu_layers,
         **scan_kw):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.inference.pipeline import ReportPipeline
@@ -205,7 +213,7 @@ def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, threads, backe
     with ReportPipeline(bundle_dir, quant=quant, backend=backend, encoders=encoders, n_threads=threads,
                         n_gpu_layers=gpu_layers, repack=False,
                         trusted_keys=trusted_keys) as pipe:  # one question per process, as for report
-        letter, res = pipe.answer(vol, question, list(choices))
+        letter, res = pipe.answer(vol, question, list(choices), method=method)
     click.echo(f"{letter or '?'}  ({res.text})")
 
 
@@ -278,7 +286,7 @@ add_service_commands(main, bundle_opt, trusted_key_opt, quant_opt, engine_option
 @click.option("--new-tokens", type=click.IntRange(min=1), default=None,
               help="decode exactly this many tokens per report, end token or not (random-weight bundles)")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
-@click.option("--encoders", "encoders", multiple=True, type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+@click.option("--encoders", "encoders", multiple=True, type=click.Choice(ENCODER_CHOICES),
               help="encoder precisions to compare, each with every GGUF type (default: auto); repeatable")
 @click.option("--concurrency", multiple=True, type=click.IntRange(min=1, max=64),
               help="instead: scans/hour, latency and decode tok/s with K reports decoded together (the first "

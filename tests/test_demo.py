@@ -60,6 +60,8 @@ def test_the_demo_reads_the_image(tmp_path):
     for k in ("effusion", "cardiomegaly", "emphysema", "nodule"):
         assert acc["zeroed image"][k] <= acc["majority class"][k] + 0.05, k   # no finding without the image
     assert q["sentences_in_grammar"] >= 0.95 and q["distinct_reports"] >= 0.9
-    # Multiple choice: the floor is 0.8; measured 0.41. The answers' text is right far more often than their
-    # letter (benchmarks/learning.md): guard that the letters beat guessing among four.
-    assert q["mcq_accuracy"] > 0.3
+    # Multiple choice: the floor is 0.8. The likeliest of the four measured 0.74 on 60 of these scans, the generated
+    # letter 0.40 (its text right far more often than its letter): the nodule question is at chance, as nodules are
+    # not seen at this resolution (benchmarks/learning.md). Guard what each reaches, and that choosing beats generating.
+    assert q["mcq_accuracy"] >= 0.65 and q["mcq_accuracy_generated"] > 0.3
+    assert q["mcq_accuracy"] > q["mcq_accuracy_generated"] + 0.15

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from samf.errors import SamfError
 from samf.runtime.inference.prompt import REPORT_REQUESTS, format_prompt
 
 
@@ -159,19 +160,33 @@ def test_runtime_evidence_is_pytorchs_attention(quick, vlm, prompt):
 
 
 def test_runtime_answer_equals_pytorch_answer(quick, vlm, tok):
-    """A multiple-choice answer: the same greedy text as PyTorch (24 tokens, as evaluation generates), and the
-    letter is what the parser reads from it (that a trained model answers with a letter is test_learning's)."""
+    """A multiple-choice answer, both ways: generated, the same greedy text as PyTorch (24 tokens, as evaluation
+    generates) and the letter the parser reads from it; chosen (the default), the same likeliest of the four as
+    PyTorch's teacher-forced losses pick, with scores that agree to float noise (that a trained model answers with
+    a letter is test_learning's)."""
     from samf.runtime.inference.pipeline import ReportPipeline
-    from samf.runtime.inference.prompt import mcq_choice_of
-    from samf.train.vlm import generate_mcq
+    from samf.runtime.inference.prompt import mcq_answer, mcq_choice_of
+    from samf.train.vlm import choose_mcq, generate_mcq, mcq_sample
 
     ex = quick.test[0]
     refs, _ = generate_mcq(vlm, tok, [ex])
-    assert ex.questions and len(refs) == len(ex.questions)
+    chosen, _ = choose_mcq(vlm, tok, [ex])
+    assert ex.questions and len(refs) == len(ex.questions) == len(chosen)
+    x = torch.from_numpy(ex.slices)[None]
     with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe:
-        for q, ref in zip(ex.questions, refs):
-            letter, res = pipe.answer(os.path.join(quick.data, ex.image), q["question"], q["choices"], 24)
+        for q, ref, pick in zip(ex.questions, refs, chosen):
+            scan = os.path.join(quick.data, ex.image)
+            letter, res = pipe.answer(scan, q["question"], q["choices"], 24, method="generate")
             assert res.text == ref and letter == mcq_choice_of(ref)
+            letter, res = pipe.answer(scan, q["question"], q["choices"])
+            assert res.text == pick == mcq_answer(letter, q["choices"]) and set(res.choice_nll) == set("ABCD")
+            with torch.no_grad():
+                torch_nll = [float(vlm(x, [mcq_sample(tok, q)[0]], [tok.encode(mcq_answer(c, q["choices"]))]))
+                             for c in "ABCD"]
+            assert np.allclose(list(res.choice_nll.values()), torch_nll, rtol=1e-3, atol=1e-3), (res.choice_nll,
+                                                                                                torch_nll)
+    with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe, pytest.raises(SamfError, match="method"):
+        pipe.answer(os.path.join(quick.data, ex.image), "Q?", ["a", "b", "c", "d"], method="vote")
 
 
 @pytest.mark.slow
@@ -208,3 +223,20 @@ def test_llama_cpp_loss_matches_transformers(quick, vlm, tok, prompt):
             assert abs(got - float(ref)) < 1e-3, (got, float(ref))
     finally:
         pipe.close()
+
+
+def test_vqa_command_answers_both_ways(quick):
+    from cli_runner import run_cli
+
+    from samf.runtime.inference.pipeline import ReportPipeline
+
+    ex = quick.test[0]
+    q, scan = ex.questions[0], os.path.join(quick.data, ex.image)
+    args = ["samf", "vqa", scan, "--bundle", quick.bundle, "--quant", "F32", "--encoders", "fp32",
+            "--question", q["question"], *[a for c in q["choices"] for a in ("--choice", c)]]
+    with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe:
+        for method in ("choices", "generate"):
+            letter, res = pipe.answer(scan, q["question"], q["choices"], method=method)
+            out = run_cli(*args, *(["--method", method] if method == "generate" else []))
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.strip() == f"{letter or '?'}  ({res.text})"

@@ -13,12 +13,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from samf.engines.greedy import greedy_decode
 from samf.runtime.atomic import atomic_file
-from samf.runtime.inference.prompt import REPORT_REQUESTS, PromptLayout, mcq_answer, mcq_request
+from samf.runtime.inference.prompt import LETTERS, REPORT_REQUESTS, PromptLayout, mcq_answer, mcq_request
 from samf.runtime.progress import progress_bar
 
 from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
@@ -280,6 +281,22 @@ def generate_reports(vlm: SamfVLM, tok, examples: list, zero_image: bool = False
         ids = vlm.generate(torch.from_numpy(ex.slices), prompt, max_new_tokens, zero_image=zero_image)
         out.append(tok.decode(ids))
     return out
+
+
+@torch.no_grad()
+def choose_mcq(vlm: SamfVLM, tok, examples: list, zero_image: bool = False) -> tuple:
+    """The likeliest of each question's four answers by mean loss per token (how the runtime answers by default,
+    ``ReportPipeline.answer``): ``(chosen answers as text, right letters)``."""
+    answers, letters = [], []
+    for ex in examples:
+        x = torch.from_numpy(ex.slices)[None]
+        for q in ex.questions:
+            prompt = mcq_sample(tok, q)[0]
+            options = [mcq_answer(letter, q["choices"]) for letter in LETTERS]
+            nll = [float(vlm(x, [prompt], [tok.encode(o)], zero_image=zero_image)) for o in options]
+            answers.append(options[int(np.argmin(nll))])
+            letters.append(q["answer"])
+    return answers, letters
 
 
 def generate_mcq(vlm: SamfVLM, tok, examples: list, zero_image: bool = False) -> tuple:

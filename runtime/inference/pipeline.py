@@ -16,7 +16,7 @@ from ..bundle.bundle import Bundle, read_bundle
 from ..scan.ct import Volume, load_scan
 from ..scan.preprocess import preprocess_placed
 from .evidence import NO_ATTENTION, Evidence, evidence_of
-from .prompt import REPORT_REQUESTS, PromptLayout, mcq_choice_of, mcq_request
+from .prompt import LETTERS, REPORT_REQUESTS, PromptLayout, mcq_answer, mcq_choice_of, mcq_request
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Result:
     scan: dict = field(default_factory=dict)      # what was read: format, shape, spacing, series (no identifiers)
     evidence: Evidence | None = None              # the fusion's attention over the slices (None: an older bundle)
     slices: np.ndarray | None = None              # the model's input [3·S, C, H, W], when asked to keep them
+    choice_nll: dict | None = None                # a multiple-choice answer's score per letter (lower: likelier)
 
     def evidence_record(self) -> dict | None:
         """The evidence as JSON (:meth:`Evidence.to_dict`), or None for a bundle without attention outputs."""
@@ -40,6 +41,10 @@ class Result:
         """Decode speed: forward passes per second after the prefill (whose logits give the first token)."""
         d = self.timings.get("llm_decode", 0.0)
         return self.decode_steps / d if d > 0 and self.decode_steps else float("nan")
+
+
+#: How :meth:`ReportPipeline.answer` picks a multiple-choice answer (the first is the default).
+MCQ_METHODS = ("choices", "generate")
 
 
 #: What ``--encoders auto`` picks, in order of preference, among what the bundle has (a variant is there only if
@@ -333,12 +338,35 @@ class ReportPipeline:
         result keeps the slices the model read (``Result.slices``)."""
         return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens, stop_at_end, keep_slices)
 
-    def answer(self, scan, question: str, choices, max_new_tokens: int = 32) -> tuple:
-        """A multiple-choice answer: (the letter picked or None, the full result)."""
+    def answer(self, scan, question: str, choices, max_new_tokens: int = 32, method: str = "choices") -> tuple:
+        """A multiple-choice answer: (the letter picked or None, the full result).
+
+        ``method="choices"`` (the default): each offered answer, written as training writes it (``"C. text."``), is
+        scored by the LLM's mean log-likelihood per token after the image and the question, and the likeliest is
+        the answer (``Result.choice_nll`` keeps the four scores). It is always one of the four, its letter and text
+        agree, and it costs one prefill. ``"generate"``: the first ``"X."`` of the greedy answer, M3D's protocol,
+        which a small model may get right in its text and wrong in its letter (``benchmarks/learning.md``)."""
         if len(choices) != 4:
             raise SamfError("a multiple-choice question needs exactly four choices")
-        res = self._run(scan, mcq_request(question, choices), max_new_tokens)
-        return mcq_choice_of(res.text), res
+        if method not in MCQ_METHODS:
+            raise SamfError(f"unknown multiple-choice method {method!r}; one of {', '.join(MCQ_METHODS)}")
+        request = mcq_request(question, choices)
+        if method == "generate":
+            res = self._run(scan, request, max_new_tokens)
+            return mcq_choice_of(res.text), res
+        timings: dict = {}
+        prefix, prompt_ids, info, evidence, _ = self._prefix(scan, request, timings)
+        lay, t0 = self.layout, time.perf_counter()
+        answers = [mcq_answer(letter, choices) for letter in LETTERS]
+        nll = self.llm.choice_nll(lay.head(), prefix, lay.tail(prompt_ids), [self.llm.tokenize(a) for a in answers],
+                                  lay.answer_end)
+        timings["llm_prefill"] = time.perf_counter() - t0
+        timings["total"] = sum(timings.values())
+        best = int(np.argmin(nll))
+        res = Result(text=answers[best], token_ids=self.llm.tokenize(answers[best]), timings=timings,
+                     identity=self.identity, prompt_tokens=len(lay.head()) + len(prefix) + len(lay.tail(prompt_ids)),
+                     scan=info, evidence=evidence, choice_nll=dict(zip(LETTERS, (round(v, 4) for v in nll))))
+        return LETTERS[best], res
 
     def report_many(self, scans, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
                     load=None, on_text=None, keep_slices: bool = False):
