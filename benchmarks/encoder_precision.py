@@ -1,5 +1,5 @@
-"""ViT-B/16 at 224² (the paper preset's slice encoder) in every precision ONNX Runtime offers on this CPU: speed
-and parity with fp32, side by side in one run.
+"""ViT-B/16 at 224² (the paper preset's slice encoder) in every precision ONNX Runtime and OpenVINO offer on this
+CPU: speed and parity with fp32, side by side in one run.
 
     python benchmarks/encoder_precision.py --work /tmp/encoder-precision \
         --out benchmarks/results/encoder-precision-2cpu.json
@@ -13,7 +13,9 @@ Variants, each compared with ONNX Runtime fp32 on the held-out slices (cosine an
 standardised slice embeddings, what the aggregator and fusion receive):
 
 - torch eager fp32 (the training code);
-- ONNX Runtime fp32 (the reference);
+- ONNX Runtime fp32 (the reference), and after ONNX Runtime's transformer optimizer (fused attention, LayerNorm,
+  GELU);
+- OpenVINO fp32 and bf16 (``INFERENCE_PRECISION_HINT``; bf16 is what ``--encoders bf16`` runs);
 - int8 dynamic (weights per channel, activations per tensor at run time): ``quantize_dynamic``;
 - int8 static QDQ (per-channel weights, activations calibrated with MinMax on the calibration slices):
   ``quantize_static``;
@@ -106,17 +108,27 @@ class Measure:
         o.intra_op_num_threads = self.threads
         return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 
-    def outputs(self, path) -> np.ndarray:
-        s = self.session(path)
-        return np.concatenate([s.run(None, {"slices": self.held[i: i + 24]})[0] for i in range(0, len(self.held), 24)])
+    def runner(self, path, openvino: str | None = None):
+        """slices -> embeddings: ONNX Runtime's CPU session, or OpenVINO in ``openvino`` precision (bf16, fp32)."""
+        if openvino:
+            from samf.engines.openvino_engine import OvModule
 
-    def ms(self, path) -> float:
+            m = OvModule(path, precision=openvino, threads=self.threads)
+            return lambda x: m(slices=x)
         s = self.session(path)
-        s.run(None, {"slices": self.scan})
+        return lambda x: s.run(None, {"slices": x})[0]
+
+    def outputs(self, path, openvino: str | None = None) -> np.ndarray:
+        run = self.runner(path, openvino)
+        return np.concatenate([run(self.held[i: i + 24]) for i in range(0, len(self.held), 24)])
+
+    def ms(self, path, openvino: str | None = None) -> float:
+        run = self.runner(path, openvino)
+        run(self.scan)
         times = []
         for _ in range(self.repeats):
             t = time.perf_counter()
-            s.run(None, {"slices": self.scan})
+            run(self.scan)
             times.append(time.perf_counter() - t)
         return 1000 * float(np.median(times))
 
@@ -212,6 +224,18 @@ def report_agreement(bundle: str, data: str, work: str) -> list:
         rows.append(dict(variant=name, scans=len(scans), same_report=sum(a == b for a, b in zip(ref, got)),
                          ms_per_scan=ms))
         print(json.dumps(rows[-1]), flush=True)
+    # bf16: the bundle's own fp32 files on OpenVINO, as --encoders bf16 runs them
+    from samf.engines.openvino_engine import OvModule
+
+    with ReportPipeline(bundle, quant="F32", encoders="fp32") as pipe:
+        pipe.set_encoders({mod: OvModule(os.path.join(bundle, f"{mod}.onnx"), precision="bf16")
+                           for mod in ("vit", "aggregator", "fusion")}, "bf16")
+        t = time.perf_counter()
+        got = [pipe.report(s).text for s in scans]
+        ms = 1000 * (time.perf_counter() - t) / len(scans)
+    rows.append(dict(variant="bf16-openvino", scans=len(scans), same_report=sum(a == b for a, b in zip(ref, got)),
+                     ms_per_scan=ms))
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -237,6 +261,12 @@ def variants(work: str, base: str, calib: np.ndarray) -> dict:
         make(path)
         made[name] = (path, time.perf_counter() - t)
 
+    def transformer_optimizer(p):  # ONNX Runtime's fusions: attention, LayerNorm, GELU, bias adds
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        optimize_model(base, model_type="vit", num_heads=12, hidden_size=768, opt_level=2).save_model_to_file(p)
+
+    timed("fp32-transformer-optimizer", transformer_optimizer)
     timed("int8-dynamic", lambda p: int8_dynamic(base, p, weighted))
     # The most sensitive blocks (quantized one at a time, blocks 0-4 cost most) kept in fp32.
     late = [n for n in weighted if not re.search(r"blocks\.[0-4]/", n) and "patch_embed" not in n]
@@ -290,6 +320,11 @@ def main() -> None:
     ref, fp32_ms = m.outputs(base), m.ms(base)
     rows = [dict(variant="torch eager fp32", ms=info["torch_eager_ms"], speedup=fp32_ms / info["torch_eager_ms"])]
     rows.append(dict(variant="ORT fp32", ms=fp32_ms, speedup=1.0, **parity(ref, ref)))
+    for precision in ("fp32", "bf16"):  # the same file, compiled by OpenVINO (engines/openvino_engine.py)
+        ms = m.ms(base, openvino=precision)
+        rows.append(dict(variant=f"OpenVINO {precision}", ms=ms, speedup=fp32_ms / ms,
+                         **parity(ref, m.outputs(base, openvino=precision))))
+        print(json.dumps(rows[-1]), flush=True)
     for name, (path, made_s) in variants(args.work, base, np.load(os.path.join(args.work, "calib.npy"))).items():
         ms = m.ms(path)
         rows.append(dict(variant=f"ORT {name}", ms=ms, speedup=fp32_ms / ms, made_s=made_s,
