@@ -1,5 +1,7 @@
-"""Imports run one way: cli → export → train → runtime → engines → errors. The runtime and the engines run
-without torch, and so do the bundle tools (`samf-export verify | sign | keygen | build-engines`)."""
+"""Imports run one way: cli → export → train → runtime → engines → errors; inside runtime/, its sub-packages run one
+way too (tools → service → outputs → inference → bundle → scan → the helpers at its top), and no folder holds an
+import circle. The runtime and the engines run without torch, and so do the bundle tools (`samf-export verify |
+sign | keygen | build-engines`)."""
 
 import ast
 import pathlib
@@ -9,38 +11,65 @@ import subprocess
 import sys
 
 import pytest
+import tomllib
 
 import samf
 
 ROOT = pathlib.Path(samf.__file__).parent
 #: A module may import its own layer and those below it, never one above.
 LAYERS = {"errors": 0, "engines": 1, "runtime": 2, "train": 3, "export": 4, "cli": 5}
+#: runtime/'s sub-packages, lowest first: each may import its own and those before it, never one after. The modules
+#: at runtime/'s top (atomic, progress, workers: helpers every layer uses) come before them all and import none.
+RUNTIME_ORDER = ("scan", "bundle", "inference", "outputs", "service", "tools")
+
+
+def _sources(folder: str) -> list:
+    """Every .py file of a layer, its sub-packages included."""
+    return [ROOT / "errors.py"] if folder == "errors" else sorted((ROOT / folder).rglob("*.py"))
+
+
+def _package(path: pathlib.Path) -> str:
+    """The dotted package (without ``samf.``) a source file of this repository is in: ``runtime.scan``."""
+    return ".".join(path.relative_to(ROOT).parent.parts)
+
+
+def _is_module(name: str) -> bool:
+    """Whether ``name`` (dotted, without ``samf.``) is a module or a package of this repository."""
+    where = ROOT.joinpath(*name.split("."))
+    return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
 
 
 def _samf_imports(path: pathlib.Path, package: str):
-    """(line, samf subpackage) for every import of samf code in ``path``, at the top or inside a function."""
+    """(line, module) for every import of samf code in ``path``, at the top or inside a function: the module
+    dotted without ``samf.`` (``runtime.scan.ct``), relative imports resolved against ``package``, and ``from
+    PACKAGE import NAME`` taken as the module NAME where NAME is one."""
     for node in ast.walk(ast.parse(path.read_text())):
-        names = []
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                names = [f"{package}.{node.module}" if node.module else package]
-            elif node.level == 2:
-                names = [node.module or ""]
+            if node.level:
+                parts = package.split(".") if package else []
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
             elif node.module and (node.module == "samf" or node.module.startswith("samf.")):
-                names = [node.module[5:] or (node.names[0].name if node.names else "")]
+                base = node.module[5:]
+            else:
+                continue
+            subs = [f"{base}.{a.name}" if base else a.name for a in node.names]
+            found = [s for s in subs if _is_module(s)]
+            names = found if found else [base]
         elif isinstance(node, ast.Import):
             names = [a.name[5:] for a in node.names if a.name.startswith("samf.")]
+        else:
+            continue
         for name in names:
-            yield node.lineno, name.split(".")[0]
+            yield node.lineno, name
 
 
 def test_imports_run_one_way():
     wrong = []
     for package, level in LAYERS.items():
-        files = [ROOT / "errors.py"] if package == "errors" else sorted((ROOT / package).glob("*.py"))
-        for f in files:
-            for line, target in _samf_imports(f, package):
-                if target in LAYERS and LAYERS[target] > level:
+        for f in _sources(package):
+            for line, target in _samf_imports(f, _package(f)):
+                layer = target.split(".")[0]
+                if layer in LAYERS and LAYERS[layer] > level:
                     wrong.append(f"{f.relative_to(ROOT)}:{line} imports samf.{target}")
     assert wrong == [], "imports against the layering:\n" + "\n".join(wrong)
 
@@ -48,25 +77,131 @@ def test_imports_run_one_way():
 def test_the_layer_check_sees_a_wrong_arrow(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("def f():\n    from samf.train.vlm import SamfVLM\n    from ..cli import common\n")
-    assert [t for _, t in _samf_imports(bad, "runtime")] == ["train", "cli"]
+    assert [t for _, t in _samf_imports(bad, "runtime")] == ["train.vlm", "cli.common"]
+    assert [t for _, t in _samf_imports(bad, "runtime.scan")] == ["train.vlm", "runtime.cli"]  # ..: runtime
 
 
-def test_runtime_and_engine_sources_name_no_training_stack():
+def _runtime_rank(module: str) -> int:
+    """Where a runtime module sits in :data:`RUNTIME_ORDER`: 0 for runtime/'s own top (``runtime``, ``runtime.atomic``),
+    1 for scan/, and so on; a sub-package missing from the order fails here, so a new one gets a place."""
+    parts = module.split(".")
+    if len(parts) == 1 or not (ROOT / "runtime" / parts[1]).is_dir():
+        return 0
+    assert parts[1] in RUNTIME_ORDER, f"runtime/{parts[1]}/ has no place in RUNTIME_ORDER (tests/test_imports.py)"
+    return 1 + RUNTIME_ORDER.index(parts[1])
+
+
+def _runtime_arrows_up(path: pathlib.Path, package: str) -> list:
+    """``(line, module)`` of each import in ``path`` (in runtime ``package``) of a runtime module placed after
+    its own sub-package in :data:`RUNTIME_ORDER`."""
+    here = _runtime_rank(package)
+    return [(line, t) for line, t in _samf_imports(path, package)
+            if t.split(".")[0] == "runtime" and _runtime_rank(t) > here]
+
+
+def test_runtime_sub_packages_import_one_way():
+    assert sorted(p.name for p in (ROOT / "runtime").iterdir() if (p / "__init__.py").exists()) \
+        == sorted(RUNTIME_ORDER)
+    wrong = [f"{f.relative_to(ROOT)}:{line} imports samf.{target}"
+             for f in _sources("runtime") for line, target in _runtime_arrows_up(f, _package(f))]
+    assert wrong == [], "runtime/ imports against the order " + " → ".join(RUNTIME_ORDER) + ":\n" + "\n".join(wrong)
+
+
+def test_the_runtime_order_check_sees_a_wrong_arrow(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("from ..atomic import atomic_file\nfrom .ct import Volume\nfrom ..bundle.bundle import Bundle\n"
+                   "def f():\n    from ..service.jobs import JobStore\n    from samf.runtime.outputs import compose\n")
+    assert _runtime_arrows_up(bad, "runtime.scan") == [(3, "runtime.bundle.bundle"), (5, "runtime.service.jobs"),
+                                                       (6, "runtime.outputs.compose")]
+    assert _runtime_arrows_up(bad, "runtime.tools") == []
+    # at runtime/'s top (a helper), no sub-package may be imported ("..x" there is samf.x, not runtime's)
+    assert [t for _, t in _runtime_arrows_up(bad, "runtime")] == ["runtime.outputs.compose"]
+
+
+def _circles(graph: dict) -> list:
+    """Import circles of ``graph`` (module -> modules it imports), each as the modules along it: at least one
+    through every module that lies on one (a depth-first walk), none when there is none."""
+    found, seen = [], set()
+
+    def walk(node, path):
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in path:
+                circle = path[path.index(nxt):]
+                key = frozenset(circle)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(circle + [nxt])
+            elif nxt not in done:
+                walk(nxt, path + [nxt])
+        done.add(node)
+
+    done: set = set()
+    for start in sorted(graph):
+        if start not in done:
+            walk(start, [start])
+    return found
+
+
+def _folder_graphs() -> dict:
+    """``{folder: {module: modules of the same folder it imports}}`` for every folder of samf's layers, a
+    package's ``__init__`` included (as ``folder.__init__``)."""
+    graphs: dict = {}
+    for layer in LAYERS:
+        for f in _sources(layer):
+            package = _package(f)
+            name = f"{package}.{f.stem}" if package else f.stem
+            edges = graphs.setdefault(package, {}).setdefault(name, set())
+            for _, target in _samf_imports(f, package):
+                if (ROOT.joinpath(*target.split(".")) / "__init__.py").is_file():
+                    target += ".__init__"
+                if target.rsplit(".", 1)[0] == package and target != name:
+                    edges.add(target)
+    return graphs
+
+
+def test_no_import_circles_inside_a_folder():
+    circles = [" → ".join(c) for graph in _folder_graphs().values() for c in _circles(graph)]
+    assert circles == [], "import circles inside a folder (move what both need into a module below them):\n" \
+        + "\n".join(circles)
+
+
+def test_the_circle_check_sees_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _circles({"a": {"b"}, "b": set(), "c": {"b"}}) == []
+
+
+def test_runtime_and_engine_sources_name_no_training_stack_and_no_click():
     pat = re.compile(r"^\s*(import|from)\s+(torch|transformers|peft)\b", re.M)
     for folder in ("runtime", "engines"):
-        for f in (ROOT / folder).glob("*.py"):
+        for f in _sources(folder):
             assert not pat.search(f.read_text()), f"{f} imports a training stack"
+    click = re.compile(r"^\s*(import|from)\s+click\b", re.M)  # the command line is cli/'s
+    for f in _sources("runtime"):
+        assert not click.search(f.read_text()), f"{f} imports click"
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists packages one by one: a new sub-package missing there would be left out of a wheel."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"samf"} | {"samf." + ".".join(p.parent.relative_to(ROOT).parts)
+                        for layer in LAYERS if layer != "errors" for p in (ROOT / layer).rglob("__init__.py")}
+    assert found - listed == set(), "packages missing from pyproject.toml's [tool.setuptools] packages"
 
 
 NO_TORCH = "import sys\nfor m in ('torch', 'transformers', 'peft'):\n    sys.modules[m] = None  # import fails\n"
 
 
+def _modules(folder: str) -> list:
+    return ["samf." + ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            for f in _sources(folder)]
+
+
 def test_runtime_and_bundle_tools_import_with_torch_unimportable():
-    code = NO_TORCH + (
-        "import samf.runtime.inference.pipeline, samf.runtime.bundle.bundle, samf.runtime.bundle.manifest\n"
-        "import samf.runtime.bundle.signature\n"
-        "import samf.engines.onnxruntime_engine, samf.engines.llama_cpp_engine, samf.engines.tensorrt_engine\n"
-        "import samf.export.tensorrt_build, samf.cli.samf_cli, samf.cli.export_cli, samf.runtime.tools.phantom\n"
+    """Every runtime and engine module, and the workstation's CLIs, import with torch unimportable, and pull in
+    nothing of samf.train."""
+    modules = _modules("runtime") + _modules("engines") + [
+        "samf.export.tensorrt_build", "samf.cli.samf_cli", "samf.cli.serve_cli", "samf.cli.export_cli"]
+    code = NO_TORCH + "".join(f"import {m}\n" for m in modules) + (
         "assert not any(m.startswith('samf.train') for m in sys.modules), 'the runtime pulled in samf.train'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
