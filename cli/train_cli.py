@@ -1,6 +1,7 @@
 """samf-train: the training stages, each on a data folder and a run folder.
 
-Typical order: make-phantoms, init, tokenizer, pretrain-2d, warmup-3d, pretrain-lm, finetune, merge, evaluate. A
+Typical order (the recipe's, `samf.train.recipe.STAGES`): make-phantoms, init, tokenizer, pretrain-2d, pretrain-lm,
+warmup-3d, finetune, merge, evaluate. A
 large dataset is read once by prepare into a cache that every stage takes as --data; embed caches the frozen
 ViT's outputs for finetune.
 pretrain-2d and finetune, the long stages, resume from RUN/checkpoints/<stage>.pt after an interruption (the
