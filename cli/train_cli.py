@@ -1,9 +1,8 @@
 """samf-train: the training stages, each on a data folder and a run folder.
 
-Typical order (the recipe's, `samf.train.recipe.STAGES`): make-phantoms, init, tokenizer, pretrain-2d, pretrain-lm,
-warmup-3d, finetune, merge, evaluate. A
-large dataset is read once by prepare into a cache that every stage takes as --data; embed caches the frozen
-ViT's outputs for finetune.
+Typical order (the recipe's, ``samf.train.recipe.STAGES``): make-phantoms, init, tokenizer, pretrain-2d,
+pretrain-lm, warmup-3d, finetune, merge, evaluate. A large dataset is read once by prepare into a cache that every
+stage takes as --data; embed caches the frozen ViT's outputs for finetune.
 pretrain-2d and finetune, the long stages, resume from RUN/checkpoints/<stage>.pt after an interruption (the
 short warmup-3d and pretrain-lm start over); on several GPUs pretrain-2d and finetune run under torchrun
 (``torchrun --nproc_per_node N -m samf.cli.train_cli -- finetune …``; see samf.train.distributed).
