@@ -1,5 +1,6 @@
 """Phantoms written in CT-RATE's release layout, for tests and benchmarks of the CT-RATE path before a user
-has the dataset (see FACTS.md, CT-RATE)::
+has the dataset (the layout of the CT-RATE release, https://huggingface.co/datasets/ibrahimhamamci/CT-RATE;
+Hamamci et al., arXiv:2403.17834)::
 
     ROOT/train/train_1/train_1_a/train_1_a_1.nii.gz      raw unsigned scanner values, a header with no spacing
     ROOT/valid/valid_1/valid_1_a/valid_1_a_1.nii.gz

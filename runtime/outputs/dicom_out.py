@@ -1,6 +1,11 @@
-"""Results back to the PACS as DICOM, as IHE AI Results and MONAI Deploy do (see FACTS.md): a Comprehensive 3D SR
-holding the report, for systems, and an Encapsulated PDF with the report and the slices the model read, for
-people.
+"""Results back to the PACS as DICOM, as IHE AI Results and MONAI Deploy do: a Comprehensive 3D SR holding the
+report, for systems, and an Encapsulated PDF with the report and the slices the model read, for people.
+
+Sources: the IHE Radiology Technical Framework Supplement "AI Results (AIR)" (Rev. 1.1, section 6.5.3.1: the
+algorithm in the Contributing Equipment Sequence); MONAI Deploy App SDK's ``DICOMTextSRWriterOperator`` (the
+report as TEXT under LOINC 18748-4 "Diagnostic Imaging Report" in a Comprehensive 3D SR, SOP Class
+1.2.840.10008.5.1.4.1.1.88.34, VerificationFlag UNVERIFIED) and ``DICOMEncapsulatedPDFWriterOperator``
+(Encapsulated PDF, 1.2.840.10008.5.1.4.1.1.104.1); the IODs themselves are DICOM PS3.3's.
 
 Both are flagged as what they are: the SR's VerificationFlag is UNVERIFIED and both series descriptions say
 "not for diagnostic use"; the algorithm (samf, its version and the bundle's manifest digest) is in the
