@@ -9,8 +9,9 @@ Which tokens go where comes from the caller (the bundle's prompt layout), never 
 
 Must-nots (each aborts the process inside llama.cpp rather than raising): a decode batch larger than
 ``n_batch``; embedding rows of the wrong width; token ids outside the vocabulary; positions past ``n_ctx``.
-``LlamaCppLLM._decode``, the one function that calls ``llama_decode``, checks them all. Logits are
-requested for the last row of each batch only.
+Two functions call ``llama_decode``: ``LlamaCppLLM._decode`` (prompts, image rows, scored answers; chunked to
+``n_batch``, every guard) and ``_step`` (one token for each of up to ``n_seq`` sequences: the vocabulary and
+position guards; ``n_seq <= n_batch`` is checked at construction). Logits are requested only where used.
 """
 
 from __future__ import annotations
