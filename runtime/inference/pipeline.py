@@ -302,15 +302,21 @@ class ReportPipeline:
             info["series"] = vol.info["choice"]  # names a series by UID only with --verbose
         return slices, timings, info, placement
 
+    def _image_rows(self, slices: np.ndarray, placement, prompt_ids: list, timings: dict) -> tuple:
+        """What :meth:`_slices` read -> (the fused image rows ``[N, d_llm]`` for this prompt, the evidence),
+        timing the encoders. :meth:`_prefix` and :meth:`report_many` both go through it."""
+        z2d, z3d = self.encode(slices, timings)
+        out = self.fuse(z2d, z3d, prompt_ids, timings)
+        return out["fused"][0], evidence_of(out, placement)
+
     def _prefix(self, scan, request: str, timings: dict) -> tuple:
         """Scan + request -> (fused image embeddings, ids of the prompt text, scan info, evidence, slices), timing
         each stage."""
         slices, loaded, info, placement = self._slices(scan)
         timings.update(loaded)
-        z2d, z3d = self.encode(slices, timings)
         prompt_ids = self.llm.tokenize(self.layout.prompt_text(request))
-        out = self.fuse(z2d, z3d, prompt_ids, timings)
-        return out["fused"][0], prompt_ids, info, evidence_of(out, placement), slices
+        fused, evidence = self._image_rows(slices, placement, prompt_ids, timings)
+        return fused, prompt_ids, info, evidence, slices
 
     def generate(self, prefix: np.ndarray, prompt_ids: list, max_new_tokens: int, stop_at_end: bool = True) -> dict:
         """Greedy decoding after the image rows ``prefix`` and the prompt: llama.cpp's result dict."""
@@ -323,12 +329,19 @@ class ReportPipeline:
         timings: dict = {}
         prefix, prompt_ids, info, evidence, slices = self._prefix(scan, request, timings)
         out = self.generate(prefix, prompt_ids, max_new_tokens, stop_at_end)
-        timings["llm_prefill"] = out["prefill_s"]
-        timings["llm_decode"] = out["decode_s"]
+        return self._generated(out, timings, info, evidence, slices if keep_slices else None)
+
+    def _generated(self, out: dict, timings: dict, info: dict, evidence, slices, started: float | None = None
+                   ) -> Result:
+        """The :class:`Result` of a greedy answer (llama.cpp's ``out``), its timings completed; ``started``: when
+        the scan was submitted (``report_many``), for the ``wall`` time, queueing included."""
+        timings.update(llm_prefill=out["prefill_s"], llm_decode=out["decode_s"])
         timings["total"] = sum(timings.values())
+        if started is not None:
+            timings["wall"] = time.perf_counter() - started
         return Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
                       prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info,
-                      evidence=evidence, slices=slices if keep_slices else None)
+                      evidence=evidence, slices=slices)
 
     # ------------------------------------------------------------------------------ entry points
     def report(self, scan, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
@@ -406,15 +419,13 @@ class ReportPipeline:
                 try:
                     slices, timings, info, placement = future.result()
                     del future
-                    z2d, z3d = self.encode(slices, timings)
-                    out = self.fuse(z2d, z3d, prompt_ids, timings)
+                    fused, evidence = self._image_rows(slices, placement, prompt_ids, timings)
                 except Exception as e:  # noqa: BLE001 - one bad scan must not end the batch; its reason is kept
                     waiting[key] = (scan, e)
                     yield key, None, None, None
                     continue
-                waiting[key] = (scan, timings, started, info, evidence_of(out, placement),
-                                slices if keep_slices else None)
-                yield key, lay.head(), out["fused"][0], lay.tail(prompt_ids)
+                waiting[key] = (scan, timings, started, info, evidence, slices if keep_slices else None)
+                yield key, lay.head(), fused, lay.tail(prompt_ids)
 
         with ThreadPoolExecutor(max_workers=max(1, self.config.prefetch), thread_name_prefix="samf-load") as pool:
             streamed = None if on_text is None else (
@@ -425,12 +436,7 @@ class ReportPipeline:
                     yield entry
                     continue
                 scan, timings, started, info, evidence, kept = entry
-                timings.update(llm_prefill=out["prefill_s"], llm_decode=out["decode_s"])
-                timings["total"] = sum(timings.values())
-                timings["wall"] = time.perf_counter() - started  # submitted to finished, queueing included
-                yield scan, Result(text=out["text"], token_ids=out["ids"], timings=timings, identity=self.identity,
-                                   prompt_tokens=out["prompt_tokens"], decode_steps=out["decode_steps"], scan=info,
-                                   evidence=evidence, slices=kept)
+                yield scan, self._generated(out, timings, info, evidence, kept, started)
 
     def report_nll(self, scan, reference: str, request: str | None = None) -> float:
         """Teacher-forced negative log-likelihood per token of a reference report for this scan."""
