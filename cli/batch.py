@@ -41,7 +41,8 @@ def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dic
                 for scan, res in pipe.report_many(todo, request=request, max_new_tokens=max_tokens, load=load,
                                                   keep_slices=extras):
                     path = os.path.abspath(scan)
-                    row = dict(path=path, scan=scan, sha256=digests.get(path),
+                    # The batch's own fields, then the result record (Result.to_record) or the error.
+                    row = dict(path=path, input=scan, sha256=digests.get(path),
                                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
                     if extras and not isinstance(res, BaseException):
                         try:
@@ -60,9 +61,7 @@ def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dic
                         bar.write(f"failed: {scan}: {row['error']}")
                     else:
                         reported += 1
-                        row.update(status="ok", report=res.text, tokens=len(res.token_ids),
-                                   encoders=res.identity["encoder_precision"], timings_s=res.timings,
-                                   identity=res.identity, scan_info=res.scan, evidence=res.evidence_record())
+                        row.update(status="ok", **res.to_record())
                     if output:
                         output.write(row)
                     if as_json:

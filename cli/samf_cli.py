@@ -177,9 +177,8 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
                 for what, where in written.items():
                     click.echo(f"{what}: {', '.join(where) if isinstance(where, list) else where}", err=True)
         if as_json:
-            click.echo(json.dumps(dict(scan=scans[0], report=res.text, timings_s=res.timings, identity=res.identity,
-                                       encoders=res.identity["encoder_precision"], scan_info=res.scan,
-                                       tokens=len(res.token_ids), evidence=res.evidence_record())))
+            # The input around the result record (Result.to_record), as in the batch's rows.
+            click.echo(json.dumps(dict(path=os.path.abspath(scans[0]), input=scans[0], **res.to_record())))
         else:
             click.echo(res.text)
             speed = f"{res.tokens_per_s:.1f} tok/s" if res.decode_steps else "one token"

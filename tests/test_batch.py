@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from cli_runner import run_cli
 
+from samf.runtime.inference.pipeline import RECORD_FIELDS
 from samf.runtime.scan.ct import Volume, save_nifti
 from samf.runtime.tools.phantom import make_phantom
 
@@ -102,14 +103,17 @@ def test_a_worklist_runs_resumes_and_keeps_going_past_bad_scans(quick, scan_path
         "broken.nii.gz", *[os.path.basename(s) for s in scan_paths[:3]], "extra.nii.gz", "missing.nii.gz"]
     bad = {os.path.basename(r["path"]): r for r in rows if r["status"] == "failed"}
     assert set(bad) == {"broken.nii.gz", "missing.nii.gz"}
-    assert all(len(r["error"].splitlines()) == 1 for r in bad.values())
+    assert all(len(r["error"].splitlines()) == 1 and "report" not in r for r in bad.values())
     good = [r for r in rows if r["status"] == "ok"]
     for r in good:
         name = os.path.basename(r["path"]).removesuffix(".nii.gz")
         assert (out / f"{name}.txt").read_text() == r["report"] + "\n"
         assert json.loads((out / f"{name}.json").read_text()) == r
-        assert r["identity"]["llm"] and r["encoders"] in ("fp32", "int8") and r["scan_info"]["shape"]
-        assert r["sha256"] and set(r["timings_s"]) >= {"load", "vit", "llm_decode", "wall"}
+        # The batch's own fields, then the result record (Result.to_record) under its names.
+        assert list(r) == ["path", "input", "sha256", "finished", "status",
+                           *(f for f in RECORD_FIELDS if f != "choice_nll")]
+        assert r["identity"]["llm"] and r["encoders"] in ("fp32", "int8") and r["scan"]["shape"]
+        assert r["sha256"] and set(r["timings"]) >= {"load", "vit", "llm_decode", "wall"} and r["new_tokens"] > 0
 
     # Rerun: the reported scans are skipped; a changed file is reported again; the failures are tried again.
     p = make_phantom(12)
@@ -129,7 +133,8 @@ def test_several_scans_without_out_print_one_json_line_each(quick, scan_paths):
     proc = run_cli("samf", "report", *scan_paths[:2], "--bundle", quick.bundle, "--max-tokens", "8", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert sorted(r["scan"] for r in rows) == sorted(scan_paths[:2]) and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["input"] for r in rows) == sorted(scan_paths[:2]) and all(r["status"] == "ok" for r in rows)
+    assert all(r["path"] == os.path.abspath(r["input"]) and r["scan"]["format"] == "nifti" for r in rows)
 
 
 def test_a_worklist_is_files_series_folders_folders_of_scans_and_lists(tmp_path):

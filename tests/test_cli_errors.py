@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from cli_runner import run_cli
 
+from samf.runtime.inference.pipeline import RECORD_FIELDS
 from samf.runtime.scan.ct import save_nifti
 from samf.runtime.tools.phantom import make_phantom
 
@@ -116,8 +117,12 @@ def test_report_runs_from_the_bundle(quick, good_scan):
     proc = samf("report", good_scan, "--bundle", quick.bundle, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["report"] and out["tokens"] > 0
-    assert {"preprocess", "vit", "aggregator", "fusion", "llm_prefill", "llm_decode"} <= set(out["timings_s"])
+    # The input's path around the result record (Result.to_record): the names the batch and the service use.
+    assert list(out) == ["path", "input", *(f for f in RECORD_FIELDS if f != "choice_nll")]  # not a question
+    assert out["path"] == os.path.abspath(good_scan) and out["input"] == good_scan
+    assert out["report"] and out["new_tokens"] > 0 and out["encoders"] == out["identity"]["encoder_precision"]
+    assert {"preprocess", "vit", "aggregator", "fusion", "llm_prefill", "llm_decode"} <= set(out["timings"])
+    assert out["scan"]["format"] == "nifti" and len(out["scan"]["shape"]) == 3
 
 
 def test_tensorrt_backend_without_tensorrt(quick, good_scan):

@@ -123,7 +123,7 @@ def test_a_batch_writes_each_scans_evidence_and_each_series_sr(quick, tmp_path):
     assert os.listdir(dcm) == ["series"] and sorted(os.listdir(os.path.join(dcm, "series"))) == [
         "report_pdf.dcm", "sr.dcm"]
     assert r.stderr.count("not a DICOM series folder") == 2
-    rows = {json.loads(line)["scan"]: json.loads(line) for line in open(os.path.join(out, "reports.jsonl"))}
+    rows = {json.loads(line)["input"]: json.loads(line) for line in open(os.path.join(out, "reports.jsonl"))}
     assert rows[series]["dicom_out"] == [os.path.join(dcm, "series", f) for f in ("sr.dcm", "report_pdf.dcm")]
     assert all(rows[n]["evidence_dir"] == os.path.join(ev, m) for n, m in zip(niftis + [series], names))
     with open(os.path.join(ev, "series", "evidence.json")) as f:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from service_runner import MAX_TOKENS, Server, free_port
 
+from samf.runtime.inference.pipeline import RECORD_FIELDS
 from samf.runtime.service.jobs import UploadError, kind_of_upload, path_within, unpack_dicom_zip
 
 
@@ -59,6 +60,13 @@ def test_twenty_concurrent_clients_get_the_reports_samf_report_gives(quick, scan
                               str(MAX_TOKENS), "--json"], capture_output=True, text=True, check=True)
         said, job = json.loads(cli.stdout), jobs[next(i for i, s in ids.items() if s == scans[3])]
         assert said["report"].strip() == job["report"].strip()
+        # One result record (Result.to_record) under the same names: the CLI adds the input around it, the
+        # service the job's id, kind, status and times.
+        record = [f for f in RECORD_FIELDS if f != "choice_nll"]
+        assert [k for k in said if k in RECORD_FIELDS] == record == [k for k in job if k in RECORD_FIELDS]
+        assert set(said) - set(record) == {"path", "input"}
+        assert set(job) - set(record) == {"id", "kind", "status", "created", "started", "finished"}
+        assert said["scan"] == job["scan"] and said["new_tokens"] == job["new_tokens"] and job["new_tokens"] > 0
         # The evidence (the fusion's attention) comes with the job's result, as with `samf report --json`.
         assert {p: [e["slice"] for e in t] for p, t in job["evidence"]["top"].items()} == {
             p: [e["slice"] for e in t] for p, t in said["evidence"]["top"].items()}
@@ -138,7 +146,11 @@ def test_bad_input_fails_its_own_job_with_one_line(quick, scans, expected, tmp_p
                                                                                              "outside.dcm"))
         assert jobs[good]["report"] == expected[scans[1]] and jobs[by_path]["report"] == expected[scans[0]]
         answered = jobs[vqa.json()["id"]]
-        assert answered["status"] == "done" and answered["answer"] in ("A", "B", "C", "D", None)
+        assert answered["status"] == "done" and answered["answer"] in ("A", "B", "C", "D")
+        # Scored by its choices: the answer is the likeliest of the four, their scores in the record.
+        nll = answered["choice_nll"]
+        assert set(nll) == set("ABCD") and answered["answer"] == min(nll, key=nll.get)
+        assert answered["report"].startswith(answered["answer"] + ". ")
         assert httpx.get(server.url + "/v1/reports/nope", timeout=10).status_code == 404
         log = open(server.log).read()
         for identifier in ("Doe^John", "Smith^Jane", str(inputs), "notes.txt", "phantom_"):

@@ -18,6 +18,10 @@ from ..scan.preprocess import preprocess_placed
 from .evidence import NO_ATTENTION, Evidence, evidence_of
 from .prompt import LETTERS, REPORT_REQUESTS, PromptLayout, mcq_answer, mcq_choice_of, mcq_request
 
+#: The fields of :meth:`Result.to_record`, in order; ``choice_nll`` only where the result has it (docs/DESIGN.md,
+#: "The result record").
+RECORD_FIELDS = ("report", "new_tokens", "encoders", "timings", "identity", "scan", "evidence", "choice_nll")
+
 
 @dataclass
 class Result:
@@ -35,6 +39,18 @@ class Result:
     def evidence_record(self) -> dict | None:
         """The evidence as JSON (:meth:`Evidence.to_dict`), or None for a bundle without attention outputs."""
         return None if self.evidence is None else self.evidence.to_dict()
+
+    def to_record(self) -> dict:
+        """The result as JSON (:data:`RECORD_FIELDS`): the one shape ``samf report --json``, the batch's rows and
+        the service's jobs give. Each adds its own fields around it (the input's path, the job's status, ...),
+        never renaming these. Seconds are rounded to 0.1 ms; no path or identifier of the scan is in it."""
+        record = dict(report=self.text, new_tokens=len(self.token_ids),
+                      encoders=self.identity.get("encoder_precision"),
+                      timings={k: round(v, 4) for k, v in self.timings.items()}, identity=dict(self.identity),
+                      scan=dict(self.scan), evidence=self.evidence_record())
+        if self.choice_nll is not None:
+            record["choice_nll"] = dict(self.choice_nll)
+        return record
 
     @property
     def tokens_per_s(self) -> float:

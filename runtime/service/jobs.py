@@ -371,7 +371,7 @@ class JobRunner(threading.Thread):
                 if isinstance(res, Exception):
                     self._done(key.job_id, None, one_line(res), str(key), params=key.params)
                     continue
-                record = result_record(res)
+                record = res.to_record()  # the job's own fields (delivery, dicom) go around it
                 if key.params.get("dicom") and self.reply is not None:
                     try:
                         record.update(self.reply(key.job_id, str(key), res, stopping=lambda: self.stopping) or {})
@@ -411,7 +411,7 @@ class JobRunner(threading.Thread):
         except Exception as e:  # noqa: BLE001 - a bad scan fails its own job only
             self._done(job_id, None, one_line(e), scan, "vqa", params)
             return
-        self._done(job_id, dict(result_record(res), answer=letter), None, kind="vqa", params=params)
+        self._done(job_id, dict(res.to_record(), answer=letter), None, kind="vqa", params=params)
 
 
 def _http_series(key) -> bool:
@@ -426,9 +426,3 @@ class _Key(str):
         obj = super().__new__(cls, scan)
         obj.job_id, obj.params = job_id, params
         return obj
-
-
-def result_record(res) -> dict:
-    """What a finished job returns: the text, timings and the bundle's identity (no identifiers)."""
-    return dict(report=res.text, timings={k: round(v, 4) for k, v in res.timings.items()}, identity=res.identity,
-                scan=res.scan, new_tokens=len(res.token_ids), evidence=res.evidence_record())
