@@ -1,4 +1,4 @@
-"""One result record (Result.to_record): its fields, and their documentation in DESIGN."""
+"""One result record (Result.to_record): its fields, their documentation in DESIGN, and the service's Job records."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 
 from samf.runtime.inference.pipeline import RECORD_FIELDS, Result
+from samf.runtime.service.jobs import Job, JobStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +40,19 @@ def test_design_documents_every_field_of_the_record():
     text = open(os.path.join(ROOT, "docs", "DESIGN.md"), encoding="utf-8").read()
     section = re.split(r"\n##+ ", text.split("\n### The result record\n", 1)[1], maxsplit=1)[0]
     assert re.findall(r"^\| `(\w+)` \|", section, re.M) == list(RECORD_FIELDS)
+
+
+def test_jobs_are_claimed_and_recovered_as_job_records(tmp_path):
+    store = JobStore(str(tmp_path))
+    try:
+        store.add("a", "report", "/in/a.nii.gz", False, {"request": "Findings?", "max_tokens": 8})
+        store.add("b", "vqa", "/in/b.nii.gz", True, {"question": "Q?", "choices": ["1", "2", "3", "4"]})
+        added = {"a": Job("a", "report", "/in/a.nii.gz", {"request": "Findings?", "max_tokens": 8}),
+                 "b": Job("b", "vqa", "/in/b.nii.gz", {"question": "Q?", "choices": ["1", "2", "3", "4"]})}
+        claimed = store.claim(1)
+        assert len(claimed) == 1 and claimed[0] == added[claimed[0].id] and store.counts()["running"] == 1
+        # A restart finds it running: it is queued again, and handed back whole.
+        assert store.recover() == claimed and store.counts() == dict(queued=2, running=0, done=0, failed=0)
+        assert sorted(store.claim(5), key=lambda j: j.id) == list(added.values())
+    finally:
+        store.close()

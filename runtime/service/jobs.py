@@ -20,6 +20,7 @@ import time
 import uuid
 import zipfile
 from collections import deque
+from dataclasses import dataclass
 
 from samf.errors import SamfError, one_line
 
@@ -41,6 +42,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT                     -- one line, when failed
 )
 """
+
+
+@dataclass
+class Job:
+    """A job as the worker gets it (:meth:`JobStore.claim`, :meth:`JobStore.recover`)."""
+
+    id: str
+    kind: str        # report | vqa
+    scan: str        # the path the job reads
+    params: dict     # the request and max tokens, or the question and choices; who, sha256, dicom
 
 
 class UploadError(SamfError):
@@ -72,13 +83,13 @@ class JobStore:
             return self._db.execute(sql, args).fetchall()
 
     def recover(self) -> list:
-        """Queue again every job a previous run left running; their ``(id, kind, params)``."""
+        """Queue again every job a previous run left running; those :class:`Job`."""
         with self._lock:
-            rows = self._db.execute("SELECT id, kind, params FROM jobs WHERE status='running'").fetchall()
+            rows = self._db.execute("SELECT id, kind, scan, params FROM jobs WHERE status='running'").fetchall()
             self._db.execute("UPDATE jobs SET status='queued', started=NULL WHERE status='running'")
         for (job_id,) in self._q("SELECT id FROM jobs WHERE status IN ('done','failed') AND owned=1"):
             shutil.rmtree(os.path.join(self.inputs, job_id), ignore_errors=True)  # ended jobs' leftovers
-        return [(i, k, json.loads(p)) for i, k, p in rows]
+        return [Job(i, k, s, json.loads(p)) for i, k, s, p in rows]
 
     def new_id(self) -> str:
         return uuid.uuid4().hex
@@ -106,14 +117,14 @@ class JobStore:
         return out
 
     def claim(self, limit: int) -> list:
-        """Up to ``limit`` queued jobs, oldest first, marked running: ``(id, kind, scan, params)``."""
+        """Up to ``limit`` queued jobs, oldest first, marked running: a list of :class:`Job`."""
         with self._lock:
             rows = self._db.execute("SELECT id, kind, scan, params FROM jobs WHERE status='queued' ORDER BY created "
                                     "LIMIT ?", (limit,)).fetchall()
             now = time.time()
             for row in rows:
                 self._db.execute("UPDATE jobs SET status='running', started=? WHERE id=?", (now, row[0]))
-        return [(i, k, s, json.loads(p)) for i, k, s, p in rows]
+        return [Job(i, k, s, json.loads(p)) for i, k, s, p in rows]
 
     def _end(self, job_id: str, status: str, result: dict | None, error: str | None) -> None:
         self._q("UPDATE jobs SET status=?, finished=?, result=?, error=? WHERE id=?",
@@ -294,9 +305,9 @@ class JobRunner(threading.Thread):
                 self.wake.wait(1.0)
                 self.wake.clear()
                 continue
-            reports = [j for j in jobs if j[1] == "report"]
+            reports = [job for job in jobs if job.kind == "report"]
             for job in jobs:
-                if job[1] == "vqa":
+                if job.kind == "vqa":
                     if self.stopping:
                         self._requeue([job])
                     else:
@@ -307,10 +318,10 @@ class JobRunner(threading.Thread):
     def _requeue(self, jobs: list) -> None:
         if not jobs:
             return
-        self.store.requeue([j[0] for j in jobs])
-        for job_id, kind, _, params in jobs:
-            self.audit.record("requeued", job_id, kind, who=params.get("who"), scan_sha256=params.get("sha256"),
-                              outcome="stopping: queued for the next start")
+        self.store.requeue([job.id for job in jobs])
+        for job in jobs:
+            self.audit.record("requeued", job.id, job.kind, who=job.params.get("who"),
+                              scan_sha256=job.params.get("sha256"), outcome="stopping: queued for the next start")
         log.info("%d claimed job(s) put back in the queue (stopping)", len(jobs))
 
     def _begin(self, job_id: str, kind: str, params: dict) -> None:
@@ -345,12 +356,12 @@ class JobRunner(threading.Thread):
     def _reports(self, jobs: list) -> None:
         groups: dict = {}
         for job in jobs:  # report_many takes one request and length: group the jobs that share them
-            groups.setdefault((job[3].get("request"), job[3].get("max_tokens", 256)), []).append(job)
+            groups.setdefault((job.params.get("request"), job.params.get("max_tokens", 256)), []).append(job)
         for (request, max_tokens), group in groups.items():
             def on_text(key, text):
                 self.stream(key.job_id).update(text)
 
-            keys = [_Key(job[0], job[2], job[3]) for job in group]
+            keys = [_Key(job) for job in group]
             drawn: set = set()
 
             def feed(keys=keys, drawn=drawn):
@@ -387,7 +398,7 @@ class JobRunner(threading.Thread):
                 if _http_series(key):
                     record.update(self._dicom_files(key, res))
                 self._done(key.job_id, record, None, params=key.params)
-            self._requeue([job for job in group if job[0] not in drawn])
+            self._requeue([job for job in group if job.id not in drawn])
 
     def _dicom_files(self, key, res) -> dict:
         """The SR and PDF of an HTTP job whose scan is a DICOM series, written under ``WORK/results/<id>/``
@@ -402,16 +413,16 @@ class JobRunner(threading.Thread):
             return {"dicom_error": one_line(e).replace(str(key), "<scan>")}
         return {"dicom": ["sr", "pdf"]}
 
-    def _answer(self, job: tuple) -> None:
-        job_id, _, scan, params = job
-        self._begin(job_id, "vqa", params)
+    def _answer(self, job: Job) -> None:
+        params = job.params
+        self._begin(job.id, "vqa", params)
         try:
-            letter, res = self.pipeline.answer(scan, params["question"], params["choices"],
+            letter, res = self.pipeline.answer(job.scan, params["question"], params["choices"],
                                                params.get("max_tokens", 32))
         except Exception as e:  # noqa: BLE001 - a bad scan fails its own job only
-            self._done(job_id, None, one_line(e), scan, "vqa", params)
+            self._done(job.id, None, one_line(e), job.scan, "vqa", params)
             return
-        self._done(job_id, dict(res.to_record(), answer=letter), None, kind="vqa", params=params)
+        self._done(job.id, dict(res.to_record(), answer=letter), None, kind="vqa", params=params)
 
 
 def _http_series(key) -> bool:
@@ -420,9 +431,9 @@ def _http_series(key) -> bool:
 
 
 class _Key(str):
-    """A scan path that also carries its job's id (report_many hands back what it was given)."""
+    """A job's scan path that also carries the job's id and params (report_many hands back what it was given)."""
 
-    def __new__(cls, job_id: str, scan: str, params: dict):
-        obj = super().__new__(cls, scan)
-        obj.job_id, obj.params = job_id, params
+    def __new__(cls, job: Job):
+        obj = super().__new__(cls, job.scan)
+        obj.job_id, obj.params = job.id, job.params
         return obj

@@ -77,8 +77,8 @@ def serve(bundle: str, host: str, port: int, work: str, *, token: str | None = N
         parse_destination(dicom["dest"])  # refused before the bundle loads
     pipe = ReportPipeline(bundle, parallel=parallel, max_new_tokens=max_tokens, **(engines or {}))
     audit = AuditTrail(audit_log or os.path.join(work, "audit.jsonl"), bundle_record(pipe.identity))
-    for job_id, kind, params in requeued:
-        audit.record("requeued", job_id, kind, who=params.get("who"), scan_sha256=params.get("sha256"),
+    for job in requeued:
+        audit.record("requeued", job.id, job.kind, who=job.params.get("who"), scan_sha256=job.params.get("sha256"),
                      outcome="running when the service last stopped: queued again")
     reply = scp = collector = None
     if dicom:
