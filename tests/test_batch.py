@@ -22,7 +22,7 @@ def test_batch_reports_equal_one_at_a_time(quick, scan_paths):
     """Continuous batching (3 sequences for 8 scans, so slots are reused) changes no greedy report (F32 GGUF)."""
     from samf.runtime.inference.pipeline import ReportPipeline
 
-    with ReportPipeline(quick.bundle, quant="F32", encoders="fp32") as pipe:
+    with ReportPipeline(quick.bundle, quant="F32", encoders="fp32", parallel=1) as pipe:
         single = {s: pipe.report(s, max_new_tokens=40) for s in scan_paths}
     with ReportPipeline(quick.bundle, quant="F32", encoders="fp32", parallel=3, prefetch=2) as pipe:
         batch = dict(pipe.report_many(scan_paths, max_new_tokens=40))
@@ -112,7 +112,7 @@ def test_a_worklist_runs_resumes_and_keeps_going_past_bad_scans(quick, scan_path
         # The batch's own fields, then the result record (Result.to_record) under its names.
         assert list(r) == ["path", "input", "sha256", "finished", "status",
                            *(f for f in RECORD_FIELDS if f != "choice_nll")]
-        assert r["identity"]["llm"] and r["encoders"] in ("fp32", "int8") and r["scan"]["shape"]
+        assert r["identity"]["llm"] and r["encoders"] in ("fp32", "int8", "bf16") and r["scan"]["shape"]
         assert r["sha256"] and set(r["timings"]) >= {"load", "vit", "llm_decode", "wall"} and r["new_tokens"] > 0
 
     # Rerun: the reported scans are skipped; a changed file is reported again; the failures are tried again.

@@ -131,7 +131,9 @@ def test_the_runtime_chooses_and_says_which(int8_bundle, quick, good_scan):  # n
     out = report(bundle, "--encoders", "fp32")
     assert out["encoders"] == out["identity"]["encoder_precision"] == "fp32"
     quick_has = manifest_of(quick.bundle)["encoders"]
-    assert report(quick.bundle)["encoders"] == ("int8" if "int8" in quick_has else "fp32")
+    from samf.runtime.inference.pipeline import AUTO_PRECISION
+
+    assert report(quick.bundle)["encoders"] == next(p for p in AUTO_PRECISION["cpu"] if p in quick_has)
     assert_clean_failure(run_cli("samf", "report", good_scan, "--bundle", bundle, "--encoders", "fp16"),
                          "no fp16 encoders (it has fp32, int8): its export measured slice-embedding cosine")
 

@@ -52,7 +52,7 @@ def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     for quant in ("Q8_0", "Q4_K_M"):
         out = json.loads(_cli("samf", "report", scan, "--bundle", bundle, "--quant", quant, "--max-tokens", "12",
                               "--json"))
-        assert out["report"] is not None and out["encoders"] in ("int8", "fp32")
+        assert out["report"] is not None and out["encoders"] in ("bf16", "int8", "fp32")
     vqa = _cli("samf", "vqa", scan, "--bundle", bundle, "--question", "Which side?", "--choice", "left",
                "--choice", "right", "--choice", "both", "--choice", "neither")
     assert vqa.strip()
