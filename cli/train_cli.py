@@ -17,6 +17,7 @@ import click
 
 from samf.train.ablation import GRID, AblationConfig
 from samf.train.configs import DinoConfig, FinetuneConfig, LMConfig, WarmupConfig
+from samf.train.run_files import DINO_FILE, MERGED_DIR, PROBE_FILE, TOKENIZER_MODEL, eval_file
 
 from .common import SamfGroup, config_options, torch_threads
 
@@ -145,7 +146,7 @@ def embed(run_dir, cache_dir, batch_scans, threads, quiet):
     from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.train.distributed import single_process_device
     from samf.train.embed_cache import compute_embeddings
-    from samf.train.run_folder import DINO_FILE, read_run
+    from samf.train.run_folder import read_run
     from samf.train.scan_cache import ScanCache
     from samf.train.stages import pretrained_image_encoder
 
@@ -192,7 +193,7 @@ def tokenizer(data_dir, run_dir, vocab_size):
     from samf.train.stages import stage_tokenizer
 
     sp = stage_tokenizer(run_dir, text_corpus(_train_examples(run_dir, data_dir, progress=False)), vocab_size)
-    click.echo(f"tokenizer: {sp.vocab_size()} pieces -> {os.path.join(run_dir, 'tokenizer.model')}")
+    click.echo(f"tokenizer: {sp.vocab_size()} pieces -> {os.path.join(run_dir, TOKENIZER_MODEL)}")
 
 
 @stage_command("pretrain-2d", DinoConfig)
@@ -208,7 +209,7 @@ def pretrain_2d(data_dir, run_dir, dino_weights, threads, quiet, restart, **give
                         dino_weights=dino_weights, restart=restart)
     if is_main():
         click.echo(f"pretrain-2d: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-                   f"ViT saved to {os.path.join(run_dir, 'vit_dino.pt')}")
+                   f"ViT saved to {os.path.join(run_dir, DINO_FILE)}")
 
 
 @stage_command("pretrain-lm", LMConfig)
@@ -270,17 +271,17 @@ def evaluate(data_dir, run_dir, split, limit, bertscore_model, threads, quiet):
 
     torch_threads(threads)
     exs = _train_examples(run_dir, data_dir, split, progress=not quiet)[:limit]
-    vlm = SamfVLM.from_checkpoint(os.path.join(run_dir, "merged"))
-    tok = LLMTokenizer(os.path.join(run_dir, "merged"))
+    vlm = SamfVLM.from_checkpoint(os.path.join(run_dir, MERGED_DIR))
+    tok = LLMTokenizer(os.path.join(run_dir, MERGED_DIR))
     res = evaluate_model(vlm, tok, exs, bertscore_model=bertscore_model, progress=not quiet)
     click.echo(format_summary({m: summary_row(res, m) for m in ("image", "zeroed")}))
     if "findings" in res["image"]:
         click.echo("\n" + format_table({m: res[m]["findings"] for m in ("image", "zeroed")}))
     for k, note in res["image"]["reports"].get("notes", {}).items():
         click.echo(f"{k}: {note}")
-    with atomic_file(os.path.join(run_dir, f"eval_{split}.json")) as f:
+    with atomic_file(os.path.join(run_dir, eval_file(split))) as f:
         json.dump(res, f, indent=2)
-    click.echo(f"wrote {os.path.join(run_dir, f'eval_{split}.json')}")
+    click.echo(f"wrote {os.path.join(run_dir, eval_file(split))}")
 
 
 @main.command("probe")
@@ -308,9 +309,9 @@ def probe(data_dir, run_dir, train_limit, test_limit, split, no_reports, threads
     res = run_probes(run_dir, train, test, cfg, progress=not quiet, model=model)
     click.echo(f"model: {res['model']}; fitted on {res['n_train']} scans, scored on {res['n_test']} held-out")
     click.echo(format_probes(res))
-    with atomic_file(os.path.join(run_dir, "probe.json")) as f:
+    with atomic_file(os.path.join(run_dir, PROBE_FILE)) as f:
         json.dump(res, f, indent=2)
-    click.echo(f"wrote {os.path.join(run_dir, 'probe.json')}")
+    click.echo(f"wrote {os.path.join(run_dir, PROBE_FILE)}")
 
 
 @main.command("ablate")

@@ -27,6 +27,7 @@ from samf.runtime.bundle.bundle import MANIFEST, SCHEMA_VERSION, sha256_of
 from samf.runtime.bundle.manifest import seal
 from samf.runtime.bundle.verified import VerifiedCache
 from samf.runtime.inference.prompt import REPORT_REQUESTS
+from samf.train.run_files import PREPROCESS_FILE, TRAINING_FILE
 
 from .encoder_variants import VariantCheck, add_encoder_variants, variant_files
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
@@ -49,7 +50,7 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST)):
         raise SamfError(f"{out_dir} exists and is not a samf bundle; refusing to replace it (choose another --out)")
-    with open(os.path.join(ckpt_dir, "preprocess.json")) as f:
+    with open(os.path.join(ckpt_dir, PREPROCESS_FILE)) as f:
         preprocess = json.load(f)
     llm_cfg = read_llm_config(ckpt_dir)
     vlm = SamfVLM.from_checkpoint(ckpt_dir, with_llm=False)
@@ -100,7 +101,7 @@ def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized
             fidelity=dict(onnx=onnx_figures, onnx_max_abs_diff={k: v["max_abs_diff"] for k, v in onnx_figures.items()},
                           gguf_relative_rms_error=gguf_fidelity),
         )
-        training = os.path.join(ckpt_dir, "training.json")
+        training = os.path.join(ckpt_dir, TRAINING_FILE)
         if os.path.exists(training):  # the recipe's switches (train/merge.py: training_record)
             with open(training) as f:
                 manifest["training"] = json.load(f)

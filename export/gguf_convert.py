@@ -14,6 +14,7 @@ import numpy as np
 from samf.engines.llama_cpp_engine import gguf_tensor_infos
 from samf.errors import ExportCheckFailed, SamfError
 from samf.train.llm_folder import LLMFolderError, LLMTokenizer, read_llm_config
+from samf.train.run_files import TOKENIZER_MODEL
 
 #: llama.cpp file types by name (``llama_ftype`` in llama.h).
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
@@ -77,7 +78,7 @@ def _vocab(ckpt_dir: str, vocab_size: int, tok: LLMTokenizer):
     import gguf
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(ckpt_dir, "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(ckpt_dir, TOKENIZER_MODEL))
     T = gguf.TokenType
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):

@@ -13,6 +13,7 @@ def small_phi3(out_dir, dtype: str = "float32", hidden: int = 128, intermediate:
 
     from samf.runtime.tools.phantom import sample_findings, write_report
     from samf.train.llm_folder import save_sentencepiece_folder
+    from samf.train.run_files import TOKENIZER_MODEL
     from samf.train.tokenizer import BOS, EOS, PAD, train_tokenizer
 
     torch.manual_seed(seed)
@@ -23,6 +24,6 @@ def small_phi3(out_dir, dtype: str = "float32", hidden: int = 128, intermediate:
     Phi3ForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(out_dir))
     rng = np.random.default_rng(seed)
     train_tokenizer([write_report(sample_findings(rng), rng) for _ in range(100)],
-                    os.path.join(str(out_dir), "tokenizer.model"), 400)
-    save_sentencepiece_folder(os.path.join(str(out_dir), "tokenizer.model"), str(out_dir))
+                    os.path.join(str(out_dir), TOKENIZER_MODEL), 400)
+    save_sentencepiece_folder(os.path.join(str(out_dir), TOKENIZER_MODEL), str(out_dir))
     return str(out_dir)

@@ -12,6 +12,7 @@ from cli_runner import run_cli
 from samf.runtime.inference.pipeline import RECORD_FIELDS
 from samf.runtime.scan.ct import save_nifti
 from samf.runtime.tools.phantom import make_phantom
+from samf.train.run_files import MERGED_DIR
 
 
 def samf(*args):
@@ -330,7 +331,7 @@ def test_unknown_quant_types_are_refused_before_the_export_starts(tmp_path):
     """`samf-export bundle --quant BOGUS` failed after the ONNX export and the base GGUF were written."""
     import time
 
-    ckpt = tmp_path / "merged"
+    ckpt = tmp_path / MERGED_DIR
     ckpt.mkdir()
     t0 = time.monotonic()
     proc = run_cli("samf-export", "bundle", str(ckpt), "--out", str(tmp_path / "b"), "--quant", "Q8_0",
@@ -342,7 +343,7 @@ def test_unknown_quant_types_are_refused_before_the_export_starts(tmp_path):
     src.write_bytes(b"GGUF")
     proc = run_cli("samf-export", "quantize", str(src), str(tmp_path / "q.gguf"), "--type", "BOGUS")
     assert_clean_failure(proc, "--type", "'BOGUS'")
-    assert sorted(os.listdir(tmp_path)) == ["base.gguf", "merged"] and os.listdir(ckpt) == []
+    assert sorted(os.listdir(tmp_path)) == ["base.gguf", MERGED_DIR] and os.listdir(ckpt) == []
     assert time.monotonic() - t0 < 30
 
 

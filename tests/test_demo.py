@@ -1,11 +1,14 @@
 """`samf demo` end to end through the console script at its own size, and every demo step as a command (slow)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from cli_runner import run_cli
+
+from samf.train.run_files import MERGED_DIR
 
 
 def _cli(tool, *args):
@@ -32,7 +35,7 @@ def test_every_demo_step_is_a_command(tmp_path):
     assert ddp.stdout.count("finetune: loss") == 1                        # rank 0 alone speaks
     _cli("samf-train", "merge", "--run", run)
     assert "zeroed" in _cli("samf-train", "evaluate", *common, "--limit", "2", "--quiet")
-    _cli("samf-export", "bundle", f"{run}/merged", "--out", bundle)
+    _cli("samf-export", "bundle", os.path.join(run, MERGED_DIR), "--out", bundle)
     out = _cli("samf", "report", f"{data}/scans/phantom_00024.nii.gz", "--bundle", bundle, "--json")
     assert json.loads(out)["report"] is not None
 

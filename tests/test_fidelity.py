@@ -88,8 +88,9 @@ def test_llama_cpp_tokenizer_matches_the_folders_tokenizer(quick, tok, llm_f32):
     import sentencepiece as spm
 
     from samf.train.data import text_corpus
+    from samf.train.run_files import TOKENIZER_MODEL
 
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(quick.merged, "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(quick.merged, TOKENIZER_MODEL))
     texts = text_corpus(quick.test) + [format_prompt(r) for r in REPORT_REQUESTS]
     for t in texts:
         assert llm_f32.tokenize(t) == tok.encode(t) == sp.encode(t), t

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from samf.train.evaluate import CHANCE, finding_accuracy
+from samf.train.run_files import METRICS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_each_stage_lowered_its_loss(trained):
     import json
 
-    rows = [json.loads(ln) for ln in open(os.path.join(trained.run, "metrics.jsonl"))]
+    rows = [json.loads(ln) for ln in open(os.path.join(trained.run, METRICS_FILE))]
     for stage in ("warmup-3d", "pretrain-lm", "finetune"):
         loss = [r["loss"] for r in rows if r["stage"] == stage]
         assert np.mean(loss[-20:]) < 0.8 * np.mean(loss[:20]), stage

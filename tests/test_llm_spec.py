@@ -11,6 +11,7 @@ from phi3_folder import ADDED, tokenizer_vectors, write_phi3_folder
 
 from samf.runtime.inference.prompt import REPORT_REQUESTS, mcq_answer, mcq_request
 from samf.train.llm_folder import LLMFolderError, LLMTokenizer
+from samf.train.run_files import TOKENIZER_MODEL
 
 END, USER, ASSISTANT, ENDOFTEXT = 32007, 32010, 32001, 32000
 LM_STEPS, FT_STEPS = 300, 200
@@ -119,7 +120,7 @@ def _edit_json(path, **kv):
 
 
 @pytest.mark.parametrize("what, change, message", [
-    ("no tokenizer", lambda f: [os.remove(f / n) for n in ("tokenizer.model", "tokenizer.json")], "has no tokenizer"),
+    ("no tokenizer", lambda f: [os.remove(f / n) for n in (TOKENIZER_MODEL, "tokenizer.json")], "has no tokenizer"),
     ("tokenizer larger than the model", lambda f: _edit_json(f / "config.json", vocab_size=32000),
      "tokenizer has 32011 tokens but config.json's vocab_size is 32000"),
     ("no config", lambda f: os.remove(f / "config.json"), "not an LLM folder"),

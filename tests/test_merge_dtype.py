@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from samf.train.run_files import FINETUNE_DIR, LM_BASE_DIR, TOKENIZER_DIR
+
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
@@ -35,8 +37,8 @@ def _merged(run, examples, dtype: str) -> tuple:
     sp = S.stage_tokenizer(run, text_corpus(examples), vocab_size=400)
     torch.manual_seed(0)
     llm = build_phi3(sp.vocab_size(), TinyLLMConfig(**R.read_run(run)["llm"])).to(torch.bfloat16)
-    llm.to(getattr(torch, dtype)).save_pretrained(os.path.join(run, "lm_base"))
-    shutil.copytree(os.path.join(run, S.TOKENIZER_DIR), os.path.join(run, "lm_base"), dirs_exist_ok=True)
+    llm.to(getattr(torch, dtype)).save_pretrained(os.path.join(run, LM_BASE_DIR))
+    shutil.copytree(os.path.join(run, TOKENIZER_DIR), os.path.join(run, LM_BASE_DIR), dirs_exist_ok=True)
     losses = FT.stage_finetune(run, examples, FT.FinetuneConfig(steps=2, batch_size=2, save_every=1000), progress=False)
     return M.stage_merge(run), losses
 
@@ -59,7 +61,7 @@ def test_bf16_base_merges_to_a_bf16_checkpoint_half_the_size(tmp_path, examples)
         weights = os.path.join(merged, "model.safetensors")
         assert _dtypes(weights) == {st}
         assert json.load(open(os.path.join(merged, "config.json")))["dtype"] == dtype
-        adapter = os.path.join(tmp_path, dtype, "finetune", "adapter_model.safetensors")
+        adapter = os.path.join(tmp_path, dtype, FINETUNE_DIR, "adapter_model.safetensors")
         assert _dtypes(adapter) == {"F32"}  # LoRA weights trained in fp32 over either base
         sizes[dtype] = os.path.getsize(weights)
         vlm = SamfVLM.from_checkpoint(merged)  # loads in its own dtype and still runs on CPU

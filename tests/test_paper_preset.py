@@ -11,6 +11,8 @@ import pytest
 from cli_runner import run_cli
 from phi3_folder import MINI, write_phi3_folder
 
+from samf.train.run_files import MERGED_DIR
+
 GB = 1 << 30
 
 
@@ -42,7 +44,7 @@ def test_paper_preset_from_init_to_report_within_16_gb(tmp_path):
     _cli("samf-train", "pretrain-2d", *common, "--steps", "2")
     _cli("samf-train", "finetune", *common, "--steps", "2")
     _cli("samf-train", "merge", "--run", run)
-    merged = os.path.join(run, "merged")
+    merged = os.path.join(run, MERGED_DIR)
     # The encoder variants checked on 2 phantoms, 8 tokens each (the default 20 x 256 takes minutes here).
     _cli("samf-export", "bundle", merged, "--out", bundle, "--quant", "Q8_0", "--quant", "Q4_K_M",
          "--check-scans", "2", "--check-tokens", "8")

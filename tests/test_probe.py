@@ -11,6 +11,7 @@ from cli_runner import run_cli
 
 from samf.train import finetune as FT
 from samf.train.ablation import copy_shared
+from samf.train.run_files import FINETUNE_DIR, METRICS_FILE, RUN_FILE, TRAINING_FILE
 
 
 def _cell(quick, tmp_path):
@@ -58,7 +59,7 @@ def test_probe_refuses_what_it_cannot_read_in_one_line(quick, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     run = str(tmp_path / "fresh")
     os.makedirs(run)
-    json.dump(json.load(open(os.path.join(quick.run, "run.json"))), open(os.path.join(run, "run.json"), "w"))
+    json.dump(json.load(open(os.path.join(quick.run, RUN_FILE))), open(os.path.join(run, RUN_FILE), "w"))
     proc = run_cli("samf-train", "probe", "--run", run, "--data", quick.data)
     assert proc.returncode != 0 and "no trained model yet" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -82,7 +83,7 @@ def test_finetune_mcq_on_data_without_questions_is_one_line_before_training(quic
     proc = run_cli("samf-train", "finetune", "--run", run, "--data", str(data), "--tasks", "mcq", "--steps", "1",
                    "--quiet")
     assert proc.returncode != 0 and "no multiple-choice questions" in proc.stderr
-    assert "Traceback" not in proc.stderr and not os.path.exists(os.path.join(run, "finetune"))
+    assert "Traceback" not in proc.stderr and not os.path.exists(os.path.join(run, FINETUNE_DIR))
 
 
 def test_the_finding_loss_is_trained_logged_and_carried_into_the_manifest(quick, tmp_path):
@@ -90,10 +91,10 @@ def test_the_finding_loss_is_trained_logged_and_carried_into_the_manifest(quick,
 
     run = _cell(quick, tmp_path)
     FT.stage_finetune(run, quick.train[:8], FT.FinetuneConfig(steps=3, batch_size=4, aux_weight=2.0), progress=False)
-    rows = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl"))]
+    rows = [json.loads(ln) for ln in open(os.path.join(run, METRICS_FILE))]
     assert len([r for r in rows if "finding_loss" in r]) == 3 and all(r["finding_loss"] > 0 for r in rows)
     merged = stage_merge(run)
-    assert json.load(open(os.path.join(merged, "training.json")))["finetune"]["aux_weight"] == 2.0
+    assert json.load(open(os.path.join(merged, TRAINING_FILE)))["finetune"]["aux_weight"] == 2.0
     manifest = json.load(open(os.path.join(quick.bundle, "manifest.json")))
     assert manifest["training"]["finetune"]["aux_weight"] == FT.FinetuneConfig().aux_weight
 
@@ -101,7 +102,7 @@ def test_the_finding_loss_is_trained_logged_and_carried_into_the_manifest(quick,
 def test_the_papers_recipe_has_no_finding_loss(quick, tmp_path):
     run = _cell(quick, tmp_path)
     FT.stage_finetune(run, quick.train[:8], FT.FinetuneConfig(steps=2, batch_size=4, aux_weight=0.0), progress=False)
-    rows = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl"))]
+    rows = [json.loads(ln) for ln in open(os.path.join(run, METRICS_FILE))]
     assert rows and not any("finding_loss" in r for r in rows)
 
 

@@ -11,6 +11,16 @@ from samf.train import finetune as FT
 from samf.train import run_folder as R
 from samf.train import stages as S
 from samf.train.ablation import copy_shared
+from samf.train.run_files import (
+    CHECKPOINTS_DIR,
+    CONFIG_DIR,
+    DINO_FILE,
+    FINETUNE_DIR,
+    METRICS_FILE,
+    RUN_FILE,
+    TOKENIZER_MODEL,
+    WARMUP_FILE,
+)
 
 
 def _cell(quick, tmp_path):
@@ -45,8 +55,8 @@ def test_warmup_saves_the_aggregator_and_its_config(quick):
     """(That its InfoNCE falls is a learning test, in test_learning.py.)"""
     import json
 
-    assert os.path.exists(os.path.join(quick.run, "aggregator_warmup.pt"))
-    assert json.load(open(os.path.join(quick.run, "config", "warmup-3d.json")))["tau"] == 0.1
+    assert os.path.exists(os.path.join(quick.run, WARMUP_FILE))
+    assert json.load(open(os.path.join(quick.run, CONFIG_DIR, "warmup-3d.json")))["tau"] == 0.1
 
 
 def test_stage_options_are_the_config_fields_and_the_preset_comes_between(quick, tmp_path):
@@ -67,9 +77,9 @@ def test_stage_options_are_the_config_fields_and_the_preset_comes_between(quick,
         fields = {f.name for f in dataclasses.fields(cls) if "help" in f.metadata}
         assert fields <= set(params) and all(params[n].default is None for n in fields), command
     run = _cell(quick, tmp_path)
-    preset = json.load(open(os.path.join(run, "run.json")))
+    preset = json.load(open(os.path.join(run, RUN_FILE)))
     json.dump({**preset, "stage_defaults": {"finetune": {"batch_size": 3, "lr": 0.01}}},
-              open(os.path.join(run, "run.json"), "w"))
+              open(os.path.join(run, RUN_FILE), "w"))
     cfg = _config(FinetuneConfig, run, "finetune", lr=0.5, steps=None)
     assert (cfg.lr, cfg.batch_size, cfg.steps) == (0.5, 3, FinetuneConfig().steps)
 
@@ -77,7 +87,7 @@ def test_stage_options_are_the_config_fields_and_the_preset_comes_between(quick,
                                     "--lora-targets", "qkv_proj, o_proj", "--train-vit", "--tasks", "report",
                                     "--quiet"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    ran = json.load(open(os.path.join(run, "config", "finetune.json")))
+    ran = json.load(open(os.path.join(run, CONFIG_DIR, "finetune.json")))
     assert ran["lora_targets"] == ["qkv_proj", "o_proj"] and ran["freeze_vit"] is False
     assert (ran["steps"], ran["batch_size"], ran["lr"], ran["tasks"]) == (1, 3, 0.01, "report")
     assert ran["mcq_fraction"] == FinetuneConfig().mcq_fraction
@@ -89,13 +99,13 @@ def test_ablation_switches_freeze_and_override(quick, tmp_path):
     FT.stage_finetune(run, quick.train[:8], cfg, progress=False)
     vlm = FT.load_finetuned(run)
     assert vlm.image_cfg.fusion.ao2d is False             # the override reaches the saved model
-    warm = torch.load(os.path.join(run, "aggregator_warmup.pt"), weights_only=True)["aggregator"]
+    warm = torch.load(os.path.join(run, WARMUP_FILE), weights_only=True)["aggregator"]
     for k, v in vlm.encoder.aggregator.state_dict().items():
         assert torch.equal(v, warm[k]), k                 # frozen: exactly the warm-up's weights
-    dino = torch.load(os.path.join(run, "vit_dino.pt"), weights_only=True)
+    dino = torch.load(os.path.join(run, DINO_FILE), weights_only=True)
     assert all(torch.equal(v, dino[k]) for k, v in vlm.encoder.vit.state_dict().items())
     with pytest.raises(FileNotFoundError, match="warmup-3d"):
-        os.remove(os.path.join(run, "aggregator_warmup.pt"))
+        os.remove(os.path.join(run, WARMUP_FILE))
         FT.stage_finetune(run, quick.train[:8], cfg, progress=False)
 
 
@@ -118,14 +128,14 @@ def test_interrupted_finetune_resumes_to_the_same_weights(quick, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         FT.stage_finetune(run, exs, cfg, progress=False)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    assert os.path.exists(os.path.join(run, "checkpoints", "finetune.pt"))
-    assert not os.path.exists(os.path.join(run, "finetune"))          # nothing half-written
+    assert os.path.exists(os.path.join(run, CHECKPOINTS_DIR, "finetune.pt"))
+    assert not os.path.exists(os.path.join(run, FINETUNE_DIR))        # nothing half-written
     resumed = FT.stage_finetune(run, exs, cfg, progress=False)
     assert resumed == pytest.approx(ref, abs=1e-6)
     a = FT.load_finetuned(ref_run).state_dict()
     b = FT.load_finetuned(run).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert not os.path.exists(os.path.join(run, "checkpoints", "finetune.pt"))
+    assert not os.path.exists(os.path.join(run, CHECKPOINTS_DIR, "finetune.pt"))
     from samf.train.checkpoint import ResumeError, StageCheckpoint
 
     ck = StageCheckpoint(run, "finetune", {"steps": 6}, every=1)
@@ -147,7 +157,7 @@ def test_image_stages_start_from_their_seed_not_the_global_rng(quick, tmp_path):
         torch.rand(7)
         S.stage_warmup_3d(run, quick.train[:8], WarmupConfig(steps=2, batch_size=4), progress=False)
         weights.append([torch.load(os.path.join(run, f), weights_only=True)
-                        for f in ("vit_dino.pt", "aggregator_warmup.pt")])
+                        for f in (DINO_FILE, WARMUP_FILE)])
     (vit_a, agg_a), (vit_b, agg_b) = weights
     assert all(torch.equal(v, vit_b[k]) for k, v in vit_a.items())
     assert all(torch.equal(v, agg_b["aggregator"][k]) for k, v in agg_a["aggregator"].items())
@@ -169,7 +179,7 @@ def test_bf16_accumulation_and_checkpointing_run(quick, tmp_path):
                            tasks="mcq")
     losses = FT.stage_finetune(run, quick.train[:8], cfg, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
-    rows = [ln for ln in open(os.path.join(run, "metrics.jsonl")) if '"finetune"' in ln]
+    rows = [ln for ln in open(os.path.join(run, METRICS_FILE)) if '"finetune"' in ln]
     assert '"bf16": true' in rows[-1]
 
 
@@ -487,4 +497,5 @@ def test_the_recipe_runs_its_stages_in_one_order_and_refuses_unknown_ones(quick,
                      on_stage=lambda name: entered.append(name) or contextlib.nullcontext(),
                      after=lambda name, result: ended.append((name, result.vocab_size())), progress=False)
     assert entered == ["tokenizer"] and list(out) == ["tokenizer"]  # a zero-step warm-up is skipped
-    assert ended == [("tokenizer", out["tokenizer"].vocab_size())] and os.path.exists(f"{run}/tokenizer.model")
+    assert ended == [("tokenizer", out["tokenizer"].vocab_size())]
+    assert os.path.exists(os.path.join(run, TOKENIZER_MODEL))

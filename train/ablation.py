@@ -20,6 +20,8 @@ import numpy as np
 
 from samf.runtime.atomic import atomic_file
 
+from .run_files import DINO_FILE, LM_BASE_DIR, RUN_FILE, TOKENIZER_DIR, TOKENIZER_MODEL, WARMUP_FILE
+
 #: (row name, fine-tune switches): the fusion (train/models.py FUSION_MODES) and the auxiliary loss.
 GRID = [(f"{name}{', finding loss' if aux else ''}", dict(fusion=mode, ao2d=ao2d, aux_weight=1.0 if aux else 0.0))
         for name, mode, ao2d in (("2D only", "2d", False), ("3D only", "3d", False), ("concatenation", "concat", False),
@@ -46,7 +48,8 @@ class AblationConfig:
     cells: tuple = field(default_factory=tuple)  # row names to run (default: every row)
 
 
-SHARED = ("run.json", "tokenizer.model", "tokenizer", "vit_dino.pt", "lm_base", "aggregator_warmup.pt")
+#: What a cell's run folder takes from the base run's shared stages.
+SHARED = (RUN_FILE, TOKENIZER_MODEL, TOKENIZER_DIR, DINO_FILE, LM_BASE_DIR, WARMUP_FILE)
 
 
 def copy_shared(base: str, run: str) -> None:

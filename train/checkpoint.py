@@ -15,6 +15,8 @@ import torch
 from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
 
+from .run_files import CHECKPOINTS_DIR
+
 
 class ResumeError(SamfError):
     """A checkpoint that cannot be resumed with this configuration."""
@@ -43,7 +45,7 @@ def own_rng_state(saved, rank: int, world_size: int) -> dict | None:
 class StageCheckpoint:
     def __init__(self, run_dir: str, stage: str, config: dict, every: int = 100, restart: bool = False,
                  enabled: bool = True):
-        self.path = os.path.join(run_dir, "checkpoints", f"{stage}.pt")
+        self.path = os.path.join(run_dir, CHECKPOINTS_DIR, f"{stage}.pt")
         self.stage, self.config, self.every, self.enabled = stage, config, max(1, int(every)), enabled
         if restart:
             self.clear()

@@ -19,8 +19,8 @@ from samf.runtime.progress import progress_bar
 from .configs import TASKS, FinetuneConfig
 from .distributed import owns_process_group
 from .llm_folder import LLMTokenizer
+from .run_files import FINETUNE_DIR, MODULES_CONFIG, MODULES_FILE, WARMUP_FILE
 from .run_folder import (
-    WARMUP_FILE,
     MetricsLog,
     base_tokenizer,
     build_vlm,
@@ -296,7 +296,7 @@ def stage_finetune(run_dir: str, examples: list, cfg: FinetuneConfig, progress: 
 
     draw.close()  # the cache's DataLoader workers
     if dist.is_main:
-        with atomic_dir(os.path.join(run_dir, "finetune")) as d:
+        with atomic_dir(os.path.join(run_dir, FINETUNE_DIR)) as d:
             vlm.llm.save_pretrained(d)
             vlm.save_image_modules(d)
         ckpt.clear()
@@ -308,11 +308,11 @@ def load_finetuned(run_dir: str) -> SamfVLM:
     """Base LLM + LoRA adapter + fine-tuned image modules, as ``stage_finetune`` left them."""
     from peft import PeftModel
 
-    ft = os.path.join(run_dir, "finetune")
-    with open(os.path.join(ft, "samf_config.json")) as f:
+    ft = os.path.join(run_dir, FINETUNE_DIR)
+    with open(os.path.join(ft, MODULES_CONFIG)) as f:
         vlm = build_vlm(run_dir, ImageConfig.from_dict(json.load(f)))
     vlm.llm = PeftModel.from_pretrained(vlm.llm, ft)
-    state = torch.load(os.path.join(ft, "samf_modules.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(ft, MODULES_FILE), map_location="cpu", weights_only=True)
     vlm.encoder.load_state_dict(state["encoder"])
     vlm.fusion.load_state_dict(state["fusion"])
     return vlm.eval()

@@ -16,10 +16,12 @@ import shutil
 from samf.errors import SamfError
 from samf.runtime.inference.prompt import PromptLayout
 
+from .run_files import TOKENIZER_MODEL
+
 #: What the GGUF converter and the runtime know how to run.
 ARCHITECTURES = ("Phi3ForCausalLM",)
 #: The hub's tokenizer files (tokenizer.model is what the GGUF's SentencePiece vocabulary is built from).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+TOKENIZER_FILES = (TOKENIZER_MODEL, "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 _IMAGE, _ANSWER = "\x01samf-image\x01", "\x01samf-answer\x01"
 
@@ -84,7 +86,7 @@ class LLMTokenizer:
     @staticmethod
     def hf_tokenizer(folder: str):
         """The folder's tokenizer through transformers, or a one-line refusal."""
-        if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", TOKENIZER_MODEL)):
             raise LLMFolderError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
         from transformers import AutoTokenizer
 
@@ -144,7 +146,7 @@ def save_sentencepiece_folder(model_file: str, out_dir: str, max_length: int = 5
     from transformers import AutoTokenizer
 
     os.makedirs(out_dir, exist_ok=True)
-    dst = os.path.join(out_dir, "tokenizer.model")
+    dst = os.path.join(out_dir, TOKENIZER_MODEL)
     if os.path.abspath(model_file) != os.path.abspath(dst):
         shutil.copy(model_file, dst)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:

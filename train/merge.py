@@ -8,7 +8,8 @@ import os
 from samf.runtime.atomic import atomic_dir
 
 from .finetune import load_finetuned
-from .run_folder import PREPROCESS_FILE, TRAINING_FILE, base_tokenizer, read_run, write_json
+from .run_files import CONFIG_DIR, MERGED_DIR, PREPROCESS_FILE, TRAINING_FILE
+from .run_folder import base_tokenizer, read_run, write_json
 
 
 def stage_merge(run_dir: str) -> str:
@@ -19,7 +20,7 @@ def stage_merge(run_dir: str) -> str:
     run = read_run(run_dir)
     vlm = load_finetuned(run_dir)
     vlm.llm = vlm.llm.merge_and_unload()
-    out = os.path.join(run_dir, "merged")
+    out = os.path.join(run_dir, MERGED_DIR)
 
     with atomic_dir(out) as d:
         vlm.llm.save_pretrained(d, safe_serialization=True)
@@ -33,7 +34,7 @@ def stage_merge(run_dir: str) -> str:
 def training_record(run_dir: str) -> dict:
     """What the bundle's manifest says of training: the recipe switches fine-tuning ran with (its auxiliary
     finding loss, Ao2D, what was frozen, the tasks, steps), so a reader can tell the paper's recipe from ours."""
-    path = os.path.join(run_dir, "config", "finetune.json")
+    path = os.path.join(run_dir, CONFIG_DIR, "finetune.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:

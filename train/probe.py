@@ -26,6 +26,7 @@ import torch
 from samf.runtime.inference.prompt import REPORT_REQUESTS
 
 from .data import DataError
+from .run_files import FINETUNE_DIR, MERGED_DIR, MODULES_FILE, RUN_FILE
 
 FEATURE_STAGES = ("slices", "vit", "vit_mean", "aggregator", "fusion")
 REPORT_ROWS = ("report", "report, zeroed image", "report, swapped image")
@@ -123,13 +124,13 @@ def load_probe_model(run_dir: str):
     from .llm_folder import LLMTokenizer
     from .vlm import SamfVLM
 
-    if not os.path.exists(os.path.join(run_dir, "run.json")):
-        raise DataError(f"probe: {run_dir} is not a run folder (no run.json; samf-train init makes one)")
-    merged = os.path.join(run_dir, "merged")
-    if os.path.exists(os.path.join(merged, "samf_modules.pt")):
-        return SamfVLM.from_checkpoint(merged), LLMTokenizer(merged), "merged"
-    if os.path.exists(os.path.join(run_dir, "finetune", "samf_modules.pt")):
-        return load_finetuned(run_dir), R.base_tokenizer(run_dir), "finetune"
+    if not os.path.exists(os.path.join(run_dir, RUN_FILE)):
+        raise DataError(f"probe: {run_dir} is not a run folder (no {RUN_FILE}; samf-train init makes one)")
+    merged = os.path.join(run_dir, MERGED_DIR)
+    if os.path.exists(os.path.join(merged, MODULES_FILE)):
+        return SamfVLM.from_checkpoint(merged), LLMTokenizer(merged), MERGED_DIR
+    if os.path.exists(os.path.join(run_dir, FINETUNE_DIR, MODULES_FILE)):
+        return load_finetuned(run_dir), R.base_tokenizer(run_dir), FINETUNE_DIR
     if not os.path.exists(os.path.join(run_dir, R.DINO_FILE)):
         raise DataError(f"probe: {run_dir} has no trained model yet (neither merged/, finetune/ nor "
                         f"{R.DINO_FILE}); run pretrain-2d or finetune first")

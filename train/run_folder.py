@@ -15,8 +15,9 @@ Run folder::
     RUN/config/<stage>.json   the configuration each stage last ran with
     RUN/checkpoints/<stage>.pt  while a stage runs: its state every few steps, to resume after an interruption
 
-The stages themselves: :mod:`samf.train.stages` (tokenizer, pretrain-2d, warmup-3d, pretrain-lm),
-:mod:`samf.train.finetune` and :mod:`samf.train.merge`; :mod:`samf.train.recipe` runs them in order.
+The names are :mod:`samf.train.run_files`'s (written once there). The stages themselves: :mod:`samf.train.stages`
+(tokenizer, pretrain-2d, warmup-3d, pretrain-lm), :mod:`samf.train.finetune` and :mod:`samf.train.merge`;
+:mod:`samf.train.recipe` runs them in order.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ from samf.runtime.scan.preprocess import PreprocessConfig
 
 from .llm_folder import LLMTokenizer, read_llm_config
 from .models import AggregatorConfig, FusionConfig, ViTConfig
+from .run_files import (  # noqa: F401 - the names, importable from here too (the layout above)
+    CONFIG_DIR,
+    DINO_FILE,
+    LM_BASE_DIR,
+    METRICS_FILE,
+    PREPROCESS_FILE,
+    RUN_FILE,
+    TRAINING_FILE,
+    WARMUP_FILE,
+)
 from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, load_phi3
-
-PREPROCESS_FILE = "preprocess.json"
-TRAINING_FILE = "training.json"   # merged/: the recipe's switches, carried into the bundle's manifest
-DINO_FILE = "vit_dino.pt"
-WARMUP_FILE = "aggregator_warmup.pt"
-
 
 # ------------------------------------------------------------------------------------------ presets
 
@@ -87,11 +92,11 @@ def paper_preset(llm_path: str) -> dict:
 
 def init_run(run_dir: str, preset: dict) -> None:
     os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "run.json"), preset)
+    write_json(os.path.join(run_dir, RUN_FILE), preset)
 
 
 def read_run(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "run.json")) as f:
+    with open(os.path.join(run_dir, RUN_FILE)) as f:
         return json.load(f)
 
 
@@ -106,7 +111,7 @@ class MetricsLog:
     def __init__(self, run_dir: str):
         from .distributed import is_main
 
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, METRICS_FILE)
         self.enabled = is_main()
 
     def __call__(self, record: dict) -> None:
@@ -123,9 +128,14 @@ def write_stage_config(run_dir: str, stage: str, cfg, write: bool = True) -> dic
     d = json.loads(json.dumps(d, default=list))
     if not write:
         return d
-    os.makedirs(os.path.join(run_dir, "config"), exist_ok=True)
-    write_json(os.path.join(run_dir, "config", f"{stage}.json"), d)
+    write_json(stage_config_path(run_dir, stage), d)
     return d
+
+
+def stage_config_path(run_dir: str, stage: str) -> str:
+    """RUN/config/<stage>.json (its folder made if missing)."""
+    os.makedirs(os.path.join(run_dir, CONFIG_DIR), exist_ok=True)
+    return os.path.join(run_dir, CONFIG_DIR, f"{stage}.json")
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -150,7 +160,7 @@ def calibration_sample(examples: list, n: int = CALIBRATION_SCANS) -> list:
 def llm_folder(run_dir: str, run: dict | None = None) -> str:
     """The run's base LLM: the LM base pretrain-lm wrote when there is one, else the user's local folder."""
     run = run or read_run(run_dir)
-    lm_base = os.path.join(run_dir, "lm_base")
+    lm_base = os.path.join(run_dir, LM_BASE_DIR)
     return lm_base if os.path.isdir(lm_base) or not run["llm_path"] else run["llm_path"]
 
 

@@ -23,9 +23,8 @@ from samf.runtime.progress import progress_bar
 from .configs import LMConfig
 from .distributed import owns_process_group
 from .llm_folder import LLMTokenizer, save_sentencepiece_folder
+from .run_files import DINO_FILE, LM_BASE_DIR, TOKENIZER_DIR, TOKENIZER_MODEL, WARMUP_FILE
 from .run_folder import (
-    DINO_FILE,
-    WARMUP_FILE,
     MetricsLog,
     calibration_sample,
     cosine_lr,
@@ -37,15 +36,12 @@ from .vlm import ImageConfig, TinyLLMConfig, build_phi3, load_phi3, mcq_sample, 
 
 # ------------------------------------------------------------------------------------- tokenizer
 
-TOKENIZER_DIR = "tokenizer"
-
-
 def stage_tokenizer(run_dir: str, texts: list, vocab_size: int = 1000):
     """The tiny LLM's SentencePiece tokenizer, as RUN/tokenizer.model and as a Hugging Face tokenizer folder
     (RUN/tokenizer/) that pretrain-lm puts beside the LM base's config, the way the hub ships Phi-3."""
-    sp = train_tokenizer(texts, os.path.join(run_dir, "tokenizer.model"), vocab_size)
+    sp = train_tokenizer(texts, os.path.join(run_dir, TOKENIZER_MODEL), vocab_size)
     with atomic_dir(os.path.join(run_dir, TOKENIZER_DIR)) as d:
-        save_sentencepiece_folder(os.path.join(run_dir, "tokenizer.model"), d)
+        save_sentencepiece_folder(os.path.join(run_dir, TOKENIZER_MODEL), d)
     return sp
 
 
@@ -181,7 +177,7 @@ def stage_pretrain_lm(run_dir: str, examples: list, cfg: LMConfig, progress: boo
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         log({"stage": "pretrain-lm", "step": step, "loss": losses[-1]})
-    with atomic_dir(os.path.join(run_dir, "lm_base")) as d:
+    with atomic_dir(os.path.join(run_dir, LM_BASE_DIR)) as d:
         llm.cpu().save_pretrained(d)
         tok.save_to(d)
     return losses

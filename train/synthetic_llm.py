@@ -17,6 +17,8 @@ import functools
 import json
 import os
 
+from .run_files import TOKENIZER_MODEL
+
 VOCAB_GGUF = os.path.join(os.path.dirname(__file__), "data", "phi3_vocab", "ggml-vocab-phi-3.gguf")
 ADDED = {32000: "<|endoftext|>", 32001: "<|assistant|>", 32002: "<|placeholder1|>", 32003: "<|placeholder2|>",
          32004: "<|placeholder3|>", 32005: "<|placeholder4|>", 32006: "<|system|>", 32007: "<|end|>",
@@ -59,7 +61,7 @@ def write_tokenizer(out: str) -> None:
         p = m.pieces.add()
         p.piece, p.score, p.type = t, s, kind[ty]
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "tokenizer.model"), "wb") as f:
+    with open(os.path.join(out, TOKENIZER_MODEL), "wb") as f:
         f.write(m.SerializeToString())
     special = {0: "<unk>", 1: "<s>", 2: "</s>", **ADDED}
     decoder = {str(i): dict(content=c, lstrip=False, normalized=False, rstrip=i >= 32001, single_word=False,

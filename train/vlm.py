@@ -23,10 +23,8 @@ from samf.runtime.inference.prompt import LETTERS, REPORT_REQUESTS, PromptLayout
 from samf.runtime.progress import progress_bar
 
 from .models import SAMF, AggregatorConfig, FusionConfig, ImageEncoder, ViTConfig
+from .run_files import MODULES_CONFIG, MODULES_FILE
 from .tokenizer import BOS, EOS, PAD
-
-MODULES_FILE = "samf_modules.pt"
-MODULES_CONFIG = "samf_config.json"
 
 
 @dataclass
