@@ -12,10 +12,12 @@ import click
 from samf.errors import one_line
 
 
-def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dict, parallel: int,
-                 request: str | None, max_tokens: int, as_json: bool, load, dicom_out: str | None = None,
-                 evidence_dir: str | None = None, series_uid: str | None = None) -> int:
-    """Report every scan of ``items``; returns how many failed. With ``out_dir``, scans already reported there
+def report_batch(items: list, bundle_dir: str, out_dir: str | None, config, request: str | None, as_json: bool,
+                 load, dicom_out: str | None = None, evidence_dir: str | None = None,
+                 series_uid: str | None = None) -> int:
+    """Report every scan of ``items`` with the pipeline ``config`` (a
+    :class:`~samf.runtime.inference.pipeline.PipelineConfig`: its ``parallel`` reports decoded together, at most
+    ``max_new_tokens`` each); returns how many failed. With ``out_dir``, scans already reported there
     (same path, same content) are skipped, and each result is written as it finishes (:mod:`worklist`).
     ``dicom_out``/``evidence_dir``: each scan's SR and PDF (DICOM series only), evidence images, under
     ``<dir>/<scan name>/`` (:meth:`~samf.runtime.outputs.compose.ScanOutputs.write`); a scan whose outputs
@@ -33,13 +35,12 @@ def report_batch(items: list, bundle_dir: str, out_dir: str | None, engines: dic
     skipped, failed, reported = len(items) - len(todo), 0, 0
     if todo:
         # Many scans per load: 4-bit weights repacked (2 s more loading, faster decoding of every report).
-        with ReportPipeline(bundle_dir, repack=True, parallel=parallel, **engines) as pipe:
+        with ReportPipeline(bundle_dir, config, repack=True) as pipe:
             if evidence_dir is not None:
                 pipe.require_attention()  # before any scan is read, and before the progress bar
             with progress_bar(total=len(todo), unit="scan", desc="reports") as bar:
                 t0 = time.perf_counter()
-                for scan, res in pipe.report_many(todo, request=request, max_new_tokens=max_tokens, load=load,
-                                                  keep_slices=extras):
+                for scan, res in pipe.report_many(todo, request=request, load=load, keep_slices=extras):
                     path = os.path.abspath(scan)
                     # The batch's own fields, then the result record (Result.to_record) or the error.
                     row = dict(path=path, input=scan, sha256=digests.get(path),

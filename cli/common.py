@@ -112,14 +112,9 @@ def capped_threads(n: int | None, option: str = "--threads") -> int | None:
     return n
 
 
-def _threads_callback(ctx, param, value):
+def threads_callback(ctx, param, value):
+    """click's callback of a --threads option: capped to the cores this process may use (:func:`capped_threads`)."""
     return capped_threads(value, param.opts[0])
-
-
-def threads_option(help: str = "CPU threads for the engines (default: all cores)"):
-    """--threads N: 1 to 1024, capped to the cores this process may use (see :func:`capped_threads`)."""
-    return click.option("--threads", type=click.IntRange(min=1, max=1024), default=None, callback=_threads_callback,
-                        help=f"{help}; more than the cores this process may use are capped to them")
 
 
 def torch_threads(n: int | None) -> None:
@@ -182,40 +177,122 @@ class CommaList(click.ParamType):
         return items
 
 
-def config_options(cls, skip: tuple = ()):
-    """One click option per field of the config dataclass ``cls`` (fields made with
-    :func:`samf.train.run_folder.option`), named after the field, with its help, choices and range.
+class FirstN(click.IntRange):
+    """``N`` -> ``(0, 1, ..., N-1)``: a tuple of seeds given as how many (at least ``min``)."""
 
-    Every option's value is None unless given, so the stage takes its default from the run preset, then from
-    the dataclass: each default is written once, in the dataclass, and shown in ``--help`` from there."""
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        return tuple(range(super().convert(value, param, ctx)))
+
+
+class ConfigOption(click.Option):
+    """A command-line option made from a field of a config dataclass (:func:`config_options`): it knows its
+    dataclass and field, so ``tests/test_config_defaults.py`` can check that ``--help`` shows the field's
+    default."""
+
+    def __init__(self, *args, config_cls=None, config_field=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_cls, self.config_field = config_cls, config_field
+
+
+def _dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shown_default(fld, meta: dict | None = None) -> str | None:
+    """How ``--help`` shows the default of the option made from field ``fld`` (with ``meta``, its metadata with
+    the command's overrides; None: it shows none): the switch a boolean is at, a tuple comma-separated (a count:
+    its length), ``shown=`` for a default computed at run time."""
+    meta, default = fld.metadata if meta is None else meta, fld.default
+    if "shown" in meta:
+        return meta["shown"]
+    if default is None or default is dataclasses.MISSING:
+        return None
+    if isinstance(default, bool):
+        name = meta.get("name", _dashed(fld.name))
+        decls = meta.get("flag", f"{name}/--no-{name[2:]}")
+        if "/" not in decls:
+            return None  # a plain flag: absent means off
+        return decls.split("/")[0 if default else 1].lstrip("-")
+    if isinstance(default, tuple):
+        if meta.get("count"):
+            return str(len(default))
+        return ",".join(map(str, default)) if default else None
+    return str(default)
+
+
+def _click_kwargs(fld, meta: dict) -> tuple:
+    """(the option's declarations, click's keyword arguments) for field ``fld`` with metadata ``meta``."""
+    default = fld.default
+    name = meta.get("name", _dashed(fld.name))
+    kind = meta.get("type")
+    if isinstance(default, bool) or (default is None and kind is None and "choices" not in meta
+                                     and "path" not in meta):
+        decls = meta.get("flag", f"{name}/--no-{name[2:]}")
+        return (decls,), (dict(is_flag=True) if "/" not in decls else {})
+    kw = {}
+    if meta.get("count"):
+        kw["type"] = FirstN(min=meta.get("min", 1), max=meta.get("max"))
+    elif "choices" in meta:
+        kw["type"] = click.Choice(meta["choices"])
+    elif "path" in meta:
+        kw["type"] = click.Path(file_okay=meta["path"] != "dir", dir_okay=meta["path"] != "file",
+                                exists=meta.get("exists", False))
+    elif "min" in meta or "max" in meta:
+        number = kind or type(default)
+        rng = click.IntRange if number is int else click.FloatRange
+        kw["type"] = rng(min=meta.get("min"), max=meta.get("max"))
+    elif meta.get("multiple"):
+        kw["type"] = kind or str
+    elif isinstance(default, tuple):
+        kw["type"] = CommaList()
+    else:
+        kw["type"] = kind or type(default)
+    if meta.get("multiple"):
+        kw["multiple"] = True
+    if "envvar" in meta:
+        kw["envvar"] = meta["envvar"]
+    return (name,), kw
+
+
+def config_options(cls, skip: tuple = (), only: tuple | None = None, **overrides):
+    """One click option per field of the config dataclass ``cls`` made with :func:`samf.runtime.options.option`
+    (``only``: these fields, in this order; ``skip``: not these), named after the field (or its ``name=``), with
+    its help, choices, range, path kind. ``overrides``: per field, metadata to replace (``help=``, ``min=``...)
+    and click's ``callback=``.
+
+    Every option's value is None unless given, so the command takes its default from the dataclass (a training
+    stage: from the run preset, then the dataclass; see :func:`config_from`): each default is written once, in
+    the dataclass, and shown in ``--help`` from there."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(only) if only is not None else [f.name for f in dataclasses.fields(cls)]
 
     def decorate(f):
-        for fld in reversed(dataclasses.fields(cls)):
-            meta = fld.metadata
-            if fld.name in skip or "help" not in meta:
+        for name in reversed(names):
+            fld = by_name[name]
+            if name in skip or "help" not in fld.metadata:
                 continue
-            default = fld.default
-            shown = ",".join(default) if isinstance(default, tuple) else default
-            if isinstance(default, bool) or default is None and "choices" not in meta:
-                decls = meta.get("flag", f"--{fld.name.replace('_', '-')}/--no-{fld.name.replace('_', '-')}")
-                kind = dict(is_flag=True) if "/" not in decls else {}
-                if default is not None:
-                    shown = decls.split("/")[0 if default else 1].lstrip("-") if "/" in decls else default
-                decls = (decls,)
-            else:
-                decls = (f"--{fld.name.replace('_', '-')}",)
-                if "choices" in meta:
-                    kind = dict(type=click.Choice(meta["choices"]))
-                elif isinstance(default, tuple):
-                    kind = dict(type=CommaList())
-                elif "min" in meta or "max" in meta:
-                    rng = click.IntRange if isinstance(default, int) else click.FloatRange
-                    kind = dict(type=rng(min=meta.get("min"), max=meta.get("max")))
-                else:
-                    kind = dict(type=type(default))
-            plain_flag = kind.get("is_flag", False)  # absent means off: no default to show
-            help_text = meta["help"] + ("" if default is None or plain_flag else f"  [default: {shown}]")
-            f = click.option(*decls, fld.name, default=None, help=help_text, **kind)(f)
+            extra = dict(overrides.get(name, {}))
+            click_kw = {k: extra.pop(k) for k in ("callback",) if k in extra}
+            meta = {**fld.metadata, **extra}
+            decls, kw = _click_kwargs(fld, meta)
+            shown = shown_default(fld, meta)
+            help_text = meta["help"] + ("" if shown is None else f"  [default: {shown}]")
+            f = click.option(*decls, fld.name, cls=ConfigOption, config_cls=cls, config_field=fld, default=None,
+                             help=help_text, **kw, **click_kw)(f)
         return f
 
     return decorate
+
+
+def config_from(cls, given: dict, **fixed):
+    """An instance of ``cls`` from the values of its options in ``given`` (taken out of it; those not given, None
+    or an empty repeatable option, leave the dataclass's default), and ``fixed``."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            v = given.pop(f.name)
+            if v is not None and v != ():
+                values[f.name] = v
+    return cls(**{**values, **fixed})

@@ -13,20 +13,29 @@ from dataclasses import dataclass
 
 import click
 
+from samf.runtime.options import option
+
 
 @dataclass
 class DemoConfig:
-    workdir: str = "samf-demo"
-    n_train: int = 2000    # at 320 the LLM learned the reports by heart (loss 0.12 on them, 0.50 on fresh scans)
-    n_test: int = 200      # held-out scans the table is measured on (±3.5 points of standard error at 0.5)
+    """What ``samf demo`` runs; a field made with :func:`~samf.runtime.options.option` is also its option, so its
+    default is written here only. The stages' steps default to the recipe's (``samf.train.recipe.RecipeSteps``,
+    which this module does not import: ``samf``'s commands load no training code until one trains)."""
+
+    workdir: str = option("samf-demo", "where data, run and bundle go", path="dir")
+    # at 320 the LLM learned the reports by heart (loss 0.12 on them, 0.50 on fresh scans)
+    n_train: int = option(2000, "training phantoms", name="--train", min=1)
+    # held-out scans the table is measured on (±3.5 points of standard error at 0.5)
+    n_test: int = option(200, "held-out phantoms (of their own seed)", name="--test", min=1)
     compare_torch: int = 24  # held-out scans whose runtime report is compared with PyTorch's
-    dino_steps: int | None = None       # None: the recipe's (samf.train.recipe.RecipeSteps)
+    dino_steps: int | None = None       # None: the recipe's
     lm_steps: int | None = None
-    finetune_steps: int | None = None
-    seed: int = 0
+    finetune_steps: int | None = option(None, "fine-tuning steps", type=int, min=1, shown="the recipe's")
+    seed: int = option(0, "seed of the training phantoms and of every stage")
     test_seed: int = 2026  # the held-out phantoms' own seed sequence, which no training set of another seed holds
-    show: int = 4
-    threads: int | None = None
+    show: int = option(4, "reports printed next to their reference", min=0)
+    threads: int | None = option(None, "CPU threads for training and the runtime (default: all cores); more than "
+                                       "the cores this process may use are capped to them", type=int, min=1, max=1024)
     progress: bool = True
 
 
@@ -117,7 +126,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         # F32 with the fp32 encoders: the reference the PyTorch pipeline is compared with below; Q8_0 with the
         # encoders a workstation would pick (--encoders auto), which also answers the multiple-choice questions.
         for quant, encoders in (("F32", "fp32"), ("Q8_0", "auto")):
-            with ReportPipeline(bundle, quant=quant, encoders=encoders, n_threads=cfg.threads) as pipe:
+            # One scan at a time (report, answer): one sequence.
+            with ReportPipeline(bundle, quant=quant, encoders=encoders, n_threads=cfg.threads, parallel=1) as pipe:
                 results[quant] = [pipe.report(os.path.join(data, ex.image)) for ex in test]
                 if quant == "Q8_0":  # each question answered both ways (ReportPipeline.answer says why two)
                     asked = {method: [(pipe.answer(os.path.join(data, ex.image), q["question"], q["choices"],

@@ -10,10 +10,10 @@ import os
 
 import click
 
-from samf.runtime.bundle.manifest import ENCODER_PRECISIONS
 from samf.runtime.inference.pipeline import MCQ_METHODS, PipelineConfig
+from samf.runtime.tools.bench import BenchConfig
 
-from .common import OutDir, SamfGroup, threads_option
+from .common import OutDir, SamfGroup, config_from, config_options, threads_callback
 from .demo import DemoConfig
 
 bundle_opt = click.option("--bundle", "bundle_dir", required=True, type=click.Path(),
@@ -22,7 +22,7 @@ trusted_key_opt = click.option(
     "--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), envvar="SAMF_TRUSTED_KEY",
     help="Ed25519 public key (PEM or OpenSSH) that must have signed the bundle (`samf-export sign`); repeat for "
          "several; default: $SAMF_TRUSTED_KEY (':'-separated)")
-quant_opt = click.option("--quant", default=None, help="which GGUF in the bundle (default: the manifest's)")
+quant_opt = config_options(PipelineConfig, only=("quant",))
 spacing_opt = click.option("--spacing", nargs=3, type=click.FloatRange(min=0.01, max=100.0), default=None,
                            help="voxel spacing Z Y X in mm: for .npy volumes, or instead of a NIfTI header's")
 verbose_opt = click.option("--verbose", is_flag=True,
@@ -40,17 +40,16 @@ def scan_options(f):
     for opt in (verbose_opt, force_opt, ctrate_opt, non_ct_opt, series_opt, spacing_opt):
         f = opt(f)
     return f
-threads_opt = threads_option("CPU threads for the engines (default: all cores)")
-backend_opt = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-                           show_default=True, help="engine for the ViT, aggregator and fusion")
-ENCODER_CHOICES = ["auto", *ENCODER_PRECISIONS]
-encoders_opt = click.option(
-    "--encoders", type=click.Choice(ENCODER_CHOICES), default=PipelineConfig.encoders, show_default=True,
-    help="the encoders' precision: auto is fp16 on a GPU (CUDA, TensorRT); on a CPU bf16 (OpenVINO, where "
-         "installed), else int8, else fp32, among what the bundle has (the export keeps a variant only if it held "
-         "its tolerance)")
-gpu_layers_opt = click.option("--gpu-layers", type=click.IntRange(min=-1, max=100000), default=0, show_default=True,
-                              help="LLM layers offloaded to the GPU (llama.cpp built with CUDA; -1: all)")
+
+
+def pipeline_options(*fields: str):
+    """The options of these fields of :class:`PipelineConfig`, with its defaults and help (``--threads`` capped to
+    the cores this process may use)."""
+    return config_options(PipelineConfig, only=fields, n_threads=dict(callback=threads_callback))
+
+
+ENCODER_CHOICES = PipelineConfig.__dataclass_fields__["encoders"].metadata["choices"]
+gpu_layers_opt, backend_opt, threads_opt = (pipeline_options(f) for f in ("n_gpu_layers", "backend", "n_threads"))
 
 
 def scan_and_bundle_options(f):
@@ -60,11 +59,8 @@ def scan_and_bundle_options(f):
     return f
 
 
-def engine_options(f):
-    """Where the engines run: CPU threads, the encoders' backend and precision, LLM layers on the GPU."""
-    for opt in (gpu_layers_opt, encoders_opt, backend_opt, threads_opt):
-        f = opt(f)
-    return f
+#: Where the engines run: CPU threads, the encoders' backend and precision, LLM layers on the GPU.
+engine_options = pipeline_options("n_threads", "backend", "encoders", "n_gpu_layers")
 
 
 def _load(scan, spacing=None, series=None, allow_non_ct=False, ctrate_metadata=None, force=False, verbose=False,
@@ -124,13 +120,12 @@ def main():
 @quant_opt
 @scan_options
 @click.option("--request", default=None, callback=_not_blank, help="the report request (default: the trained one)")
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1, max=3072))
+@pipeline_options("max_new_tokens")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per scan instead of text")
 @click.option("--out", "out_dir", type=OutDir(), default=None,
               help="write each scan's report (.json and .txt) and reports.jsonl here; a rerun skips the scans "
                    "already reported (same path and content)")
-@click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
-              help="reports decoded together in a batch (each holds its own KV cache)")
+@pipeline_options("parallel")
 @click.option("--dicom-out", type=OutDir(), default=None,
               help="for a DICOM series: also write the report as DICOM here, a Comprehensive 3D SR (sr.dcm) and an "
                    "Encapsulated PDF with the slices (report_pdf.dcm), both flagged unverified AI output; for several "
@@ -139,8 +134,7 @@ def main():
               help="write the slices the model weighted most into EVIDENCE/<scan name>/ for each scan: the top 3 per "
                    "plane as PNGs, a montage that frames them, and evidence.json with every slice's attention")
 @engine_options
-def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_tokens, as_json, out_dir, parallel,
-           dicom_out, evidence_dir, threads, backend, encoders, gpu_layers, **scan_kw):
+def report(scans, worklists, bundle_dir, trusted_keys, request, as_json, out_dir, dicom_out, evidence_dir, **given):
     """Write the findings report for each SCAN (a .nii/.nii.gz, a DICOM series folder or an .npy, or a folder of
     scans) and each scan of --worklist.
 
@@ -153,8 +147,8 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
     if not scans and not worklists:
         raise click.UsageError("give one or more SCANs, or --worklist FILE")
     items = expand_worklist(scans, worklists)
-    engines = dict(quant=quant, backend=backend, encoders=encoders, n_threads=threads, n_gpu_layers=gpu_layers,
-                   max_new_tokens=max_tokens, trusted_keys=trusted_keys)
+    config = config_from(PipelineConfig, given, trusted_keys=trusted_keys)
+    scan_kw = given  # what is left: how to read each scan
     single = out_dir is None and not worklists and len(scans) == 1 and items == list(scans)
     if dicom_out is not None and single and not os.path.isdir(scans[0]):
         raise click.UsageError("--dicom-out needs a DICOM series folder (the SR refers to its images)")
@@ -162,12 +156,13 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
         # Refuse a bad scan before loading any model.
         vol = _load(scans[0], quiet=as_json, **scan_kw)
         # One scan per process: 4-bit weights mapped as they are, not repacked (2 s more of loading than
-        # repacking saves on one report); the LLM's context: the image rows, the request and max_tokens.
-        with ReportPipeline(bundle_dir, repack=False, **engines) as pipe:
+        # repacking saves on one report), and one sequence (--parallel is for batches); the LLM's context: the
+        # image rows, the request and --max-tokens.
+        with ReportPipeline(bundle_dir, config, repack=False, parallel=1) as pipe:
             if evidence_dir is not None:
                 pipe.require_attention()
             extras = dicom_out is not None or evidence_dir is not None
-            res = pipe.report(vol, request=request, max_new_tokens=max_tokens, keep_slices=extras)
+            res = pipe.report(vol, request=request, keep_slices=extras)
             if extras:
                 from samf.runtime.outputs.compose import ScanOutputs
                 from samf.runtime.outputs.slices_png import scan_folder_name
@@ -187,7 +182,7 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
         return
     from .batch import report_batch
 
-    failed = report_batch(items, bundle_dir, out_dir, engines, parallel, request, max_tokens, as_json,
+    failed = report_batch(items, bundle_dir, out_dir, config, request, as_json,
                           lambda path: _load(path, quiet=True, **scan_kw), dicom_out=dicom_out,
                           evidence_dir=evidence_dir, series_uid=scan_kw.get("series"))
     if failed:
@@ -203,15 +198,13 @@ def report(scans, worklists, bundle_dir, trusted_keys, quant, request, max_token
               help="choices: the likeliest of the four answers; generate: the letter of the greedy answer (M3D's "
                    "protocol)")
 @engine_options
-def vqa(scan, bundle_dir, trusted_keys, quant, question, choices, method, threads, backend, encoders, gpu_layers,
-        **scan_kw):
+def vqa(scan, bundle_dir, trusted_keys, question, choices, method, **given):
     """Answer a multiple-choice question about SCAN."""
     from samf.runtime.inference.pipeline import ReportPipeline
 
-    vol = _load(scan, **scan_kw)
-    with ReportPipeline(bundle_dir, quant=quant, backend=backend, encoders=encoders, n_threads=threads,
-                        n_gpu_layers=gpu_layers, repack=False,
-                        trusted_keys=trusted_keys) as pipe:  # one question per process, as for report
+    config = config_from(PipelineConfig, given, trusted_keys=trusted_keys)
+    vol = _load(scan, **given)
+    with ReportPipeline(bundle_dir, config, repack=False, parallel=1) as pipe:  # one question per process, as report
         letter, res = pipe.answer(vol, question, list(choices), method=method)
     click.echo(f"{letter or '?'}  ({res.text})")
 
@@ -280,37 +273,38 @@ add_service_commands(main, bundle_opt, trusted_key_opt, quant_opt, engine_option
 @trusted_key_opt
 @click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="dataset folder with test.csv (e.g. samf-demo/data); default: synthetic chest-CT phantoms")
-@click.option("--scans", default=24, show_default=True, type=click.IntRange(min=1))
+@config_options(BenchConfig, only=("scans",))
 @click.option("--quant", "quants", multiple=True, help="GGUF types to compare (default: all in the bundle)")
-@click.option("--new-tokens", type=click.IntRange(min=1), default=None,
-              help="decode exactly this many tokens per report, end token or not (random-weight bundles)")
+@config_options(BenchConfig, only=("new_tokens",))
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
 @click.option("--encoders", "encoders", multiple=True, type=click.Choice(ENCODER_CHOICES),
-              help="encoder precisions to compare, each with every GGUF type (default: auto); repeatable")
+              help=f"encoder precisions to compare, each with every GGUF type (default: {PipelineConfig.encoders}); "
+                   "repeatable")
 @click.option("--concurrency", multiple=True, type=click.IntRange(min=1, max=64),
               help="instead: scans/hour, latency and decode tok/s with K reports decoded together (the first "
                    "--quant, one --encoders); repeatable, e.g. --concurrency 1 --concurrency 4")
 @gpu_layers_opt
 @backend_opt
 @threads_opt
-def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_json, encoders, concurrency, backend,
-          threads, gpu_layers):
+def bench(bundle_dir, trusted_keys, data_dir, quants, out_json, encoders, concurrency, **given):
     """Per-stage latency, decode speed and quantization cost of a bundle on held-out scans."""
     import tempfile
 
     from samf.runtime.atomic import atomic_file
     from samf.runtime.tools.bench import format_bench, run_bench
 
+    cfg, engines = config_from(BenchConfig, given), config_from(PipelineConfig, given)
     with tempfile.TemporaryDirectory(prefix="samf-bench-") as tmp:
         if data_dir is None:
             from samf.runtime.tools.phantom import generate_phantom_dataset
 
             data_dir = tmp
-            generate_phantom_dataset(tmp, 0, scans, seed=7, progress=False)
-        out = run_bench(bundle_dir, data_dir, scans, threads, quants or None, new_tokens, trusted_keys,
-                        encoders or ("auto",), backend, concurrency, gpu_layers)
+            generate_phantom_dataset(tmp, 0, cfg.scans, seed=cfg.phantom_seed, progress=False)
+        out = run_bench(bundle_dir, data_dir, cfg.scans, engines.n_threads, quants or None, cfg.new_tokens,
+                        trusted_keys, encoders or (engines.encoders,), engines.backend, concurrency,
+                        engines.n_gpu_layers)
         if data_dir == tmp:
-            out["data"] = f"{scans} synthetic phantoms (seed 7)"
+            out["data"] = f"{cfg.scans} synthetic phantoms (seed {cfg.phantom_seed})"
     click.echo(format_bench(out))
     if out_json:
         with atomic_file(out_json) as f:
@@ -318,23 +312,12 @@ def bench(bundle_dir, trusted_keys, data_dir, scans, quants, new_tokens, out_jso
 
 
 @main.command()
-@click.option("--workdir", default="samf-demo", show_default=True, type=click.Path(file_okay=False),
-              help="where data, run and bundle go")
-@click.option("--train", "n_train", type=click.IntRange(min=1), default=DemoConfig.n_train, show_default=True,
-              help="training phantoms")
-@click.option("--test", "n_test", type=click.IntRange(min=1), default=DemoConfig.n_test, show_default=True,
-              help="held-out phantoms (of their own seed)")
-@click.option("--finetune-steps", type=click.IntRange(min=1), help="[default: the recipe's]")
-@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True)
-@click.option("--show", type=click.IntRange(min=0), default=DemoConfig.show, show_default=True,
-              help="reports printed next to their reference")
-@threads_option("CPU threads for training and the runtime (default: all cores)")
-def demo(workdir, n_train, n_test, finetune_steps, seed, show, threads):
+@config_options(DemoConfig, threads=dict(callback=threads_callback))
+def demo(**given):
     """The whole stack on synthetic chest CT: data, training, merge, ONNX, GGUF, bundle, runtime reports."""
     from .demo import run_demo
 
-    run_demo(DemoConfig(workdir=workdir, n_train=n_train, n_test=n_test, finetune_steps=finetune_steps,
-                        seed=seed, show=show, threads=threads))
+    run_demo(config_from(DemoConfig, given))
 
 
 if __name__ == "__main__":

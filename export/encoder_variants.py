@@ -265,7 +265,7 @@ class VariantChecker:
 
         self.check, self._host = check, host
         self.pipe = ReportPipeline(bundle_dir, quant=quant, encoders="fp32", verify_hashes=False, repack=False,
-                                   max_new_tokens=max(check.report_tokens, 1))
+                                   max_new_tokens=max(check.report_tokens, 1), parallel=1)  # one report at a time
         self.fp32 = {m: os.path.join(bundle_dir, f) for m, f in variant_files("fp32").items()}
         self.pipe.set_encoders(self._on_cpu(self.fp32), "fp32")  # every precision on the same provider
         self.slices = [preprocess(v, self.pipe.pre) for v in held_out_volumes(check)]

@@ -19,7 +19,8 @@ ROOT = pathlib.Path(samf.__file__).parent
 #: A module may import its own layer and those below it, never one above.
 LAYERS = {"errors": 0, "engines": 1, "runtime": 2, "train": 3, "export": 4, "cli": 5}
 #: runtime/'s sub-packages, lowest first: each may import its own and those before it, never one after. The modules
-#: at runtime/'s top (atomic, progress, workers: helpers every layer uses) come before them all and import none.
+#: at runtime/'s top (atomic, progress, workers, options: helpers every layer uses) come before them all and import
+#: none.
 RUNTIME_ORDER = ("scan", "bundle", "inference", "outputs", "service", "tools")
 
 

@@ -16,6 +16,8 @@ import pytest
 from dicom_writer import PATIENT, write_series
 from service_runner import MAX_TOKENS, Pacs, Server, free_port, send_series
 
+from samf.runtime.inference.pipeline import PipelineConfig
+from samf.runtime.service.config import ServiceConfig
 from samf.runtime.tools.phantom import make_phantom
 
 
@@ -229,10 +231,14 @@ def test_bad_dicom_input_not_ct_a_series_that_never_ends_a_pacs_that_refuses(qui
 
 # ------------------------------------------------------------------------------------------ config file, no server
 
-def _serve_params(*args) -> dict:
+def _serve_configs(*args) -> tuple:
+    """``samf serve ARGS`` parsed: (its params, the ServiceConfig and the PipelineConfig they make)."""
+    from samf.cli.common import config_from
     from samf.cli.samf_cli import main
 
-    return main.get_command(None, "serve").make_context("serve", list(args)).params
+    params = main.get_command(None, "serve").make_context("serve", list(args)).params
+    rest = dict(params)
+    return params, config_from(ServiceConfig, rest), config_from(PipelineConfig, rest)
 
 
 def test_config_file_every_option_and_the_command_line_wins(tmp_path):
@@ -244,13 +250,15 @@ def test_config_file_every_option_and_the_command_line_wins(tmp_path):
             "series-timeout", "dicom-retries", "threads", "encoders", "gpu-layers"} <= set(keys)
     cfg = tmp_path / "serve.toml"
     cfg.write_text('bundle = "/srv/bundle"\nport = 9000\ninput-dir = ["/a", "/b"]\ndicom_port = 11112\n'
-                   'series-settle = 2.5\n')
-    params = _serve_params("--config", str(cfg), "--port", "9100")
-    assert params["bundle_dir"] == "/srv/bundle" and params["port"] == 9100 and params["input_dirs"] == ("/a", "/b")
-    assert params["dicom_port"] == 11112 and params["series_settle"] == 2.5 and params["host"] == "127.0.0.1"
+                   'series-settle = 2.5\nmax-tokens = 100\n')
+    params, service, pipeline = _serve_configs("--config", str(cfg), "--port", "9100")
+    assert params["bundle_dir"] == "/srv/bundle" and service.port == 9100 and service.input_dirs == ("/a", "/b")
+    assert service.dicom_port == 11112 and service.series_settle == 2.5 and pipeline.max_new_tokens == 100
+    assert service.host == ServiceConfig.host and pipeline.parallel == PipelineConfig.parallel  # not given: defaults
     shipped = os.path.join(os.path.dirname(__file__), "..", "deploy", "serve.toml")  # the example in the guide
-    params = _serve_params("--config", shipped)
-    assert params["dicom_allow"] == ("CT1", "PACS") and params["trusted_keys"] == ("/etc/samf/bundle-signer.pub",)
+    params, service, pipeline = _serve_configs("--config", shipped)
+    assert service.dicom_allow == ("CT1", "PACS") and params["trusted_keys"] == ("/etc/samf/bundle-signer.pub",)
+    assert service.port == 8443 and service.tls_key == "/etc/samf/tls/samf.key" and pipeline.parallel == 4
     import subprocess
 
     cfg.write_text('bundle = "/srv/bundle"\nprot = 9000\n')

@@ -13,6 +13,8 @@ import numpy as np
 from samf.errors import BundleError, EngineUnavailable, SamfError
 
 from ..bundle.bundle import Bundle, read_bundle
+from ..bundle.manifest import ENCODER_PRECISIONS
+from ..options import option
 from ..scan.ct import Volume, load_scan
 from ..scan.preprocess import preprocess_placed
 from .evidence import NO_ATTENTION, Evidence, evidence_of
@@ -106,9 +108,15 @@ def host(value) -> np.ndarray:
 PROMPT_ROOM = 256
 
 
+#: The backends the encoders run on (``PipelineConfig.backend``).
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
 @dataclass
 class PipelineConfig:
-    """How a :class:`ReportPipeline` runs: one place for every knob and its default.
+    """How a :class:`ReportPipeline` runs: one place for every knob and its default. A field made with
+    :func:`~samf.runtime.options.option` is also the option of ``samf report``, ``vqa``, ``serve`` and ``bench``
+    that sets it (:func:`samf.cli.common.config_options`), so its default and help are written here only.
 
     ``n_ctx``: positions the LLM's cache holds (image rows, prompt and answer); None sizes it from the bundle
     (its image tokens, :data:`PROMPT_ROOM`, and ``max_new_tokens``). A request that needs more is refused in
@@ -116,25 +124,42 @@ class PipelineConfig:
     ``repack``: faster decoding of 4-bit GGUFs on CPU for 2 s more of loading (see
     :class:`~samf.engines.llama_cpp_engine.LlamaCppLLM`); worth it when one load serves several scans.
     ``parallel``: reports :meth:`ReportPipeline.report_many` decodes together (llama.cpp sequences, each with
-    its own ``n_ctx`` KV cells: 0.4 GB per 1024 positions at Phi-3-mini's size). ``prefetch``: scans loaded
-    and preprocessed ahead, in worker threads, while the engines work.
+    its own ``n_ctx`` KV cells: 0.4 GB per 1024 positions at Phi-3-mini's size). A caller that reports one scan
+    at a time (``samf report SCAN``, ``vqa``, the demo) asks for 1: it never uses a second sequence.
+    ``prefetch``: scans loaded and preprocessed ahead, in worker threads, while the engines work.
     ``trusted_keys``: public key files, one of which must have signed the bundle's manifest."""
 
-    quant: str | None = None            # which GGUF (None: the manifest's default)
-    backend: str = "onnxruntime"        # encoders: onnxruntime or tensorrt
-    encoders: str = "auto"              # the encoders' precision: auto, fp32, fp16, int8 or bf16 (choose_precision)
-    n_threads: int | None = None        # None: every core this process may use
-    n_gpu_layers: int = 0               # LLM layers on the GPU (-1: all)
+    quant: str | None = option(None, "which GGUF in the bundle (default: the manifest's)", type=str)
+    backend: str = option("onnxruntime", "engine for the ViT, aggregator and fusion", choices=BACKENDS)
+    encoders: str = option("auto", "the encoders' precision: auto is fp16 on a GPU (CUDA, TensorRT); on a CPU bf16 "
+                                   "(OpenVINO, where installed), else int8, else fp32, among what the bundle has (the "
+                                   "export keeps a variant only if it held its tolerance)",
+                           choices=("auto", *ENCODER_PRECISIONS))  # choose_precision
+    n_threads: int | None = option(None, "CPU threads for the engines (default: all cores); more than the cores "
+                                         "this process may use are capped to them",
+                                   name="--threads", type=int, min=1, max=1024)
+    n_gpu_layers: int = option(0, "LLM layers offloaded to the GPU (llama.cpp built with CUDA; -1: all)",
+                               name="--gpu-layers", min=-1, max=100000)
     n_ctx: int | None = None
-    max_new_tokens: int = 512           # the longest answer n_ctx=None leaves room for
+    # 256: what samf report and samf serve decoded at most, and what report() and report_many() did unless told;
+    # 512 here only sized the context for reports twice as long as any of them asked for (issue 30).
+    max_new_tokens: int = option(256, "the longest report, in tokens; the LLM's context is sized for it (samf serve: "
+                                      "the most a request may ask for, and what one asking for none gets)",
+                                 name="--max-tokens", min=1, max=3072)
+    #: The longest answer :meth:`ReportPipeline.answer` decodes with ``method="generate"``: a letter and one
+    #: choice (``C. text.``), a different thing from a report's length.
+    answer_tokens: int = 32
     repack: bool = True
-    parallel: int = 1
+    # 4: what samf report's batches and samf serve decoded together (benchmarks/batch-throughput.md measured the
+    # batch at --parallel 4: 11.5x 24 separate runs on the demo; K = 4 the best of 1, 2, 4, 8). It was 1 here, which
+    # the commands never used; a pipeline that reports one scan at a time asks for 1 (above).
+    parallel: int = option(4, "reports decoded together in a batch (each holds its own KV cache)", min=1, max=64)
     prefetch: int = 2
     verify_hashes: bool = True
     trusted_keys: tuple = ()
 
     def context_for(self, image_tokens: int) -> int:
-        return self.n_ctx or image_tokens + PROMPT_ROOM + self.max_new_tokens
+        return self.n_ctx or image_tokens + PROMPT_ROOM + max(self.max_new_tokens, self.answer_tokens)
 
 
 class ReportPipeline:
@@ -360,28 +385,32 @@ class ReportPipeline:
                       evidence=evidence, slices=slices)
 
     # ------------------------------------------------------------------------------ entry points
-    def report(self, scan, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
+    def report(self, scan, request: str | None = None, max_new_tokens: int | None = None, stop_at_end: bool = True,
                keep_slices: bool = False) -> Result:
-        """The findings report for one scan (a path or a :class:`Volume`); ``stop_at_end=False`` decodes exactly
-        ``max_new_tokens`` whatever the model says (speed measurements on random weights); ``keep_slices``: the
-        result keeps the slices the model read (``Result.slices``)."""
-        return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens, stop_at_end, keep_slices)
+        """The findings report for one scan (a path or a :class:`Volume`), at most ``max_new_tokens`` long
+        (default: the config's); ``stop_at_end=False`` decodes exactly ``max_new_tokens`` whatever the model says
+        (speed measurements on random weights); ``keep_slices``: the result keeps the slices the model read
+        (``Result.slices``)."""
+        return self._run(scan, request or REPORT_REQUESTS[0], max_new_tokens or self.config.max_new_tokens,
+                         stop_at_end, keep_slices)
 
-    def answer(self, scan, question: str, choices, max_new_tokens: int = 32, method: str = "choices") -> tuple:
+    def answer(self, scan, question: str, choices, max_new_tokens: int | None = None,
+               method: str = MCQ_METHODS[0]) -> tuple:
         """A multiple-choice answer: (the letter picked or None, the full result).
 
         ``method="choices"`` (the default): each offered answer, written as training writes it (``"C. text."``), is
         scored by the LLM's mean log-likelihood per token after the image and the question, and the likeliest is
         the answer (``Result.choice_nll`` keeps the four scores). It is always one of the four, its letter and text
         agree, and it costs one prefill. ``"generate"``: the first ``"X."`` of the greedy answer, M3D's protocol,
-        which a small model may get right in its text and wrong in its letter (``benchmarks/learning.md``)."""
+        which a small model may get right in its text and wrong in its letter (``benchmarks/learning.md``), at most
+        ``max_new_tokens`` long (default: the config's ``answer_tokens``)."""
         if len(choices) != 4:
             raise SamfError("a multiple-choice question needs exactly four choices")
         if method not in MCQ_METHODS:
             raise SamfError(f"unknown multiple-choice method {method!r}; one of {', '.join(MCQ_METHODS)}")
         request = mcq_request(question, choices)
         if method == "generate":
-            res = self._run(scan, request, max_new_tokens)
+            res = self._run(scan, request, max_new_tokens or self.config.answer_tokens)
             return mcq_choice_of(res.text), res
         timings: dict = {}
         prefix, prompt_ids, info, evidence, _ = self._prefix(scan, request, timings)
@@ -397,8 +426,8 @@ class ReportPipeline:
                      scan=info, evidence=evidence, choice_nll=dict(zip(LETTERS, (round(v, 4) for v in nll))))
         return LETTERS[best], res
 
-    def report_many(self, scans, request: str | None = None, max_new_tokens: int = 256, stop_at_end: bool = True,
-                    load=None, on_text=None, keep_slices: bool = False):
+    def report_many(self, scans, request: str | None = None, max_new_tokens: int | None = None,
+                    stop_at_end: bool = True, load=None, on_text=None, keep_slices: bool = False):
         """Reports for many scans with one load of the engines: yields ``(scan, Result)`` or ``(scan, error)``
         (a :class:`SamfError` or other exception, with its one-line reason) as each finishes, not in order.
 
@@ -407,13 +436,15 @@ class ReportPipeline:
         the engines work, the encoders run as a scan's turn comes, and llama.cpp decodes up to
         ``config.parallel`` reports together (:meth:`LlamaCppLLM.generate_many`): a report finished frees its
         sequence for the next scan. At most ``parallel + prefetch`` scans are held at a time, whatever the length
-        of ``scans``. Greedy reports are the ones :meth:`report` gives. ``on_text(scan, text so far)`` is called
+        of ``scans``. Greedy reports, at most ``max_new_tokens`` long (default: the config's), are the ones
+        :meth:`report` gives. ``on_text(scan, text so far)`` is called
         as each token of a report is decoded. ``keep_slices``: each result keeps the slices the model read
         (``Result.slices``, for evidence images and PDFs; 14 MB a scan at the paper's size)."""
         import collections
         from concurrent.futures import ThreadPoolExecutor
 
         lay, request = self.layout, request or REPORT_REQUESTS[0]
+        max_new_tokens = max_new_tokens or self.config.max_new_tokens
         stop = lay.stop_ids() if stop_at_end else set()
         prompt_ids = self.llm.tokenize(lay.prompt_text(request))
         waiting: dict = {}  # key -> (scan, timings, started) or (scan, error)

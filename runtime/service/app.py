@@ -23,22 +23,10 @@ import threading
 import time
 
 from .audit import NullTrail, Tokens, scan_sha256
+from .config import ServiceConfig
 from .jobs import JobRunner, JobStore, UploadError, UploadTooLarge, path_within, save_upload
 
 API_VERSION = "v1"
-
-
-class ServiceConfig:
-    """What the HTTP layer needs besides the store and the runner."""
-
-    def __init__(self, tokens: Tokens | None = None, max_upload_mb: int = 2048, max_queue: int = 256,
-                 input_dirs: tuple = (), max_tokens: int = 256, identity: dict | None = None, audit=None):
-        self.tokens, self.max_upload = tokens or Tokens(), max_upload_mb << 20
-        self.max_queue, self.input_dirs, self.max_tokens = max_queue, list(input_dirs), max_tokens
-        self.identity = identity or {}
-        self.audit = audit or NullTrail()
-        self.ready = threading.Event()  # set while jobs are taken: cleared on stop
-        self.ready.set()
 
 
 def is_loopback(host: str) -> bool:
@@ -57,8 +45,16 @@ class Refused(Exception):
         self.status, self.message = status, message
 
 
-def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
-    """The ASGI application (FastAPI)."""
+def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig, tokens: Tokens | None = None, audit=None,
+               ready: threading.Event | None = None):
+    """The ASGI application (FastAPI): ``cfg``'s limits and input folders, ``tokens`` (none: no token asked),
+    ``audit`` (the trail; none: not kept), ``ready`` (set while jobs are taken: a stop clears it; none: always
+    ready). The bundle's identity and the longest report a request may ask for are the runner's pipeline's."""
+    tokens, audit = tokens or Tokens(), audit or NullTrail()
+    if ready is None:
+        ready = threading.Event()
+        ready.set()
+    identity, max_tokens = runner.pipeline.identity, runner.pipeline.config.max_new_tokens
     from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -80,10 +76,10 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
 
     def authorized(request: Request) -> str:
         """Who is asking: the name of the bearer token given (401 without a known one), or ``local``."""
-        if not cfg.tokens.required:
+        if not tokens.required:
             return "local"
         given = request.headers.get("authorization", "")
-        who = cfg.tokens.who(given[7:]) if given.startswith("Bearer ") else None
+        who = tokens.who(given[7:]) if given.startswith("Bearer ") else None
         if who is None:
             raise Refused(401, "a bearer token is required (Authorization: Bearer TOKEN)")
         return who
@@ -119,16 +115,16 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
             sha = None  # unreadable: the job fails with the reason
         params = dict(params, who=who, sha256=sha)
         store.add(job_id, kind, source, owned, params)
-        cfg.audit.record("received", job_id, kind, who=who, scan_sha256=sha,
+        audit.record("received", job_id, kind, who=who, scan_sha256=sha,
                          outcome="upload" if owned else "path")
         runner.wake.set()
         logging.getLogger("samf.service").info("job %s queued (%s, %s)", job_id, kind, "upload" if owned else "path")
         return {"id": job_id}
 
-    def tokens(n: int | None) -> int:
-        if n is not None and not 1 <= n <= cfg.max_tokens:
-            raise Refused(400, f"max_tokens must be 1..{cfg.max_tokens} (the service's --max-tokens)")
-        return n or cfg.max_tokens
+    def length(n: int | None) -> int:
+        if n is not None and not 1 <= n <= max_tokens:
+            raise Refused(400, f"max_tokens must be 1..{max_tokens} (the service's --max-tokens)")
+        return n or max_tokens
 
     @app.post("/v1/reports", status_code=202)
     def post_report(scan: UploadFile | None = File(None), path: str | None = Form(None),
@@ -136,7 +132,7 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
                     who: str = Depends(authorized)) -> dict:
         """Queue a report: a NIfTI upload or a zip of one DICOM series (field ``scan``), or a ``path`` under the
         service's input folders. Returns the job's id."""
-        return submit("report", scan, path, {"request": request, "max_tokens": tokens(max_tokens)}, who)
+        return submit("report", scan, path, {"request": request, "max_tokens": length(max_tokens)}, who)
 
     @app.post("/v1/vqa", status_code=202)
     def post_vqa(question: str = Form(...), choices: list[str] = Form(...), scan: UploadFile | None = File(None),
@@ -144,7 +140,7 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
         """Queue a multiple-choice question about a scan (four ``choices`` fields). Returns the job's id."""
         if len(choices) != 4 or not all(c.strip() for c in choices) or not question.strip():
             raise Refused(400, "a question and exactly four non-empty choices are needed")
-        return submit("vqa", scan, path, {"question": question, "choices": choices, "max_tokens": 32}, who)
+        return submit("vqa", scan, path, {"question": question, "choices": choices}, who)  # the pipeline's length
 
     def job_view(job_id: str) -> dict:
         job = store.get(job_id)
@@ -241,13 +237,13 @@ def create_app(store: JobStore, runner: JobRunner, cfg: ServiceConfig):
     @app.get("/healthz")
     def healthz() -> dict:
         """Alive (the process answers), the bundle it serves, and the queue."""
-        return {"status": "ok", "bundle": cfg.identity, "jobs": store.counts()}
+        return {"status": "ok", "bundle": identity, "jobs": store.counts()}
 
     @app.get("/readyz")
     def readyz():
         """Ready to take jobs: the bundle loaded (it is, once anything answers) and the worker alive and not
         stopping; 503 with the reason otherwise (a load balancer sends jobs elsewhere)."""
-        if not cfg.ready.is_set():
+        if not ready.is_set():
             return JSONResponse({"status": "stopping"}, status_code=503)
         if not runner.is_alive():
             return JSONResponse({"status": "the worker is not running"}, status_code=503)

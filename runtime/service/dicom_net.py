@@ -28,6 +28,8 @@ import time
 
 from samf.errors import SamfError, one_line
 
+from .config import ServiceConfig
+
 log = logging.getLogger("samf.service")
 
 
@@ -78,7 +80,7 @@ class SeriesCollector:
     """Receives images (``store``), and calls ``complete(folder, who)`` for each series once it has settled;
     drops a series still arriving ``timeout_s`` after its first image."""
 
-    def __init__(self, root: str, settle_s: float, complete, timeout_s: float = 3600.0):
+    def __init__(self, root: str, settle_s: float, complete, timeout_s: float = ServiceConfig.series_timeout):
         self.root, self.settle_s, self.complete, self.timeout_s = root, settle_s, complete, timeout_s
         os.makedirs(root, exist_ok=True)
         self._last: dict = {name: time.monotonic() for name in os.listdir(root)}  # left by a previous run
@@ -178,7 +180,7 @@ def start_scp(ae_title: str, host: str, port: int, collector: SeriesCollector, a
         raise SamfError(f"DICOM port {host}:{port}: {e.strerror or e}") from None
 
 
-def send(datasets: list, destination: str, calling_ae: str = "SAMF",
+def send(datasets: list, destination: str, calling_ae: str = ServiceConfig.ae_title,
          ssl_context: ssl.SSLContext | None = None) -> None:
     """C-STORE ``datasets`` to ``AE@HOST:PORT`` (over TLS with ``ssl_context``); :class:`SamfError` with one
     line when any is not stored."""
@@ -214,7 +216,8 @@ class DicomReply:
     (SIGTERM) ends the waiting at once, with the same outcome."""
 
     def __init__(self, pipeline, destination: str | None, out_dir: str | None, calling_ae: str,
-                 results_dir: str | None = None, retries: int = 4, retry_wait: float = 2.0,
+                 results_dir: str | None = None, retries: int = ServiceConfig.dicom_retries,
+                 retry_wait: float = ServiceConfig.dicom_retry_wait,
                  ssl_context: ssl.SSLContext | None = None):
         self.pipeline, self.destination, self.out_dir, self.calling_ae = pipeline, destination, out_dir, calling_ae
         self.results_dir, self.retries, self.retry_wait, self.ssl_context = results_dir, retries, retry_wait, \

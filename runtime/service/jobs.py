@@ -355,8 +355,8 @@ class JobRunner(threading.Thread):
 
     def _reports(self, jobs: list) -> None:
         groups: dict = {}
-        for job in jobs:  # report_many takes one request and length: group the jobs that share them
-            groups.setdefault((job.params.get("request"), job.params.get("max_tokens", 256)), []).append(job)
+        for job in jobs:  # report_many takes one request and length (None: the pipeline's): group the jobs sharing them
+            groups.setdefault((job.params.get("request"), job.params.get("max_tokens")), []).append(job)
         for (request, max_tokens), group in groups.items():
             def on_text(key, text):
                 self.stream(key.job_id).update(text)
@@ -418,7 +418,7 @@ class JobRunner(threading.Thread):
         self._begin(job.id, "vqa", params)
         try:
             letter, res = self.pipeline.answer(job.scan, params["question"], params["choices"],
-                                               params.get("max_tokens", 32))
+                                               params.get("max_tokens"))  # None: the pipeline's answer_tokens
         except Exception as e:  # noqa: BLE001 - a bad scan fails its own job only
             self._done(job.id, None, one_line(e), job.scan, "vqa", params)
             return

@@ -11,12 +11,27 @@ import csv
 import os
 import platform
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from samf.runtime.inference.pipeline import ReportPipeline
+from samf.runtime.inference.pipeline import PipelineConfig, ReportPipeline
 from samf.runtime.scan.ct import Volume
 from samf.runtime.scan.preprocess import PreprocessConfig, preprocess
+
+from ..options import option
+
+
+@dataclass
+class BenchConfig:
+    """What ``samf bench`` measures, beyond the pipeline's own knobs (:class:`PipelineConfig`); a field made with
+    :func:`~samf.runtime.options.option` is also its option."""
+
+    scans: int = option(24, "held-out scans measured (the first of --data's test.csv, or synthetic phantoms)",
+                        min=1)
+    new_tokens: int | None = option(None, "decode exactly this many tokens per report, end token or not "
+                                          "(random-weight bundles)", type=int, min=1)
+    phantom_seed: int = 7  # the synthetic phantoms' seed, without --data
 
 
 def bench_preprocess(cfg: PreprocessConfig, repeats: int = 5) -> dict:
@@ -46,13 +61,14 @@ def rss_mb() -> dict:
 
 
 def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int | None,
-                new_tokens: int | None = None, trusted_keys=(), encoders: str = "auto",
-                backend: str = "onnxruntime", gpu_layers: int = 0) -> dict:
+                new_tokens: int | None = None, trusted_keys=(), encoders: str = PipelineConfig.encoders,
+                backend: str = PipelineConfig.backend, gpu_layers: int = PipelineConfig.n_gpu_layers) -> dict:
     """One GGUF type with one encoder precision on ``scans``: a warm-up report, then one each. With
     ``new_tokens`` every report decodes exactly that many tokens (the model's end token is not honoured; random
-    weights never say it) and the reference reports' loss is not measured."""
+    weights never say it) and the reference reports' loss is not measured. One report at a time: one sequence."""
     with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys, encoders=encoders,
-                        backend=backend, n_gpu_layers=gpu_layers, max_new_tokens=max(new_tokens or 0, 512)) as pipe:
+                        backend=backend, n_gpu_layers=gpu_layers, parallel=1,
+                        max_new_tokens=max(new_tokens or 0, PipelineConfig.max_new_tokens)) as pipe:
         mem_loaded = rss_mb()
         kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
         pipe.report(scans[0], **kw)  # warm-up
@@ -75,8 +91,8 @@ def bench_quant(bundle: str, scans: list, refs: list, quant: str, threads: int |
 
 
 def bench_concurrency(bundle: str, scans: list, quant: str | None, threads: int | None, levels=(1, 2, 4, 8),
-                      new_tokens: int | None = None, trusted_keys=(), encoders: str = "auto",
-                      backend: str = "onnxruntime", gpu_layers: int = 0) -> list:
+                      new_tokens: int | None = None, trusted_keys=(), encoders: str = PipelineConfig.encoders,
+                      backend: str = PipelineConfig.backend, gpu_layers: int = PipelineConfig.n_gpu_layers) -> list:
     """``report_many`` over ``scans`` with K reports decoded together, for each K in ``levels``, each after a
     warm-up of K reports: scans per hour, per-scan latency (submitted to finished), decode tok/s (tokens of
     the batched decode steps over their time), and whether each report equals K = 1's."""
@@ -84,7 +100,7 @@ def bench_concurrency(bundle: str, scans: list, quant: str | None, threads: int 
     for k in levels:
         with ReportPipeline(bundle, quant=quant, n_threads=threads, trusted_keys=trusted_keys, encoders=encoders,
                             backend=backend, n_gpu_layers=gpu_layers, parallel=k, repack=True,
-                            max_new_tokens=max(new_tokens or 0, 512)) as pipe:
+                            max_new_tokens=max(new_tokens or 0, PipelineConfig.max_new_tokens)) as pipe:
             kw = dict(max_new_tokens=new_tokens, stop_at_end=False) if new_tokens else {}
             list(pipe.report_many(scans[:k], **kw))  # warm-up
             pipe.llm.step_stats.update(seconds=0.0, tokens=0)
@@ -118,9 +134,10 @@ def format_concurrency(rows: list) -> str:
     return "\n".join(lines)
 
 
-def run_bench(bundle: str, data: str, n_scans: int = 24, threads: int | None = None, quants=None,
-              new_tokens: int | None = None, trusted_keys=(), encoders=("auto",), backend: str = "onnxruntime",
-              concurrency=(), gpu_layers: int = 0) -> dict:
+def run_bench(bundle: str, data: str, n_scans: int = BenchConfig.scans, threads: int | None = PipelineConfig.n_threads,
+              quants=None, new_tokens: int | None = BenchConfig.new_tokens, trusted_keys=(),
+              encoders=(PipelineConfig.encoders,), backend: str = PipelineConfig.backend, concurrency=(),
+              gpu_layers: int = PipelineConfig.n_gpu_layers) -> dict:
     """Benchmark ``bundle`` on the first ``n_scans`` of ``data``/test.csv, each GGUF type with each encoder
     precision; returns the results as a dict."""
     from ..bundle.bundle import read_bundle

@@ -13,6 +13,8 @@ import os
 import shutil
 import socket
 
+from ..service.config import ServiceConfig, default_service_dir
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 
@@ -154,10 +156,13 @@ def _echo(checks: list, dest: str, calling_ae: str) -> None:
         checks.append(("dicom-dest", FAIL, f"{ae_title} at {host}:{port} did not answer C-ECHO with success"))
 
 
-def run_checks(bundle: str | None = None, trusted_keys=(), dicom_dest: str | None = None, host: str = "127.0.0.1",
-               port: int | None = 8080, dicom_port: int | None = None, work: str = ".",
-               calling_ae: str = "SAMF") -> list:
-    """Every check, in order: ``[(name, status, detail)]``."""
+def run_checks(bundle: str | None = None, trusted_keys=(), dicom_dest: str | None = None,
+               host: str = ServiceConfig.host, port: int | None = ServiceConfig.port,
+               dicom_port: int | None = ServiceConfig.dicom_port, work: str | None = None,
+               calling_ae: str = ServiceConfig.ae_title) -> list:
+    """Every check, in order: ``[(name, status, detail)]``; ``work`` (default: the service's) is where the
+    service will keep its jobs, the others what ``samf serve`` will be given (default: its defaults)."""
+    work = work or default_service_dir()
     checks: list = []
     _cpu(checks)
     _accelerators(checks)
