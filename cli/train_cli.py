@@ -15,11 +15,11 @@ import os
 
 import click
 
-from samf.train.ablation import GRID, AblationConfig
-from samf.train.configs import DinoConfig, FinetuneConfig, LMConfig, WarmupConfig
+from samf.train.ablation import AblationConfig
+from samf.train.configs import DinoConfig, FinetuneConfig, LMConfig, ProbeConfig, TokenizerConfig, WarmupConfig
 from samf.train.run_files import DINO_FILE, MERGED_DIR, PROBE_FILE, TOKENIZER_MODEL, eval_file
 
-from .common import SamfGroup, config_options, torch_threads
+from .common import SamfGroup, config_from, config_options, torch_threads
 
 data_opt = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
                         help="dataset folder: SAMF CSV / phantoms (train.csv), CT-RATE (radiology_text_reports/) "
@@ -186,13 +186,14 @@ def init(run_dir, preset, llm_path):
 @main.command("tokenizer")
 @data_opt
 @run_opt
-@click.option("--vocab-size", default=1000, show_default=True)
-def tokenizer(data_dir, run_dir, vocab_size):
+@config_options(TokenizerConfig)
+def tokenizer(data_dir, run_dir, **given):
     """Train the SentencePiece tokenizer of the tiny Phi-3 on the report corpus."""
     from samf.train.data import text_corpus
     from samf.train.stages import stage_tokenizer
 
-    sp = stage_tokenizer(run_dir, text_corpus(_train_examples(run_dir, data_dir, progress=False)), vocab_size)
+    cfg = config_from(TokenizerConfig, given)
+    sp = stage_tokenizer(run_dir, text_corpus(_train_examples(run_dir, data_dir, progress=False)), cfg.vocab_size)
     click.echo(f"tokenizer: {sp.vocab_size()} pieces -> {os.path.join(run_dir, TOKENIZER_MODEL)}")
 
 
@@ -287,22 +288,18 @@ def evaluate(data_dir, run_dir, split, limit, bertscore_model, threads, quiet):
 @main.command("probe")
 @data_opt
 @run_opt
-@click.option("--train-limit", type=click.IntRange(min=10), default=400, show_default=True,
-              help="training scans the probes are fitted on")
-@click.option("--test-limit", type=click.IntRange(min=2), default=200, show_default=True,
-              help="held-out scans they are scored on")
+@config_options(ProbeConfig)
 @click.option("--split", default="test", show_default=True, help="the held-out split")
-@click.option("--no-reports", is_flag=True, help="probe the image path only; skip generating the reports")
 @threads_opt
 @quiet_opt
-def probe(data_dir, run_dir, train_limit, test_limit, split, no_reports, threads, quiet):
+def probe(data_dir, run_dir, split, threads, quiet, **given):
     """Linear probes per stage (slices, ViT, pooled, aggregator, fused rows) and the reports with real, zeroed
     and swapped image rows: held-out accuracy per finding, to see where a model loses the image. RUN/probe.json."""
     from samf.runtime.atomic import atomic_file
-    from samf.train.probe import ProbeConfig, format_probes, load_probe_model, run_probes
+    from samf.train.probe import format_probes, load_probe_model, run_probes
 
     torch_threads(threads)
-    cfg = ProbeConfig(train_limit=train_limit, test_limit=test_limit, reports=not no_reports)
+    cfg = config_from(ProbeConfig, given)
     model = load_probe_model(run_dir)  # a run without a model is refused before any scan is read
     train = _train_examples(run_dir, data_dir, "train", progress=not quiet)
     test = _train_examples(run_dir, data_dir, split, progress=not quiet)
@@ -316,27 +313,16 @@ def probe(data_dir, run_dir, train_limit, test_limit, split, no_reports, threads
 
 @main.command("ablate")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
-              help="phantom dataset (default: generate one under OUT/data)")
-@click.option("--finetune-steps", type=click.IntRange(min=1), default=AblationConfig.finetune_steps,
-              show_default=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=len(AblationConfig.seeds), show_default=True,
-              help="fine-tune seeds per row (0, 1, ...)")
-@click.option("--test", "n_test", type=click.IntRange(min=2), default=AblationConfig.n_test, show_default=True,
-              help="held-out phantoms")
-@click.option("--row", "cells", multiple=True, type=click.Choice([name for name, _ in GRID]),
-              help="run only this row (repeatable; default: every row)")
+@config_options(AblationConfig, only=("data_dir", "finetune_steps", "seeds", "n_test", "cells"))
 @threads_opt
 @quiet_opt
-def ablate(out_dir, data_dir, finetune_steps, seeds, n_test, cells, threads, quiet):
+def ablate(out_dir, threads, quiet, **given):
     """The paper's comparison on phantoms: 2D only, 3D only, concatenation, SAMF, SAMF+Ao2D, each with and without
     the auxiliary finding loss, over several seeds, with bootstrap intervals: a Markdown table."""
     from samf.train.ablation import run_ablation
 
     torch_threads(threads)
-    out = run_ablation(AblationConfig(out_dir=out_dir, data_dir=data_dir, finetune_steps=finetune_steps,
-                                      seeds=tuple(range(seeds)), n_test=n_test, cells=tuple(cells),
-                                      progress=not quiet), echo=click.echo)
+    out = run_ablation(config_from(AblationConfig, given, out_dir=out_dir, progress=not quiet), echo=click.echo)
     click.echo("\n" + out["table"])
     click.echo(f"\n{os.path.join(out_dir, 'ablation.md')} ({out['wall_s'] / 60:.1f} min)")
 

@@ -14,12 +14,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from samf.runtime.atomic import atomic_file
+from samf.runtime.options import option
 
+from .recipe import RecipeSteps
 from .run_files import DINO_FILE, LM_BASE_DIR, RUN_FILE, TOKENIZER_DIR, TOKENIZER_MODEL, WARMUP_FILE
 
 #: (row name, fine-tune switches): the fusion (train/models.py FUSION_MODES) and the auxiliary loss.
@@ -34,18 +36,25 @@ SCORED = ("effusion", "cardiomegaly", "emphysema", "nodule")
 
 @dataclass
 class AblationConfig:
-    out_dir: str = "samf-ablation"
-    data_dir: str | None = None       # phantoms; written to OUT/data when not given
+    """What ``samf-train ablate`` runs; a field made with :func:`~samf.runtime.options.option` is also its option,
+    so its default is written here only. The shared stages run as long as the recipe runs them
+    (:class:`~samf.train.recipe.RecipeSteps`); the fine-tunes are a knob of their own, ``finetune_steps``,
+    shorter than the recipe's (4000 for the demo): ten rows times three seeds of them."""
+
+    out_dir: str                      # required: the command's --out
+    data_dir: str | None = option(None, "phantom dataset (default: generate one under OUT/data)", name="--data",
+                                    path="dir")
     n_train: int = 2000               # the demo's training set
-    n_test: int = 200                 # held-out phantoms, from test_seed
+    n_test: int = option(200, "held-out phantoms", name="--test", min=2)  # from test_seed
     test_seed: int = 77               # a seed no training or test of ours uses for its phantoms
-    dino_steps: int = 150
-    lm_steps: int = 300
-    finetune_steps: int = 1000
-    seeds: tuple = (0, 1, 2)
+    dino_steps: int = RecipeSteps.dino
+    lm_steps: int = RecipeSteps.lm
+    finetune_steps: int = option(1000, "fine-tuning steps of each row and seed", min=1)
+    seeds: tuple = option((0, 1, 2), "fine-tune seeds per row (0, 1, ...)", count=True, min=1)
     bootstrap: int = 1000
     progress: bool = True
-    cells: tuple = field(default_factory=tuple)  # row names to run (default: every row)
+    cells: tuple = option((), "run only this row (repeatable; default: every row)", name="--row", multiple=True,
+                          choices=tuple(name for name, _ in GRID))
 
 
 #: What a cell's run folder takes from the base run's shared stages.
@@ -105,7 +114,7 @@ def run_ablation(cfg: AblationConfig, echo=print) -> dict:
     from . import run_folder as R
     from .datasets import load_dataset
     from .evaluate import majority_accuracy
-    from .recipe import RecipeSteps, run_recipe, start_run
+    from .recipe import run_recipe, start_run
     from .vlm import generate_reports
 
     t0 = time.time()

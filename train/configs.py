@@ -1,15 +1,16 @@
 """The stages' configurations: plain dataclasses, no torch.
 
-A field made with :func:`option` is also the stage's command-line option (``samf-train <stage> --help``; see
-:func:`samf.cli.common.config_options`), so each default is written once, here. The run preset's
+A field made with :func:`~samf.runtime.options.option` is also the stage's command-line option (``samf-train <stage>
+--help``; see :func:`samf.cli.common.config_options`), so each default is written once, here. The run preset's
 ``stage_defaults`` (the paper preset's batch sizes) come between these defaults and the command line. What a
 stage ran with is written to RUN/config/<stage>.json.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+
+from samf.runtime.options import option
 
 #: What fine-tuning trains on: reports and multiple-choice questions together, or one of them.
 TASKS = ("both", "report", "mcq")
@@ -17,10 +18,11 @@ TASKS = ("both", "report", "mcq")
 FUSION_MODES = ("samf", "2d", "3d", "concat")
 
 
-def option(default, help: str, **cli):
-    """A field that is also a command-line option: its default, its help, and how the option is spelled
-    (``flag="--a/--b"``, ``choices=(...)``, ``min=``/``max=``)."""
-    return dataclasses.field(default=default, metadata={"help": help, **cli})
+@dataclass
+class TokenizerConfig:
+    """The tiny LLM's SentencePiece tokenizer (:func:`samf.train.stages.stage_tokenizer`)."""
+
+    vocab_size: int = option(1000, "pieces in the SentencePiece vocabulary")
 
 
 @dataclass
@@ -119,3 +121,15 @@ class FinetuneConfig:
                                          "(samf-train embed) instead of running the ViT, when the cache has them",
                                    flag="--embedding-cache/--no-embedding-cache")
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProbeConfig:
+    """What ``samf-train probe`` reads and fits (:func:`samf.train.probe.run_probes`)."""
+
+    train_limit: int = option(400, "training scans the probes are fitted on", min=10)
+    test_limit: int = option(200, "held-out scans they are scored on (and the reports generated for)", min=2)
+    reports: bool = option(True, "also generate and score the LLM's reports with real, zeroed and swapped image rows "
+                                 "(the slowest part); --no-reports probes the image path only",
+                           flag="--reports/--no-reports")
+    seed: int = 0

@@ -18,13 +18,13 @@ other dataset with labels (CT-RATE's 18) on each label it carries.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from samf.runtime.inference.prompt import REPORT_REQUESTS
 
+from .configs import ProbeConfig
 from .data import DataError
 from .run_files import FINETUNE_DIR, MERGED_DIR, MODULES_FILE, RUN_FILE
 
@@ -32,16 +32,6 @@ FEATURE_STAGES = ("slices", "vit", "vit_mean", "aggregator", "fusion")
 REPORT_ROWS = ("report", "report, zeroed image", "report, swapped image")
 PHANTOM_TARGETS = ("effusion", "cardiomegaly", "emphysema", "nodule")
 SMALL_SIDE = 12
-
-
-@dataclass
-class ProbeConfig:
-    """What ``samf-train probe`` reads and fits."""
-
-    train_limit: int = 400     # scans of the training split the probes are fitted on
-    test_limit: int = 200      # held-out scans they are scored on (and the reports generated for)
-    reports: bool = True       # also generate and score the LLM's reports (the slowest part)
-    seed: int = 0
 
 
 def targets_of(examples: list) -> dict:

@@ -11,28 +11,28 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from .configs import DinoConfig, FinetuneConfig, LMConfig, WarmupConfig
+
 #: The stages in the order they run; each reads what the ones before it wrote into the run folder.
 STAGES = ("tokenizer", "pretrain-2d", "pretrain-lm", "warmup-3d", "finetune", "merge")
 
 
 @dataclass
 class RecipeSteps:
-    """How long each trained stage runs (``warmup`` 0: no InfoNCE warm-up), and the seed of all of them."""
+    """How long each trained stage runs when the recipe runs them all (the demo, and the ablation's shared stages),
+    and the seed of all of them. These are the recipe's own knobs, not the stages' defaults when each is run alone
+    (``samf-train <stage> --steps``, :mod:`samf.train.configs`); where the two agree the recipe reads the stage's.
+    The ablation's fine-tunes are a knob of their own, shorter (``AblationConfig.finetune_steps``)."""
 
     dino: int = 150
-    lm: int = 300
-    warmup: int = 0
+    lm: int = LMConfig.steps
+    warmup: int = 0  # 0: no InfoNCE warm-up
     finetune: int = 4000  # the demo's 2000 phantoms drawn 32 times each (batch 16): at 1500 steps effusion 0.86 and
     #                       83% distinct reports, at 4000 0.93 and 97% (benchmarks/learning.md); 2.9 more minutes
     seed: int = 0
 
 
 def stage_configs(steps: RecipeSteps) -> dict:
-    from .dino import DinoConfig
-    from .finetune import FinetuneConfig
-    from .stages import LMConfig
-    from .warmup import WarmupConfig
-
     return {"pretrain-2d": DinoConfig(steps=steps.dino, seed=steps.seed),
             "pretrain-lm": LMConfig(steps=steps.lm, seed=steps.seed),
             "warmup-3d": WarmupConfig(steps=steps.warmup, seed=steps.seed),

@@ -20,7 +20,7 @@ from samf.runtime.atomic import atomic_dir, atomic_file
 from samf.runtime.inference.prompt import REPORT_REQUESTS
 from samf.runtime.progress import progress_bar
 
-from .configs import LMConfig
+from .configs import LMConfig, TokenizerConfig
 from .distributed import owns_process_group
 from .llm_folder import LLMTokenizer, save_sentencepiece_folder
 from .run_files import DINO_FILE, LM_BASE_DIR, TOKENIZER_DIR, TOKENIZER_MODEL, WARMUP_FILE
@@ -36,7 +36,7 @@ from .vlm import ImageConfig, TinyLLMConfig, build_phi3, load_phi3, mcq_sample, 
 
 # ------------------------------------------------------------------------------------- tokenizer
 
-def stage_tokenizer(run_dir: str, texts: list, vocab_size: int = 1000):
+def stage_tokenizer(run_dir: str, texts: list, vocab_size: int = TokenizerConfig.vocab_size):
     """The tiny LLM's SentencePiece tokenizer, as RUN/tokenizer.model and as a Hugging Face tokenizer folder
     (RUN/tokenizer/) that pretrain-lm puts beside the LM base's config, the way the hub ships Phi-3."""
     sp = train_tokenizer(texts, os.path.join(run_dir, TOKENIZER_MODEL), vocab_size)
