@@ -72,7 +72,7 @@ def calibrate_on_phantoms(vlm, preprocess_cfg: dict, seed: int) -> None:
 
 def write_synthetic_bundle(out_dir: str, preset: str = "paper", layers: int | None = None,
                            quants=("Q4_K_M",), base: str = "F16", checkpoint: str | None = None, seed: int = 0,
-                           precisions=("fp16", "int8", "bf16"), log=print) -> dict:
+                           precisions=("fp16", "int8"), log=print) -> dict:
     """Random weights of ``preset``'s shapes -> a bundle at ``out_dir``; returns its manifest.
 
     The checkpoint goes to ``checkpoint`` when given (kept: the PyTorch pipeline runs from it), else to a

@@ -1,5 +1,6 @@
 """Encoder precision variants: made at export, checked against fp32, kept only within tolerance, chosen at run time."""
 
+import importlib.util
 import json
 import os
 
@@ -42,7 +43,7 @@ def test_every_variant_is_kept_within_its_tolerance_or_left_out(quick):
 
     m = manifest_of(quick.bundle)
     rejected = m["fidelity"].get("encoders_rejected", {})
-    assert set(m["encoders"]) | set(rejected) == {"fp32", "fp16", "int8", "bf16"}  # OpenVINO is installed in CI
+    assert set(m["encoders"]) | set(rejected) == {"fp32", "fp16", "int8"}  # bf16 only when asked
     assert not set(m["encoders"]) & set(rejected)
     for precision, entry in m["encoders"].items():
         assert entry["files"] == variant_files(precision)
@@ -260,22 +261,37 @@ def test_a_plan_whose_attention_swaps_slices_is_not_kept(quick, tmp_path, monkey
     assert not plan.exists()
 
 
+#: OpenVINO runs in child processes only: a test process that has run torch and then OpenVINO was seen to crash
+#: (SIGSEGV) at a later subprocess spawn, so nothing here loads OpenVINO into the pytest process.
+BF16_EXPORT = """
+import json, sys
+from samf.export.bundle_writer import write_bundle
+from samf.export.encoder_variants import Tolerance, VariantCheck
+lax = Tolerance(slice_cos_mean=-1.0, slice_cos_min=-1.0, report_agreement=0.0)
+lines = []
+write_bundle(sys.argv[1], sys.argv[2], quants=(), keep_unquantized="F32", log=lines.append,
+             check=VariantCheck(precisions=("int8", "bf16"), scans=3, report_tokens=16,
+                                tolerances=dict(int8=lax, bf16=lax)))
+print(json.dumps(lines))
+"""
+
+
 @pytest.fixture(scope="module")
 def bf16_bundle(quick, tmp_path_factory):
-    """The quick model exported with bf16 (OpenVINO) forced in and int8 beside it."""
-    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (samf[openvino]); CI installs it")
-    from samf.export.bundle_writer import write_bundle
+    """The quick model exported with bf16 (OpenVINO) forced in and int8 beside it (in a child process)."""
+    if importlib.util.find_spec("openvino") is None:  # found, not imported (BF16_EXPORT says why)
+        pytest.skip("OpenVINO is an optional extra (samf[openvino]); CI installs it")
+    import subprocess
+    import sys
 
     out = str(tmp_path_factory.mktemp("bf16") / "bundle")
-    lines = []
-    write_bundle(quick.merged, out, quants=(), keep_unquantized="F32", log=lines.append,
-                 check=VariantCheck(precisions=("int8", "bf16"), scans=3, report_tokens=16,
-                                    tolerances=dict(int8=LAX_INT8, bf16=LAX_INT8)))
-    return out, lines
+    proc = subprocess.run([sys.executable, "-c", BF16_EXPORT, quick.merged, out], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_bf16_is_the_fp32_files_on_openvino_and_auto_prefers_it(bf16_bundle, good_scan, monkeypatch):  # noqa: F811
-    from samf.engines.openvino_engine import OvModule
     from samf.runtime.bundle.bundle import read_bundle
     from samf.runtime.inference import pipeline as P
 
@@ -285,11 +301,12 @@ def test_bf16_is_the_fp32_files_on_openvino_and_auto_prefers_it(bf16_bundle, goo
     assert entry["files"] == m["encoders"]["fp32"]["files"] and entry["backend"] == "openvino"
     assert 0.99 < entry["figures"]["slice_cos_mean"] <= 1.0 and "same_reports" in entry["figures"]
     assert any(ln.startswith("export: bf16 encoders: slice cosine mean") for ln in lines)
-    proc = run_cli("samf", "report", good_scan, "--bundle", bundle, "--max-tokens", "4", "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["encoders"] == "bf16"  # auto, on a CPU, OpenVINO installed
-    with P.ReportPipeline(bundle, quant="F32", encoders="bf16", max_new_tokens=4) as pipe:
-        assert isinstance(pipe.vit, OvModule) and pipe.precision == "bf16"
+    for args, precision in (((), "bf16"), (("--encoders", "bf16"), "bf16"), (("--encoders", "int8"), "int8")):
+        proc = run_cli("samf", "report", good_scan, "--bundle", bundle, "--max-tokens", "4", "--json", *args)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["encoders"] == precision, args  # auto, on a CPU with OpenVINO installed: bf16
+        assert out["identity"]["encoders"] == ("OpenVINO bf16" if precision == "bf16" else "CPUExecutionProvider")
 
     # Without OpenVINO: auto passes over bf16 to int8, and asking for bf16 is one line naming the extra.
     b = read_bundle(bundle)
