@@ -239,8 +239,8 @@ def report_agreement(bundle: str, data: str, work: str) -> list:
     return rows
 
 
-def variants(work: str, base: str, calib: np.ndarray) -> dict:
-    """name -> (path, how long making it took)."""
+def variants(work: str, base: str, calib: np.ndarray, fp32_only: bool = False) -> dict:
+    """name -> (path, how long making it took); ``fp32_only``: ONNX Runtime's optimized fp32 graph alone."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -267,6 +267,8 @@ def variants(work: str, base: str, calib: np.ndarray) -> dict:
         optimize_model(base, model_type="vit", num_heads=12, hidden_size=768, opt_level=2).save_model_to_file(p)
 
     timed("fp32-transformer-optimizer", transformer_optimizer)
+    if fp32_only:
+        return made
     timed("int8-dynamic", lambda p: int8_dynamic(base, p, weighted))
     # The most sensitive blocks (quantized one at a time, blocks 0-4 cost most) kept in fp32.
     late = [n for n in weighted if not re.search(r"blocks\.[0-4]/", n) and "patch_embed" not in n]
@@ -301,6 +303,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bundle", help="a trained bundle: measure report agreement instead (with --data)")
     ap.add_argument("--data", help="its dataset folder (test.csv)")
+    ap.add_argument("--only-fp32-engines", action="store_true",
+                    help="only ONNX Runtime fp32 (plain and optimized) and OpenVINO fp32/bf16: no int8/fp16 graphs")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     if args.bundle:
@@ -325,7 +329,8 @@ def main() -> None:
         rows.append(dict(variant=f"OpenVINO {precision}", ms=ms, speedup=fp32_ms / ms,
                          **parity(ref, m.outputs(base, openvino=precision))))
         print(json.dumps(rows[-1]), flush=True)
-    for name, (path, made_s) in variants(args.work, base, np.load(os.path.join(args.work, "calib.npy"))).items():
+    made = variants(args.work, base, np.load(os.path.join(args.work, "calib.npy")), args.only_fp32_engines)
+    for name, (path, made_s) in made.items():
         ms = m.ms(path)
         rows.append(dict(variant=f"ORT {name}", ms=ms, speedup=fp32_ms / ms, made_s=made_s,
                          **parity(ref, m.outputs(path))))
