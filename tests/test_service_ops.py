@@ -65,7 +65,7 @@ def test_sigterm_mid_batch_then_restart_every_job_done_once_no_sr_twice(quick, s
         series.append(write_series(folder, phantom.volume, phantom.spacing, patient=PATIENT))
     pacs, dport = Pacs(), free_port()
     args = ("--parallel", "1", "--dicom-port", str(dport), "--dicom-dest", f"PACS@127.0.0.1:{pacs.port}",
-            "--series-settle", "0.5")
+            "--series-settle", "2")
     server = Server(quick.bundle, work, *args).wait_ready()
     assert httpx.get(server.url + "/readyz", timeout=10).json() == {"status": "ready"}
     for i in range(3):
@@ -120,7 +120,7 @@ def test_audit_trail_names_who_and_holds_no_identifiers_tokens_rotate_live(quick
     tokens.write_text("# name token\nalice alice-secret-1\nbob   bob-secret-22\n")
     pacs, dport = Pacs(), free_port()
     server = Server(quick.bundle, work, "--token-file", str(tokens), "--dicom-port", str(dport), "--dicom-dest",
-                    f"PACS@127.0.0.1:{pacs.port}", "--series-settle", "0.5")
+                    f"PACS@127.0.0.1:{pacs.port}", "--series-settle", "2")
     server.wait_ready()
     try:
         server.token = "alice-secret-1"
