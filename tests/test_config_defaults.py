@@ -181,7 +181,7 @@ def test_run_folder_names_are_written_only_in_run_files():
     found = {}
     for folder in FOLDERS:
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if path in (ROOT / "train" / "run_files.py", pathlib.Path(__file__)):
+            if path.resolve() in ((ROOT / "train" / "run_files.py").resolve(), pathlib.Path(__file__).resolve()):
                 continue
             if hits := _written_again(path):
                 found[str(path.relative_to(ROOT))] = hits

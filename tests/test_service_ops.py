@@ -107,6 +107,7 @@ def test_sigterm_mid_batch_then_restart_every_job_done_once_no_sr_twice(quick, s
         assert set(per_job) == set(http_ids) | set(dicom_ids) and set(per_job.values()) == {1}
         assert collections.Counter(r["job"] for r in trail if r["event"] == "delivered") == dict.fromkeys(dicom_ids, 1)
         assert os.listdir(os.path.join(work, "inputs")) == []
+        assert os.listdir(os.path.join(work, "dicom-in")) == []  # the series and their senders' names, all taken
     finally:
         again.stop()
 

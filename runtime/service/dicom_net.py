@@ -83,9 +83,10 @@ class SeriesCollector:
     def __init__(self, root: str, settle_s: float, complete, timeout_s: float = ServiceConfig.series_timeout):
         self.root, self.settle_s, self.complete, self.timeout_s = root, settle_s, complete, timeout_s
         os.makedirs(root, exist_ok=True)
-        self._last: dict = {name: time.monotonic() for name in os.listdir(root)}  # left by a previous run
+        left = [n for n in os.listdir(root) if not n.startswith(".")]  # series left by a previous run
+        self._last: dict = {name: time.monotonic() for name in left}
         self._first: dict = dict(self._last)
-        self._who: dict = {}
+        self._who: dict = {name: self._read_sender(name) for name in left}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="samf-dicom-series", daemon=True)
@@ -96,6 +97,24 @@ class SeriesCollector:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def _sender_file(self, key: str) -> str:
+        """Where a series' sender is kept beside it, so a series received before a restart is still audited under
+        its sender's name after it (``.<key>.sender``: not a series folder, not inside one)."""
+        return os.path.join(self.root, f".{key}.sender")
+
+    def _read_sender(self, key: str) -> str | None:
+        try:
+            with open(self._sender_file(key)) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    def _forget(self, key: str) -> None:
+        try:
+            os.remove(self._sender_file(key))
+        except OSError:
+            pass
 
     def store(self, ds, who: str | None = None) -> None:
         """Keep one received image under its series' folder (file name: a hash of its SOP Instance UID)."""
@@ -111,6 +130,9 @@ class SeriesCollector:
             self._last[key] = now
             self._first.setdefault(key, now)
             if who:
+                if self._who.get(key) != who:
+                    with open(self._sender_file(key), "w") as f:
+                        f.write(who)
                 self._who[key] = who
 
     def _watch(self) -> None:
@@ -129,11 +151,14 @@ class SeriesCollector:
                     shutil.rmtree(folder, ignore_errors=True)
                     log.warning("a received series (%d images, from %s) was still arriving after %.0f s: dropped, "
                                 "its files removed", n, who[k] or "an unknown sender", self.timeout_s)
+            for k in stale:
+                self._forget(k)
             for k in ready:
                 try:
                     self.complete(os.path.join(self.root, k), who[k])
                 except Exception as e:  # noqa: BLE001 - one series must not stop the watcher
                     log.warning("a received series could not be queued: %s", type(e).__name__)
+                self._forget(k)
 
 
 def start_scp(ae_title: str, host: str, port: int, collector: SeriesCollector, allowed: tuple = (),
