@@ -173,21 +173,25 @@ def kind_of_upload(head: bytes) -> str:
     raise UploadError("the upload is neither a NIfTI file (.nii, .nii.gz) nor a zip of a DICOM series")
 
 
+def copy_at_most(src, dst, max_bytes: int, too_much: Exception, done: int = 0) -> int:
+    """Copy ``src`` to ``dst`` a MB at a time; ``too_much`` is raised once ``done`` plus what was copied passes
+    ``max_bytes`` (the declared size of an upload or a zip member is not trusted). The new total."""
+    while block := src.read(1 << 20):
+        done += len(block)
+        if done > max_bytes:
+            raise too_much
+        dst.write(block)
+    return done
+
+
 def save_upload(folder: str, upload, max_bytes: int) -> str:
     """An uploaded scan (``upload``: a binary file object) copied into a job's input ``folder``: a NIfTI file
     (``scan.nii`` or ``scan.nii.gz``), or a zip of a DICOM series unpacked into ``series/``; its path.
     :class:`UploadTooLarge` past ``max_bytes`` (the zip unpacked: four times that), :class:`UploadError` for
     anything else it cannot take. What was written stays in ``folder`` for the caller to remove."""
-    raw, size = os.path.join(folder, "upload"), 0
+    raw = os.path.join(folder, "upload")
     with open(raw, "wb") as out:
-        while True:
-            block = upload.read(1 << 20)
-            if not block:
-                break
-            size += len(block)
-            if size > max_bytes:
-                raise UploadTooLarge(f"upload larger than the {max_bytes >> 20} MB accepted")
-            out.write(block)
+        copy_at_most(upload, out, max_bytes, UploadTooLarge(f"upload larger than the {max_bytes >> 20} MB accepted"))
     with open(raw, "rb") as f:
         kind = kind_of_upload(f.read(512))
     if kind == "zip":
@@ -212,17 +216,10 @@ def unpack_dicom_zip(zip_path: str, out_dir: str, max_bytes: int) -> str:
                 raise UploadError(f"the zip unpacks to more than the {max_bytes // (1 << 20)} MB accepted")
             os.makedirs(out_dir, exist_ok=True)
             written = 0
+            too_much = UploadError(f"the zip unpacks to more than the {max_bytes // (1 << 20)} MB accepted")
             for i, m in enumerate(members):
                 with zf.open(m) as src, open(os.path.join(out_dir, f"{i:06d}.dcm"), "wb") as dst:
-                    while True:
-                        block = src.read(1 << 20)
-                        if not block:
-                            break
-                        written += len(block)
-                        if written > max_bytes:
-                            raise UploadError(f"the zip unpacks to more than the {max_bytes // (1 << 20)} MB "
-                                              "accepted")
-                        dst.write(block)
+                    written = copy_at_most(src, dst, max_bytes, too_much, written)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError) as e:
         raise UploadError(f"not a readable zip ({type(e).__name__})") from None
     return out_dir
