@@ -321,16 +321,7 @@ class LlamaCppLLM:
     def answer_nll(self, head: list, rows: np.ndarray, tail: list, answer_ids: list, end: int) -> float:
         """Mean negative log-likelihood per token of ``answer_ids`` + ``end`` after ``head rows tail``
         (teacher forcing): how much a quantization costs, measured rather than assumed."""
-        if not tail:
-            raise SamfError("answer_nll needs at least one prompt token after the image rows")
-        pos, steps = self._prefill(head, rows, tail, all_logits=True)
-        # Logits after the last tail token predict answer[0]; after answer[i], answer[i+1] (or the end token).
-        steps = steps[-1:] + self._decode(pos, tokens=list(answer_ids), all_logits=True)
-        logits = np.stack(steps).astype(np.float64)
-        targets = np.asarray(list(answer_ids) + [end])
-        logp = logits - logits.max(1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-        return -float(np.mean(logp[np.arange(len(targets)), targets]))
+        return self.choice_nll(head, rows, tail, [answer_ids], end)[0]
 
     def choice_nll(self, head: list, rows: np.ndarray, tail: list, choices: list, end: int) -> list:
         """Mean negative log-likelihood per token of each of ``choices`` (token id lists) + ``end`` after
@@ -344,6 +335,7 @@ class LlamaCppLLM:
         memory = self._ll.llama_get_memory(self.llm.ctx)
         out = []
         for ids in choices:
+            # Logits after the last tail token predict ids[0]; after ids[i], ids[i+1] (or the end token).
             logits = np.stack(steps[-1:] + self._decode(pos, tokens=list(ids), all_logits=True)).astype(np.float64)
             self._ll.llama_memory_seq_rm(memory, 0, pos, -1)  # the next choice continues the same request
             targets = np.asarray(list(ids) + [end])

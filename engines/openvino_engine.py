@@ -49,14 +49,6 @@ def openvino_version() -> str | None:
         return None
 
 
-def cpu_has_bf16() -> bool:
-    """Whether OpenVINO runs bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere the hint falls back to f32."""
-    try:
-        return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except EngineUnavailable:
-        return False
-
-
 @dataclass(frozen=True)
 class Port:
     """An input or output: its name and shape (ints, or the dimension's name when dynamic), as ORT's NodeArg."""
