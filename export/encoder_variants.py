@@ -299,11 +299,10 @@ class VariantChecker:
         """The modules at ``paths`` on the CPU backend a precision runs on (ONNX Runtime; OpenVINO for bf16)."""
         from samf.engines import load_encoder_module
 
-        threads = self.pipe.config.n_threads or 0
-        if BACKENDS.get(precision) == "openvino":
-            return {m: load_encoder_module("openvino", p, precision=precision, threads=threads)
-                    for m, p in paths.items()}
-        return {m: load_encoder_module("onnxruntime", p, prefer_gpu=False, threads=threads) for m, p in paths.items()}
+        backend = BACKENDS.get(precision, "onnxruntime")
+        kw = dict(precision=precision) if backend == "openvino" else dict(prefer_gpu=False)
+        return {m: load_encoder_module(backend, p, threads=self.pipe.config.n_threads or 0, **kw)
+                for m, p in paths.items()}
 
     def figures(self, paths: dict, precision: str) -> dict:
         """Run the pipeline with the variant's encoders (``{module: path}``) and measure it against fp32."""
@@ -422,7 +421,7 @@ def _candidates(precision: str, checker: VariantChecker, work: str, tol: Toleran
         yield paths, dict(method="ONNX Runtime float16 converter; LayerNorm, Softmax, the standardisation and the "
                                  "fusion's scaled dot products fp32; fp32 inputs and outputs")
     elif precision == "bf16":
-        yield dict(fp32), dict(backend="openvino", method="the fp32 files compiled by OpenVINO with "
+        yield dict(fp32), dict(backend=BACKENDS["bf16"], method="the fp32 files compiled by OpenVINO with "
                                                          "INFERENCE_PRECISION_HINT bf16 (matrix products bf16, "
                                                          "accumulated in fp32)")
     elif precision == "int8":
