@@ -28,6 +28,8 @@ import sys
 import threading
 import time
 
+from samf.train.run_files import MODULES_CONFIG, PREPROCESS_FILE  # no imports: the driver stays small
+
 GB = 1 << 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -120,7 +122,7 @@ def torch_pipeline(ckpt: str, new_tokens: int, out: str) -> None:
     vlm = SamfVLM.from_checkpoint(ckpt)
     tok = LLMTokenizer(ckpt)
     t["model_load"] = time.perf_counter() - t0
-    with open(os.path.join(ckpt, "preprocess.json")) as f:
+    with open(os.path.join(ckpt, PREPROCESS_FILE)) as f:
         pre = PreprocessConfig.from_dict(json.load(f))
     with tempfile.TemporaryDirectory() as tmp:
         generate_phantom_dataset(tmp, 0, 1, seed=7, progress=False)  # samf bench's first phantom
@@ -193,7 +195,7 @@ def main() -> None:
         measured(me + ["--work", a.work, "--out", j, "--step", "bandwidth"])
         res["bandwidth"] = json.load(open(j))
         save()
-    if a.redo or not os.path.exists(os.path.join(ckpt, "samf_config.json")):
+    if a.redo or not os.path.exists(os.path.join(ckpt, MODULES_CONFIG)):
         res["checkpoint"] = measured([sys.executable, "-c", "import sys; from samf.export.synthetic import "
                                       "write_synthetic_checkpoint as w; w(sys.argv[1], 'paper', int(sys.argv[2]))",
                                       ckpt, str(a.layers)], os.path.join(a.work, "checkpoint.log"))

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from samf.train.run_files import DINO_FILE, METRICS_FILE, RUN_FILE
+
 SHAPE = (300, 512, 512)        # CT-RATE's common size: 512×512 in-plane, a few hundred slices
 SPACING = (1.0, 0.7, 0.7)      # mm (z, y, x): CT-RATE's typical ZSpacing and XYSpacing
 
@@ -52,6 +54,8 @@ def volumes(work: str, n: int) -> str:
 
 
 def prepare(root: str, work: str, workers: int) -> dict:
+    from samf.train.scan_cache import CACHE_FILE
+
     out = os.path.join(work, f"cache-{workers}w")
     if os.path.exists(out):
         import shutil
@@ -59,7 +63,7 @@ def prepare(root: str, work: str, workers: int) -> dict:
         shutil.rmtree(out)
     took = train_cli("prepare", "--data", root, "--out", out, "--preset", "paper", "--workers", str(workers),
                      "--quiet")
-    with open(os.path.join(out, "samf-cache.json")) as f:
+    with open(os.path.join(out, CACHE_FILE)) as f:
         record = json.load(f)
     n = record["splits"]["train"]["scans"]
     return dict(cache=out, workers=workers, scans=n, wall_s=round(took, 2), scans_per_s=round(n / took, 3),
@@ -87,8 +91,10 @@ def loader(cache: str, samples: int) -> dict:
 def finetune(work: str, cache: str, layers: int, steps: int) -> dict:
     import torch
 
+    from samf.train.embed_cache import CachedEmbeddings, other_embeddings
     from samf.train.models import VisionTransformer
-    from samf.train.run_folder import DINO_FILE, read_run
+    from samf.train.run_folder import read_run
+    from samf.train.scan_cache import ScanCache
     from samf.train.synthetic_llm import write_phi3_folder
     from samf.train.vlm import ImageConfig
 
@@ -97,20 +103,19 @@ def finetune(work: str, cache: str, layers: int, steps: int) -> dict:
         write_phi3_folder(llm, hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers,
                           num_attention_heads=32, dtype="bfloat16")
     run = os.path.join(work, "run")
-    if not os.path.exists(os.path.join(run, "run.json")):
+    if not os.path.exists(os.path.join(run, RUN_FILE)):
         train_cli("init", "--run", run, "--preset", "paper", "--llm-path", llm)
     if not os.path.exists(os.path.join(run, DINO_FILE)):
         torch.manual_seed(0)
         vit = VisionTransformer(ImageConfig.from_dict(read_run(run)["image"]).vit)
         torch.save(vit.state_dict(), os.path.join(run, DINO_FILE))
     embed_s = train_cli("embed", "--run", run, "--cache", cache, "--quiet")
-    emb_dir = os.path.join(cache, "embeddings")
-    (key,) = os.listdir(emb_dir)
-    with open(os.path.join(emb_dir, key, "embeddings.json")) as f:
-        emb = json.load(f)
+    scans = ScanCache(cache)
+    (key,) = other_embeddings(scans)
+    emb = CachedEmbeddings(scans, key).record
     res = dict(layers=layers, steps=steps, batch_size=4, embed_wall_s=round(embed_s, 1),
                embedding_bytes_per_scan=emb["splits"]["train"]["bytes_per_scan"])
-    metrics = os.path.join(run, "metrics.jsonl")
+    metrics = os.path.join(run, METRICS_FILE)
     for name, flag in (("vit_runs", "--no-embedding-cache"), ("embedding_cache", "--embedding-cache")):
         if os.path.exists(metrics):
             os.remove(metrics)

@@ -148,7 +148,7 @@ def test_the_knobs_that_were_written_twice_have_one_default():
 NAMES = {v for k, v in vars(run_files).items() if k.isupper() and isinstance(v, str) and ("." in v or "_" in v)}
 #: Words that are also stage names or keys ("finetune", "config"): a path only as a path's part.
 PARTS = {v for k, v in vars(run_files).items() if k.isupper() and isinstance(v, str)} - NAMES
-FOLDERS = ("train", "export", "cli", "runtime", "engines", "tests")
+FOLDERS = ("train", "export", "cli", "runtime", "engines", "tests", "benchmarks")
 
 
 def _docstrings(tree) -> set:

@@ -11,7 +11,7 @@ from cli_runner import run_cli
 
 from samf.train import finetune as FT
 from samf.train.ablation import copy_shared
-from samf.train.run_files import FINETUNE_DIR, METRICS_FILE, RUN_FILE, TRAINING_FILE
+from samf.train.run_files import FINETUNE_DIR, MERGED_DIR, METRICS_FILE, RUN_FILE, TRAINING_FILE
 
 
 def _cell(quick, tmp_path):
@@ -24,7 +24,7 @@ def test_probes_score_every_stage_and_the_reports_of_a_run(quick):
     from samf.train.probe import FEATURE_STAGES, PHANTOM_TARGETS, REPORT_ROWS, ProbeConfig, format_probes, run_probes
 
     res = run_probes(quick.run, quick.train, quick.test, ProbeConfig(), progress=False)
-    assert res["model"] == "merged" and (res["n_train"], res["n_test"]) == (len(quick.train), len(quick.test))
+    assert res["model"] == MERGED_DIR and (res["n_train"], res["n_test"]) == (len(quick.train), len(quick.test))
     assert list(res["stages"]) == list(FEATURE_STAGES) + list(REPORT_ROWS)
     for stage, acc in res["stages"].items():
         assert set(acc) == set(PHANTOM_TARGETS) and all(0.0 <= v <= 1.0 for v in acc.values()), stage
