@@ -2,7 +2,7 @@
 PY ?= python3
 PIP := $(PY) -m pip
 
-.PHONY: install demo test test-all ablation
+.PHONY: install demo test test-all ablation wheelhouse
 
 # torch first, pinned, so nothing pulls the multi-GB CUDA build on a CPU machine. The stamp file makes a
 # repeated `make test` skip pip's ten seconds of checking; a changed pyproject.toml or Makefile installs again.
@@ -18,8 +18,13 @@ INSTALLED := $(shell $(PY) -c "import hashlib, importlib.util, os, sys; \
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml Makefile
+# llama-cpp-python is the portable wheel CMakeLists.txt's build makes (every x86-64 CPU variant, chosen at load
+# time; docs/install.md), the same one `make wheelhouse` ships: compiled once per machine (about 8 min on 2
+# cores, cached in ~/.cache/samf-native by its options), never by pip with -march=native.
+$(INSTALLED): pyproject.toml Makefile CMakeLists.txt deploy/wheelhouse.py
 	$(PIP) install --quiet torch==2.13.0
+	wheel=$$(nice -n 10 $(PY) deploy/wheelhouse.py llama-wheel) && \
+	  $(PIP) install --quiet --no-deps --force-reinstall "$$wheel"
 	$(PIP) install --quiet -e ".[train,export,eval,serve,openvino,test]"
 	touch $@
 
@@ -37,3 +42,11 @@ test-all: install
 
 ablation: install
 	samf-train ablate --out samf-ablation
+
+# The air-gapped install (docs/install.md): dist/wheelhouse/ with every wheel the runtime and the service need,
+# hash-locked, and its install.sh. EXTRAS=train makes the research variant (torch CPU) in dist/wheelhouse-train/.
+EXTRAS ?= serve
+WHEELHOUSE ?= dist/wheelhouse$(if $(filter train,$(subst $(comma), ,$(EXTRAS))),-train,)
+comma := ,
+wheelhouse:
+	$(PY) deploy/wheelhouse.py build --extras "$(EXTRAS)" --out $(WHEELHOUSE)

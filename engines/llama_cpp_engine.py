@@ -34,7 +34,74 @@ def _llama_cpp():
         import llama_cpp
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise EngineUnavailable(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python") from None
+    _load_backends(llama_cpp.llama_cpp._lib)
     return llama_cpp
+
+
+#: Pins llama.cpp's CPU backend, in a portable build (CMakeLists.txt), to one variant (``haswell`` for
+#: libggml-cpu-haswell.so): to compare variants, or to keep off one. Unset: ggml scores every variant against
+#: this CPU and loads the best.
+CPU_VARIANT_ENV = "SAMF_LLAMA_CPU_VARIANT"
+_CPU_PREFIX, _SUFFIX = "libggml-cpu-", ".so"
+_backends_loaded = False
+
+
+def cpu_variants(folder: str) -> list:
+    """The CPU variants a portable llama.cpp build has in ``folder`` (``libggml-cpu-<name>.so``), by name."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(n[len(_CPU_PREFIX):-len(_SUFFIX)] for n in names if n.startswith(_CPU_PREFIX) and n.endswith(_SUFFIX))
+
+
+def loaded_cpu_variant() -> str | None:
+    """The CPU variant this process runs (read from its memory map); None before one is loaded or in a build
+    whose CPU backend is linked in (``libggml-cpu.so``, one instruction set)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = os.path.basename(line.split()[-1]) if "/" in line else ""
+                if name.startswith(_CPU_PREFIX) and name.endswith(_SUFFIX):
+                    return name[len(_CPU_PREFIX):-len(_SUFFIX)]
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return None
+
+
+def _load_backends(lib) -> None:
+    """Register the backends of a build whose backends are modules beside libllama (``GGML_BACKEND_DL``: the
+    portable build's CPU variants, a GPU backend), once per process, before the first model load.
+    llama-cpp-python never calls ggml's ``ggml_backend_load_all``, so without this such a build has no CPU
+    backend at all.
+
+    ``lib`` is the loaded libllama; ggml's functions are looked up through it (dlsym searches its
+    dependencies), so they are those of the very libggml it uses, not of a second copy."""
+    global _backends_loaded
+    if _backends_loaded:
+        return
+    folder = os.path.dirname(os.path.realpath(lib._name))
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    if not lib.ggml_backend_reg_by_name(b"CPU"):  # else the CPU backend is linked into libggml (pip's own build)
+        pinned, variants = os.environ.get(CPU_VARIANT_ENV, "").strip(), cpu_variants(folder)
+        if pinned:
+            if pinned not in variants:
+                raise EngineUnavailable(f"{CPU_VARIANT_ENV}={pinned}: no such CPU variant in {folder} "
+                                        f"(it has {', '.join(variants)})")
+            lib.ggml_backend_load.restype = ctypes.c_void_p
+            lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
+            with quiet_native_stderr():
+                lib.ggml_backend_load(os.path.join(folder, f"{_CPU_PREFIX}{pinned}{_SUFFIX}").encode())
+        else:
+            lib.ggml_backend_load_all_from_path.restype = None
+            lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            with quiet_native_stderr():
+                lib.ggml_backend_load_all_from_path(folder.encode())
+        if not lib.ggml_backend_reg_by_name(b"CPU"):
+            which = f"the CPU variant {pinned}" if pinned else "none of the CPU variants"
+            raise EngineUnavailable(f"llama.cpp in {folder}: {which} runs on this CPU")
+    _backends_loaded = True
 
 
 #: Quant types (as bundles name them) whose weights llama.cpp's CPU backend repacks into its own layout on

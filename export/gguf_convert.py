@@ -177,7 +177,9 @@ def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
 
 def quantize_gguf(src: str, dst: str, qtype: str = "Q8_0", threads: int = 0) -> str:
     """Quantize with llama.cpp (``llama_model_quantize``), atomically."""
-    import llama_cpp
+    from samf.engines.llama_cpp_engine import _llama_cpp
+
+    llama_cpp = _llama_cpp()  # with a portable build's backends registered
 
     if qtype not in FTYPES:
         raise ValueError(f"unknown quant type {qtype}; one of {', '.join(FTYPES)}")

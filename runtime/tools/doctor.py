@@ -35,14 +35,17 @@ def _cpu(checks: list) -> None:
     else:
         checks.append(("cpu", OK, f"{os.cpu_count()} cores; {', '.join(have) or 'features unknown'}"))
     try:
-        import llama_cpp
+        from samf.engines.llama_cpp_engine import _llama_cpp, loaded_cpu_variant
 
+        llama_cpp = _llama_cpp()  # a portable build's backends registered, its CPU variant chosen
         info = llama_cpp.llama_print_system_info()
         info = info.decode() if isinstance(info, bytes) else str(info)
         parts = info.replace("CPU :", "").split("|")
         on = [p.split("=")[0].strip() for p in parts if p.strip().endswith("= 1")]
-        checks.append(("llama.cpp", OK, f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}, CPU backend: "
-                                        f"{', '.join(on) or info.strip()}"))
+        variant = loaded_cpu_variant()
+        build = f"portable, variant {variant}" if variant else "native"
+        checks.append(("llama.cpp", OK, f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} ({build}), "
+                                        f"CPU backend: {', '.join(on) or info.strip()}"))
     except Exception as e:  # noqa: BLE001 - a missing or broken build is the finding
         checks.append(("llama.cpp", FAIL, f"llama_cpp not usable ({type(e).__name__}: {e})".splitlines()[0]))
 
