@@ -222,6 +222,11 @@ def shown_default(fld, meta: dict | None = None) -> str | None:
     return str(default)
 
 
+def _nth(bound, i: int):
+    """The ``i``-th number's bound: ``bound`` itself, or its ``i``-th item where it is a tuple."""
+    return bound[i] if isinstance(bound, tuple) else bound
+
+
 def _click_kwargs(fld, meta: dict) -> tuple:
     """(the option's declarations, click's keyword arguments) for field ``fld`` with metadata ``meta``."""
     default = fld.default
@@ -232,7 +237,11 @@ def _click_kwargs(fld, meta: dict) -> tuple:
         decls = meta.get("flag", f"{name}/--no-{name[2:]}")
         return (decls,), (dict(is_flag=True) if "/" not in decls else {})
     kw = {}
-    if meta.get("count"):
+    if meta.get("nargs"):  # N numbers (float unless type=int), each within its own bounds or the shared ones
+        number = click.IntRange if kind is int else click.FloatRange
+        kw["type"] = tuple(number(min=_nth(meta.get("min"), i), max=_nth(meta.get("max"), i))
+                           for i in range(meta["nargs"]))
+    elif meta.get("count"):
         kw["type"] = FirstN(min=meta.get("min", 1), max=meta.get("max"))
     elif "choices" in meta:
         kw["type"] = click.Choice(meta["choices"])
@@ -251,8 +260,9 @@ def _click_kwargs(fld, meta: dict) -> tuple:
         kw["type"] = kind or type(default)
     if meta.get("multiple"):
         kw["multiple"] = True
-    if "envvar" in meta:
-        kw["envvar"] = meta["envvar"]
+    for key in ("envvar", "metavar"):
+        if key in meta:
+            kw[key] = meta[key]
     return (name,), kw
 
 

@@ -1,19 +1,28 @@
-"""samf-export: merged checkpoint -> bundle (ONNX encoders, GGUF LLM, quantized GGUF, TensorRT plans)."""
+"""samf-export: merged checkpoint -> bundle (ONNX encoders, GGUF LLM, quantized GGUF, TensorRT plans).
+
+The commands' knobs are the fields of the export's config dataclasses (:mod:`samf.export.configs`), made into
+options by :func:`~samf.cli.common.config_options`, so each default is written once, there."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import click
 
-from .common import OutDir, SamfGroup
+from samf.export.configs import BundleConfig, EngineBuildConfig, GgufConfig, SyntheticConfig, VariantCheck
+
+from .common import OutDir, SamfGroup, config_from, config_options
 
 
 def _quant_types(ctx, param, value):
     """llama.cpp quant types, checked when the options are read: an unknown one refused before minutes of export
-    (it used to fail after the ONNX export and the base GGUF were written). Case is forgiven; repeats dropped."""
+    (it used to fail after the ONNX export and the base GGUF were written). Case is forgiven; repeats dropped.
+    None (not given) stays None, so the dataclass's default applies."""
     from samf.export.gguf_convert import FTYPES
 
+    if value is None:
+        return None
     known = {k.upper(): k for k in FTYPES}
     given = (value,) if isinstance(value, str) else tuple(value)
     out = []
@@ -26,14 +35,8 @@ def _quant_types(ctx, param, value):
     return out[0] if isinstance(value, str) else tuple(out)
 
 
-def _precisions_option(help: str):
-    """--precision (repeatable): the encoder precisions made besides fp32, as a tuple without "none"; the choices
-    and the default are :class:`VariantCheck`'s."""
-    from samf.export.encoder_variants import TOLERANCES, VariantCheck
-
-    return click.option("--precision", "precisions", multiple=True, type=click.Choice([*TOLERANCES, "none"]),
-                        default=VariantCheck().precisions, show_default=True, help=help,
-                        callback=lambda ctx, param, v: tuple(p for p in dict.fromkeys(v) if p != "none"))
+#: What the quant-type options read their values with.
+QUANT_CHECK = dict(callback=_quant_types)
 
 
 @click.group(cls=SamfGroup)
@@ -44,59 +47,31 @@ def main():
 @main.command("bundle")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=OutDir())
-@click.option("--quant", "quants", multiple=True, default=("Q8_0",), show_default=True, callback=_quant_types,
-              help="llama.cpp quant types to add (Q8_0, Q4_K_M, Q6_K, ...); repeatable")
-@click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True,
-              help="unquantized GGUF kept in the bundle (the fidelity reference)")
-@_precisions_option("encoder precisions made besides fp32, each kept only if it holds its tolerance; repeatable")
-@click.option("--check-data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="dataset folder whose test.csv lists the held-out scans the variants are checked on "
-                   "(default: synthetic phantoms no samf dataset contains)")
-@click.option("--check-scans", type=click.IntRange(min=1, max=10000), default=20, show_default=True,
-              help="held-out scans the variants are checked on")
-@click.option("--check-tokens", type=click.IntRange(min=0, max=3072), default=256, show_default=True,
-              help="longest greedy report compared with the fp32 encoders' (0: compare embeddings only)")
-@click.option("--int8-tolerance", type=(click.FloatRange(-1, 1), click.FloatRange(-1, 1), click.FloatRange(0, 1)),
-              default=None, metavar="COS_MEAN COS_MIN REPORTS",
-              help="what int8 must hold to be written: slice cosine mean and minimum, share of fp32's reports "
-                   "[default: 0.99 0.9 0.95]")
-def bundle(checkpoint, out_dir, quants, base, precisions, check_data, check_scans, check_tokens, int8_tolerance):
+@config_options(BundleConfig, quants=QUANT_CHECK)
+@config_options(VariantCheck)
+def bundle(checkpoint, out_dir, **given):
     """Export CHECKPOINT (RUN/merged) into a verified bundle directory."""
     from samf.export.bundle_writer import write_bundle
-    from samf.export.encoder_variants import TOLERANCES, Tolerance, VariantCheck
 
-    tolerances = dict(TOLERANCES)
-    if int8_tolerance:
-        tolerances["int8"] = Tolerance(*int8_tolerance)
-    check = VariantCheck(precisions=precisions, scans=check_scans, report_tokens=check_tokens, data=check_data,
-                         tolerances=tolerances)
-    m = write_bundle(checkpoint, out_dir, quants=tuple(quants), keep_unquantized=base, check=check, log=click.echo)
+    cfg, check = config_from(BundleConfig, given), config_from(VariantCheck, given)
+    m = write_bundle(checkpoint, out_dir, quants=cfg.quants, keep_unquantized=cfg.base, check=check, log=click.echo)
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB)")
 
 
 @main.command("synthetic-bundle")
-@click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
-              help="paper: ViT-B/16 at 224² and a Phi-3-mini-shaped LLM; tiny: the demo's sizes")
-@click.option("--layers", type=click.IntRange(min=1), default=None,
-              help="LLM depth (paper: 32, Phi-3-mini's; fewer for a quicker look)")
-@click.option("--quant", "quants", multiple=True, default=("Q4_K_M",), show_default=True, callback=_quant_types,
-              help="llama.cpp quant types to add (Q8_0, Q4_K_M, Q6_K, ...); repeatable")
-@click.option("--base", type=click.Choice(["F32", "F16", "BF16"]), default="F16", show_default=True,
-              help="unquantized GGUF kept in the bundle")
-@click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
-              help="also keep the random checkpoint here (the PyTorch pipeline runs from it)")
-@click.option("--seed", default=0, show_default=True)
-@_precisions_option("encoder precisions made besides fp32 (checked on the embeddings of 2 phantoms); repeatable")
+@config_options(SyntheticConfig, quants=QUANT_CHECK)
+@config_options(VariantCheck, only=("precisions",), precisions=dict(
+    help="encoder precisions made besides fp32 (checked on the embeddings of 2 phantoms); repeatable"))
 @click.option("--out", "out_dir", required=True, type=OutDir())
-def synthetic_bundle(preset, layers, quants, base, checkpoint, seed, precisions, out_dir):
+def synthetic_bundle(out_dir, **given):
     """A bundle of random weights at the real shapes, to measure speed before there are trained weights.
 
     Its reports are gibberish; `samf bench --bundle OUT` measures latency and throughput on phantoms."""
     from samf.export.synthetic import write_synthetic_bundle
 
-    m = write_synthetic_bundle(out_dir, preset, layers, quants=tuple(quants), base=base, checkpoint=checkpoint,
-                               seed=seed, precisions=precisions, log=click.echo)
+    cfg, check = config_from(SyntheticConfig, given), config_from(VariantCheck, given)
+    m = write_synthetic_bundle(out_dir, **dataclasses.asdict(cfg), precisions=check.precisions, log=click.echo)
     click.echo("encoders: " + ", ".join(m["encoders"]))
     size = sum(f["size"] for f in m["files"].values())
     click.echo(f"bundle: {out_dir} ({len(m['files'])} files, {size / 1e6:.1f} MB; random weights)")
@@ -118,26 +93,25 @@ def onnx_cmd(checkpoint, out_dir):
 @main.command("gguf")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--type", "outtype", type=click.Choice(["F32", "F16", "BF16"]), default="F16", show_default=True)
-def gguf_cmd(checkpoint, out_path, outtype):
+@config_options(GgufConfig, only=("outtype",))
+def gguf_cmd(checkpoint, out_path, **given):
     """Convert a merged Phi-3 checkpoint to GGUF (tensors streamed one at a time; norms stay F32)."""
     from samf.export.gguf_convert import convert_to_gguf
 
-    click.echo(f"wrote {convert_to_gguf(checkpoint, out_path, outtype)}")
+    click.echo(f"wrote {convert_to_gguf(checkpoint, out_path, config_from(GgufConfig, given).outtype)}")
 
 
 @main.command("quantize")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--type", "qtype", default="Q8_0", show_default=True, callback=_quant_types,
-              help="llama.cpp quant type (Q8_0, Q4_K_M, Q6_K, ...)")
-def quantize_cmd(src, dst, qtype):
+@config_options(GgufConfig, only=("qtype",), qtype=QUANT_CHECK)
+def quantize_cmd(src, dst, **given):
     """Quantize a GGUF with llama.cpp."""
     from samf.engines.native import quiet_native_stderr
     from samf.export.gguf_convert import quantize_gguf
 
     with quiet_native_stderr():
-        quantize_gguf(src, dst, qtype)
+        quantize_gguf(src, dst, config_from(GgufConfig, given).qtype)
     click.echo(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
 
@@ -203,21 +177,16 @@ def sign_cmd(bundle_dir, private_key):
 
 @main.command("build-engines")
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--precision", type=click.Choice(["auto", "fp16", "fp32"]), default="auto", show_default=True,
-              help="which graphs to build from: auto is fp16 where the bundle has it (strongly typed plans take "
-                   "their precision from the graph)")
-@click.option("--max-slices", type=int, default=None, help="largest slice batch the ViT plan accepts")
-@click.option("--max-prompt-tokens", type=int, default=256, show_default=True)
-@click.option("--workspace-gib", type=float, default=4.0, show_default=True)
-def build_engines(bundle_dir, precision, max_slices, max_prompt_tokens, workspace_gib):
+@config_options(EngineBuildConfig)
+def build_engines(bundle_dir, **given):
     """Build TensorRT plans for this GPU from the bundle's ONNX graphs, check each against ONNX Runtime, and
     record them in its manifest."""
     from samf.export.tensorrt_build import build_bundle_engines
     from samf.runtime.bundle.signature import SIGNATURE
 
     signed = os.path.exists(os.path.join(bundle_dir, SIGNATURE))
-    entry = build_bundle_engines(bundle_dir, precision=precision, max_slices=max_slices,
-                                 max_prompt_tokens=max_prompt_tokens, workspace_gib=workspace_gib, log=click.echo)
+    cfg = config_from(EngineBuildConfig, given)
+    entry = build_bundle_engines(bundle_dir, **dataclasses.asdict(cfg), log=click.echo)
     click.echo(f"TensorRT {entry['tensorrt']} {entry['precision']} plans for {entry['gpu']} added to "
                f"{bundle_dir}")
     if signed:

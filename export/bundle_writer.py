@@ -29,17 +29,19 @@ from samf.runtime.bundle.verified import VerifiedCache
 from samf.runtime.inference.prompt import REPORT_REQUESTS
 from samf.train.run_files import PREPROCESS_FILE, TRAINING_FILE
 
-from .encoder_variants import VariantCheck, add_encoder_variants, variant_files
+from .configs import BundleConfig, VariantCheck
+from .encoder_variants import add_encoder_variants, variant_files
 from .gguf_convert import check_gguf_against_checkpoint, check_quantized_gguf, convert_to_gguf, quantize_gguf
 from .onnx_export import OPSET, export_onnx_checked, io_signature
 
 
-def write_bundle(ckpt_dir: str, out_dir: str, quants=("Q8_0",), keep_unquantized: str = "F32",
+def write_bundle(ckpt_dir: str, out_dir: str, quants=BundleConfig.quants, keep_unquantized: str = BundleConfig.base,
                  check: VariantCheck | None = None, log=print) -> dict:
     """Export the merged checkpoint at ``ckpt_dir`` into a verified bundle at ``out_dir``; returns the manifest.
 
-    ``check``: which encoder precisions besides fp32 to make and how to check them (default: fp16 and int8 on
-    20 held-out phantoms)."""
+    ``quants`` and ``keep_unquantized``: :class:`~samf.export.configs.BundleConfig`'s ``quants`` and ``base``.
+    ``check``: which encoder precisions besides fp32 to make and how to check them (default: ``VariantCheck()``,
+    the defaults of ``samf-export bundle``)."""
     import llama_cpp
     import onnxruntime
 

@@ -36,57 +36,22 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from samf.engines.openvino_engine import openvino_version
 from samf.runtime.bundle.manifest import ENCODER_MODULES
 
+from .configs import TOLERANCES, Tolerance, VariantCheck  # noqa: F401 (the knobs: export/configs.py)
+
 #: Seeds of the held-out phantoms the export checks with: far above any seed a samf dataset is generated from
 #: (``generate_phantom_dataset`` uses ``seed * 1_000_003 + i``).
 CHECK_SEED = 10**12
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """What a variant must hold against fp32 on the held-out scans to be written."""
-
-    slice_cos_mean: float    # mean cosine of the (standardised) slice embeddings
-    slice_cos_min: float     # the worst slice's
-    report_agreement: float  # share of greedy reports identical to the fp32 encoders' (when reports are checked)
-    fused_cos_min: float = -1.0  # the worst fused row's cosine (the rows the LLM reads); -1: not bounded
-
-
-TOLERANCES = {
-    # fp16 is held to its embeddings (0.99998 mean, 0.9998 worst measured on the demo and the paper ViT). Its
-    # reports flip on near ties of a greedy decoder: 18-19 of 20 on the demo, whichever further ops (activation
-    # products, residual adds, GELU, the patch embedding) were kept fp32, so the report bound is looser.
-    # The fused rows, made from the slices, are held to the slices' floor.
-    "fp16": Tolerance(slice_cos_mean=0.999, slice_cos_min=0.999, report_agreement=0.8, fused_cos_min=0.999),
-    # The issue's floor: cosine 0.99, and the fp32 encoders' report on 95% of held-out scans; the fused rows to
-    # the worst slice's floor.
-    "int8": Tolerance(slice_cos_mean=0.99, slice_cos_min=0.9, report_agreement=0.95, fused_cos_min=0.9),
-    # The issue's floor for a faster CPU variant: slice cosine 0.999, and the fp32 encoders' report on 95% of the
-    # held-out scans; the fused rows to the slices' floor.
-    "bf16": Tolerance(slice_cos_mean=0.999, slice_cos_min=0.999, report_agreement=0.95, fused_cos_min=0.999),
-}
-
 #: The backend each variant's files run on at the workstation (absent: ONNX Runtime, or TensorRT from its files).
 BACKENDS = {"bf16": "openvino"}
-
-
-@dataclass
-class VariantCheck:
-    """Which variants the export makes and how it checks them."""
-
-    # bf16 only when asked (--precision bf16): checking it loads OpenVINO into the exporting process, which has
-    # run torch, and a process holding both was seen to crash later in a subprocess spawn (the test suite)
-    precisions: tuple = ("fp16", "int8")
-    scans: int = 20                # held-out scans
-    report_tokens: int = 256       # longest greedy report compared; 0: no reports (random-weight bundles)
-    data: str | None = None        # a dataset folder whose test.csv lists the held-out scans; None: phantoms
-    tolerances: dict = field(default_factory=lambda: dict(TOLERANCES))
 
 
 def variant_files(precision: str) -> dict:

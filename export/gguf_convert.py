@@ -16,6 +16,8 @@ from samf.errors import ExportCheckFailed, SamfError
 from samf.train.llm_folder import LLMFolderError, LLMTokenizer, read_llm_config
 from samf.train.run_files import TOKENIZER_MODEL
 
+from .configs import GgufConfig
+
 #: llama.cpp file types by name (``llama_ftype`` in llama.h).
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 
@@ -98,7 +100,7 @@ def _vocab(ckpt_dir: str, vocab_size: int, tok: LLMTokenizer):
     return tokens, scores, types
 
 
-def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
+def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = GgufConfig.outtype) -> str:
     """Write ``ckpt_dir`` (a merged HF Phi-3) as a GGUF file of type F32, F16 or BF16, atomically.
 
     Tensors stream one at a time from the safetensors files into the output, so memory stays near the
@@ -175,7 +177,7 @@ def convert_to_gguf(ckpt_dir: str, out_path: str, outtype: str = "F32") -> str:
     return out_path
 
 
-def quantize_gguf(src: str, dst: str, qtype: str = "Q8_0", threads: int = 0) -> str:
+def quantize_gguf(src: str, dst: str, qtype: str = GgufConfig.qtype, threads: int = 0) -> str:
     """Quantize with llama.cpp (``llama_model_quantize``), atomically."""
     from samf.engines.llama_cpp_engine import _llama_cpp
 

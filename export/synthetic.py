@@ -16,13 +16,14 @@ import shutil
 
 from samf.errors import SamfError
 
-PRESETS = ("paper", "tiny")
+from .configs import PRESETS, SyntheticConfig, VariantCheck
+
 #: The tiny preset's LLM: the demo's width with the real vocabulary.
 TINY_LLM = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2)
 
 
-def write_synthetic_checkpoint(out: str, preset: str = "paper", layers: int | None = None,
-                               dtype: str = "bfloat16", seed: int = 0) -> str:
+def write_synthetic_checkpoint(out: str, preset: str = SyntheticConfig.preset, layers: int | None = None,
+                               dtype: str = "bfloat16", seed: int = SyntheticConfig.seed) -> str:
     """A merged-checkpoint folder of random weights at ``preset``'s shapes (``layers`` overrides the LLM's
     depth). The LLM is streamed to disk a tensor at a time; the image modules are small."""
     import torch
@@ -70,15 +71,16 @@ def calibrate_on_phantoms(vlm, preprocess_cfg: dict, seed: int) -> None:
     vlm.encoder.calibrate(torch.from_numpy(preprocess(Volume(p.volume, p.spacing, "phantom"), pre)) for p in phantoms)
 
 
-def write_synthetic_bundle(out_dir: str, preset: str = "paper", layers: int | None = None,
-                           quants=("Q4_K_M",), base: str = "F16", checkpoint: str | None = None, seed: int = 0,
-                           precisions=("fp16", "int8"), log=print) -> dict:
-    """Random weights of ``preset``'s shapes -> a bundle at ``out_dir``; returns its manifest.
+def write_synthetic_bundle(out_dir: str, preset: str = SyntheticConfig.preset, layers: int | None = None,
+                           quants=SyntheticConfig.quants, base: str = SyntheticConfig.base,
+                           checkpoint: str | None = None, seed: int = SyntheticConfig.seed,
+                           precisions=VariantCheck.precisions, log=print) -> dict:
+    """Random weights of ``preset``'s shapes -> a bundle at ``out_dir``; returns its manifest. The defaults are
+    :class:`~samf.export.configs.SyntheticConfig`'s (``samf-export synthetic-bundle``'s).
 
     The checkpoint goes to ``checkpoint`` when given (kept: the PyTorch pipeline runs from it), else to a
     temporary folder beside ``out_dir`` that is removed afterwards."""
     from .bundle_writer import write_bundle
-    from .encoder_variants import VariantCheck
 
     keep = checkpoint is not None
     ckpt = checkpoint or f"{out_dir.rstrip('/')}.checkpoint-{os.getpid()}"

@@ -14,7 +14,8 @@ from samf.errors import SamfError
 from samf.runtime.atomic import atomic_file
 from samf.runtime.bundle.bundle import Bundle, read_bundle, update_manifest
 
-from .encoder_variants import AgreementMeter, VariantCheck, held_out_volumes
+from .configs import EngineBuildConfig, VariantCheck
+from .encoder_variants import AgreementMeter, held_out_volumes
 
 #: A plan must give what ONNX Runtime gives on the graph it was built from: the worst output row's cosine.
 PLAN_MIN_COSINE = 0.999
@@ -27,8 +28,10 @@ ATTENTION_OUTPUTS = ("alpha", "gamma")
 PLAN_ATTENTION_REL = 0.01
 
 
-def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: int | None = None,
-                         max_prompt_tokens: int = 256, workspace_gib: float = 4.0, log=print) -> dict:
+def build_bundle_engines(bundle_dir: str, precision: str = EngineBuildConfig.precision,
+                         max_slices: int | None = EngineBuildConfig.max_slices,
+                         max_prompt_tokens: int = EngineBuildConfig.max_prompt_tokens,
+                         workspace_gib: float = EngineBuildConfig.workspace_gib, log=print) -> dict:
     """Build vit/aggregator/fusion plans from the bundle's graphs of ``precision`` (``auto``: fp16 where the
     bundle has it, else fp32), with shape profiles from the manifest's recorded I/O signature, each checked
     against ONNX Runtime on the same graph right after it is built."""
@@ -73,7 +76,8 @@ def build_bundle_engines(bundle_dir: str, precision: str = "auto", max_slices: i
     return entry
 
 
-def shape_profiles(manifest: dict, max_slices: int | None = None, max_prompt_tokens: int = 256) -> dict:
+def shape_profiles(manifest: dict, max_slices: int | None = EngineBuildConfig.max_slices,
+                   max_prompt_tokens: int = EngineBuildConfig.max_prompt_tokens) -> dict:
     """``{module: {input: (min, opt, max)}}`` from the manifest's recorded I/O signature: each dynamic axis gets
     its range (``slices``: 1 to ``max_slices``, optimal at the model's slice count; ``tokens``: 1 to
     ``max_prompt_tokens``, optimal at 32; ``batch``: 1, one scan per call), fixed axes their size."""
@@ -147,7 +151,7 @@ def check_plan(plan_path: str, onnx_path: str, feeds: dict) -> dict:
     return out
 
 
-def build_plan(onnx_path: str, plan_path: str, profiles: dict, workspace_gib: float = 4.0,
+def build_plan(onnx_path: str, plan_path: str, profiles: dict, workspace_gib: float = EngineBuildConfig.workspace_gib,
                timing_cache: str | None = None) -> dict:
     """Build a strongly typed plan from ONNX (precision comes from the graph, as TensorRT 11 requires).
 

@@ -15,8 +15,9 @@ def option(default, help: str, **cli):
     ``flag="--a/--b"`` (a boolean's switch); ``choices=(...)``; ``min=``/``max=`` (a range); ``type=int|float|str``
     (for a field whose default is None and that is not a switch); ``path="file"|"dir"`` (and ``exists=True``);
     ``multiple=True`` (repeatable: a tuple); ``count=True`` (a tuple given as its length: ``--seeds 3`` is
-    ``(0, 1, 2)``); ``envvar="NAME"``; ``shown="..."`` (how ``--help`` shows a default computed at run time,
-    where the field's default is None)."""
+    ``(0, 1, 2)``); ``nargs=N`` (N numbers after the option, a tuple; ``min``/``max`` may then be tuples, one bound
+    per number); ``envvar="NAME"``; ``metavar="..."`` (how ``--help`` names the value); ``shown="..."`` (how
+    ``--help`` shows a default computed at run time, where the field's default is None)."""
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 

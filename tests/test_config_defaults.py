@@ -1,6 +1,7 @@
 """One default per knob (issue 30): a knob's default is written once, in its config dataclass, and the command-line
-options are made from it, so ``--help`` cannot show another; the commands that take a config take every one of its
-options; the run folder's file names are written once, in ``train/run_files.py``. Fast: no model, no torch."""
+options of ``samf``, ``samf-train`` and ``samf-export`` are made from it, so ``--help`` cannot show another; the
+commands that take a config take every one of its options; the run folder's file names are written once, in
+``train/run_files.py``. Fast: no model, no torch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ from samf.cli.demo import DemoConfig
 from samf.cli.export_cli import main as export_main
 from samf.cli.samf_cli import main as samf_main
 from samf.cli.train_cli import main as train_main
+from samf.export.configs import (
+    TOLERANCES,
+    BundleConfig,
+    EngineBuildConfig,
+    GgufConfig,
+    SyntheticConfig,
+    VariantCheck,
+)
 from samf.runtime.inference.pipeline import PipelineConfig
 from samf.runtime.options import options_of
 from samf.runtime.service.config import ServiceConfig
@@ -54,6 +63,13 @@ TAKES = [
     ("samf-train", "pretrain-lm", LMConfig, ALL),
     ("samf-train", "warmup-3d", WarmupConfig, ALL),
     ("samf-train", "finetune", FinetuneConfig, ALL),
+    ("samf-export", "bundle", BundleConfig, ALL),
+    ("samf-export", "bundle", VariantCheck, ALL),
+    ("samf-export", "synthetic-bundle", SyntheticConfig, ALL),
+    ("samf-export", "synthetic-bundle", VariantCheck, ("precisions",)),
+    ("samf-export", "gguf", GgufConfig, ("outtype",)),
+    ("samf-export", "quantize", GgufConfig, ("qtype",)),
+    ("samf-export", "build-engines", EngineBuildConfig, ALL),
 ]
 
 
@@ -102,7 +118,10 @@ def test_help_shows_the_dataclass_default(tool, name, command, option):
         assert sides[shown] is fld.default, where
     else:
         ctx = click.Context(command)
-        assert option.type.convert(shown, option, ctx) == fld.default, where
+        if option.multiple:  # a repeatable option's default: its values, comma-separated
+            assert tuple(option.type.convert(v, option, ctx) for v in shown.split(",")) == fld.default, where
+        else:
+            assert option.type.convert(shown, option, ctx) == fld.default, where
 
 
 @pytest.mark.parametrize("tool,name,cls,fields", TAKES, ids=lambda x: getattr(x, "__name__", x))
@@ -123,7 +142,9 @@ def test_each_command_takes_its_configs_options_none_written_again(tool, name, c
 
 def test_a_config_from_nothing_given_is_the_dataclass_default():
     for cls, fixed in ((PipelineConfig, {}), (ServiceConfig, {}), (DemoConfig, {}), (BenchConfig, {}),
-                       (AblationConfig, {"out_dir": "o"}), (ProbeConfig, {}), (FinetuneConfig, {})):
+                       (AblationConfig, {"out_dir": "o"}), (ProbeConfig, {}), (FinetuneConfig, {}),
+                       (BundleConfig, {}), (VariantCheck, {}), (SyntheticConfig, {}), (GgufConfig, {}),
+                       (EngineBuildConfig, {})):
         given = {f.name: (() if f.metadata.get("multiple") else None) for f in options_of(cls)}
         assert config_from(cls, dict(given), **fixed) == cls(**fixed)
     assert ServiceConfig().work.endswith("samf/service") and ServiceConfig(work="/w").audit_log == "/w/audit.jsonl"
@@ -140,6 +161,36 @@ def test_the_knobs_that_were_written_twice_have_one_default():
     assert (RecipeSteps.finetune, AblationConfig.finetune_steps, FinetuneConfig.steps) == (4000, 1000, 400)
     fields = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
     assert fields["finetune_steps"] is None  # the recipe's
+
+
+def test_the_exports_functions_take_their_defaults_from_its_dataclasses():
+    """samf-export's knobs were written in the command line and again in the functions' signatures (gguf's
+    --type F16 against convert_to_gguf's F32): the functions now read the dataclasses' defaults."""
+    import inspect
+
+    from samf.export import gguf_convert, synthetic, tensorrt_build
+
+    def defaults(fn) -> dict:
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+    assert defaults(gguf_convert.convert_to_gguf)["outtype"] == GgufConfig.outtype == "F16"
+    assert defaults(gguf_convert.quantize_gguf)["qtype"] == GgufConfig.qtype
+    syn = defaults(synthetic.write_synthetic_bundle)
+    assert {f.name: syn[f.name] for f in options_of(SyntheticConfig)} == dataclasses.asdict(SyntheticConfig())
+    assert syn["precisions"] == VariantCheck().precisions
+    assert {k: defaults(tensorrt_build.build_bundle_engines)[k] for k in dataclasses.asdict(EngineBuildConfig())} \
+        == dataclasses.asdict(EngineBuildConfig())
+    # bundle_writer imports torch (the ONNX export), so its signature is read from the source.
+    tree = ast.parse((ROOT / "export" / "bundle_writer.py").read_text())
+    (fn,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "write_bundle"]
+    args = fn.args.args[-len(fn.args.defaults):]
+    given = {a.arg: ast.unparse(d) for a, d in zip(args, fn.args.defaults)}
+    assert (given["quants"], given["keep_unquantized"]) == ("BundleConfig.quants", "BundleConfig.base")
+    # What the options choose from is what the export makes.
+    assert set(GgufConfig.__dataclass_fields__["outtype"].metadata["choices"]) == set(gguf_convert.OUTTYPES)
+    assert VariantCheck.__dataclass_fields__["precisions"].metadata["choices"] == (*TOLERANCES, "none")
+    assert VariantCheck(precisions=("none", "int8", "int8")).precisions == ("int8",)
+    assert VariantCheck(int8_tolerance=(0.5, 0.4, 0.3)).tolerances["int8"].slice_cos_min == 0.4
 
 
 # ------------------------------------------------------------------------------------------ run-folder names
