@@ -96,6 +96,25 @@ def test_variants_score_as_the_cpu_says_and_the_best_is_loaded():
         assert best == "zen4"  # this project's Zen 4 machines: AVX-512 with VNNI and BF16
 
 
+def test_no_avx_outside_the_cpu_variants():
+    """Built without -march=native: libllama, libggml, libggml-base and the x64 variant use no AVX register (they
+    run on any x86-64 CPU); the zen4 variant does use AVX-512 (zmm)."""
+    if not portable_installed():
+        pytest.skip("the installed llama-cpp-python is not the portable build (make install installs it)")
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    lib = installed_lib_dir()
+
+    def registers(name):
+        text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib / name)], capture_output=True,
+                              text=True, check=True).stdout
+        return text.count("%ymm") + text.count("%zmm"), text.count("%zmm")
+
+    for name in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu-x64.so"):
+        assert registers(name) == (0, 0), name
+    assert registers("libggml-cpu-zen4.so")[1] > 0
+
+
 def test_a_pinned_variant_that_is_missing_is_one_line(tmp_path):
     if not portable_installed():
         pytest.skip("the installed llama-cpp-python is not the portable build (make install installs it)")
@@ -108,7 +127,7 @@ def test_a_pinned_variant_that_is_missing_is_one_line(tmp_path):
 def _zip_libs(wheel: Path) -> dict:
     with zipfile.ZipFile(wheel) as z:
         return {Path(n).name: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()
-                if n.startswith("llama_cpp/lib/") and n.endswith(".so")}
+                if n.startswith("llama_cpp/lib/") and ".so" in n}
 
 
 @pytest.mark.slow
