@@ -118,7 +118,8 @@ def make_phantoms(out_dir, n_train, n_test, seed, layout, quiet):
 def prepare(data_dir, out_dir, run_dir, preset, splits, workers, storage, shard_size, quiet):
     """Read and preprocess a dataset once into a cache that training streams from (--data CACHE)."""
     from samf.runtime.scan.preprocess import PreprocessConfig
-    from samf.train.run_folder import PRESET_PREPROCESS, read_run
+    from samf.train.configs import PRESET_PREPROCESS
+    from samf.train.run_files import read_run
     from samf.train.scan_cache import prepare_cache
 
     if (run_dir is None) == (preset is None):

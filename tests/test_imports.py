@@ -233,3 +233,17 @@ def test_importing_the_workstation_cli_loads_no_training_stack(module):
     code = f"import sys, {module}\nprint(','.join(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_preparing_a_scan_cache_needs_no_torch(tmp_path):
+    """`samf-train prepare` only reads and preprocesses scans (the runtime's code): it starts without torch, so a
+    data machine without the training stack can prepare, and a killed and rerun prepare starts in a second."""
+    from samf.runtime.tools.phantom import generate_phantom_dataset
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "cache")
+    generate_phantom_dataset(data, 3, 1, seed=3, shape=(32, 48, 48), spacing=(8.0, 7.5, 7.5), progress=False)
+    code = NO_TORCH + "from samf.cli.train_cli import main\nsys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", code, "prepare", "--data", data, "--out", out, "--preset", "tiny",
+                           "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cache ready" in proc.stdout

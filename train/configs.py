@@ -11,11 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from samf.runtime.options import option
+from samf.runtime.scan.preprocess import PreprocessConfig
 
 #: What fine-tuning trains on: reports and multiple-choice questions together, or one of them.
 TASKS = ("both", "report", "mcq")
 #: How the fusion makes its rows: the paper's SAMF, or one of the ablation's baselines (train/models.py: SAMF).
 FUSION_MODES = ("samf", "2d", "3d", "concat")
+
+#: The presets' preprocessing, also what ``samf-train prepare --preset`` caches a dataset with.
+PRESET_PREPROCESS = {
+    "tiny": PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6),
+    "paper": PreprocessConfig(image_size=224, pixel_spacing_mm=1.5, slices_per_plane=8),
+}
 
 
 @dataclass

@@ -2,9 +2,12 @@
 paths (training, the export, the command lines, the tests) takes the name from here, and
 ``tests/test_config_defaults.py`` checks that none writes it again.
 
-No imports: :mod:`samf.train.run_folder` (the layout, described there), :mod:`samf.train.vlm` and
-:mod:`samf.train.llm_folder`, which it imports, all read these.
+No imports but the standard library's: :mod:`samf.train.run_folder` (the layout, described there),
+:mod:`samf.train.vlm` and :mod:`samf.train.llm_folder`, which it imports, all read these.
 """
+
+import json
+import os
 
 # RUN/: what the stages write.
 RUN_FILE = "run.json"                  # the preset: preprocessing, model sizes (init)
@@ -30,3 +33,9 @@ TRAINING_FILE = "training.json"        # the recipe's switches, carried into the
 def eval_file(split: str) -> str:
     """RUN/eval_<split>.json: samf-train evaluate's results on that split."""
     return f"eval_{split}.json"
+
+
+def read_run(run_dir: str) -> dict:
+    """RUN/run.json: the preset the run started with (read without torch: `samf-train prepare` starts fast)."""
+    with open(os.path.join(run_dir, RUN_FILE)) as f:
+        return json.load(f)

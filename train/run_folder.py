@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from samf.runtime.atomic import atomic_file
-from samf.runtime.scan.preprocess import PreprocessConfig
 
+from .configs import PRESET_PREPROCESS
 from .llm_folder import LLMTokenizer, read_llm_config
 from .models import AggregatorConfig, FusionConfig, ViTConfig
 from .run_files import (  # noqa: F401 - the names, importable from here too (the layout above)
@@ -44,16 +44,12 @@ from .run_files import (  # noqa: F401 - the names, importable from here too (th
     RUN_FILE,
     TRAINING_FILE,
     WARMUP_FILE,
+    read_run,
 )
 from .vlm import ImageConfig, SamfVLM, TinyLLMConfig, load_phi3
 
 # ------------------------------------------------------------------------------------------ presets
 
-#: The presets' preprocessing, also what ``samf-train prepare --preset`` caches a dataset with.
-PRESET_PREPROCESS = {
-    "tiny": PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6),
-    "paper": PreprocessConfig(image_size=224, pixel_spacing_mm=1.5, slices_per_plane=8),
-}
 
 
 def _llm_width(llm_path: str) -> int:
@@ -93,11 +89,6 @@ def paper_preset(llm_path: str) -> dict:
 def init_run(run_dir: str, preset: dict) -> None:
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, RUN_FILE), preset)
-
-
-def read_run(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, RUN_FILE)) as f:
-        return json.load(f)
 
 
 def write_json(path: str, obj) -> None:
