@@ -31,9 +31,14 @@ $(INSTALLED): pyproject.toml Makefile CMakeLists.txt deploy/wheelhouse.py
 demo: install
 	samf demo
 
+# Two pytest-xdist workers, each test file on one of them (its module fixtures are built once): the service and
+# DICOM tests mostly wait on timers and sockets, so a second worker fills the cores while they do. The recipe
+# fixtures (tests/conftest.py) are built once and shared by both workers. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 # The whole suite, slow tests included (multi-rank runs, the demo, the ablation grid): what CI runs.
 test-all: install

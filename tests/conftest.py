@@ -12,6 +12,8 @@ two lengths by the same code:
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -65,14 +67,32 @@ def _recipe_run(root, sizes: dict) -> Trained:
     return Trained(data=data, run=run, merged=merged, bundle=bundle, train=train, test=test)
 
 
-@pytest.fixture(scope="session")
-def quick(tmp_path_factory) -> Trained:
-    return _recipe_run(tmp_path_factory.mktemp("quick"), QUICK)
+def _shared_run(request, tmp_path_factory, name: str, sizes: dict) -> Trained:
+    """One recipe run per ``pytest`` command: under pytest-xdist (``make test`` runs two workers) the first worker
+    to ask builds it in the run's common temporary folder and the others wait for it and read where it is, rather
+    than each training its own copy on the same cores. Tests only read it (those that change a run copy it)."""
+    if not hasattr(request.config, "workerinput"):  # not an xdist worker
+        return _recipe_run(tmp_path_factory.mktemp(name), sizes)
+    from filelock import FileLock
+
+    common = tmp_path_factory.getbasetemp().parent
+    done = common / f"{name}.pickle"  # its examples hold arrays
+    with FileLock(str(common / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(common / name, ignore_errors=True)  # what a worker that failed building left
+            (common / name).mkdir()
+            done.write_bytes(pickle.dumps(_recipe_run(common / name, sizes)))
+    return pickle.loads(done.read_bytes())
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Trained:
-    return _recipe_run(tmp_path_factory.mktemp("trained"), SMALL)
+def quick(request, tmp_path_factory) -> Trained:
+    return _shared_run(request, tmp_path_factory, "quick", QUICK)
+
+
+@pytest.fixture(scope="session")
+def trained(request, tmp_path_factory) -> Trained:
+    return _shared_run(request, tmp_path_factory, "trained", SMALL)
 
 
 @pytest.fixture(scope="session")
