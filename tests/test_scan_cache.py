@@ -313,29 +313,16 @@ def test_stream_order_does_not_depend_on_workers_and_resumes_where_it_stopped(tm
 
 # --------------------------------------------------------------------------------------- fine-tuning
 
-def _small_run(tmp_path, data):
-    """A tiny run with a DINO ViT (random, saved as pretrain-2d would) and an LM base."""
-    import torch
-
-    from samf.train.configs import LMConfig
-    from samf.train.data import text_corpus
-    from samf.train.models import VisionTransformer
-    from samf.train.run_folder import DINO_FILE, init_run, tiny_preset
-    from samf.train.stages import stage_pretrain_lm, stage_tokenizer
-    from samf.train.vlm import ImageConfig
+def _small_run(quick, tmp_path):
+    """A tiny run with a DINO ViT and an LM base: the quick recipe's shared stages (as an ablation cell starts)."""
+    from samf.train.ablation import copy_shared
 
     run = str(tmp_path / "run")
-    init_run(run, tiny_preset())
-    examples = load_dataset(data, "train", PRE)
-    stage_tokenizer(run, text_corpus(examples), vocab_size=500)
-    stage_pretrain_lm(run, examples, LMConfig(steps=2), progress=False)
-    torch.manual_seed(5)
-    vit = VisionTransformer(ImageConfig.from_dict(tiny_preset()["image"]).vit)
-    torch.save(vit.state_dict(), os.path.join(run, DINO_FILE))
+    copy_shared(quick.run, run)
     return run
 
 
-def test_finetune_from_embeddings_matches_running_the_vit(tmp_path, monkeypatch):
+def test_finetune_from_embeddings_matches_running_the_vit(quick, tmp_path, monkeypatch):
     import torch
 
     from samf.train.configs import FinetuneConfig
@@ -347,7 +334,7 @@ def test_finetune_from_embeddings_matches_running_the_vit(tmp_path, monkeypatch)
     data = _phantoms(tmp_path, n_train=10, n_test=2)
     cache_dir = str(tmp_path / "cache")
     prepare_cache(data, cache_dir, PRE, shard_size=4, progress=False, echo=lambda m: None)
-    run = _small_run(tmp_path, cache_dir)
+    run = _small_run(quick, tmp_path)
     cache = ScanCache(cache_dir)
     vit = pretrained_image_encoder(run).vit
     emb = compute_embeddings(cache, vit, torch.device("cpu"), progress=False)
@@ -425,7 +412,7 @@ print(me.ru_maxrss + kids.ru_maxrss)
 
 
 @pytest.mark.slow
-def test_peak_memory_does_not_grow_with_the_cache(tmp_path):
+def test_peak_memory_does_not_grow_with_the_cache(quick, tmp_path):
     """The same fine-tuning steps from a 50-scan and a 500-scan cache: peak RSS (the process and its loader
     worker) within 10%. In memory, the 500 scans' slices alone would add 230 MB."""
     data = _phantoms(tmp_path, n_train=500, n_test=1)
@@ -438,7 +425,7 @@ def test_peak_memory_does_not_grow_with_the_cache(tmp_path):
     with open(str(tmp_path / "data50" / "train.csv"), "w") as f:
         f.write("\n".join(rows[:51]) + "\n")
     prepare_cache(str(tmp_path / "data50"), small, PRE, splits=["train"], progress=False, echo=lambda m: None)
-    run = _small_run(tmp_path, small)
+    run = _small_run(quick, tmp_path)
     peaks = {}
     for name, cache in (("50", small), ("500", big)):
         r = subprocess.run([sys.executable, "-c", _PEAK, run, cache], capture_output=True, text=True, check=True)
