@@ -28,6 +28,21 @@ QUICK = dict(n_train=16, n_test=8, dino_steps=2, warmup_steps=2, lm_steps=20, fi
              check_scans=6, check_tokens=64)
 
 
+#: Torch threads for a test process's own work. Under pytest-xdist (``make test``: two workers on two cores) each
+#: worker runs on one: two workers' OpenMP teams on two cores wait at every barrier for each other's descheduled
+#: threads (measured: an evaluation of 2 s alone took 45 s beside another worker). CLIs the tests start choose
+#: their own threads.
+TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(TORCH_THREADS)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """The bundle-verification cache goes to a session folder, never into the user's ~/.cache (CLIs inherit it)."""
@@ -54,7 +69,7 @@ def _recipe_run(root, sizes: dict) -> Trained:
     from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(TORCH_THREADS)
     data, run = str(root / "data"), str(root / "run")
     generate_phantom_dataset(data, sizes["n_train"], sizes["n_test"], seed=1, progress=False)
     train, test = start_run(run, data, progress=False)
