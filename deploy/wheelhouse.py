@@ -108,18 +108,46 @@ def _locked(folder: Path):
         yield
 
 
+CMAKE_MIN = (3, 21)  # CMakeLists.txt's cmake_minimum_required
+
+
+def _cmake_tools(log) -> str:
+    """A cmake of at least :data:`CMAKE_MIN`: the system's, else PyPI's ``cmake`` and ``ninja`` packages installed
+    into the cache folder (as llama-cpp-python's own build gets them), whose bin folder is put first on PATH."""
+    def version(exe):
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"(\d+)\.(\d+)", out)
+        return (int(m[1]), int(m[2])) if m else (0, 0)
+
+    system = shutil.which("cmake")
+    if system and version(system) >= CMAKE_MIN:
+        return system
+    tools = cache_root() / "tools"
+    exe = tools / "bin" / "cmake"
+    if not exe.exists():
+        log(f"cmake {'.'.join(map(str, CMAKE_MIN))}+ not found: pip install cmake ninja into {tools}")
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--prefix", str(tools),
+                              "cmake>=3.21", "ninja"], capture_output=True, text=True)
+        if run.returncode != 0 or not exe.exists():
+            raise BuildError("cmake 3.21 or newer is needed to build llama.cpp (apt-get install cmake, or pip "
+                             "install cmake)")
+    os.environ["PATH"] = f"{tools / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    pure = sysconfig.get_path("purelib", vars={"base": str(tools), "platbase": str(tools)})
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [pure, os.environ.get("PYTHONPATH")]))
+    return str(exe)
+
+
 def cmake_build(build_dir: Path, options: dict, sdist: str | None, log) -> Path:
     """``cmake -S . -B build && cmake --build build`` with the options; the libraries' folder."""
-    if not shutil.which("cmake"):
-        raise BuildError("cmake not found: building llama.cpp needs it (apt-get install cmake g++)")
-    args = ["cmake", "-S", str(ROOT), "-B", str(build_dir)]
+    cmake = _cmake_tools(log)
+    args = [cmake, "-S", str(ROOT), "-B", str(build_dir)]
     if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
         args += ["-G", "Ninja"]
     args += [f"-D{OPTIONS[k]}={'ON' if v else 'OFF'}" for k, v in options.items()]
     if sdist:
         args.append(f"-DSAMF_LLAMA_CPP_SDIST={os.path.abspath(sdist)}")
     jobs = str(os.cpu_count() or 1)
-    for cmd in (args, ["cmake", "--build", str(build_dir), "-j", jobs]):
+    for cmd in (args, [cmake, "--build", str(build_dir), "-j", jobs]):
         log(f"$ {' '.join(cmd)}")
         if subprocess.run(cmd).returncode != 0:
             raise BuildError(f"{' '.join(cmd[:2])} failed (its output is above)")
