@@ -343,7 +343,10 @@ def build_wheelhouse(out: Path, extras: list, options: dict, fresh: bool = False
     (out / "SHA256SUMS").write_text("".join(f"{w['sha256']}  {w['file']}\n" for w in infos))
     with zipfile.ZipFile(llama) as z:
         native = json.loads(z.read("llama_cpp/lib/samf-build.json"))
-    manifest = dict(samf=samf["version"], extras=extras, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
+                            capture_output=True, text=True).stdout.strip() or None
+    manifest = dict(samf=samf["version"], samf_commit=commit, extras=extras,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     python=pyver, platform=f"{platform.system()} {platform.machine()}",
                     glibc_min=_glibc_needed(infos), llama_cpp=native,
                     size_bytes=sum(w["size"] for w in infos), wheels=infos)
