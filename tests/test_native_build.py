@@ -54,7 +54,9 @@ def installed_lib_dir() -> Path:
 
 
 def portable_installed() -> bool:
-    return (installed_lib_dir() / "samf-build.json").exists()
+    """The installed llama-cpp-python is CMakeLists.txt's portable build (every CPU variant)."""
+    built = installed_lib_dir() / "samf-build.json"
+    return built.exists() and json.loads(built.read_text())["options"]["GGML_CPU_ALL_VARIANTS"] == "ON"
 
 
 def cpu_flags() -> set:
