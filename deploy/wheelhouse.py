@@ -81,9 +81,11 @@ def _compiler() -> str:
 
 
 def build_key(options: dict) -> str:
-    """What decides the wheel's bytes: the native build's description, its options, the compiler, the format."""
+    """What decides the wheel's bytes: the native build's description (CMakeLists.txt less its comment lines), its
+    options, the compiler, the wheel's format."""
     h = hashlib.sha256()
-    h.update((ROOT / "CMakeLists.txt").read_bytes())
+    text = (ROOT / "CMakeLists.txt").read_text()  # its comments left out: they change no byte of the build
+    h.update("\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")).encode())
     h.update(json.dumps(dict(options=options, compiler=_compiler(), format=WHEEL_FORMAT,
                              machine=platform.machine()), sort_keys=True).encode())
     return h.hexdigest()[:16]
