@@ -8,13 +8,21 @@ nothing large, since a child's ``ru_maxrss`` starts at its parent's size):
 
 1. memory bandwidth (read, all cores), for the decode roofline;
 2. a random-weight merged checkpoint of the paper preset (bf16 LLM, written a tensor at a time);
-3. ``samf-export bundle`` on it: ONNX + F16 GGUF + Q8_0 + Q4_K_M, each validated;
-4. ``samf bench`` per GGUF type on phantoms, exactly ``--new-tokens`` tokens per report;
+3. ``samf-export bundle`` on it: ONNX + F16 GGUF + Q8_0 + Q4_K_M, each validated, and the encoder variants
+   ``--encoders`` names besides fp32 (bf16: the fp32 files on OpenVINO), each written only if it holds the
+   export's tolerance (checked on ``--check-scans`` held-out phantoms; embeddings only unless ``--check-tokens``);
+4. ``samf bench`` per GGUF type on phantoms with the fp32 encoders (ONNX Runtime), exactly ``--new-tokens``
+   tokens per report; then the last GGUF type with each other encoder variant the bundle carries (a variant the
+   export refused is recorded with the export's reason, not measured);
 5. the same phantom through the PyTorch pipeline (``SamfVLM.generate``, transformers eager, the checkpoint's
    bf16), the same prompt and number of new tokens;
-6. ``samf report --max-tokens 1`` from process start (time to first token), and bundle verification alone.
+6. ``samf report --max-tokens 1`` from process start (time to first token), 3 runs per encoder variant, and
+   bundle verification alone.
 
-Steps whose output exists are not redone (``--redo`` forces them). Nothing here downloads anything.
+Steps whose output exists are not redone (``--redo`` forces them). Nothing here downloads anything. OpenVINO
+(bf16) only ever loads in ``samf-export`` (after its torch work, as the export does for ``--precision bf16``) and
+in torch-free runtime processes (``samf bench``, ``samf report``), never in the PyTorch pipeline's process: a
+process holding both torch and OpenVINO was seen to crash at a later vfork.
 """
 
 from __future__ import annotations
@@ -50,7 +58,10 @@ def _status(pid: int) -> dict:
 
 
 def measured(cmd: list, log: str | None = None) -> dict:
-    """Run ``cmd``; wall time, exit code, exact peak RSS (``ru_maxrss``) and sampled peak anon/file RSS."""
+    """Run ``cmd``; wall time, exit code, exact peak RSS (``ru_maxrss``) and sampled peak anon/file RSS, the
+    process's CPU time (user + system) and the machine's 1-minute load average before and after: on a shared
+    machine, CPU time well under wall time times the threads, or a load above the cores, says others competed."""
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -73,7 +84,8 @@ def measured(cmd: list, log: str | None = None) -> dict:
         out.close()
     res = dict(cmd=" ".join(cmd), wall_s=round(time.perf_counter() - t0, 2), rc=proc.returncode,
                peak_rss_gb=round(usage.ru_maxrss * 1024 / GB, 3), peak_anon_gb=round(peaks["RssAnon"] / GB, 3),
-               peak_file_gb=round(peaks["RssFile"] / GB, 3))
+               peak_file_gb=round(peaks["RssFile"] / GB, 3), cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
+               load_before=round(load0, 2), load_after=round(os.getloadavg()[0], 2))
     print(json.dumps(res), flush=True)
     if proc.returncode != 0:
         tail = open(log).read()[-3000:] if log else ""
@@ -166,6 +178,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--scans", type=int, default=3)
     ap.add_argument("--quant", action="append", default=None, help="GGUF types (default F16, Q8_0, Q4_K_M)")
+    ap.add_argument("--encoders", action="append", default=None, choices=["fp32", "bf16", "int8", "fp16"],
+                    help="encoder variants measured side by side, fp32 (ONNX Runtime) first (default fp32, bf16); "
+                         "each besides fp32 is asked of the export, which writes it only if it holds its tolerance")
+    ap.add_argument("--check-scans", type=int, default=20, help="held-out phantoms the export checks variants on")
+    ap.add_argument("--check-tokens", type=int, default=0,
+                    help="greedy report tokens the export compares per check scan (0: embeddings only; random "
+                         "weights' reports mean nothing, and 20 x 256 tokens on the F16 GGUF take half an hour)")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="then this many more runs of the last GGUF type's bench (each encoder variant) and the "
+                         "PyTorch pipeline, one after the other, each pair's ratio recorded; a rerun adds more "
+                         "(on a shared machine only ratios taken side by side count)")
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--step", choices=["torch-pipeline", "verify-time", "bandwidth"], help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
@@ -179,11 +202,16 @@ def main() -> None:
             return json.dump(bandwidth(), f)
 
     quants = a.quant or ["F16", "Q8_0", "Q4_K_M"]
+    encoders = list(dict.fromkeys(["fp32"] + (a.encoders or ["bf16"])))
     os.makedirs(a.work, exist_ok=True)
     ckpt, bundle = os.path.join(a.work, "checkpoint"), os.path.join(a.work, "bundle")
     res = json.load(open(a.out)) if os.path.exists(a.out) and not a.redo else {}
     res.update(host=platform.node(), cpus=os.cpu_count(), python=platform.python_version(), layers=a.layers,
-               new_tokens=a.new_tokens, date=time.strftime("%Y-%m-%d"))
+               new_tokens=a.new_tokens, date=time.strftime("%Y-%m-%d"), commit=subprocess.run(
+                   ["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    res.setdefault("passes", []).append(dict(commit=res["commit"], started=time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                        time.gmtime()),
+                                             argv=sys.argv[1:]))  # a rerun adds to the same results
     me = [sys.executable, os.path.abspath(__file__)]
 
     def save():
@@ -202,24 +230,47 @@ def main() -> None:
         save()
     if a.redo or not os.path.exists(os.path.join(bundle, "manifest.json")):
         cmd = ["samf-export", "bundle", ckpt, "--out", bundle, "--base", quants[0]]
-        res["export"] = measured(cmd + [x for q in quants[1:] for x in ("--quant", q)],
-                                 os.path.join(a.work, "export.log"))
+        cmd += [x for q in quants[1:] for x in ("--quant", q)]
+        cmd += [x for e in encoders[1:] for x in ("--precision", e)] or ["--precision", "none"]
+        cmd += ["--check-scans", str(a.check_scans), "--check-tokens", str(a.check_tokens)]
+        res["export"] = measured(cmd, os.path.join(a.work, "export.log"))
         res["bundle_files_mb"] = {n: round(m["size"] / 1e6, 1) for n, m in
                                   json.load(open(os.path.join(bundle, "manifest.json")))["files"].items()}
         save()
+    manifest = json.load(open(os.path.join(bundle, "manifest.json")))
+    res["encoder_variants"] = dict(  # what the export kept (with its check's figures) and what it refused, and why
+        kept={p: dict(figures=e.get("figures"), tolerance=e.get("tolerance"), backend=e.get("backend", "onnxruntime"))
+              for p, e in manifest["encoders"].items()},
+        rejected=manifest.get("fidelity", {}).get("encoders_rejected", {}))
+    have = [e for e in encoders if e in manifest["encoders"]]
     for q in quants:
         key = f"runtime_{q}"
         if key not in res or a.redo:
             j = os.path.join(a.work, f"bench-{q}.json")
             res[key] = measured(["samf", "bench", "--bundle", bundle, "--quant", q, "--scans", str(a.scans),
-                                 "--new-tokens", str(a.new_tokens), "--out", j], os.path.join(a.work, f"bench-{q}.log"))
+                                 "--new-tokens", str(a.new_tokens), "--encoders", "fp32", "--out", j],
+                                os.path.join(a.work, f"bench-{q}.log"))
+            res[key]["bench"] = json.load(open(j))
+            save()
+    for e in encoders[1:]:  # the last GGUF type with each other encoder variant, each in a torch-free process
+        key = f"runtime_{quants[-1]}_{e}"
+        if e not in have:
+            res[key] = dict(not_in_bundle=res["encoder_variants"]["rejected"].get(e, {}).get(
+                "reason", "the export did not make it (OpenVINO not installed?)"))
+            save()
+        elif key not in res or "not_in_bundle" in res[key] or a.redo:
+            j = os.path.join(a.work, f"bench-{quants[-1]}-{e}.json")
+            res[key] = measured(["samf", "bench", "--bundle", bundle, "--quant", quants[-1], "--scans", str(a.scans),
+                                 "--new-tokens", str(a.new_tokens), "--encoders", e, "--out", j],
+                                os.path.join(a.work, f"bench-{quants[-1]}-{e}.log"))
             res[key]["bench"] = json.load(open(j))
             save()
     q1 = f"runtime_{quants[-1]}_1thread"  # decode scaling with cores: compute-bound or memory-bound
     if q1 not in res or a.redo:
         j = os.path.join(a.work, "bench-1thread.json")
         res[q1] = measured(["samf", "bench", "--bundle", bundle, "--quant", quants[-1], "--scans", "1", "--threads",
-                            "1", "--new-tokens", str(a.new_tokens), "--out", j], os.path.join(a.work, "bench-1t.log"))
+                            "1", "--new-tokens", str(a.new_tokens), "--encoders", "fp32", "--out", j],
+                           os.path.join(a.work, "bench-1t.log"))
         res[q1]["bench"] = json.load(open(j))
         save()
     if "torch_pipeline" not in res or a.redo:
@@ -237,8 +288,37 @@ def main() -> None:
     j = os.path.join(a.work, "verify.json")
     res["verify_warm"] = measured(me + ["--work", a.work, "--out", j, "--step", "verify-time", bundle, q])
     res["verify_warm"]["verify_s"] = json.load(open(j))["verify_s"]
-    res["first_token"] = [measured(["samf", "report", scan, "--bundle", bundle, "--quant", q, "--max-tokens", "1"])
-                          for _ in range(3)]
+    res.setdefault("first_token", {})
+    for e in (e for e in have if a.redo or len(res["first_token"].get(e, [])) < 3):
+        # 3 runs per variant, after the verification run above has warmed the page cache
+        runs = []
+        for i in range(3):
+            log = os.path.join(a.work, f"first-token-{e}-{i}.log")
+            r = measured(["samf", "report", scan, "--bundle", bundle, "--quant", q, "--max-tokens", "1",
+                          "--encoders", e], log)
+            r["timings"] = next((ln for ln in reversed(open(log).read().splitlines()) if ln.startswith("[load")),
+                                "")  # the command's own timing line (stderr)
+            runs.append(r)
+        res["first_token"][e] = runs
+        save()
+    for _ in range(a.pairs):
+        pair = {}
+        for e in have:
+            j = os.path.join(a.work, f"pair-{quants[-1]}-{e}.json")
+            r = measured(["samf", "bench", "--bundle", bundle, "--quant", quants[-1], "--scans", str(a.scans),
+                          "--new-tokens", str(a.new_tokens), "--encoders", e, "--out", j],
+                         os.path.join(a.work, f"pair-{quants[-1]}-{e}.log"))
+            run = json.load(open(j))["runs"][0]
+            pair[f"runtime_{e}"] = dict(r, stages_p50_ms={k: v["p50_ms"] for k, v in run["stages"].items()},
+                                        decode_tok_s=run["decode_tok_s"])
+        j = os.path.join(a.work, "pair-torch.json")
+        r = measured(me + ["--work", a.work, "--out", j, "--new-tokens", str(a.new_tokens), "--step",
+                           "torch-pipeline", ckpt], os.path.join(a.work, "pair-torch.log"))
+        pair["torch"] = dict(r, result=json.load(open(j)))
+        pair["ratio"] = {e: pair["torch"]["result"]["timings_s"]["total"] * 1000
+                         / pair[f"runtime_{e}"]["stages_p50_ms"]["total"] for e in have}
+        res.setdefault("pairs", []).append(pair)
+        save()
     for qq in quants:
         res[f"roofline_{qq}"] = roofline(os.path.join(bundle, f"llm-{qq}.gguf"), res["bandwidth"]["read_gb_s"],
                                          res[f"runtime_{qq}"]["bench"], a.new_tokens)
@@ -265,22 +345,35 @@ def roofline(gguf_path: str, read_gb_s: float, bench: dict, new_tokens: int) -> 
 
 
 def summarize(res: dict, q: str) -> None:
-    """The ratios the issue sets floors for, printed."""
-    rt = res[f"runtime_{q}"]["bench"]["runs"][0]
+    """The ratios the issue sets floors for, printed: per encoder variant the report against PyTorch's and the
+    first token."""
     tp = res["torch_pipeline"]["result"]
-    rt_total = rt["stages"]["total"]["p50_ms"] / 1000
-    print(f"\nper report ({res['new_tokens']} new tokens, models loaded): runtime {q} {rt_total:.1f} s, "
-          f"PyTorch {tp['timings_s']['total']:.1f} s: {tp['timings_s']['total'] / rt_total:.1f}x")
-    print(f"peak RSS: runtime {q} {res[f'runtime_{q}']['peak_rss_gb']:.2f} GB, PyTorch "
-          f"{res['torch_pipeline']['peak_rss_gb']:.2f} GB")
+    rt = res[f"runtime_{q}"]["bench"]["runs"][0]
+    variants = {"fp32": res[f"runtime_{q}"]}
+    variants.update({k[len(f"runtime_{q}_"):]: v for k, v in res.items()
+                     if k.startswith(f"runtime_{q}_") and not k.endswith("_1thread")})
+    for e, r in variants.items():
+        if "not_in_bundle" in r:
+            print(f"\nruntime {q}, {e} encoders: not in the bundle ({r['not_in_bundle']})")
+            continue
+        run = r["bench"]["runs"][0]
+        total = run["stages"]["total"]["p50_ms"] / 1000
+        print(f"\nper report ({res['new_tokens']} new tokens, models loaded): runtime {q}, {e} encoders "
+              f"{total:.1f} s (vit {run['stages']['vit']['p50_ms'] / 1000:.2f} s), PyTorch "
+              f"{tp['timings_s']['total']:.1f} s: {tp['timings_s']['total'] / total:.1f}x; peak RSS "
+              f"{r['peak_rss_gb']:.2f} GB (PyTorch {res['torch_pipeline']['peak_rss_gb']:.2f} GB)")
     roof = res[f"roofline_{q}"]
     print(f"decode {q}: {rt['decode_tok_s']:.2f} tok/s; roofline {roof['tok_s']:.2f} tok/s "
           f"({roof['bytes_per_token'] / 1e9:.2f} GB per token at {res['bandwidth']['read_gb_s']} GB/s): "
           f"{rt['decode_tok_s'] / roof['tok_s']:.0%}")
     print(f"export peak RSS {res['export']['peak_rss_gb']:.2f} GB (anon {res['export']['peak_anon_gb']:.2f} GB)")
-    print("first token: " + ", ".join(f"{r['wall_s']:.1f} s" for r in res["first_token"])
-          + f"; verification {res['verify_warm']['verify_s']:.3f} s")
-
+    for i, p in enumerate(res.get("pairs", [])):
+        print(f"pair {i + 1}: PyTorch {p['torch']['result']['timings_s']['total']:.1f} s; "
+              + ", ".join(f"runtime {e} {p[f'runtime_{e}']['stages_p50_ms']['total'] / 1000:.1f} s ({x:.1f}x)"
+                          for e, x in p["ratio"].items()))
+    for e, runs in res["first_token"].items():
+        print(f"first token, {e} encoders: " + ", ".join(f"{r['wall_s']:.1f} s" for r in runs))
+    print(f"verification {res['verify_warm']['verify_s']:.3f} s")
 
 if __name__ == "__main__":
     main()
