@@ -32,15 +32,23 @@ QUICK = dict(n_train=16, n_test=8, dino_steps=2, warmup_steps=2, lm_steps=20, fi
 #: worker runs on one: two workers' OpenMP teams on two cores wait at every barrier for each other's descheduled
 #: threads (measured: an evaluation of 2 s alone took 45 s beside another worker). CLIs the tests start choose
 #: their own threads.
-TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, os.cpu_count() or 1)
+ALL_CORES = max(1, os.cpu_count() or 1)
+TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else ALL_CORES
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
+    """Under xdist, torch and the BLAS libraries (numpy's, scikit-learn's) of the worker on one thread each: the
+    probes' logistic regressions took 35 s of CPU beside another worker on two BLAS threads, 14 s alone."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(TORCH_THREADS)
+        with threadpool_limits(limits=TORCH_THREADS, user_api="blas"):
+            yield
+    else:
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,7 +69,7 @@ class Trained:
     test: list
 
 
-def _recipe_run(root, sizes: dict) -> Trained:
+def _recipe_run(root, sizes: dict, threads: int = TORCH_THREADS) -> Trained:
     import torch
 
     from samf.export.bundle_writer import write_bundle
@@ -69,7 +77,7 @@ def _recipe_run(root, sizes: dict) -> Trained:
     from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(threads)
     data, run = str(root / "data"), str(root / "run")
     generate_phantom_dataset(data, sizes["n_train"], sizes["n_test"], seed=1, progress=False)
     train, test = start_run(run, data, progress=False)
@@ -96,7 +104,11 @@ def _shared_run(request, tmp_path_factory, name: str, sizes: dict) -> Trained:
         if not done.exists():
             shutil.rmtree(common / name, ignore_errors=True)  # what a worker that failed building left
             (common / name).mkdir()
-            done.write_bytes(pickle.dumps(_recipe_run(common / name, sizes)))
+            # On every core: the other workers are waiting for it (their first test files need it too).
+            done.write_bytes(pickle.dumps(_recipe_run(common / name, sizes, threads=ALL_CORES)))
+            import torch
+
+            torch.set_num_threads(TORCH_THREADS)
     return pickle.loads(done.read_bytes())
 
 
