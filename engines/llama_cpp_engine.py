@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 import time
 
 import numpy as np
@@ -44,6 +45,7 @@ def _llama_cpp():
 CPU_VARIANT_ENV = "SAMF_LLAMA_CPU_VARIANT"
 _CPU_PREFIX, _SUFFIX = "libggml-cpu-", ".so"
 _backends_loaded = False
+_backends_lock = threading.Lock()  # the service opens pipelines from more than one thread
 
 
 def cpu_variants(folder: str) -> list:
@@ -77,9 +79,13 @@ def _load_backends(lib) -> None:
 
     ``lib`` is the loaded libllama; ggml's functions are looked up through it (dlsym searches its
     dependencies), so they are those of the very libggml it uses, not of a second copy."""
+    with _backends_lock:
+        if not _backends_loaded:
+            _register_backends(lib)
+
+
+def _register_backends(lib) -> None:
     global _backends_loaded
-    if _backends_loaded:
-        return
     folder = os.path.dirname(os.path.realpath(lib._name))
     lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
     lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
