@@ -104,11 +104,12 @@ def _shared_run(request, tmp_path_factory, name: str, sizes: dict) -> Trained:
         if not done.exists():
             shutil.rmtree(common / name, ignore_errors=True)  # what a worker that failed building left
             (common / name).mkdir()
-            # On every core: the other workers are waiting for it (their first test files need it too).
-            done.write_bytes(pickle.dumps(_recipe_run(common / name, sizes, threads=ALL_CORES)))
             import torch
 
-            torch.set_num_threads(TORCH_THREADS)
+            try:  # on every core: the other workers are waiting for it (their first test files need it too)
+                done.write_bytes(pickle.dumps(_recipe_run(common / name, sizes, threads=ALL_CORES)))
+            finally:
+                torch.set_num_threads(TORCH_THREADS)
     return pickle.loads(done.read_bytes())
 
 
