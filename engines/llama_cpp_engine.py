@@ -48,13 +48,20 @@ _backends_loaded = False
 _backends_lock = threading.Lock()  # the service opens pipelines from more than one thread
 
 
+def _variant_of(filename: str) -> str | None:
+    """``haswell`` for ``libggml-cpu-haswell.so``; None for any other file."""
+    if filename.startswith(_CPU_PREFIX) and filename.endswith(_SUFFIX):
+        return filename[len(_CPU_PREFIX):-len(_SUFFIX)]
+    return None
+
+
 def cpu_variants(folder: str) -> list:
     """The CPU variants a portable llama.cpp build has in ``folder`` (``libggml-cpu-<name>.so``), by name."""
     try:
         names = os.listdir(folder)
     except OSError:
         return []
-    return sorted(n[len(_CPU_PREFIX):-len(_SUFFIX)] for n in names if n.startswith(_CPU_PREFIX) and n.endswith(_SUFFIX))
+    return sorted(v for v in map(_variant_of, names) if v)
 
 
 def loaded_cpu_variant() -> str | None:
@@ -63,9 +70,9 @@ def loaded_cpu_variant() -> str | None:
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                name = os.path.basename(line.split()[-1]) if "/" in line else ""
-                if name.startswith(_CPU_PREFIX) and name.endswith(_SUFFIX):
-                    return name[len(_CPU_PREFIX):-len(_SUFFIX)]
+                variant = _variant_of(os.path.basename(line.split()[-1])) if "/" in line else None
+                if variant:
+                    return variant
     except OSError:  # pragma: no cover - not Linux
         pass
     return None
