@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli, run_cli
 
 from samf.runtime.inference.pipeline import RECORD_FIELDS
 from samf.runtime.scan.ct import save_nifti
@@ -16,7 +16,9 @@ from samf.train.run_files import MERGED_DIR
 
 
 def samf(*args):
-    return run_cli("samf", *args)
+    """``samf ARGS`` in this process: these tests are of the message and the exit code. The ones whose process
+    matters (its start, a hang, its threads), and one of each command, run it in a fresh interpreter (run_cli)."""
+    return invoke_cli("samf", *args)
 
 
 def assert_clean_failure(proc, *words):
@@ -37,7 +39,8 @@ def good_scan(tmp_path_factory):
 
 
 def test_missing_scan(tmp_path):
-    assert_clean_failure(samf("report", str(tmp_path / "nope.nii.gz"), "--bundle", str(tmp_path)), "not found")
+    assert_clean_failure(run_cli("samf", "report", str(tmp_path / "nope.nii.gz"), "--bundle", str(tmp_path)),
+                         "not found")
 
 
 def test_not_a_ct_file(tmp_path):
@@ -49,7 +52,7 @@ def test_not_a_ct_file(tmp_path):
 def test_nifti_that_is_not_ct(tmp_path):
     p = tmp_path / "mri.nii.gz"
     save_nifti(str(p), np.random.default_rng(0).uniform(0, 800, (20, 20, 20)).astype(np.float32), (2, 2, 2))
-    assert_clean_failure(samf("info", str(p)), "do not look like CT")
+    assert_clean_failure(run_cli("samf", "info", str(p)), "do not look like CT")
 
 
 def test_corrupt_nifti(tmp_path, good_scan):
@@ -115,7 +118,7 @@ def test_unknown_quant(quick, good_scan):
 
 
 def test_report_runs_from_the_bundle(quick, good_scan):
-    proc = samf("report", good_scan, "--bundle", quick.bundle, "--json")
+    proc = run_cli("samf", "report", good_scan, "--bundle", quick.bundle, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     # The input's path around the result record (Result.to_record): the names the batch and the service use.
@@ -161,7 +164,7 @@ def test_bench_reports_stages_and_quantization_cost(quick, tmp_path):
     ("samf-export", ["synthetic-bundle", "--out", "b", "--layers", "0"]),
 ])
 def test_usage_errors_are_one_line_with_exit_2(tool, args):
-    proc = run_cli(tool, *args)
+    proc = invoke_cli(tool, *args)
     assert proc.returncode == 2
     assert_clean_failure(proc, "error:", "--help")
 
@@ -240,7 +243,7 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path, good_
     with gzip.open(bomb, "wb", compresslevel=9) as f:
         f.write(plain.read_bytes())
         f.write(b"\x00" * (200 << 20))
-    proc = run_cli("samf", "info", str(bomb))
+    proc = samf("info", str(bomb))
     assert_clean_failure(proc, "more data than its header declares")
 
 
@@ -322,7 +325,7 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(good_scan, tm
     """`--out /dev/null` and a 300-character name gave tracebacks; refused in one line, nothing written."""
     work = tmp_path / "work"
     work.mkdir()
-    proc = run_cli("samf", "slices", good_scan, "--out", str(work / out), timeout=60)
+    proc = samf("slices", good_scan, "--out", str(work / out))
     assert_clean_failure(proc, "--out", "not a folder" if out.startswith("/dev") else "longer than the")
     assert os.listdir(work) == []
 
@@ -334,14 +337,14 @@ def test_unknown_quant_types_are_refused_before_the_export_starts(tmp_path):
     ckpt = tmp_path / MERGED_DIR
     ckpt.mkdir()
     t0 = time.monotonic()
-    proc = run_cli("samf-export", "bundle", str(ckpt), "--out", str(tmp_path / "b"), "--quant", "Q8_0",
-                   "--quant", "BOGUS")
+    proc = invoke_cli("samf-export", "bundle", str(ckpt), "--out", str(tmp_path / "b"), "--quant", "Q8_0",
+                      "--quant", "BOGUS")
     assert_clean_failure(proc, "--quant", "'BOGUS'", "Q4_K_M")  # not "preprocess.json": nothing was read
-    proc = run_cli("samf-export", "synthetic-bundle", "--out", str(tmp_path / "s"), "--quant", "q2_k")
+    proc = invoke_cli("samf-export", "synthetic-bundle", "--out", str(tmp_path / "s"), "--quant", "q2_k")
     assert_clean_failure(proc, "--quant", "'q2_k'")
     src = tmp_path / "base.gguf"
     src.write_bytes(b"GGUF")
-    proc = run_cli("samf-export", "quantize", str(src), str(tmp_path / "q.gguf"), "--type", "BOGUS")
+    proc = invoke_cli("samf-export", "quantize", str(src), str(tmp_path / "q.gguf"), "--type", "BOGUS")
     assert_clean_failure(proc, "--type", "'BOGUS'")
     assert sorted(os.listdir(tmp_path)) == ["base.gguf", MERGED_DIR] and os.listdir(ckpt) == []
     assert time.monotonic() - t0 < 30
