@@ -38,9 +38,12 @@ TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else ALL_CORES
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
-    """Under xdist, torch and the BLAS libraries (numpy's, scikit-learn's) of the worker on one thread each: the
-    probes' logistic regressions took 35 s of CPU beside another worker on two BLAS threads, 14 s alone."""
+    """Under xdist, torch and the BLAS libraries (numpy's, scipy's: scikit-learn's fits) of the worker on one thread
+    each: the probes' logistic regressions took 35 s of CPU beside another worker on two BLAS threads, 14 s alone.
+    threadpoolctl limits only the libraries loaded when it is called, so scipy's is loaded first (without it, the
+    probes of the quick run took 6-80 s of CPU beside a busy core instead of 1.6 s)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        import scipy.linalg  # noqa: F401  (loaded now, so limited: scipy has an OpenBLAS of its own, numpy's is another)
         import torch
         from threadpoolctl import threadpool_limits
 
