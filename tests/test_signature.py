@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli, run_cli
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from test_cli_errors import assert_clean_failure
@@ -23,12 +23,14 @@ def bundle(quick, tmp_path):
     return str(dst)
 
 
-@pytest.fixture()
-def keys(tmp_path):
-    """Two PEM key pairs made by `samf-export keygen`: the site's and someone else's."""
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """Two PEM key pairs made by `samf-export keygen`: the site's and someone else's (made once: the tests only
+    read them)."""
+    folder = tmp_path_factory.mktemp("keys")
     out = {}
     for who in ("site", "other"):
-        path = str(tmp_path / f"{who}.key")
+        path = str(folder / f"{who}.key")
         proc = run_cli("samf-export", "keygen", path)
         assert proc.returncode == 0, proc.stderr
         assert oct(os.stat(path).st_mode & 0o777) == "0o600"
@@ -36,8 +38,14 @@ def keys(tmp_path):
     return out
 
 
+def export(*args):
+    """``samf-export ARGS`` in this process: these checks are of the message and the exit code (keygen, the first
+    sign and the signed report run in fresh interpreters)."""
+    return invoke_cli("samf-export", *args)
+
+
 def verify(bundle, *keys):
-    return run_cli("samf-export", "verify", bundle, *[a for k in keys for a in ("--trusted-key", k)])
+    return export("verify", bundle, *[a for k in keys for a in ("--trusted-key", k)])
 
 
 def test_signed_bundle_runs_with_its_key_and_reports_who_signed(bundle, keys, tmp_path):
@@ -61,14 +69,14 @@ def test_signed_bundle_runs_with_its_key_and_reports_who_signed(bundle, keys, tm
 
 def test_unsigned_or_foreign_signatures_are_refused(bundle, keys):
     assert_clean_failure(verify(bundle, keys["site"][1]), "not signed")
-    assert run_cli("samf-export", "sign", bundle, "--key", keys["other"][0]).returncode == 0
+    assert export("sign", bundle, "--key", keys["other"][0]).returncode == 0
     assert_clean_failure(verify(bundle, keys["site"][1]), "does not verify")
 
 
 def test_any_change_to_the_manifest_bytes_breaks_the_signature(bundle, keys):
     """Even one that keeps the JSON's meaning, and so its own digest: the signature covers the exact bytes."""
     priv, pub = keys["site"]
-    assert run_cli("samf-export", "sign", bundle, "--key", priv).returncode == 0
+    assert export("sign", bundle, "--key", priv).returncode == 0
     path = os.path.join(bundle, "manifest.json")
     with open(path, "a") as f:
         f.write("\n")
@@ -82,7 +90,7 @@ def test_sign_refuses_an_altered_artifact(bundle, keys):
     with open(p, "r+b") as f:
         f.seek(os.path.getsize(p) // 2)
         f.write(b"\x55\xaa")
-    assert_clean_failure(run_cli("samf-export", "sign", bundle, "--key", keys["site"][0]), "llm-F32.gguf")
+    assert_clean_failure(export("sign", bundle, "--key", keys["site"][0]), "llm-F32.gguf")
     assert not os.path.exists(os.path.join(bundle, SIGNATURE))
 
 
@@ -92,13 +100,13 @@ def test_openssh_keys_and_bad_key_files(bundle, tmp_path):
     priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                        serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    assert run_cli("samf-export", "sign", bundle, "--key", str(priv)).returncode == 0
+    assert export("sign", bundle, "--key", str(priv)).returncode == 0
     assert verify(bundle, str(pub)).returncode == 0
 
     locked = tmp_path / "locked.pem"
     locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.BestAvailableEncryption(b"secret")))
-    assert_clean_failure(run_cli("samf-export", "sign", bundle, "--key", str(locked)), "SAMF_KEY_PASSPHRASE")
+    assert_clean_failure(export("sign", bundle, "--key", str(locked)), "SAMF_KEY_PASSPHRASE")
     junk = tmp_path / "junk.pub"
     junk.write_text("not a key\n")
     assert_clean_failure(verify(bundle, str(junk)), "not a PEM or OpenSSH public key")
@@ -106,7 +114,7 @@ def test_openssh_keys_and_bad_key_files(bundle, tmp_path):
 
 
 def test_manifest_updates_never_bless_an_altered_file_and_drop_the_signature(bundle, keys):
-    assert run_cli("samf-export", "sign", bundle, "--key", keys["site"][0]).returncode == 0
+    assert export("sign", bundle, "--key", keys["site"][0]).returncode == 0
     update_manifest(bundle, lambda m: m.setdefault("note", "updated"))
     assert not os.path.exists(os.path.join(bundle, SIGNATURE))
     assert verify(bundle).returncode == 0
