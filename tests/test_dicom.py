@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli, run_cli
 from dicom_writer import write_enhanced, write_series
 
 from samf.errors import ScanError
@@ -201,14 +201,16 @@ def test_identifiers_appear_only_with_verbose(phantom, tmp_path):
             ds.save_as(os.path.join(root, n))
     secrets = [uid, "PHIDESC", "Zqxname", "Phiwhqsurname", "PHIID", "19230417", "PHI-Institute", "ACC-PHI"]
     out = tmp_path / "png"
-    runs = [run_cli("samf", "info", str(folder)), run_cli("samf", "slices", str(folder), "--out", str(out)),
-            run_cli("samf", "info", str(folder), "--series", "9.9.9"),
-            run_cli("samf", "info", str(folder / "other"), "--spacing", "1", "1", "1")]
+    # In this process (what native code writes to fds 1 and 2 is caught too); test_cli_info_and_slices_on_a_dicom_folder
+    # runs both commands in fresh interpreters.
+    runs = [invoke_cli("samf", "info", str(folder)), invoke_cli("samf", "slices", str(folder), "--out", str(out)),
+            invoke_cli("samf", "info", str(folder), "--series", "9.9.9"),
+            invoke_cli("samf", "info", str(folder / "other"), "--spacing", "1", "1", "1")]
     assert [r.returncode for r in runs] == [0, 0, 2, 2]
     written = "".join(p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file())
     for text in [r.stdout + r.stderr for r in runs] + [written]:
         for secret in secrets:
             assert secret not in text
-    verbose = run_cli("samf", "info", str(folder), "--verbose")
+    verbose = invoke_cli("samf", "info", str(folder), "--verbose")
     assert uid in verbose.stdout and "PHIDESC-5521" in verbose.stdout
     assert not any(s in verbose.stdout + verbose.stderr for s in secrets if s not in (uid, "PHIDESC"))

@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli
 from phi3_folder import ADDED, tokenizer_vectors, write_phi3_folder
 
 from samf.runtime.inference.prompt import REPORT_REQUESTS, mcq_answer, mcq_request
@@ -134,7 +134,8 @@ def test_the_command_line_refuses_such_a_folder_before_writing_anything(phi3, tm
     """One case through ``samf-train init`` (every refusal above is the same LLMFolderError on its way out)."""
     folder = _broken(phi3, tmp_path, lambda f: _edit_json(f / "config.json", vocab_size=32000))
     run = str(tmp_path / "run")
-    proc = run_cli("samf-train", "init", "--run", run, "--preset", "paper", "--llm-path", folder)
+    # In this process (the message and the exit code are what is tested): a fresh one imports torch and transformers.
+    proc = invoke_cli("samf-train", "init", "--run", run, "--preset", "paper", "--llm-path", folder)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "vocab_size is 32000" in lines[0]
