@@ -169,7 +169,7 @@ def test_orthanc_sends_a_series_and_stores_the_sr_and_pdf_once(quick, orthanc, t
         assert sent.status_code == 200, sent.text
         found = _wait_results(orthanc, study)
         end = time.monotonic() + 60
-        while httpx.get(server.url + "/healthz", timeout=10).json()["jobs"]["done"] != 1:
+        while server.http().get(server.url + "/healthz", timeout=10).json()["jobs"]["done"] != 1:
             assert time.monotonic() < end, "the job was not recorded done"
             time.sleep(0.1)
     finally:

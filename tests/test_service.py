@@ -89,7 +89,7 @@ def test_kill_9_mid_job_then_restart_loses_nothing(quick, scans, expected, tmp_p
         posted = list(pool.map(lambda s: (server.submit(s).json()["id"], s), scans + scans))
     ids = dict(posted)
     while True:  # kill as soon as the first jobs have ended, with the rest queued or running
-        counts = httpx.get(server.url + "/healthz", timeout=10).json()["jobs"]
+        counts = server.http().get(server.url + "/healthz", timeout=10).json()["jobs"]
         if counts["done"] >= 1:
             server.stop(signal.SIGKILL)
             break

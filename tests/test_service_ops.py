@@ -71,7 +71,8 @@ def test_sigterm_mid_batch_then_restart_every_job_done_once_no_sr_twice(quick, s
     for i in range(3):
         assert set(send_series(str(tmp_path / f"series{i}"), dport)) == {0x0000}
     http_ids = {server.submit(s).json()["id"]: s for s in scans}
-    wait_for(lambda: httpx.get(server.url + "/healthz", timeout=10).json()["jobs"]["done"] >= 1, what="a job done")
+    wait_for(lambda: server.http().get(server.url + "/healthz", timeout=10).json()["jobs"]["done"] >= 1,
+             what="a job done")
     t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     rc = server.proc.wait(timeout=120)
