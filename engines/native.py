@@ -19,20 +19,25 @@ def usable_cores() -> int:
 
 @contextlib.contextmanager
 def quiet_native_stderr():
-    """Silence llama.cpp's C-level logging (it writes to fd 2, which Python's redirects do not catch)."""
+    """Silence llama.cpp's logging: its C code writes to file descriptor 2, and llama-cpp-python's log callback
+    prints to Python's ``sys.stderr``; both go to /dev/null meanwhile. ``sys.stderr`` need not be fd 2 (click's test
+    runner, or an application embedding samf, replaces it): silencing only the one left the other's lines out."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stderr.flush()  # what Python had buffered for stderr goes out before it is silenced
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    saved = os.dup(fd)
+        saved = os.dup(2)
+    except OSError:  # started without a descriptor 2
+        saved = None
     with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), fd)
+        if saved is not None:
+            os.dup2(null.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stderr(null):
+                yield
         finally:
-            os.dup2(saved, fd)
-            os.close(saved)
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
 
 
 class CoreShare:

@@ -52,3 +52,24 @@ def test_choice_scores_equal_one_request_per_choice_and_leave_the_cache_clean(ll
     assert np.allclose(llm.choice_nll([1], rows, [2, 3], choices[::-1], end=7), together[::-1], rtol=1e-4, atol=1e-5)
     with pytest.raises(SamfError, match="positions"):
         llm.choice_nll([1], rows, [2, 3], [[4] * llm.n_ctx], end=7)
+
+
+def test_llama_cpps_logging_is_silenced_whether_or_not_python_stderr_is_fd_2(capfd):
+    """llama.cpp's C code logs to file descriptor 2, llama-cpp-python's log callback to Python's sys.stderr: where
+    sys.stderr was replaced (click's test runner, an application embedding samf), one or the other got out."""
+    import contextlib
+    import io
+    import sys
+
+    from samf.engines.native import quiet_native_stderr
+
+    elsewhere = io.StringIO()
+    for python_stderr in (None, elsewhere):
+        with contextlib.redirect_stderr(python_stderr) if python_stderr else contextlib.nullcontext():
+            with quiet_native_stderr():
+                os.write(2, b"llama_context: n_ctx_seq (768) > n_ctx_train (512)\n")
+                print("llama_context: n_ctx is not divisible by n_seq_max", file=sys.stderr)
+            os.write(2, b"after\n")
+            print("python after", file=sys.stderr)
+    assert capfd.readouterr().err == "after\npython after\nafter\n"
+    assert elsewhere.getvalue() == "python after\n"
