@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli, run_cli
 
 from samf.runtime.inference.pipeline import RECORD_FIELDS
 from samf.runtime.scan.ct import Volume, save_nifti
@@ -91,7 +91,7 @@ def test_a_worklist_runs_resumes_and_keeps_going_past_bad_scans(quick, scan_path
     out = tmp_path / "out"
 
     def run(*args):
-        return run_cli("samf", "report", str(scans), "--worklist", str(worklist), "--bundle", quick.bundle,
+        return invoke_cli("samf", "report", str(scans), "--worklist", str(worklist), "--bundle", quick.bundle,
                        "--out", str(out), "--max-tokens", "16", "--parallel", "2", *args)
 
     proc = run()
@@ -161,7 +161,7 @@ def test_a_worklist_is_files_series_folders_folders_of_scans_and_lists(tmp_path)
 def test_a_worklist_csv_without_a_path_column_is_refused(tmp_path, quick):
     bad = tmp_path / "list.csv"
     bad.write_text("file\na.nii.gz\n")
-    proc = run_cli("samf", "report", "--worklist", str(bad), "--bundle", quick.bundle)
+    proc = invoke_cli("samf", "report", "--worklist", str(bad), "--bundle", quick.bundle)
     assert proc.returncode == 2 and "needs a column named path" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli, run_cli
 
 from samf.errors import BundleError
 from samf.runtime.bundle import bundle as B
@@ -121,7 +121,7 @@ def test_verify_command_names_what_changed(bundle, cache):
     B.read_bundle(str(bundle))
     write_same_size(bundle / "llm-F32.gguf", restore_mtime=True)
     write_same_size(bundle / "vit.onnx", restore_mtime=False)
-    proc = run_cli("samf-export", "verify", str(bundle))
+    proc = invoke_cli("samf-export", "verify", str(bundle))  # in-process: the message and the exit code
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
@@ -130,7 +130,7 @@ def test_verify_command_names_what_changed(bundle, cache):
 
 
 def test_verify_command_on_a_folder_that_is_not_a_bundle(tmp_path):
-    proc = run_cli("samf-export", "verify", str(tmp_path))
+    proc = invoke_cli("samf-export", "verify", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "not a samf bundle" in proc.stderr
 
 

@@ -9,6 +9,7 @@ import subprocess
 
 import pydicom
 import pytest
+from cli_runner import invoke_cli
 from dicom_writer import PATIENT, write_series
 
 from samf.runtime.tools.phantom import make_phantom
@@ -24,6 +25,11 @@ def series(tmp_path_factory):
 
 def _samf(*args):
     return subprocess.run(["samf", *args], capture_output=True, text=True)
+
+
+def _samf_here(*args):
+    """``samf ARGS`` in this process (invoke_cli): the refusals' messages, and outputs whose files are checked."""
+    return invoke_cli("samf", *args)
 
 
 def test_sr_and_pdf_carry_the_report_the_patient_and_the_algorithm(quick, series, tmp_path):
@@ -61,15 +67,15 @@ def test_sr_and_pdf_carry_the_report_the_patient_and_the_algorithm(quick, series
 def test_refusals_write_nothing(quick, series, tmp_path):
     folder, _, p = series
     out = tmp_path / "out"
-    r = _samf("report", os.path.join(quick.data, "scans", "phantom_00000.nii.gz"), "--bundle", quick.bundle,
-              "--dicom-out", str(out))
+    r = _samf_here("report", os.path.join(quick.data, "scans", "phantom_00000.nii.gz"), "--bundle", quick.bundle,
+                   "--dicom-out", str(out))
     assert r.returncode != 0 and "DICOM series folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     partial = tmp_path / "partial"
     write_series(str(partial), p.volume, p.spacing, patient=PATIENT)
     names = sorted(os.listdir(partial))
     positions = sorted(names, key=lambda n: float(pydicom.dcmread(partial / n).ImagePositionPatient[2]))
     os.remove(partial / positions[10])                                        # a slice lost in transfer
-    r = _samf("report", str(partial), "--bundle", quick.bundle, "--dicom-out", str(out))
+    r = _samf_here("report", str(partial), "--bundle", quick.bundle, "--dicom-out", str(out))
     assert r.returncode != 0 and "missing slices" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 
@@ -82,8 +88,8 @@ def test_sr_points_at_the_source_images_the_top_axial_slices_fall_on(quick, seri
 
     folder, _, _ = series
     out, ev_dir = str(tmp_path / "out"), str(tmp_path / "ev")
-    r = _samf("report", folder, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "8", "--json",
-              "--dicom-out", out, "--evidence", ev_dir)
+    r = _samf_here("report", folder, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "8", "--json",
+                   "--dicom-out", out, "--evidence", ev_dir)
     assert r.returncode == 0, r.stderr
     axial = json.loads(r.stdout)["evidence"]["top"]["axial"]
     sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(os.path.join(folder, n), stop_before_pixels=True)

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli, run_cli
 from PIL import Image
 
 from samf.runtime.inference.evidence import Evidence
@@ -94,11 +94,11 @@ def test_an_older_bundle_reports_but_has_no_evidence(quick, tmp_path):
     bundle = _without_attention(quick.bundle, str(tmp_path / "older"))
     scan = os.path.join(quick.data, quick.test[0].image)
     common = ("--bundle", bundle, "--quant", "F32", "--encoders", "fp32", "--max-tokens", "8")
-    r = run_cli("samf", "report", scan, *common, "--json")
+    r = invoke_cli("samf", "report", scan, *common, "--json")  # in-process: see invoke_cli
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["evidence"] is None and out["report"]
-    r = run_cli("samf", "report", scan, *common, "--evidence", str(tmp_path / "ev"))
+    r = invoke_cli("samf", "report", scan, *common, "--evidence", str(tmp_path / "ev"))
     _one_line_failure(r, "no attention", "samf-export bundle")
     assert not (tmp_path / "ev").exists()
 
@@ -113,8 +113,8 @@ def test_a_batch_writes_each_scans_evidence_and_each_series_sr(quick, tmp_path):
     write_series(series, ph.volume, ph.spacing, patient=PATIENT)
     niftis = [os.path.join(quick.data, ex.image) for ex in quick.test[:2]]
     ev, dcm, out = (str(tmp_path / d) for d in ("ev", "dcm", "out"))
-    r = run_cli("samf", "report", *niftis, series, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "8",
-                "--out", out, "--evidence", ev, "--dicom-out", dcm)
+    r = invoke_cli("samf", "report", *niftis, series, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens",
+                   "8", "--out", out, "--evidence", ev, "--dicom-out", dcm)
     assert r.returncode == 0, r.stderr
     names = [os.path.basename(n)[: -len(".nii.gz")] for n in niftis] + ["series"]
     assert sorted(os.listdir(ev)) == sorted(names)
@@ -133,14 +133,14 @@ def test_a_batch_writes_each_scans_evidence_and_each_series_sr(quick, tmp_path):
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     (blocked / "series").write_text("")
-    r = run_cli("samf", "report", niftis[0], series, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens", "8",
-                "--evidence", str(tmp_path / "ev3"), "--dicom-out", str(blocked))
+    r = invoke_cli("samf", "report", niftis[0], series, "--bundle", quick.bundle, "--quant", "F32", "--max-tokens",
+                   "8", "--evidence", str(tmp_path / "ev3"), "--dicom-out", str(blocked))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert os.listdir(tmp_path / "ev3") == [names[0]]
     # An older bundle: the batch refuses before reading any scan, and leaves no output folder.
     older = _without_attention(quick.bundle, str(tmp_path / "older"))
-    r = run_cli("samf", "report", *niftis, "--bundle", older, "--evidence", str(tmp_path / "ev2"),
-                "--out", str(tmp_path / "out2"))
+    r = invoke_cli("samf", "report", *niftis, "--bundle", older, "--evidence", str(tmp_path / "ev2"),
+                   "--out", str(tmp_path / "out2"))
     _one_line_failure(r, "no attention")
     assert not (tmp_path / "ev2").exists() and not (tmp_path / "out2").exists()
 
