@@ -161,8 +161,8 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_clean_cache(tmp_path):
     """Killed as the plan is written, after some shards, in the middle of writing a file, and while the indexes
     are written, alone or several times in a row: the rerun's cache is byte for byte the uninterrupted run's."""
     data = _phantoms(tmp_path, n_train=40, n_test=8)
-    clean = str(tmp_path / "clean")
-    subprocess.run(_prepare_cmd(data, clean), check=True)
+    clean = str(tmp_path / "clean")  # the uninterrupted run, in this process on one worker (the same bytes)
+    prepare_cache(data, clean, PRE, workers=1, shard_size=3, progress=False, echo=lambda m: None)
 
     def shards(out):
         return len([f for f in _files(out) if f.endswith(".json") and "slices-" in f]) if os.path.isdir(out) else 0
