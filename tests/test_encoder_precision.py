@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from cli_runner import run_cli
+from cli_runner import invoke_cli, run_cli
 from conftest import QUICK
 from test_cli_errors import assert_clean_failure, good_scan  # noqa: F401  (a fixture)
 
@@ -123,8 +123,8 @@ def test_int8_forced_in_and_fp16_kept_out(int8_bundle):
 def test_the_runtime_chooses_and_says_which(int8_bundle, quick, good_scan):  # noqa: F811
     bundle, _ = int8_bundle
 
-    def report(b, *args):
-        proc = run_cli("samf", "report", good_scan, "--bundle", b, "--max-tokens", "4", "--json", *args)
+    def report(b, *args):  # in-process: neither bundle has bf16, so OpenVINO is not loaded here (BF16_EXPORT)
+        proc = invoke_cli("samf", "report", good_scan, "--bundle", b, "--max-tokens", "4", "--json", *args)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
@@ -135,7 +135,7 @@ def test_the_runtime_chooses_and_says_which(int8_bundle, quick, good_scan):  # n
     from samf.runtime.inference.pipeline import AUTO_PRECISION
 
     assert report(quick.bundle)["encoders"] == next(p for p in AUTO_PRECISION["cpu"] if p in quick_has)
-    assert_clean_failure(run_cli("samf", "report", good_scan, "--bundle", bundle, "--encoders", "fp16"),
+    assert_clean_failure(invoke_cli("samf", "report", good_scan, "--bundle", bundle, "--encoders", "fp16"),
                          "no fp16 encoders (it has fp32, int8): its export measured slice-embedding cosine")
 
 
