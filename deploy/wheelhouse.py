@@ -151,7 +151,8 @@ def cmake_build(build_dir: Path, options: dict, sdist: str | None, log) -> Path:
     jobs = str(os.cpu_count() or 1)
     for cmd in (args, [cmake, "--build", str(build_dir), "-j", jobs]):
         log(f"$ {' '.join(cmd)}")
-        if subprocess.run(cmd).returncode != 0:
+        # The build's output goes to stderr: stdout is the wheel's path alone (the Makefile captures it).
+        if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
             raise BuildError(f"{' '.join(cmd[:2])} failed (its output is above)")
     return build_dir / "llama_cpp_lib"
 

@@ -126,6 +126,18 @@ def test_a_pinned_variant_that_is_missing_is_one_line(tmp_path):
     assert "SAMF_LLAMA_CPU_VARIANT=pentium: no such CPU variant" in out.stderr
 
 
+def test_the_build_chatter_stays_off_stdout(tmp_path, monkeypatch, capfd):
+    """`make install` reads the wheel's path from `wheelhouse.py llama-wheel`'s stdout: cmake's and the compiler's
+    output (hundreds of kB on a first build) must go to stderr, or the Makefile's `$(...)` gets all of it."""
+    fake = tmp_path / "cmake"
+    fake.write_text("#!/bin/sh\nfor i in $(seq 2000); do echo \"[$i/2000] Building CXX object ggml.o\"; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(wheelhouse, "_cmake_tools", lambda log: str(fake))
+    wheelhouse.cmake_build(tmp_path / "build", {}, None, log=lambda m: None)
+    out, err = capfd.readouterr()
+    assert out == "" and err.count("Building CXX object") == 4000  # configure and build, both on stderr
+
+
 def _zip_libs(wheel: Path) -> dict:
     with zipfile.ZipFile(wheel) as z:
         return {Path(n).name: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()
