@@ -15,6 +15,7 @@ import os
 
 import click
 
+from samf.runtime.scan.preprocess import SLAB_MODES
 from samf.train.ablation import AblationConfig
 from samf.train.configs import DinoConfig, FinetuneConfig, LMConfig, ProbeConfig, TokenizerConfig, WarmupConfig
 from samf.train.run_files import DINO_FILE, MERGED_DIR, PROBE_FILE, TOKENIZER_MODEL, eval_file
@@ -170,7 +171,10 @@ def embed(run_dir, cache_dir, batch_scans, threads, quiet):
 @click.option("--llm-path", type=click.Path(exists=True, file_okay=False), default=None,
               help="local Phi-3 folder (config, weights, its own tokenizer); the paper preset needs one, the tiny "
                    "preset builds its own LLM without")
-def init(run_dir, preset, llm_path):
+@click.option("--slab", type=click.Choice(SLAB_MODES), default=None,
+              help="what each slice shows, instead of the preset's (tiny: mean, paper: thin, the paper's): the thin "
+                   "plane, or the maximum or mean over the slab between it and its neighbours")
+def init(run_dir, preset, llm_path, slab):
     """Start a run folder with a model/preprocessing preset."""
     from samf.train.run_folder import init_run, paper_preset, tiny_preset
 
@@ -180,8 +184,11 @@ def init(run_dir, preset, llm_path):
         from samf.train.llm_folder import LLMTokenizer
 
         LLMTokenizer(llm_path)  # refuse a folder training or conversion cannot use, before writing anything
-    init_run(run_dir, tiny_preset(llm_path) if preset == "tiny" else paper_preset(llm_path))
-    click.echo(f"run folder ready: {run_dir} ({preset})")
+    chosen = tiny_preset(llm_path) if preset == "tiny" else paper_preset(llm_path)
+    if slab:
+        chosen["preprocess"]["slab"] = slab
+    init_run(run_dir, chosen)
+    click.echo(f"run folder ready: {run_dir} ({preset}, {chosen['preprocess']['slab']} slices)")
 
 
 @main.command("tokenizer")

@@ -1,11 +1,13 @@
 """Shared preprocessing: slice geometry, orientation invariance, windows, refusals."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from samf.errors import ScanError
 from samf.runtime.scan.ct import Volume, load_scan, save_nifti
-from samf.runtime.scan.preprocess import PreprocessConfig, apply_windows, cut_slices, preprocess
+from samf.runtime.scan.preprocess import PreprocessConfig, apply_windows, cut_slices, place_slices, preprocess
 from samf.runtime.tools.phantom import make_phantom
 
 CFG = PreprocessConfig(image_size=48, pixel_spacing_mm=8.0, slices_per_plane=6)
@@ -96,6 +98,21 @@ def test_slab_modes():
     assert (mip >= cut_slices(v, CFG) - 1e-3).all()
 
 
+def test_mean_slab_is_the_mean_of_its_thin_planes():
+    """A ``mean`` slice equals the average of the thin slices at its slab's sample planes, taken one by one."""
+    p = make_phantom(3)
+    v = Volume(p.volume, p.spacing, "p")
+    m = 4
+    cfg = PreprocessConfig(**{**CFG.to_dict(), "windows": CFG.windows, "slab": "mean", "slab_samples": m})
+    placed = place_slices(v, cfg)
+    thin = [cut_slices(v, CFG, dataclasses.replace(
+        placed, positions=placed.positions + ((j + 0.5) / m - 0.5) * placed.step[:, None])) for j in range(m)]
+    mean = cut_slices(v, cfg, placed)
+    scale = np.abs(mean).max()
+    assert np.abs(mean - np.mean(thin, axis=0)).max() <= 1e-5 * scale
+    assert np.abs(mean - thin[0]).max() > 0.01 * scale  # the slab is not one plane: the check can fail
+
+
 def test_samf_csv_with_absolute_paths_and_plain_labels(tmp_path, phantom):
     from samf.train.data import load_samf_csv
 
@@ -108,3 +125,21 @@ def test_samf_csv_with_absolute_paths_and_plain_labels(tmp_path, phantom):
     (ex,) = load_samf_csv(str(csv_path), CFG, progress=False)
     assert ex.slices.shape == (18, 3, 48, 48) and ex.findings == {"label": "abnormal"}
     assert ex.report.startswith(phantom.report.split(",")[0][:20])
+
+
+def test_init_records_the_slab_a_run_is_cut_with(tmp_path):
+    """The tiny preset cuts slab means, the paper preset the paper's thin slices; ``init --slab`` overrides, and a
+    mode that does not exist is refused before the run folder is made."""
+    from cli_runner import invoke_cli
+
+    from samf.train.configs import PRESET_PREPROCESS
+    from samf.train.run_folder import read_run
+
+    assert PRESET_PREPROCESS["tiny"].slab == "mean" and PRESET_PREPROCESS["paper"].slab == "thin"
+    for args, slab in (([], "mean"), (["--slab", "thin"], "thin"), (["--slab", "mip"], "mip")):
+        run = str(tmp_path / f"run-{slab}")
+        proc = invoke_cli("samf-train", "init", "--run", run, *args)
+        assert proc.returncode == 0 and f"{slab} slices" in proc.stdout, proc.stderr
+        assert PreprocessConfig.from_dict(read_run(run)["preprocess"]).slab == slab
+    proc = invoke_cli("samf-train", "init", "--run", str(tmp_path / "bad"), "--slab", "thick")
+    assert proc.returncode == 2 and "thick" in proc.stderr and not (tmp_path / "bad").exists()

@@ -20,6 +20,8 @@ import json
 
 from samf.errors import BundleError
 
+from ..scan.preprocess import SLAB_MODES
+
 #: The exported encoder modules (the manifest lists each precision's file of each).
 ENCODER_MODULES = ("vit", "aggregator", "fusion")
 #: The precisions encoders come in: fp32 (the reference, always), fp16 (GPUs), int8 and bf16 (CPUs; bf16 is the
@@ -76,7 +78,7 @@ SCHEMA = {
                         "type": "number", "exclusiveMinimum": 0}]}},
                 "body_threshold_hu": _num, "body_threshold_unit": _num,
                 "min_extent_mm": {"type": "number", "minimum": 0},
-                "slab": {"enum": ["thin", "mip", "mean"]},
+                "slab": {"enum": list(SLAB_MODES)},
                 "slab_samples": {"type": "integer", "minimum": 1, "maximum": 64},
             },
         },

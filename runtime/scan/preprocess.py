@@ -23,6 +23,9 @@ from .guards import MIN_EXTENT_MM
 PLANES = ("axial", "coronal", "sagittal")
 #: (centre, width) in HU; the three standard chest windows, one channel each.
 DEFAULT_WINDOWS = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
+#: What one slice shows: the thin plane at its position, or the maximum / mean over the slab it stands for
+#: (the ``slab_samples`` planes evenly between it and its neighbours' midpoints).
+SLAB_MODES = ("thin", "mip", "mean")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class PreprocessConfig:
     body_threshold_hu: float = -500.0     # voxels above this are "body" when placing slices
     body_threshold_unit: float = 0.05     # the same for volumes normalised to [0, 1] (M3D)
     min_extent_mm: float = MIN_EXTENT_MM  # refuse scans thinner than this along any axis
-    slab: str = "thin"                    # "thin" slices, or "mip"/"mean" over the slab between neighbours
+    slab: str = "thin"                    # one of SLAB_MODES: "thin", or "mip"/"mean" over each slice's slab
     slab_samples: int = 5                 # planes sampled across each slab (mip/mean)
 
     @property
@@ -175,16 +178,24 @@ def cut_slices(vol: Volume, cfg: PreprocessConfig, placement: SlicePlacement | N
         if m > 1:  # m planes evenly across each slab, reduced below
             pos = (pos[:, None] + ((np.arange(m) + 0.5) / m - 0.5)[None, :] * step).ravel()
         s = _interp_axis(hu, normal, pos, air)          # slices stacked along `normal`
+        if cfg.slab == "mean" and m > 1:
+            # The in-plane interpolation below is linear with the same weights on every slice, so the slab's
+            # mean can be taken first: m times less in-plane work, the same slices.
+            s = _reduce_slab(s, normal, S, m, np.mean)
         s = _interp_axis(s, row_ax, rows, air)
         s = _interp_axis(s, col_ax, cols, air)
-        if m > 1:
-            shape = list(s.shape)
-            shape[normal: normal + 1] = [S, m]
-            s = s.reshape(shape)
-            s = s.max(axis=normal + 1) if cfg.slab == "mip" else s.mean(axis=normal + 1)
+        if cfg.slab == "mip" and m > 1:  # the maximum does not commute with interpolation: taken last
+            s = _reduce_slab(s, normal, S, m, np.max)
         # Put the slice axis first, rows second, columns third.
         out.append(np.moveaxis(s, (normal, row_ax, col_ax), (0, 1, 2)))
     return np.concatenate(out, axis=0)
+
+
+def _reduce_slab(s: np.ndarray, normal: int, S: int, m: int, reduce) -> np.ndarray:
+    """Collapse the ``S·m`` planes stacked along ``normal`` (``m`` per slab, in order) to ``S`` with ``reduce``."""
+    shape = list(s.shape)
+    shape[normal: normal + 1] = [S, m]
+    return reduce(s.reshape(shape), axis=normal + 1).astype(np.float32, copy=False)
 
 
 def apply_windows(slices_hu: np.ndarray, windows) -> np.ndarray:
