@@ -54,8 +54,9 @@ def test_report_evidence_writes_the_top_slices_and_says_the_same_in_json(quick, 
             assert {k: v for k, v in w.items() if k != "png"} == e
             assert w["png"] == f"{plane}_top{e['rank']}_slice{e['slice']:02d}.png" and w["png"] in files
             assert e["alpha"] == pytest.approx(alpha[p * S + e["slice"]], abs=1e-6)
-            position = placement.positions[p, e["slice"]]             # a thin slice reads its two voxels
-            assert e["voxels"] == [int(np.floor(position)), int(np.ceil(position))]
+            position = placement.positions[p, e["slice"]]  # a thin slice reads its two voxels, a slab all of it
+            half = 0.0 if placement.thin else placement.step[p] / 2
+            assert e["voxels"] == [int(np.floor(position - half)), int(np.ceil(position + half))]
     assert files == {"evidence.json", "montage.png"} | {w["png"] for t in written["top"].values() for w in t}
     montage = np.asarray(Image.open(folder / "montage.png"))
     assert montage.ndim == 3 and montage.shape[2] == 3
