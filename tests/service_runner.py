@@ -76,10 +76,15 @@ class Server:
             time.sleep(0.05)
         raise AssertionError(f"jobs not finished: {[j['status'] for j in jobs.values()]}")
 
-    def stop(self, sig=signal.SIGTERM) -> None:
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60.0) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # leave no server behind a failed test
+                self.proc.wait()
+                raise
         if self._http is not None:
             self._http.close()
             self._http = None

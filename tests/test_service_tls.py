@@ -80,8 +80,10 @@ def test_https_twenty_clients_get_the_reports_plain_http_gives(quick, scans, pki
         over_tls, tls_s = _twenty(tls, scans)
         with pytest.raises(httpx.ConnectError):  # a client that does not trust the CA is refused
             httpx.get(tls.url + "/healthz", timeout=10)
+        assert tls.http().get(tls.url + "/healthz").status_code == 200  # a client keeps its connection open
     finally:
-        tls.stop()
+        # ... and the server still stops at once (it waited 30 s for that idle client's TLS close_notify).
+        tls.stop(timeout=15)
     plain = Server(quick.bundle, str(tmp_path / "plain")).wait_ready()
     try:
         over_plain, plain_s = _twenty(plain, scans)
