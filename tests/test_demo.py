@@ -55,15 +55,13 @@ def test_the_demo_reads_the_image(tmp_path):
     print(json.dumps({k: s[k] for k in ("total_s", "accuracy", "quality")}, indent=1))
     assert q["scans"] >= 200
     for quant in ("runtime F32", "runtime Q8_0"):
-        # The floor is 0.95; this recipe measured 0.93 (right effusions called left: benchmarks/learning.md), so
-        # this guards what it reaches rather than the floor it misses.
-        assert acc[quant]["effusion"] >= 0.9, quant
+        assert acc[quant]["effusion"] >= 0.95, quant   # 0.975 measured with slab-mean slices (thin: 0.93)
         assert acc[quant]["cardiomegaly"] >= 0.9, quant
         assert acc[quant]["emphysema"] >= 0.9, quant
     for k in ("effusion", "cardiomegaly", "emphysema", "nodule"):
         assert acc["zeroed image"][k] <= acc["majority class"][k] + 0.05, k   # no finding without the image
     assert q["sentences_in_grammar"] >= 0.95 and q["distinct_reports"] >= 0.9
-    # Multiple choice: the floor is 0.8. The likeliest of the four measured 0.74 on 60 of these scans, the generated
+    # Multiple choice: the floor is 0.8. The likeliest of the four measured 0.74 on these 800 questions, the generated
     # letter 0.40 (its text right far more often than its letter): the nodule question is at chance, as nodules are
     # not seen at this resolution (benchmarks/learning.md). Guard what each reaches, and that choosing beats generating.
     assert q["mcq_accuracy"] >= 0.65 and q["mcq_accuracy_generated"] > 0.3
