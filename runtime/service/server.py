@@ -121,14 +121,16 @@ def serve(bundle: str, cfg: ServiceConfig | None = None, pipeline: PipelineConfi
         async def shutdown(self, sockets=None):
             """uvicorn closes idle keep-alive connections at once; over TLS asyncio then waits up to 30 s for each
             client's close_notify, which a client idling in its pool never sends, so a stop took 30 s. Those
-            connections have nothing in flight and nothing left to write: abort them."""
+            connections have nothing in flight and nothing left to write: abort them. (Plain HTTP closes them at
+            once: nothing to do.)"""
+            if not cfg.tls_cert:
+                return await super().shutdown(sockets)
             done = asyncio.ensure_future(super().shutdown(sockets))
             await asyncio.sleep(0.2)  # uvicorn has asked every connection to close by now
-            if cfg.tls_cert:
-                for conn in list(self.server_state.connections):
-                    transport = getattr(conn, "transport", None)
-                    if transport is not None and transport.is_closing() and not transport.get_write_buffer_size():
-                        transport.abort()
+            for conn in list(self.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is not None and transport.is_closing() and not transport.get_write_buffer_size():
+                    transport.abort()
             await done
 
     # uvicorn re-raises the signal that stopped it once it has restored the handlers it found: let it find these
