@@ -35,8 +35,10 @@ class BenchConfig:
 
 
 def bench_preprocess(cfg: PreprocessConfig, repeats: int = 5) -> dict:
-    rng = np.random.default_rng(0)
-    hu = rng.normal(-300, 400, size=(300, 512, 512)).astype(np.float32)
+    # drawn in float32, in place: a float64 draw and its copy took 2 s and 0.9 GB for a 315 MB volume
+    hu = np.random.default_rng(0).standard_normal(size=(300, 512, 512), dtype=np.float32)
+    hu *= 400.0
+    hu -= 300.0
     hu[:, :40] = -1000.0
     vol = Volume(hu, (1.0, 0.7, 0.7), "synthetic-512x512x300")
     preprocess(vol, cfg)
