@@ -158,7 +158,7 @@ def test_the_knobs_that_were_written_twice_have_one_default():
     assert PipelineConfig.answer_tokens == 32  # a multiple-choice answer: its own knob
     assert RecipeSteps.lm == LMConfig.steps and AblationConfig.dino_steps == RecipeSteps.dino
     assert AblationConfig.lm_steps == RecipeSteps.lm
-    assert (RecipeSteps.finetune, AblationConfig.finetune_steps, FinetuneConfig.steps) == (4000, 1000, 400)
+    assert (RecipeSteps.finetune, AblationConfig.finetune_steps, FinetuneConfig.steps) == (3000, 1000, 400)
     fields = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
     assert fields["finetune_steps"] is None  # the recipe's
 

@@ -39,7 +39,7 @@ class AblationConfig:
     """What ``samf-train ablate`` runs; a field made with :func:`~samf.runtime.options.option` is also its option,
     so its default is written here only. The shared stages run as long as the recipe runs them
     (:class:`~samf.train.recipe.RecipeSteps`); the fine-tunes are a knob of their own, ``finetune_steps``,
-    shorter than the recipe's (4000 for the demo): ten rows times three seeds of them."""
+    shorter than the recipe's (3000 for the demo): ten rows times three seeds of them."""
 
     out_dir: str                      # required: the command's --out
     data_dir: str | None = option(None, "phantom dataset (default: generate one under OUT/data)", name="--data",

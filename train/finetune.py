@@ -83,8 +83,8 @@ def finding_labels(findings: dict) -> tuple:
 class FrozenViTInputs:
     """The image encoder's input per in-memory example when the ViT is frozen: its raw outputs ``[K, D2]``,
     computed the first time an example is drawn and kept. A frozen ViT gives the same outputs at every draw,
-    so fine-tuning then runs the ViT once per scan instead of once per draw (the demo's 4000 steps of 16 draw
-    each of its 2000 scans about 32 times). Lazily, so a short run on a large set pays only for what it
+    so fine-tuning then runs the ViT once per scan instead of once per draw (the demo's 3000 steps of 16 draw
+    each of its 2000 scans about 24 times). Lazily, so a short run on a large set pays only for what it
     draws. Memory: ``K × D2`` float32 per scan (18 × 64 × 4 B at the tiny preset, 24 × 768 × 4 B at paper)."""
 
     def __init__(self, vit, device):

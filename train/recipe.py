@@ -27,8 +27,9 @@ class RecipeSteps:
     dino: int = 150
     lm: int = LMConfig.steps
     warmup: int = 0  # 0: no InfoNCE warm-up
-    finetune: int = 4000  # the demo's 2000 phantoms drawn 32 times each (batch 16): at 1500 steps effusion 0.86 and
-    #                       83% distinct reports, at 4000 0.93 and 97% (benchmarks/learning.md); 2.9 more minutes
+    finetune: int = 3000  # the demo's 2000 phantoms drawn 24 times each (batch 16). Slab-mean slices: effusion 1.00,
+    #                       96% distinct reports, 7.5 min on the slower VM; 4000 steps gave 0.975 and 97% in 9.0 min
+    #                       (benchmarks/learning.md). Thin slices needed 4000 (1500: effusion 0.86, 83% distinct)
     seed: int = 0
 
 
