@@ -34,6 +34,7 @@ def main() -> None:
     from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.runtime.tools.phantom import EXTRA_FINDINGS, parse_report
     from samf.train.datasets import load_dataset
+    from samf.train.labels import truth_labels
     from samf.train.probe import load_probe_model, stage_features
     from samf.train.run_folder import read_run
     from samf.train.vlm import prompt_ids
@@ -46,18 +47,17 @@ def main() -> None:
     vlm, tok, _ = load_probe_model(run)
     prompt = prompt_ids(tok, REPORT_REQUESTS[0])
     f_train, f_test = stage_features(vlm, train, prompt), stage_features(vlm, test, prompt)
-    by_option = {s.option: s.name for s in EXTRA_FINDINGS}
-
-    def present(ex, name) -> bool:
-        return ex.findings.get(name) not in (False, None, "none")
+    by_option = {s.option: s.label for s in EXTRA_FINDINGS}
+    truth_train = [truth_labels(e.findings) for e in train]
+    truth_test = [truth_labels(e.findings) for e in test]
 
     out = {"scans_fitted": len(train), "scans_scored": len(test), "ceiling": {}}
     for stage in ("slices", "vit", "aggregator", "fusion"):
         likely = {}
         for s in EXTRA_FINDINGS:
-            y = np.array([present(e, s.name) for e in train])
+            y = np.array([t[s.label] for t in truth_train])
             probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-            likely[s.name] = probe.fit(f_train[stage], y).predict_proba(f_test[stage])[:, 1]
+            likely[s.label] = probe.fit(f_train[stage], y).predict_proba(f_test[stage])[:, 1]
         right = asked = 0
         for i, ex in enumerate(test):
             for q in ex.questions:
@@ -73,11 +73,10 @@ def main() -> None:
     with ReportPipeline(os.path.join(args.workdir, "bundle"), quant="Q8_0", parallel=4) as pipe:
         texts = {s: r.text for s, r in pipe.report_many([os.path.join(data, e.image) for e in test])}
     out["report_accuracy"], out["majority"] = {}, {}
+    said = [truth_labels(parse_report(texts[os.path.join(data, e.image)])) for e in test]
     for s in EXTRA_FINDINGS:
-        truth = [present(e, s.name) for e in test]
-        said = [parse_report(texts[os.path.join(data, e.image)]).get(s.name) not in (False, None, "none")
-                for e in test]
-        out["report_accuracy"][s.name] = float(np.mean(np.equal(truth, said)))
+        truth = [t[s.label] for t in truth_test]
+        out["report_accuracy"][s.name] = float(np.mean(np.equal(truth, [r[s.label] for r in said])))
         out["majority"][s.name] = float(max(np.mean(truth), 1 - np.mean(truth)))
         print(f"{s.name:26s} report {out['report_accuracy'][s.name]:.3f}  majority {out['majority'][s.name]:.3f}")
     with open(args.out, "w") as f:
