@@ -77,14 +77,17 @@ def stage_features(vlm, examples: list, prompt: list) -> dict:
 
 def probe_accuracy(x_train, y_train, x_test, y_test) -> float:
     """Held-out accuracy of a standardised, L2-regularised logistic regression (C chosen by 3-fold
-    cross-validation on the training features alone)."""
+    cross-validation on the training features alone). Newton-CG, not scikit-learn's default L-BFGS: on the
+    demo run's 400 scans (up to 7776 features) it took 10 CPU-s instead of 42.5, with the same accuracies but one
+    (one scan of 200, at chance)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if len(set(y_train)) < 2:  # one class in training: the probe can only say it
         return float(np.mean(np.asarray(y_test) == y_train[0]))
-    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=3, max_iter=3000))
+    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=3, max_iter=3000,
+                                                                   solver="newton-cg"))
     clf.fit(x_train, y_train)
     return float(clf.score(x_test, y_test))
 
