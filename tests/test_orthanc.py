@@ -90,14 +90,12 @@ class Orthanc:
         return r.json()
 
     def stop(self) -> None:
+        """Killed: everything was read from it, its storage is this test's, and on SIGTERM it takes 3.4 s to
+        stop (2 cores)."""
         self.http.close()
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
 
 @pytest.fixture

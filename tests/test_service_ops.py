@@ -5,6 +5,8 @@ never ends, a PACS that refuses the SR), and the TOML config file."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import io
 import json
 import os
 import signal
@@ -190,38 +192,45 @@ def test_bad_dicom_input_not_ct_a_series_that_never_ends_a_pacs_that_refuses(qui
         statuses = send_series(folder, dport, extra=[mr, liar])
         assert statuses[:2] == [0x0122, 0xA900] and set(statuses[2:]) == {0x0000}
 
-        # A PACS that refuses every C-STORE: 3 tries, then undelivered; the report and its SR stay here.
-        def undelivered():
-            lines = audit_lines(work) if os.path.exists(os.path.join(work, "audit.jsonl")) else []
-            return next((r for r in lines if r["event"] == "undelivered"), None)
-        rec = wait_for(undelivered, what="the undelivered job")
-        job = server.job(rec["job"])
-        assert job["status"] == "done" and job["delivery"]["status"] == "undelivered"
-        assert job["delivery"]["attempts"] == 3 and "0xA700" in job["delivery"]["error"]
-        sr = pydicom.dcmread(__import__("io").BytesIO(httpx.get(server.url + job["dicom"]["sr"], timeout=30).content))
-        assert sr.ContentSequence[0].TextValue == job["report"]
-        assert httpx.get(server.url + job["dicom"]["pdf"], timeout=30).content.startswith(b"%PDF-")
-        log = open(server.log).read()
-        assert log.count(f"job {rec['job']}: SR and PDF not delivered (try") == 2
-        assert "not a CT image" in log and "whose Modality is 'MR'" in log
+        # A series that never ends, sent while the refused delivery below goes on: an image every 0.25 s (a quarter
+        # of the settle time, so that a loaded machine that delays one image does not end the series early) for
+        # 4 s, longer than the timeout.
+        def send_slowly() -> list:
+            from pynetdicom import AE
+            from pynetdicom.sop_class import CTImageStorage
 
-        # A series that never ends: an image every 0.25 s (a quarter of the settle time, so that a loaded machine
-        # that delays one image does not end the series early) for 4 s, longer than the timeout.
-        from pynetdicom import AE
-        from pynetdicom.sop_class import CTImageStorage
+            ae = AE(ae_title="SLOW")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", dport, ae_title="SAMF")
+            uid, statuses = generate_uid(), []
+            try:
+                for name in sorted(os.listdir(folder))[:16]:
+                    ds = pydicom.dcmread(os.path.join(folder, name))
+                    ds.SeriesInstanceUID = uid
+                    statuses.append(assoc.send_c_store(ds).Status)
+                    time.sleep(0.25)
+            finally:
+                assoc.release()
+            return statuses
 
-        ae = AE(ae_title="SLOW")
-        ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", dport, ae_title="SAMF")
-        uid = generate_uid()
-        try:
-            for name in sorted(os.listdir(folder))[:16]:
-                ds = pydicom.dcmread(os.path.join(folder, name))
-                ds.SeriesInstanceUID = uid
-                assert assoc.send_c_store(ds).Status == 0x0000
-                time.sleep(0.25)
-        finally:
-            assoc.release()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(send_slowly)
+
+            # A PACS that refuses every C-STORE: 3 tries, then undelivered; the report and its SR stay here.
+            def undelivered():
+                lines = audit_lines(work) if os.path.exists(os.path.join(work, "audit.jsonl")) else []
+                return next((r for r in lines if r["event"] == "undelivered"), None)
+            rec = wait_for(undelivered, what="the undelivered job")
+            job = server.job(rec["job"])
+            assert job["status"] == "done" and job["delivery"]["status"] == "undelivered"
+            assert job["delivery"]["attempts"] == 3 and "0xA700" in job["delivery"]["error"]
+            sr = pydicom.dcmread(io.BytesIO(httpx.get(server.url + job["dicom"]["sr"], timeout=30).content))
+            assert sr.ContentSequence[0].TextValue == job["report"]
+            assert httpx.get(server.url + job["dicom"]["pdf"], timeout=30).content.startswith(b"%PDF-")
+            log = open(server.log).read()
+            assert log.count(f"job {rec['job']}: SR and PDF not delivered (try") == 2
+            assert "not a CT image" in log and "whose Modality is 'MR'" in log
+            assert slow.result(timeout=60) == [0x0000] * 16
         dropped = wait_for(lambda: [x for x in open(server.log) if "still arriving after" in x], 30, "the drop")
         assert len(dropped) == 1 and "from dicom:SLOW" in dropped[0]
         time.sleep(1.5)  # its last images form a new series that settles and fails on its own: no second drop line
