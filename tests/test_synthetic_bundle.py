@@ -33,6 +33,22 @@ def test_the_folder_streams_into_shards_that_transformers_loads_as_phi3_initiali
     assert abs(float(sd["model.layers.2.mlp.down_proj.weight"].float().std()) - 0.02) < 1e-3
 
 
+def test_phi3_tensor_shapes_are_the_models_state_dict():
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from samf.train.synthetic_llm import PHI3_MINI, phi3_tensor_shapes
+
+    for kw in (dict(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_hidden_layers=3),
+               dict(PHI3_MINI, num_hidden_layers=2), dict(hidden_size=128, intermediate_size=320,
+                                                          num_attention_heads=8, num_key_value_heads=2,
+                                                          num_hidden_layers=2)):
+        cfg = Phi3Config(vocab_size=32064, tie_word_embeddings=False, **kw)
+        with torch.device("meta"):
+            model = [(k, tuple(v.shape)) for k, v in Phi3ForCausalLM(cfg).state_dict().items()]
+        assert phi3_tensor_shapes(cfg) == model, kw
+
+
 def _corrupt(path: str, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
