@@ -124,7 +124,7 @@ def test_audit_trail_names_who_and_holds_no_identifiers_tokens_rotate_live(quick
     tokens.write_text("# name token\nalice alice-secret-1\nbob   bob-secret-22\n")
     pacs, dport = Pacs(), free_port()
     server = Server(quick.bundle, work, "--token-file", str(tokens), "--dicom-port", str(dport), "--dicom-dest",
-                    f"PACS@127.0.0.1:{pacs.port}", "--series-settle", "2")
+                    f"PACS@127.0.0.1:{pacs.port}", "--series-settle", "1")
     server.wait_ready()
     try:
         server.token = "alice-secret-1"
