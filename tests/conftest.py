@@ -2,7 +2,7 @@
 warm-up -> SAMF+Ao2D+LoRA fine-tune -> merge -> bundle with ONNX, GGUF F32 and Q8_0), run once per session at
 two lengths by the same code:
 
-- ``quick``: a few steps of each stage (about 10 s on 2 cores). Nearly random weights, every file real: the
+- ``quick``: a few steps of each stage (about 12 s on one core). Nearly random weights, every file real: the
   bundle, CLI, error, export and fidelity tests, which check that each hand-over keeps what it was given, run
   on it.
 - ``trained``: long enough to learn (about two minutes); only the tests of what training learned use it, and
