@@ -35,10 +35,11 @@ demo: install
 # DICOM tests mostly wait on timers and sockets, so a second worker fills the cores while they do. The recipe
 # fixtures (tests/conftest.py) are built once and shared by both workers. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
+FAST_TESTS = $(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
+	$(FAST_TESTS)
 
 # The whole suite, what CI runs (2 cores): the fast set as `make test` runs it (in one process: 198 s instead of
 # 115 s); the fuzz suite's 517 slow cases spread case by case over the workers (each a short CLI run: 136 s
@@ -46,7 +47,7 @@ test: install
 # free to use every core.
 test-all: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
+	$(FAST_TESTS)
 	$(PY) -m pytest -m slow -q -n $(TEST_WORKERS) tests/test_fuzz.py
 	$(PY) -m pytest -m slow -q --ignore=tests/test_fuzz.py
 

@@ -108,7 +108,7 @@ class Trained:
     test: list
 
 
-def _recipe_run(root, sizes: dict, threads: int = TORCH_THREADS) -> Trained:
+def _recipe_run(root, sizes: dict) -> Trained:
     import torch
 
     from samf.export.bundle_writer import write_bundle
@@ -116,7 +116,7 @@ def _recipe_run(root, sizes: dict, threads: int = TORCH_THREADS) -> Trained:
     from samf.runtime.tools.phantom import generate_phantom_dataset
     from samf.train.recipe import RecipeSteps, run_recipe, start_run
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(TORCH_THREADS)
     data, run = str(root / "data"), str(root / "run")
     generate_phantom_dataset(data, sizes["n_train"], sizes["n_test"], seed=1, progress=False)
     train, test = start_run(run, data, progress=False)
