@@ -61,12 +61,7 @@ def main() -> None:
     def features(examples) -> dict:
         out = {"cls": [], "patchmean": [], "slices": []}
         for e in examples:
-            x = torch.from_numpy(e.slices)
-            h = vit.patch_embed(x)
-            h = torch.cat([vit.cls_token.expand(len(x), -1, -1), h], dim=1) + vit.pos_embed
-            for blk in vit.blocks:
-                h = blk(h)
-            h = vit.norm(h)
+            h = vit.tokens(torch.from_numpy(e.slices))
             out["cls"].append(h[:, 0].flatten().numpy())
             out["patchmean"].append(h[:, 1:].mean(1).flatten().numpy())
             out["slices"].append(small_slices(e.slices))

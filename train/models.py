@@ -142,14 +142,19 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, 1 + patches, D]``: the CLS token, then every patch's (what a probe of another
+        pooling reads)."""
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self._pos_embed(H // p, W // p)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)[:, 0]
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)[:, 0]
 
 
 def _init_linear(m):
