@@ -37,7 +37,7 @@ def main() -> None:
 
     from samf.runtime.scan.preprocess import PreprocessConfig
     from samf.train.configs import DinoConfig
-    from samf.train.data import list_split, load_entries
+    from samf.train.datasets import load_dataset
     from samf.train.dino import pretrain_dino
     from samf.train.labels import CTRATE_LABELS, truth_labels
     from samf.train.models import VisionTransformer, ViTConfig
@@ -46,8 +46,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
     pre = PreprocessConfig(image_size=args.size, pixel_spacing_mm=args.spacing, slices_per_plane=6, slab=args.slab)
-    train = load_entries(list_split(args.data, "train")[:600], pre, "train", progress=False)
-    test = load_entries(list_split(args.data, "test"), pre, "test", progress=False)
+    train = load_dataset(args.data, "train", pre, progress=False, limit=600)
+    test = load_dataset(args.data, "test", pre, progress=False)
     print(f"slices: {time.perf_counter() - t:.0f} s", flush=True)
     torch.manual_seed(0)
     vit = VisionTransformer(ViTConfig(img_size=args.size, patch_size=args.patch, in_chans=3, embed_dim=64, depth=3,
@@ -69,9 +69,10 @@ def main() -> None:
 
     fitted = train[:400]
     f_train, f_test = features(fitted), features(test)
+    truth_train, truth_test = [truth_labels(e.findings) for e in fitted], [truth_labels(e.findings) for e in test]
     for label in CTRATE_LABELS:
-        y_train = np.array([bool(truth_labels(e.findings).get(label)) for e in fitted])
-        y_test = np.array([bool(truth_labels(e.findings).get(label)) for e in test])
+        y_train = np.array([bool(t.get(label)) for t in truth_train])
+        y_test = np.array([bool(t.get(label)) for t in truth_test])
         acc = {k: round(probe_accuracy(f_train[k], y_train, f_test[k], y_test), 3) for k in f_train}
         print(f"{label:36s} {acc}  majority {max(y_test.mean(), 1 - y_test.mean()):.3f}", flush=True)
 
